@@ -1,0 +1,211 @@
+//! Image decoding and preprocessing: decode with `image` (bounded by limits), resize the shorter side to
+//! the backbone's input size, center-crop, normalise, and lay out as CHW float32; batches are decoded in
+//! parallel on all cores.
+
+use std::path::Path;
+
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageReader, RgbImage};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Largest image accepted, in pixels per side (decompression bombs are refused before allocation).
+pub const MAX_IMAGE_SIDE: u32 = 16_384;
+/// Largest decoder allocation accepted.
+pub const MAX_IMAGE_ALLOC: u64 = 512 * 1024 * 1024;
+
+/// How pixel values are normalised after scaling to [0, 1].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Normalization {
+    /// `(x/255 - mean) / std` per channel (ImageNet: mean 0.485,0.456,0.406, std 0.229,0.224,0.225).
+    MeanStd {
+        /// Per-channel mean (RGB).
+        mean: [f32; 3],
+        /// Per-channel standard deviation (RGB).
+        std: [f32; 3],
+    },
+    /// `x/255*2 - 1` (EfficientNet-Lite, Inception style).
+    Symmetric,
+}
+
+impl Normalization {
+    /// ImageNet mean/std, timm's default.
+    pub fn imagenet() -> Self {
+        Normalization::MeanStd { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] }
+    }
+
+    /// Parses `imagenet`, `symmetric` (alias `inception`, `minus_one_one`) or `mean_std:m0,m1,m2:s0,s1,s2`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "imagenet" => Ok(Self::imagenet()),
+            "symmetric" | "inception" | "minus_one_one" | "efficientnet_lite" => Ok(Normalization::Symmetric),
+            _ => {
+                let parts: Vec<&str> = s.split(':').collect();
+                let three = |p: &str| -> Option<[f32; 3]> {
+                    let v: Vec<f32> = p.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+                    (v.len() == 3).then(|| [v[0], v[1], v[2]])
+                };
+                if parts.len() == 3 && parts[0] == "mean_std" {
+                    if let (Some(mean), Some(std)) = (three(parts[1]), three(parts[2])) {
+                        if std.iter().all(|&x| x > 0.0) {
+                            return Ok(Normalization::MeanStd { mean, std });
+                        }
+                    }
+                }
+                Err(Error::config(
+                    "--normalization",
+                    format!("unknown normalization `{s}`; expected imagenet, symmetric (x/255*2-1) or mean_std:R,G,B:R,G,B"),
+                ))
+            }
+        }
+    }
+
+    /// Per-channel (scale, offset) so that `y = x_u8 * scale + offset`.
+    pub fn affine(&self) -> [(f32, f32); 3] {
+        match self {
+            Normalization::MeanStd { mean, std } => {
+                [0, 1, 2].map(|c| (1.0 / (255.0 * std[c]), -mean[c] / std[c]))
+            }
+            Normalization::Symmetric => [(2.0 / 255.0, -1.0); 3],
+        }
+    }
+}
+
+/// The preprocessing a backbone expects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// Square input side (e.g. 224).
+    pub size: u32,
+    /// The shorter side is resized to this before the center crop (equal to `size` by default).
+    pub resize_shorter: u32,
+    /// Pixel normalisation.
+    pub normalization: Normalization,
+}
+
+impl Preprocess {
+    /// Resize the shorter side to `size`, center-crop `size`, normalise.
+    pub fn new(size: u32, normalization: Normalization) -> Self {
+        Preprocess { size, resize_shorter: size, normalization }
+    }
+
+    /// Floats per preprocessed image (3 * size * size).
+    pub fn numel(&self) -> usize {
+        3 * (self.size as usize) * (self.size as usize)
+    }
+
+    /// Resizes and crops a decoded image to `size` x `size` RGB.
+    pub fn resize_crop(&self, img: &DynamicImage) -> RgbImage {
+        let rgb = img.to_rgb8();
+        let (w, h) = rgb.dimensions();
+        let s = self.resize_shorter as f64;
+        let (nw, nh) = if w <= h {
+            (self.resize_shorter, ((h as f64) * s / w as f64).round().max(1.0) as u32)
+        } else {
+            (((w as f64) * s / h as f64).round().max(1.0) as u32, self.resize_shorter)
+        };
+        let resized = if (nw, nh) == (w, h) { rgb } else { image::imageops::resize(&rgb, nw, nh, FilterType::Triangle) };
+        let x0 = (nw.saturating_sub(self.size)) / 2;
+        let y0 = (nh.saturating_sub(self.size)) / 2;
+        image::imageops::crop_imm(&resized, x0, y0, self.size.min(nw), self.size.min(nh)).to_image()
+    }
+
+    /// Normalises an RGB image of `size` x `size` into CHW floats appended to `out`.
+    pub fn to_chw(&self, rgb: &RgbImage, out: &mut Vec<f32>) {
+        let aff = self.normalization.affine();
+        let (w, h) = rgb.dimensions();
+        let plane = (w * h) as usize;
+        let start = out.len();
+        out.resize(start + 3 * plane, 0.0);
+        let raw = rgb.as_raw();
+        for c in 0..3 {
+            let (scale, off) = aff[c];
+            let dst = &mut out[start + c * plane..start + (c + 1) * plane];
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = raw[i * 3 + c] as f32 * scale + off;
+            }
+        }
+    }
+
+    /// Decodes bytes (any supported format) and preprocesses them into CHW floats.
+    pub fn bytes_to_chw(&self, bytes: &[u8], what: &Path) -> Result<Vec<f32>> {
+        let img = decode_bytes(bytes, what, None)?;
+        let mut v = Vec::with_capacity(self.numel());
+        self.to_chw(&self.resize_crop(&img), &mut v);
+        Ok(v)
+    }
+
+    /// Reads, decodes and preprocesses one file. `row` is for the error message.
+    pub fn file_to_chw(&self, path: &Path, row: Option<usize>) -> Result<Vec<f32>> {
+        let bytes = std::fs::read(path).map_err(|e| Error::Image { path: path.into(), row, msg: format!("cannot read: {e}") })?;
+        let img = decode_bytes(&bytes, path, row)?;
+        let mut v = Vec::with_capacity(self.numel());
+        self.to_chw(&self.resize_crop(&img), &mut v);
+        Ok(v)
+    }
+
+    /// Preprocesses many files in parallel; the result is `[N, 3, size, size]` flattened, in order.
+    /// `rows` gives each file's table row for error messages.
+    pub fn files_to_batch(&self, files: &[(&Path, Option<usize>)]) -> Result<Vec<f32>> {
+        let parts: Result<Vec<Vec<f32>>> = files.par_iter().map(|(p, r)| self.file_to_chw(p, *r)).collect();
+        Ok(parts?.concat())
+    }
+}
+
+/// Decodes bytes with the format guessed from content, under [`MAX_IMAGE_SIDE`] / [`MAX_IMAGE_ALLOC`].
+pub fn decode_bytes(bytes: &[u8], what: &Path, row: Option<usize>) -> Result<DynamicImage> {
+    let err = |msg: String| Error::Image { path: what.to_path_buf(), row, msg };
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| err(format!("cannot read: {e}")))?;
+    if reader.format().is_none() {
+        return Err(err("not a recognised image (expected JPEG or PNG bytes)".into()));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    reader.limits(limits);
+    reader.decode().map_err(|e| err(format!("cannot decode: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_crop_keeps_aspect_and_centers() {
+        // 40x20 image: left half red, right half blue; a 10x10 crop of the 20x10 resize is the middle.
+        let mut img = RgbImage::new(40, 20);
+        for (x, _, p) in img.enumerate_pixels_mut() {
+            *p = if x < 20 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) };
+        }
+        let pp = Preprocess::new(10, Normalization::Symmetric);
+        let out = pp.resize_crop(&DynamicImage::ImageRgb8(img));
+        assert_eq!(out.dimensions(), (10, 10));
+        assert_eq!(out.get_pixel(0, 5)[0], 255);
+        assert_eq!(out.get_pixel(9, 5)[2], 255);
+        let mut v = Vec::new();
+        pp.to_chw(&out, &mut v);
+        assert_eq!(v.len(), 300);
+        assert!((v[0] - 1.0).abs() < 1e-6); // red channel at (0,0): 255 -> 1
+        assert!((v[100 + 0] + 1.0).abs() < 1e-6); // green 0 -> -1
+    }
+
+    #[test]
+    fn imagenet_normalisation_formula() {
+        let n = Normalization::imagenet();
+        let (s, o) = n.affine()[0];
+        assert!((128.0 * s + o - (128.0 / 255.0 - 0.485) / 0.229).abs() < 1e-5);
+        assert!(Normalization::parse("bogus").unwrap_err().to_string().contains("imagenet"));
+        assert_eq!(Normalization::parse("mean_std:0.5,0.5,0.5:0.5,0.5,0.5").unwrap().affine()[1], (2.0 / 255.0, -1.0));
+    }
+
+    #[test]
+    fn garbage_bytes_name_the_file() {
+        let e = decode_bytes(b"not an image", Path::new("x.jpg"), Some(3)).unwrap_err().to_string();
+        assert!(e.contains("x.jpg") && e.contains("row 3"), "{e}");
+    }
+}

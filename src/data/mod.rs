@@ -1,0 +1,8 @@
+//! Data in: tables of image paths and labels (polars, CSV/Parquet), the class list, the stratified
+//! holdout split, and image decoding/preprocessing into backbone input tensors.
+
+pub mod image;
+pub mod table;
+
+pub use self::image::{Normalization, Preprocess};
+pub use self::table::{holdout_fraction, stratified_split, ClassList, Table};

@@ -1,0 +1,202 @@
+//! Losses as free functions over candle tensors (shape-checked, differentiable): AutoGluon's multiclass
+//! focal loss and cross-entropy with label smoothing.
+//!
+//! Focal loss follows AutoGluon/AutoMM exactly: `loss_i = (1 - p_t)^gamma * (-alpha[t] * log p_t)` with
+//! `p_t = softmax(logits)[t]`; `mean` is a plain mean over samples, `sum` sums, `none` keeps per-sample
+//! values. It is evaluated through `log_softmax` so large logits neither overflow nor turn the gradient
+//! into NaN.
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How per-sample losses are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reduction {
+    /// Plain mean over samples.
+    Mean,
+    /// Sum over samples.
+    Sum,
+    /// Per-sample values, shape `[N]`.
+    None,
+}
+
+impl std::str::FromStr for Reduction {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "mean" => Ok(Reduction::Mean),
+            "sum" => Ok(Reduction::Sum),
+            "none" => Ok(Reduction::None),
+            other => Err(format!("unknown reduction `{other}`; expected `mean`, `sum` or `none`")),
+        }
+    }
+}
+
+impl std::fmt::Display for Reduction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reduction::Mean => "mean",
+            Reduction::Sum => "sum",
+            Reduction::None => "none",
+        })
+    }
+}
+
+/// Checks `logits` is `[N, C]` and `target` is `[N]`; returns `(N, C)`.
+fn check_shapes(logits: &Tensor, target: &Tensor) -> Result<(usize, usize)> {
+    let (n, c) = logits.dims2().map_err(|_| Error::Shape {
+        name: "logits".into(),
+        msg: format!("expected rank 2 [N, C], found shape {:?}", logits.dims()),
+    })?;
+    if target.dims() != [n] {
+        return Err(Error::Shape {
+            name: "target".into(),
+            msg: format!("expected shape [{n}] (one class index per logits row), found {:?}", target.dims()),
+        });
+    }
+    if target.dtype().is_float() {
+        return Err(Error::Shape {
+            name: "target".into(),
+            msg: format!("expected an integer dtype (u32 or i64), found {:?}", target.dtype()),
+        });
+    }
+    Ok((n, c))
+}
+
+fn reduce(per_sample: Tensor, reduction: Reduction) -> Result<Tensor> {
+    Ok(match reduction {
+        Reduction::Mean => per_sample.mean_all()?,
+        Reduction::Sum => per_sample.sum_all()?,
+        Reduction::None => per_sample,
+    })
+}
+
+/// AutoGluon's multiclass focal loss.
+///
+/// * `logits`: `[N, C]` float; `target`: `[N]` class indices (u32/i64).
+/// * `alpha`: optional per-class weights `[C]` (None means 1 for every class).
+/// * `gamma`: focusing parameter, `>= 0` (0 gives alpha-weighted cross-entropy).
+pub fn focal_loss(
+    logits: &Tensor,
+    target: &Tensor,
+    alpha: Option<&Tensor>,
+    gamma: f64,
+    reduction: Reduction,
+) -> Result<Tensor> {
+    let (_n, c) = check_shapes(logits, target)?;
+    if !(gamma >= 0.0 && gamma.is_finite()) {
+        return Err(Error::config("gamma", format!("must be a finite number >= 0, got {gamma}")));
+    }
+    let target = target.to_dtype(DType::U32)?;
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let idx = target.unsqueeze(1)?;
+    let log_pt = log_p.gather(&idx, 1)?.squeeze(1)?;
+    let mut per_sample = log_pt.neg()?;
+    if let Some(alpha) = alpha {
+        if alpha.dims() != [c] {
+            return Err(Error::Shape {
+                name: "alpha".into(),
+                msg: format!("expected [{c}] (one weight per class), found {:?}", alpha.dims()),
+            });
+        }
+        let alpha_t = alpha.to_dtype(logits.dtype())?.index_select(&target, 0)?;
+        per_sample = per_sample.mul(&alpha_t)?;
+    }
+    if gamma > 0.0 {
+        // 1 - p_t as the sum of the other classes' probabilities: exact where p_t rounds to 1.
+        let p = log_p.exp()?;
+        let p_t = log_pt.exp()?;
+        let one_minus_pt = (p.sum(D::Minus1)? - p_t)?;
+        // Where 1 - p_t underflows to 0 the loss and its gradient are 0, but d(u^gamma)/du is infinite
+        // for gamma < 1 (0 * inf = NaN). The floor cuts that path; the value it adds is below f32 noise.
+        let one_minus_pt = one_minus_pt.maximum(1e-30)?;
+        let modulating = if gamma == 1.0 { one_minus_pt } else { one_minus_pt.powf(gamma)? };
+        per_sample = per_sample.mul(&modulating)?;
+    }
+    reduce(per_sample, reduction)
+}
+
+/// Cross-entropy with optional per-class weights and label smoothing, as PyTorch's
+/// `cross_entropy(weight=None, label_smoothing=eps)`: `(1-eps) * nll + eps * mean_j(-log p_j)`.
+pub fn cross_entropy(
+    logits: &Tensor,
+    target: &Tensor,
+    label_smoothing: f64,
+    reduction: Reduction,
+) -> Result<Tensor> {
+    check_shapes(logits, target)?;
+    if !(0.0..1.0).contains(&label_smoothing) {
+        return Err(Error::config(
+            "label_smoothing",
+            format!("must be in [0, 1), got {label_smoothing}"),
+        ));
+    }
+    let target = target.to_dtype(DType::U32)?;
+    let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let nll = log_p.gather(&target.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    let per_sample = if label_smoothing > 0.0 {
+        let smooth = log_p.mean(D::Minus1)?.neg()?;
+        ((nll * (1.0 - label_smoothing))? + (smooth * label_smoothing)?)?
+    } else {
+        nll
+    };
+    reduce(per_sample, reduction)
+}
+
+/// AutoGluon's `alpha=auto` weights for focal loss: `w_c = N / n_c`, normalised to sum 1.
+/// `counts[c]` is the number of training rows of class `c`; every count must be positive.
+pub fn auto_alpha(counts: &[usize]) -> Result<Vec<f64>> {
+    if let Some(c) = counts.iter().position(|&n| n == 0) {
+        return Err(Error::config(
+            "optimization.focal_loss.alpha",
+            format!("alpha=auto needs every class in the training data; class index {c} has no rows"),
+        ));
+    }
+    let total: usize = counts.iter().sum();
+    let w: Vec<f64> = counts.iter().map(|&n| total as f64 / n as f64).collect();
+    let s: f64 = w.iter().sum();
+    Ok(w.into_iter().map(|x| x / s).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn auto_alpha_is_normalised_inverse_frequency() {
+        let a = auto_alpha(&[200, 66, 22, 7]).unwrap();
+        assert!((a.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        // Inverse frequency: the rarest class gets the largest weight, ratio equals count ratio.
+        assert!((a[3] / a[0] - 200.0 / 7.0).abs() < 1e-9);
+        assert!(auto_alpha(&[3, 0]).is_err());
+    }
+
+    #[test]
+    fn shape_errors_name_the_tensor() {
+        let d = Device::Cpu;
+        let logits = Tensor::zeros((3, 4), DType::F32, &d).unwrap();
+        let t = Tensor::new(&[0u32, 1], &d).unwrap();
+        let e = focal_loss(&logits, &t, None, 1.0, Reduction::Mean).unwrap_err().to_string();
+        assert!(e.contains("target") && e.contains("[3]"), "{e}");
+        let t = Tensor::new(&[0u32, 1, 2], &d).unwrap();
+        let a = Tensor::new(&[1f32, 1.0], &d).unwrap();
+        let e = focal_loss(&logits, &t, Some(&a), 1.0, Reduction::Mean).unwrap_err().to_string();
+        assert!(e.contains("alpha") && e.contains("[4]"), "{e}");
+    }
+
+    #[test]
+    fn label_smoothing_matches_formula() {
+        let d = Device::Cpu;
+        let logits = Tensor::new(&[[1f32, 2.0, 3.0]], &d).unwrap();
+        let t = Tensor::new(&[0u32], &d).unwrap();
+        let l = cross_entropy(&logits, &t, 0.1, Reduction::Mean).unwrap().to_scalar::<f32>().unwrap();
+        let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        let lp = [1.0 - lse, 2.0 - lse, 3.0 - lse];
+        let want = 0.9 * -lp[0] + 0.1 * -(lp.iter().sum::<f64>() / 3.0);
+        assert!((l as f64 - want).abs() < 1e-5, "{l} vs {want}");
+    }
+}

@@ -1,0 +1,162 @@
+//! The model folder a training run leaves: `config.json` (hyperparameters, classes, preprocessing,
+//! backbone path and sha256), `head.safetensors`, `metrics.json` and pictures. Every file is written
+//! atomically (temp file in the same folder, then rename).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::HyperParams;
+use crate::data::Preprocess;
+use crate::error::{Error, Result};
+
+/// The version written into model folders and exports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Where the backbone came from and how to read features out of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackboneInfo {
+    /// Absolute path of the ONNX file used for training.
+    pub path: PathBuf,
+    /// Its sha256.
+    pub sha256: String,
+    /// The graph input fed with images.
+    pub input_name: String,
+    /// The tensor read as features.
+    pub feature_tensor: String,
+    /// Width of the feature vector.
+    pub feature_dim: usize,
+}
+
+/// `config.json` of a model folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// automm version that wrote it.
+    pub automm_version: String,
+    /// Class names in class-index order.
+    pub classes: Vec<String>,
+    /// Resolved hyperparameters.
+    pub hyperparameters: HyperParams,
+    /// The resolved per-class focal-loss weights actually used (None when unweighted).
+    pub alpha: Option<Vec<f64>>,
+    /// Image preprocessing.
+    pub preprocess: Preprocess,
+    /// The backbone.
+    pub backbone: BackboneInfo,
+    /// The label column of the training table.
+    pub label_column: String,
+    /// The image column of the training table.
+    pub image_column: String,
+}
+
+/// A trained linear head: `logits = features @ weight^T + bias`.
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// `[C, D]`.
+    pub weight: Tensor,
+    /// `[C]`.
+    pub bias: Tensor,
+}
+
+impl Head {
+    /// Logits for `[N, D]` features.
+    pub fn logits(&self, features: &Tensor) -> Result<Tensor> {
+        Ok(features.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+    }
+
+    /// Saves as safetensors (`head.weight`, `head.bias`).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map = HashMap::new();
+        map.insert("head.weight".to_string(), self.weight.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+        map.insert("head.bias".to_string(), self.bias.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+        candle_core::safetensors::save(&map, tmp.path())?;
+        tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+        Ok(())
+    }
+
+    /// Loads from safetensors, checking the shapes against `classes` and `feature_dim`.
+    pub fn load(path: &Path, classes: usize, feature_dim: usize, device: &Device) -> Result<Head> {
+        let bad = |msg: String| Error::Model { path: path.to_path_buf(), msg };
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let map = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+        let get = |k: &str| map.get(k).cloned().ok_or_else(|| bad(format!("tensor `{k}` is missing")));
+        let (weight, bias) = (get("head.weight")?.to_dtype(DType::F32)?, get("head.bias")?.to_dtype(DType::F32)?);
+        if weight.dims() != [classes, feature_dim] || bias.dims() != [classes] {
+            return Err(bad(format!(
+                "head.weight {:?} / head.bias {:?} do not match {classes} classes and {feature_dim} features",
+                weight.dims(),
+                bias.dims()
+            )));
+        }
+        Ok(Head { weight, bias })
+    }
+}
+
+/// Paths inside a model folder.
+pub struct ModelDir {
+    /// The folder.
+    pub root: PathBuf,
+}
+
+impl ModelDir {
+    /// Wraps a folder path.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        ModelDir { root: root.into() }
+    }
+    /// `config.json`.
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.json")
+    }
+    /// `head.safetensors`.
+    pub fn head(&self) -> PathBuf {
+        self.root.join("head.safetensors")
+    }
+    /// `metrics.json`.
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join("metrics.json")
+    }
+
+    /// Reads `config.json`, with an error that says what this folder is missing.
+    pub fn read_config(&self) -> Result<ModelConfig> {
+        let p = self.config();
+        if !self.root.is_dir() {
+            return Err(Error::Model { path: self.root.clone(), msg: "not a folder; expected a model folder written by `automm train`".into() });
+        }
+        let text = std::fs::read_to_string(&p).map_err(|_| Error::Model {
+            path: self.root.clone(),
+            msg: "has no config.json; expected a model folder written by `automm train`".into(),
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::Model { path: p, msg: format!("config.json is not a valid automm model config: {e}") })
+    }
+
+    /// Writes `config.json`.
+    pub fn write_config(&self, c: &ModelConfig) -> Result<()> {
+        let s = serde_json::to_string_pretty(c).map_err(|e| Error::Train(e.to_string()))?;
+        write_atomic(&self.config(), s.as_bytes())
+    }
+}

@@ -1,0 +1,404 @@
+//! Our ONNX importer: parse a model with candle-onnx's protobuf types, load every initializer once onto
+//! the candle device, and evaluate the graph with our own operators ([`ops`]).
+//!
+//! Per distinct input shape, the first run builds a [`Plan`]: everything that does not depend on the
+//! input's values (initializers, Constant nodes, Shape-of-anything and the shape arithmetic built on it,
+//! transposes of weights) is computed once and kept; later runs execute only the remaining nodes and
+//! free each intermediate after its last use.
+
+mod conv;
+pub mod ops;
+pub mod tensor;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Device, Tensor};
+use candle_onnx::onnx::{ModelProto, NodeProto};
+use prost::Message;
+
+use crate::error::{Error, Result};
+
+/// Largest ONNX file accepted (protobuf's own limit is 2 GiB).
+pub const MAX_MODEL_BYTES: u64 = 2 << 30;
+
+/// A graph input that is not an initializer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    /// Its name.
+    pub name: String,
+    /// Its dims; None where symbolic (e.g. the batch axis).
+    pub dims: Vec<Option<usize>>,
+}
+
+/// Reads and decodes an ONNX file.
+pub fn read_model(path: &Path) -> Result<ModelProto> {
+    let what = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.len() > MAX_MODEL_BYTES {
+        return Err(Error::onnx(what, format!("file is {} bytes; the ONNX limit is 2 GiB", meta.len())));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    ModelProto::decode(bytes.as_slice()).map_err(|e| Error::onnx(what, format!("not a valid ONNX protobuf: {e}")))
+}
+
+/// The default-domain opset of a model.
+pub fn opset_of(model: &ModelProto) -> i64 {
+    model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .unwrap_or(13)
+}
+
+/// Values computed once for an input shape, and the nodes left to run.
+struct Plan {
+    statics: HashMap<String, Tensor>,
+    steps: Vec<usize>,
+    /// For each step, the values whose last use it is.
+    frees: Vec<Vec<String>>,
+}
+
+/// An imported ONNX graph, evaluated on a candle device.
+pub struct Graph {
+    name: String,
+    nodes: Vec<NodeProto>,
+    initializers: HashMap<String, Tensor>,
+    inputs: Vec<InputSpec>,
+    outputs: Vec<String>,
+    opset: i64,
+    device: Device,
+    plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<Plan>>>,
+}
+
+impl Graph {
+    /// Loads `path` onto `device`, keeping only what `outputs` need (all graph outputs when None).
+    pub fn load(path: &Path, device: &Device, outputs: Option<Vec<String>>) -> Result<Graph> {
+        let model = read_model(path)?;
+        Self::from_model(&model, &path.display().to_string(), device, outputs)
+    }
+
+    /// Builds from a decoded model.
+    pub fn from_model(model: &ModelProto, name: &str, device: &Device, outputs: Option<Vec<String>>) -> Result<Graph> {
+        let g = model.graph.as_ref().ok_or_else(|| Error::onnx(name, "the model has no graph"))?;
+        let opset = opset_of(model);
+        let init_names: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs: Vec<InputSpec> = g
+            .input
+            .iter()
+            .filter(|i| !init_names.contains(i.name.as_str()))
+            .map(|i| InputSpec { name: i.name.clone(), dims: value_dims(i) })
+            .collect();
+        let outputs = outputs.unwrap_or_else(|| g.output.iter().map(|o| o.name.clone()).collect());
+        let nodes = toposort_pruned(name, &g.node, &outputs, &inputs, &init_names)?;
+        let unsupported = unsupported_ops(&nodes);
+        if !unsupported.is_empty() {
+            let list: Vec<String> = unsupported.iter().map(|(op, n)| format!("{op} (e.g. node `{n}`)")).collect();
+            return Err(Error::onnx(name, format!("unsupported op types: {}", list.join(", "))));
+        }
+        let used: HashSet<&str> = nodes.iter().flat_map(|n| n.input.iter().map(String::as_str)).chain(outputs.iter().map(String::as_str)).collect();
+        let mut initializers = HashMap::new();
+        for t in &g.initializer {
+            if used.contains(t.name.as_str()) {
+                initializers.insert(t.name.clone(), tensor::from_proto(t, device)?);
+            }
+        }
+        Ok(Graph {
+            name: name.to_string(),
+            nodes,
+            initializers,
+            inputs,
+            outputs,
+            opset,
+            device: device.clone(),
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The graph inputs that are not initializers.
+    pub fn inputs(&self) -> &[InputSpec] {
+        &self.inputs
+    }
+
+    /// The outputs this graph computes.
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// The device it runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the graph on named inputs and returns the outputs in [`Graph::outputs`] order.
+    pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+        for spec in &self.inputs {
+            let t = feeds.iter().find(|(n, _)| *n == spec.name).map(|(_, t)| t).ok_or_else(|| Error::Shape {
+                name: spec.name.clone(),
+                msg: "this graph input was not given".into(),
+            })?;
+            // Inputs without shape information (empty dims) are not checked.
+            let ok = spec.dims.is_empty() || t.rank() == spec.dims.len() && spec.dims.iter().zip(t.dims()).all(|(d, &x)| d.is_none_or(|d| d == x));
+            if !ok {
+                return Err(Error::Shape {
+                    name: spec.name.clone(),
+                    msg: format!("expected shape {} , got {:?}", fmt_dims(&spec.dims), t.dims()),
+                });
+            }
+        }
+        let key: Vec<Vec<usize>> = feeds.iter().map(|(_, t)| t.dims().to_vec()).collect();
+        let plan = self.plans.lock().map_err(|_| Error::onnx(&self.name, "plan cache poisoned"))?.get(&key).cloned();
+        match plan {
+            Some(p) => self.run_plan(&p, feeds),
+            None => {
+                let (outs, plan) = self.build_plan(feeds)?;
+                if let Ok(mut plans) = self.plans.lock() {
+                    plans.insert(key, Arc::new(plan));
+                }
+                Ok(outs)
+            }
+        }
+    }
+
+    fn node_inputs(&self, node: &NodeProto, lookup: impl Fn(&str) -> Option<Tensor>) -> Result<Vec<Option<Tensor>>> {
+        node.input
+            .iter()
+            .map(|n| {
+                if n.is_empty() {
+                    Ok(None)
+                } else {
+                    lookup(n).map(Some).ok_or_else(|| {
+                        Error::onnx(&self.name, format!("node `{}` ({}) reads `{n}`, which no node computes", node.name, node.op_type))
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// Runs every node once, recording which values are input-independent.
+    fn build_plan(&self, feeds: &[(&str, Tensor)]) -> Result<(Vec<Tensor>, Plan)> {
+        let mut values: HashMap<String, Tensor> = self.initializers.clone();
+        let mut is_static: HashSet<String> = self.initializers.keys().cloned().collect();
+        for (n, t) in feeds {
+            values.insert(n.to_string(), t.clone());
+        }
+        let mut steps = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let ins = self.node_inputs(node, |n| values.get(n).cloned())?;
+            let outs = ops::eval(node, &ins, self.opset, &self.device)?;
+            let stat = matches!(node.op_type.as_str(), "Shape" | "Size")
+                || node.input.iter().filter(|n| !n.is_empty()).all(|n| is_static.contains(n));
+            if !stat {
+                steps.push(i);
+            }
+            for (name, t) in node.output.iter().zip(outs) {
+                if !name.is_empty() {
+                    if stat {
+                        is_static.insert(name.clone());
+                    }
+                    values.insert(name.clone(), t);
+                }
+            }
+        }
+        let outs = self.collect_outputs(&values)?;
+        // Keep only statics that a runtime step or an output reads.
+        let mut needed: HashSet<&str> = self.outputs.iter().map(String::as_str).collect();
+        for &i in &steps {
+            needed.extend(self.nodes[i].input.iter().map(String::as_str));
+        }
+        let statics: HashMap<String, Tensor> = values
+            .into_iter()
+            .filter(|(k, _)| is_static.contains(k) && needed.contains(k.as_str()))
+            .map(|(k, t)| t.contiguous().map(|t| (k, t)))
+            .collect::<candle_core::Result<_>>()?;
+        let frees = self.last_uses(&steps, &statics);
+        Ok((outs, Plan { statics, steps, frees }))
+    }
+
+    fn last_uses(&self, steps: &[usize], statics: &HashMap<String, Tensor>) -> Vec<Vec<String>> {
+        let mut last: HashMap<&str, usize> = HashMap::new();
+        for (s, &i) in steps.iter().enumerate() {
+            for n in &self.nodes[i].input {
+                if !n.is_empty() && !statics.contains_key(n) {
+                    last.insert(n.as_str(), s);
+                }
+            }
+        }
+        let mut frees = vec![Vec::new(); steps.len()];
+        for (name, s) in last {
+            if !self.outputs.iter().any(|o| o == name) {
+                frees[s].push(name.to_string());
+            }
+        }
+        frees
+    }
+
+    fn run_plan(&self, plan: &Plan, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+        let mut values: HashMap<String, Tensor> = feeds.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        for (s, &i) in plan.steps.iter().enumerate() {
+            let node = &self.nodes[i];
+            let ins = self.node_inputs(node, |n| values.get(n).or_else(|| plan.statics.get(n)).cloned())?;
+            let outs = ops::eval(node, &ins, self.opset, &self.device)?;
+            for (name, t) in node.output.iter().zip(outs) {
+                if !name.is_empty() {
+                    values.insert(name.clone(), t);
+                }
+            }
+            for f in &plan.frees[s] {
+                values.remove(f);
+            }
+        }
+        for (k, v) in &plan.statics {
+            if self.outputs.contains(k) {
+                values.insert(k.clone(), v.clone());
+            }
+        }
+        self.collect_outputs(&values)
+    }
+
+    fn collect_outputs(&self, values: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {
+        self.outputs
+            .iter()
+            .map(|o| values.get(o).cloned().ok_or_else(|| Error::onnx(&self.name, format!("output `{o}` was not computed"))))
+            .collect()
+    }
+}
+
+fn fmt_dims(d: &[Option<usize>]) -> String {
+    let parts: Vec<String> = d.iter().map(|x| x.map(|v| v.to_string()).unwrap_or_else(|| "N".into())).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// Dims of a graph value (None for symbolic or unknown dims).
+pub fn value_dims(v: &candle_onnx::onnx::ValueInfoProto) -> Vec<Option<usize>> {
+    use candle_onnx::onnx::{tensor_shape_proto::dimension::Value as Dim, type_proto::Value as Ty};
+    match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(Ty::TensorType(tt)) => tt
+            .shape
+            .as_ref()
+            .map(|s| {
+                s.dim
+                    .iter()
+                    .map(|d| match d.value {
+                        Some(Dim::DimValue(x)) if x > 0 => Some(x as usize),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// Op types of `nodes` that [`ops::eval`] lacks, each with one node name.
+fn unsupported_ops(nodes: &[NodeProto]) -> Vec<(String, String)> {
+    let mut seen: Vec<(String, String)> = Vec::new();
+    for n in nodes {
+        let custom_domain = !(n.domain.is_empty() || n.domain == "ai.onnx");
+        if (custom_domain || !ops::SUPPORTED_OPS.contains(&n.op_type.as_str())) && !seen.iter().any(|(o, _)| *o == n.op_type) {
+            let op = if custom_domain { format!("{}::{}", n.domain, n.op_type) } else { n.op_type.clone() };
+            seen.push((op, n.name.clone()));
+        }
+    }
+    seen
+}
+
+/// Orders the nodes needed for `outputs` topologically; errors on cycles and on values nothing makes.
+fn toposort_pruned(
+    name: &str,
+    nodes: &[NodeProto],
+    outputs: &[String],
+    inputs: &[InputSpec],
+    inits: &HashSet<&str>,
+) -> Result<Vec<NodeProto>> {
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for o in &n.output {
+            if !o.is_empty() {
+                producer.insert(o.as_str(), i);
+            }
+        }
+    }
+    let is_source = |v: &str| inits.contains(v) || inputs.iter().any(|i| i.name == v);
+    // Iterative DFS with colours: 1 = on stack, 2 = done.
+    let mut state = vec![0u8; nodes.len()];
+    let mut order = Vec::new();
+    for out in outputs {
+        if is_source(out) {
+            continue;
+        }
+        let &start = producer.get(out.as_str()).ok_or_else(|| Error::onnx(name, format!("no node computes the requested tensor `{out}`")))?;
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        while let Some((i, k)) = stack.pop() {
+            if k == 0 {
+                if state[i] == 2 {
+                    continue;
+                }
+                state[i] = 1;
+            }
+            let node = &nodes[i];
+            let mut pushed = false;
+            for (j, inp) in node.input.iter().enumerate().skip(k) {
+                if inp.is_empty() || is_source(inp) {
+                    continue;
+                }
+                let &p = producer.get(inp.as_str()).ok_or_else(|| {
+                    Error::onnx(name, format!("node `{}` ({}) reads `{inp}`, which is neither an input, an initializer nor a node output", node.name, node.op_type))
+                })?;
+                match state[p] {
+                    1 => return Err(Error::onnx(name, format!("the graph has a cycle through node `{}`", nodes[p].name))),
+                    0 => {
+                        stack.push((i, j + 1));
+                        stack.push((p, 0));
+                        pushed = true;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            if !pushed {
+                state[i] = 2;
+                order.push(i);
+            }
+        }
+    }
+    Ok(order.into_iter().map(|i| nodes[i].clone()).collect())
+}
+
+/// Picks the feature tensor of a classification graph: the input of the final classifier (Gemm, or
+/// MatMul with an optional bias Add) fed by a 2-D initializer; else the graph's first output.
+pub fn detect_feature_tensor(model: &ModelProto) -> Result<String> {
+    let g = model.graph.as_ref().ok_or_else(|| Error::onnx("model", "no graph"))?;
+    let out = g.output.first().ok_or_else(|| Error::onnx("model", "the graph has no outputs"))?.name.clone();
+    let inits: HashMap<&str, &candle_onnx::onnx::TensorProto> = g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let producer = |v: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == v));
+    let mut cur = out.clone();
+    // Walk back through a bias Add / Identity / Flatten-free tail to the classifier.
+    for _ in 0..3 {
+        let Some(n) = producer(&cur) else { break };
+        match n.op_type.as_str() {
+            "Gemm" | "MatMul" if n.input.len() >= 2 && inits.get(n.input[1].as_str()).is_some_and(|t| t.dims.len() == 2) => {
+                return Ok(n.input[0].clone());
+            }
+            "Add" | "Identity" => {
+                let next = n.input.iter().find(|i| !inits.contains_key(i.as_str()));
+                match next {
+                    Some(v) => cur = v.clone(),
+                    None => break,
+                }
+            }
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Reads an `.npy` file as a float32 tensor.
+pub fn read_npy(path: &Path) -> Result<Tensor> {
+    Tensor::read_npy(path)
+        .map_err(|e| Error::Shape { name: path.display().to_string(), msg: format!("not a readable .npy array: {e}") })?
+        .to_dtype(candle_core::DType::F32)
+        .map_err(Error::from)
+}

@@ -1,0 +1,89 @@
+//! Prediction and evaluation with a trained model folder: images -> backbone features -> head ->
+//! probabilities, written as a CSV (input columns, `predicted_label`, one `prob_<class>` per class) or
+//! scored with [`crate::metrics`].
+
+use std::path::Path;
+
+use candle_core::Device;
+use polars::prelude::*;
+
+use crate::backbone::Backbone;
+use crate::data::Table;
+use crate::error::{Error, Result};
+use crate::metrics::{self, Report};
+use crate::model::{sha256_file, Head, ModelConfig, ModelDir};
+use crate::train::predict_features;
+
+/// A loaded model folder ready to predict on the candle engine.
+pub struct Predictor {
+    /// Its config.
+    pub config: ModelConfig,
+    backbone: Backbone,
+    head: Head,
+}
+
+/// Probabilities and predictions for a table.
+pub struct Predictions {
+    /// Row-major `[N, C]`.
+    pub probs: Vec<f32>,
+    /// Predicted class index per row.
+    pub preds: Vec<u32>,
+}
+
+impl Predictor {
+    /// Loads a model folder; the backbone is read from where it was at training time (its sha256 is checked).
+    pub fn load(dir: &Path, device: &Device) -> Result<Predictor> {
+        let md = ModelDir::new(dir);
+        let config = md.read_config()?;
+        let bpath = &config.backbone.path;
+        if !bpath.is_file() {
+            return Err(Error::Model {
+                path: dir.to_path_buf(),
+                msg: format!("its backbone {} is missing; put the ONNX file back there (sha256 {})", bpath.display(), config.backbone.sha256),
+            });
+        }
+        let sha = sha256_file(bpath)?;
+        if sha != config.backbone.sha256 {
+            return Err(Error::Model {
+                path: dir.to_path_buf(),
+                msg: format!("backbone {} changed since training (sha256 {sha}, expected {})", bpath.display(), config.backbone.sha256),
+            });
+        }
+        let backbone = Backbone::load(bpath, device, Some(&config.backbone.feature_tensor), config.preprocess.normalization.clone())?;
+        let head = Head::load(&md.head(), config.classes.len(), config.backbone.feature_dim, device)?;
+        Ok(Predictor { config, backbone, head })
+    }
+
+    /// Predicts every row of `table`.
+    pub fn predict_table(&self, table: &Table, quiet: bool) -> Result<Predictions> {
+        table.check_files()?;
+        let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
+        let x = self.backbone.features_of_files(&files, 16, "predict", quiet)?;
+        let (probs, preds) = predict_features(&self.head, &x)?;
+        Ok(Predictions { probs, preds })
+    }
+
+    /// Scores `table` (which must have the label column).
+    pub fn evaluate(&self, table: &Table, quiet: bool) -> Result<Report> {
+        let classes = crate::data::ClassList { names: self.config.classes.clone() };
+        let truth = table.targets(&classes)?;
+        let p = self.predict_table(table, quiet)?;
+        metrics::compute(&truth, &p.preds, Some(&p.probs), &self.config.classes)
+    }
+}
+
+/// Writes predictions as CSV: the table's columns, `predicted_label`, then `prob_<class>` per class.
+pub fn write_predictions(table: &Table, classes: &[String], p: &Predictions, out: &Path) -> Result<()> {
+    let k = classes.len();
+    let mut df = table.frame.clone();
+    let labels: Vec<String> = p.preds.iter().map(|&i| classes[i as usize].clone()).collect();
+    let err = |e: PolarsError| Error::Table { path: out.to_path_buf(), msg: e.to_string() };
+    df.with_column(Column::new("predicted_label".into(), labels)).map_err(err)?;
+    for (c, name) in classes.iter().enumerate() {
+        let col: Vec<f32> = (0..p.preds.len()).map(|i| p.probs[i * k + c]).collect();
+        df.with_column(Column::new(format!("prob_{name}").into(), col)).map_err(err)?;
+    }
+    let mut buf = Vec::new();
+    CsvWriter::new(&mut buf).include_header(true).finish(&mut df).map_err(err)?;
+    crate::model::write_atomic(out, &buf)
+}

@@ -1,0 +1,306 @@
+//! Training a linear head on frozen backbone features: the table is read and split, every image's
+//! features are computed once and reused every epoch (AutoMM re-runs the backbone each epoch), then a
+//! head is trained with AdamW under the learning-rate schedule, validated every epoch, the best epoch
+//! kept, and the run saved as a model folder.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::{progress, Backbone};
+use crate::config::{HyperParams, LossKind};
+use crate::data::{holdout_fraction, stratified_split, ClassList, Normalization, Table};
+use crate::error::{Error, Result};
+use crate::loss::{cross_entropy, focal_loss, Reduction};
+use crate::metrics::{self, Report};
+use crate::model::{write_atomic, Head, ModelConfig, ModelDir, VERSION};
+
+/// What to train: data, backbone, hyperparameters and where to keep the run.
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    /// Training table (CSV/Parquet).
+    pub train_data: PathBuf,
+    /// Label column.
+    pub label: String,
+    /// Image column (found automatically when None).
+    pub image_column: Option<String>,
+    /// Optional tuning (validation) table; else a stratified holdout of the training table.
+    pub tuning_data: Option<PathBuf>,
+    /// Backbone ONNX file.
+    pub backbone: PathBuf,
+    /// Feature tensor override.
+    pub feature_tensor: Option<String>,
+    /// Pixel normalisation for the backbone.
+    pub normalization: Normalization,
+    /// Output model folder.
+    pub output: PathBuf,
+    /// Hyperparameters.
+    pub hp: HyperParams,
+    /// Hide progress bars.
+    pub quiet: bool,
+}
+
+/// One epoch's record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean training loss per batch.
+    pub train_loss: f64,
+    /// The validation metric.
+    pub val_score: f64,
+    /// Learning rate at the epoch's last step.
+    pub lr: f64,
+}
+
+/// `metrics.json` of a model folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// The epoch kept (1-based).
+    pub best_epoch: usize,
+    /// Name of the validation metric.
+    pub val_metric: String,
+    /// Per-epoch history.
+    pub history: Vec<EpochRecord>,
+    /// Metrics of the kept head on the validation rows.
+    pub validation: Report,
+    /// Rows used for training and validation.
+    pub num_train: usize,
+    /// Validation rows.
+    pub num_val: usize,
+    /// Seconds spent computing features.
+    pub feature_seconds: f64,
+    /// Seconds spent training the head.
+    pub train_seconds: f64,
+    /// Where the validation rows came from.
+    pub validation_source: String,
+}
+
+/// Progress events (for the CLI and, later, gRPC `Fit` streaming).
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A phase starts (`features`, `train`, `save`).
+    Phase(String),
+    /// An epoch ended.
+    Epoch(EpochRecord),
+}
+
+/// The device for `env.num_gpus`: CUDA 0 when asked for and available, CPU otherwise (logged).
+pub fn select_device(num_gpus: i64) -> Device {
+    if num_gpus == 0 {
+        return Device::Cpu;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        match Device::new_cuda(0) {
+            Ok(d) => return d,
+            Err(e) => tracing::warn!("env.num_gpus={num_gpus} but CUDA is not usable ({e}); training on CPU"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    if num_gpus > 0 {
+        tracing::warn!("env.num_gpus={num_gpus} but this automm was built without `--features cuda`; training on CPU");
+    }
+    Device::Cpu
+}
+
+/// Trains a head as `req` says and writes the model folder; `on_event` sees phases and epochs.
+pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<TrainSummary> {
+    let hp = &req.hp;
+    let device = select_device(hp.num_gpus);
+    let table = Table::load(&req.train_data, Some(&req.label), req.image_column.as_deref())?;
+    table.check_files()?;
+    let classes = ClassList::from_table(&table)?;
+    if classes.len() < 2 {
+        return Err(Error::Table { path: req.train_data.clone(), msg: format!("only one class ({:?}); classification needs at least two", classes.names) });
+    }
+    let targets = table.targets(&classes)?;
+    let (train_rows, val_rows, val_targets, val_source, val_table) = match &req.tuning_data {
+        Some(p) => {
+            let t = Table::load(p, Some(&req.label), Some(&table.image_column).filter(|_| req.image_column.is_some()).map(|s| s.as_str()))?;
+            t.check_files()?;
+            let vt = t.targets(&classes)?;
+            ((0..table.rows.len()).collect::<Vec<_>>(), (0..t.rows.len()).collect::<Vec<_>>(), vt, format!("tuning data {}", p.display()), Some(t))
+        }
+        None => {
+            let frac = holdout_fraction(table.rows.len());
+            let (tr, va) = stratified_split(&targets, classes.len(), frac, hp.seed);
+            let vt = va.iter().map(|&i| targets[i]).collect();
+            (tr, va, vt, format!("stratified holdout of {:.1}% of the training table", frac * 100.0), None)
+        }
+    };
+    let train_targets: Vec<u32> = train_rows.iter().map(|&i| targets[i]).collect();
+    let counts = classes.counts(&train_targets);
+    if let Some(c) = counts.iter().position(|&n| n == 0) {
+        return Err(Error::Table { path: req.train_data.clone(), msg: format!("class `{}` has no training rows after the split", classes.names[c]) });
+    }
+    let alpha = hp.resolve_alpha(&classes.names, &counts)?;
+
+    on_event(&Event::Phase("features".into()));
+    let backbone = Backbone::load(&req.backbone, &device, req.feature_tensor.as_deref(), req.normalization.clone())?;
+    let t0 = Instant::now();
+    let files = |t: &Table, rows: &[usize]| rows.iter().map(|&i| (t.rows[i].image.clone(), Some(t.rows[i].row))).collect::<Vec<_>>();
+    let fb = 16;
+    let x_train = backbone.features_of_files(&files(&table, &train_rows), fb, "features", req.quiet)?;
+    let x_val = match &val_table {
+        Some(t) => backbone.features_of_files(&files(t, &val_rows), fb, "val features", req.quiet)?,
+        None => backbone.features_of_files(&files(&table, &val_rows), fb, "val features", req.quiet)?,
+    };
+    let feature_seconds = t0.elapsed().as_secs_f64();
+
+    on_event(&Event::Phase("train".into()));
+    let t1 = Instant::now();
+    let fit = fit_head(&x_train, &train_targets, &x_val, &val_targets, &classes.names, hp, alpha.as_deref(), req.quiet, &mut on_event)?;
+    let train_seconds = t1.elapsed().as_secs_f64();
+
+    on_event(&Event::Phase("save".into()));
+    let dir = ModelDir::new(&req.output);
+    std::fs::create_dir_all(&req.output).map_err(|e| Error::io(&req.output, e))?;
+    fit.head.save(&dir.head())?;
+    let config = ModelConfig {
+        automm_version: VERSION.to_string(),
+        classes: classes.names.clone(),
+        hyperparameters: hp.clone(),
+        alpha,
+        preprocess: backbone.preprocess.clone(),
+        backbone: backbone.info.clone(),
+        label_column: req.label.clone(),
+        image_column: table.image_column.clone(),
+    };
+    dir.write_config(&config)?;
+    let summary = TrainSummary {
+        best_epoch: fit.best_epoch,
+        val_metric: hp.val_metric.name().to_string(),
+        history: fit.history,
+        validation: fit.report,
+        num_train: train_rows.len(),
+        num_val: val_rows.len(),
+        feature_seconds,
+        train_seconds,
+        validation_source: val_source,
+    };
+    let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::Train(e.to_string()))?;
+    write_atomic(&dir.metrics(), json.as_bytes())?;
+    let losses: Vec<f64> = summary.history.iter().map(|h| h.train_loss).collect();
+    let scores: Vec<f64> = summary.history.iter().map(|h| h.val_score).collect();
+    metrics::curve_svg(&losses, &scores, &summary.val_metric, &req.output.join("training_curve.svg"))?;
+    metrics::confusion_svg(&summary.validation, &req.output.join("confusion_matrix.svg"))?;
+    Ok(summary)
+}
+
+/// Result of [`fit_head`].
+pub struct HeadFit {
+    /// The kept head.
+    pub head: Head,
+    /// Its epoch (1-based).
+    pub best_epoch: usize,
+    /// Per-epoch records.
+    pub history: Vec<EpochRecord>,
+    /// Validation metrics of the kept head.
+    pub report: Report,
+}
+
+/// Probabilities and predicted classes of `head` on features `x`.
+pub fn predict_features(head: &Head, x: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
+    let logits = head.logits(x)?;
+    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+    let preds = probs.argmax(1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    Ok((probs.flatten_all()?.to_vec1::<f32>()?, preds))
+}
+
+/// Trains the head on cached features (the loop every epoch runs; no backbone involved).
+#[allow(clippy::too_many_arguments)]
+pub fn fit_head(
+    x_train: &Tensor,
+    y_train: &[u32],
+    x_val: &Tensor,
+    y_val: &[u32],
+    classes: &[String],
+    hp: &HyperParams,
+    alpha: Option<&[f64]>,
+    quiet: bool,
+    on_event: &mut impl FnMut(&Event),
+) -> Result<HeadFit> {
+    let device = x_train.device().clone();
+    let (n, d) = x_train.dims2()?;
+    let k = classes.len();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(hp.seed);
+    // PyTorch nn.Linear's default init: U(-1/sqrt(D), 1/sqrt(D)) for weight and bias.
+    let bound = 1.0 / (d as f64).sqrt();
+    let mut uniform = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect() };
+    let w = Var::from_tensor(&Tensor::from_vec(uniform(k * d), (k, d), &device)?)?;
+    let b = Var::from_tensor(&Tensor::from_vec(uniform(k), k, &device)?)?;
+    let mut opt = AdamW::new(
+        vec![w.clone(), b.clone()],
+        ParamsAdamW { lr: hp.learning_rate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: hp.weight_decay },
+    )?;
+    let alpha_t = alpha.map(|a| Tensor::from_vec(a.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &device)).transpose()?;
+    let y_train_t = Tensor::from_vec(y_train.to_vec(), n, &device)?;
+    let bs = hp.batch_size.min(n).max(1);
+    let steps_per_epoch = n.div_ceil(bs);
+    let total = steps_per_epoch * hp.max_epochs;
+    let (eval_x, eval_y) = if y_val.is_empty() { (x_train, y_train) } else { (x_val, y_val) };
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut history = Vec::new();
+    let mut best: Option<(f64, usize, Head)> = None;
+    let mut since_best = 0;
+    let pb = progress(hp.max_epochs as u64, "epochs", quiet);
+    let mut step = 0;
+    for epoch in 1..=hp.max_epochs {
+        order.shuffle(&mut rng);
+        let mut loss_sum = 0.0;
+        let mut lr = hp.learning_rate;
+        for (bi, chunk) in order.chunks(bs).enumerate() {
+            lr = hp.lr_at(step, total);
+            opt.set_learning_rate(lr);
+            let idx = Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(), chunk.len(), &device)?;
+            let xb = x_train.index_select(&idx, 0)?;
+            let yb = y_train_t.index_select(&idx, 0)?;
+            let logits = xb.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?;
+            let loss = match hp.loss_function {
+                LossKind::FocalLoss => focal_loss(&logits, &yb, alpha_t.as_ref(), hp.focal_gamma, hp.focal_reduction)?,
+                LossKind::CrossEntropy => cross_entropy(&logits, &yb, hp.label_smoothing, Reduction::Mean)?,
+            };
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                return Err(Error::Train(format!(
+                    "the loss became {lv} at epoch {epoch}, batch {}; lower optimization.learning_rate (now {})",
+                    bi + 1,
+                    hp.learning_rate
+                )));
+            }
+            loss_sum += lv;
+            opt.backward_step(&loss)?;
+            step += 1;
+        }
+        let head = Head { weight: w.as_tensor().copy()?, bias: b.as_tensor().copy()? };
+        let (_, preds) = predict_features(&head, eval_x)?;
+        let report = metrics::compute(eval_y, &preds, None, classes)?;
+        let score = report.get(hp.val_metric.name());
+        let rec = EpochRecord { epoch, train_loss: loss_sum / steps_per_epoch as f64, val_score: score, lr };
+        pb.set_message(format!("loss {:.4} {} {:.3}", rec.train_loss, hp.val_metric.name(), score));
+        pb.inc(1);
+        on_event(&Event::Epoch(rec.clone()));
+        history.push(rec);
+        if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
+            best = Some((score, epoch, head));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= hp.patience.max(1) {
+                tracing::info!("early stopping at epoch {epoch}: no improvement of {} for {since_best} epochs", hp.val_metric.name());
+                break;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let (_, best_epoch, head) = best.ok_or_else(|| Error::Train("no epoch ran".into()))?;
+    let (probs, preds) = predict_features(&head, eval_x)?;
+    let report = metrics::compute(eval_y, &preds, Some(&probs), classes)?;
+    Ok(HeadFit { head, best_epoch, history, report })
+}

@@ -1,0 +1,112 @@
+//! Our ONNX importer against ONNX Runtime: the committed fixtures (a timm Swin exported by
+//! models/export_swin_tiny.py and an EfficientNet-Lite-pattern CNN from models/make_cnn_fixture.py) come
+//! with an input batch and ORT's outputs, so this runs without Python or ORT.
+
+use std::path::PathBuf;
+
+use automm::onnx::{detect_feature_tensor, read_model, read_npy, Graph};
+use candle_core::{Device, Tensor};
+use candle_onnx::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, ValueInfoProto};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn check_parity(model: &str) {
+    let path = fixture(model);
+    let g = Graph::load(&path, &Device::Cpu, None).unwrap();
+    let x = read_npy(&fixture(&format!("{model}.input.npy"))).unwrap();
+    let want = read_npy(&fixture(&format!("{model}.logits.npy"))).unwrap();
+    let name = g.inputs()[0].name.clone();
+    // First run builds the plan, second runs it: both must match ORT.
+    for _ in 0..2 {
+        let y = g.run(&[(name.as_str(), x.clone())]).unwrap().remove(0);
+        let d = max_abs_diff(&y, &want);
+        assert!(d <= 1e-4, "{model}: max |candle - ORT| = {d}");
+    }
+    // Batch 1 through a fresh plan gives the first row.
+    let y1 = g.run(&[(name.as_str(), x.narrow(0, 0, 1).unwrap())]).unwrap().remove(0);
+    assert!(max_abs_diff(&y1, &want.narrow(0, 0, 1).unwrap()) <= 1e-4);
+}
+
+#[test]
+fn swin_fixture_matches_onnx_runtime() {
+    check_parity("swin_fixture.onnx");
+}
+
+#[test]
+fn efficientnet_pattern_cnn_matches_onnx_runtime() {
+    check_parity("cnn_fixture.onnx");
+}
+
+#[test]
+fn feature_tensor_is_the_classifier_input() {
+    let m = read_model(&fixture("cnn_fixture.onnx")).unwrap();
+    assert_eq!(detect_feature_tensor(&m).unwrap(), "feat");
+    let m = read_model(&fixture("swin_fixture.onnx")).unwrap();
+    let f = detect_feature_tensor(&m).unwrap();
+    assert_ne!(f, "logits");
+    let g = Graph::from_model(&m, "swin", &Device::Cpu, Some(vec![f])).unwrap();
+    let x = read_npy(&fixture("swin_fixture.onnx.input.npy")).unwrap();
+    let y = g.run(&[("input", x)]).unwrap().remove(0);
+    assert_eq!(y.dims(), &[2, 32]);
+}
+
+fn node(op: &str, name: &str, ins: &[&str], outs: &[&str]) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: outs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn model(nodes: Vec<NodeProto>) -> ModelProto {
+    ModelProto {
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(GraphProto {
+            node: nodes,
+            input: vec![ValueInfoProto { name: "x".into(), ..Default::default() }],
+            output: vec![ValueInfoProto { name: "y".into(), ..Default::default() }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn unsupported_ops_are_all_listed_at_load_with_a_node_name() {
+    let m = model(vec![
+        node("Relu", "r", &["x"], &["a"]),
+        node("FancyOp", "fancy_1", &["a"], &["b"]),
+        node("FancyOp", "fancy_2", &["b"], &["c"]),
+        node("Einsum", "ein", &["c"], &["y"]),
+    ]);
+    let e = Graph::from_model(&m, "m.onnx", &Device::Cpu, None).err().unwrap().to_string();
+    assert!(e.contains("FancyOp (e.g. node `fancy_1`)") && e.contains("Einsum (e.g. node `ein`)"), "{e}");
+    assert!(!e.contains("fancy_2"));
+}
+
+#[test]
+fn cycles_and_dangling_inputs_are_errors() {
+    let m = model(vec![node("Relu", "a", &["b_out"], &["a_out"]), node("Relu", "b", &["a_out"], &["b_out"]), node("Relu", "c", &["a_out"], &["y"])]);
+    let e = Graph::from_model(&m, "m.onnx", &Device::Cpu, None).err().unwrap().to_string();
+    assert!(e.contains("cycle"), "{e}");
+    let m = model(vec![node("Add", "add", &["x", "ghost"], &["y"])]);
+    let e = Graph::from_model(&m, "m.onnx", &Device::Cpu, None).err().unwrap().to_string();
+    assert!(e.contains("`ghost`") && e.contains("node `add`"), "{e}");
+}
+
+#[test]
+fn wrong_input_shape_names_the_tensor_and_expected_shape() {
+    let g = Graph::load(&fixture("cnn_fixture.onnx"), &Device::Cpu, None).unwrap();
+    let x = Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let e = g.run(&[("input", x)]).unwrap_err().to_string();
+    assert!(e.contains("`input`") && e.contains("[N, 3, 33, 33]"), "{e}");
+}

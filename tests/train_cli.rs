@@ -1,0 +1,159 @@
+//! End to end on generated images with the committed CNN fixture backbone: `automm train`, `evaluate`,
+//! `predict` through the binary, the model folder's files, and the data errors users hit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_automm"))
+}
+
+fn backbone() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures/cnn_fixture.onnx")
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn data(dir: &Path) -> (PathBuf, PathBuf) {
+    let train = automm::synth::make_dataset(dir, "train", &[24, 12, 8, 4], 48, 1).unwrap();
+    let test = automm::synth::make_dataset(dir, "test", &[6, 6, 6, 6], 48, 2).unwrap();
+    (train, test)
+}
+
+#[test]
+fn train_evaluate_predict_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = data(dir.path());
+    let out = dir.path().join("run");
+    let (ok, stdout, stderr) = run(bin()
+        .args(["train", "--quiet", "--label", "label", "--train-data"])
+        .arg(&train)
+        .arg("--backbone")
+        .arg(backbone())
+        .arg("--output")
+        .arg(&out)
+        .args(["--hp", "optimization.loss_function=focal_loss", "--hp", "optimization.focal_loss.alpha=auto"])
+        .args(["--hp", "optimization.focal_loss.gamma=1.0", "--hp", "optimization.focal_loss.reduction=sum"])
+        .args(["--hp", "optimization.max_epochs=3", "--hp", "env.num_gpus=0", "--hp", "model.mmdet_image.checkpoint_name=x"]));
+    assert!(ok, "train failed: {stderr}");
+    assert!(stdout.contains("balanced_accuracy") && stdout.contains("confusion matrix"), "{stdout}");
+    assert!(stderr.contains("accepted but ignored"), "{stderr}");
+    for f in ["config.json", "head.safetensors", "metrics.json", "training_curve.svg", "confusion_matrix.svg"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["classes"], serde_json::json!(["circle", "ring", "square", "triangle"]));
+    let alpha: Vec<f64> = serde_json::from_value(cfg["alpha"].clone()).unwrap();
+    assert!((alpha.iter().sum::<f64>() - 1.0).abs() < 1e-9 && alpha[1] > alpha[0]);
+    assert_eq!(cfg["backbone"]["feature_tensor"], "feat");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["history"].as_array().unwrap().len(), 3);
+
+    let (ok, stdout, stderr) = run(bin().args(["evaluate", "--quiet", "--json", "--metrics", "accuracy,balanced_accuracy,f1_macro,mcc", "--model"]).arg(&out).arg("--data").arg(&test));
+    assert!(ok, "{stderr}");
+    let scores: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for k in ["accuracy", "balanced_accuracy", "f1_macro", "mcc"] {
+        let v = scores[k].as_f64().unwrap();
+        assert!((-1.0..=1.0).contains(&v), "{k} = {v}");
+    }
+
+    let preds = dir.path().join("preds.csv");
+    let (ok, _, stderr) = run(bin().args(["predict", "--quiet", "--model"]).arg(&out).arg("--data").arg(&test).arg("--output").arg(&preds));
+    assert!(ok, "{stderr}");
+    let text = std::fs::read_to_string(&preds).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next().unwrap(), "image,label,predicted_label,prob_circle,prob_ring,prob_square,prob_triangle");
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 24);
+    for r in rows {
+        let cells: Vec<&str> = r.split(',').collect();
+        let p: Vec<f64> = cells[3..].iter().map(|c| c.parse().unwrap()).collect();
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-4);
+        // The predicted label is the arg-max class.
+        let best = p.iter().enumerate().max_by(|a, b| a.1.partial_cmp(b.1).unwrap()).unwrap().0;
+        assert_eq!(cells[2], ["circle", "ring", "square", "triangle"][best]);
+    }
+}
+
+#[test]
+fn library_training_is_deterministic_with_a_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, _) = data(dir.path());
+    let mk = |out: &str| {
+        let (hp, _) = automm::config::HyperParamsBuilder::new()
+            .set_str("optimization.max_epochs=2")
+            .unwrap()
+            .set_str("env.seed=5")
+            .unwrap()
+            .build()
+            .unwrap();
+        automm::train::TrainRequest {
+            train_data: train.clone(),
+            label: "label".into(),
+            image_column: None,
+            tuning_data: None,
+            backbone: backbone(),
+            feature_tensor: None,
+            normalization: automm::data::Normalization::imagenet(),
+            output: dir.path().join(out),
+            hp,
+            quiet: true,
+        }
+    };
+    let a = automm::train::train(&mk("a"), |_| {}).unwrap();
+    let b = automm::train::train(&mk("b"), |_| {}).unwrap();
+    assert_eq!(a.history.iter().map(|h| h.train_loss).collect::<Vec<_>>(), b.history.iter().map(|h| h.train_loss).collect::<Vec<_>>());
+    assert_eq!(std::fs::read(dir.path().join("a/head.safetensors")).unwrap(), std::fs::read(dir.path().join("b/head.safetensors")).unwrap());
+    // Holdout per AutoGluon's rule: 48 rows -> 20%, stratified.
+    assert_eq!(a.num_val, 10);
+}
+
+fn train_err(dir: &Path, csv: &str, extra: &[&str]) -> String {
+    let p = dir.join("t.csv");
+    std::fs::write(&p, csv).unwrap();
+    let (ok, _, stderr) = run(bin()
+        .args(["train", "--quiet", "--label", "label", "--train-data"])
+        .arg(&p)
+        .arg("--backbone")
+        .arg(backbone())
+        .arg("--output")
+        .arg(dir.join("out"))
+        .args(extra));
+    assert!(!ok);
+    stderr
+}
+
+#[test]
+fn data_errors_name_the_row_column_or_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _) = data(dir.path());
+    let d = dir.path();
+    let e = train_err(d, "image,label\nimages/train/circle_0000.png,a\nnope.png,b\n", &[]);
+    assert!(e.contains("nope.png") && e.contains("row 2") && e.contains("not found"), "{e}");
+    let e = train_err(d, "image,cls\nimages/train/circle_0000.png,a\n", &[]);
+    assert!(e.contains("no column `label`") && e.contains("\"cls\""), "{e}");
+    let e = train_err(d, "image,label\n", &[]);
+    assert!(e.contains("empty"), "{e}");
+    std::fs::write(d.join("bad.png"), b"garbage").unwrap();
+    let e = train_err(d, "image,label\nimages/train/circle_0000.png,a\nbad.png,b\n", &[]);
+    assert!(e.contains("bad.png") && e.contains("row 2"), "{e}");
+    std::fs::write(d.join("tune.csv"), "image,label\nimages/train/circle_0000.png,zebra\n").unwrap();
+    let e = train_err(d, "image,label\nimages/train/circle_0000.png,a\nimages/train/circle_0001.png,b\n", &["--tuning-data", d.join("tune.csv").to_str().unwrap()]);
+    assert!(e.contains("zebra") && e.contains("row 1") && e.contains("not a class"), "{e}");
+    let e = train_err(d, "image,label\nimages/train/circle_0000.png,a\nimages/train/circle_0001.png,b\n", &["--hp", "optimization.focal_loss.alpha=[1,2,3]", "--hp", "optimization.loss_function=focal_loss"]);
+    assert!(e.contains("3 weights") && e.contains("2 classes"), "{e}");
+}
+
+#[test]
+fn a_corrupt_model_folder_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, test) = data(dir.path());
+    let (ok, _, e) = run(bin().args(["predict", "--model"]).arg(dir.path()).arg("--data").arg(&test).arg("--output").arg(dir.path().join("p.csv")));
+    assert!(!ok && e.contains("no config.json"), "{e}");
+    std::fs::write(dir.path().join("config.json"), "{").unwrap();
+    let (ok, _, e) = run(bin().args(["predict", "--model"]).arg(dir.path()).arg("--data").arg(&test).arg("--output").arg(dir.path().join("p.csv")));
+    assert!(!ok && e.contains("not a valid automm model config"), "{e}");
+}

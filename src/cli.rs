@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use automm::config::HyperParamsBuilder;
-use automm::infer::EngineKind;
 use automm::data::{Normalization, Table};
+use automm::infer::EngineKind;
 use automm::metrics;
 use automm::predict::{write_predictions, Predictor};
 use automm::train::{select_device, train, Event, TrainRequest};
@@ -162,25 +162,52 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => cmd_train(a),
         Command::Evaluate(a) => cmd_evaluate(a),
         Command::Predict(a) => cmd_predict(a),
-        Command::Onnx(OnnxCommand::Run { model, input, output, tensor, engine }) => onnx_run(&model, &input, &output, tensor, engine),
-        Command::Onnx(OnnxCommand::Compare { model, input, batch, tensor, runs, threads, json }) => {
+        Command::Onnx(OnnxCommand::Run {
+            model,
+            input,
+            output,
+            tensor,
+            engine,
+        }) => onnx_run(&model, &input, &output, tensor, engine),
+        Command::Onnx(OnnxCommand::Compare {
+            model,
+            input,
+            batch,
+            tensor,
+            runs,
+            threads,
+            json,
+        }) => {
             let x = match &input {
                 Some(p) => automm::onnx::read_npy(p)?,
                 None => random_input(&model, batch)?,
             };
             let tensor = match tensor.as_deref() {
-                Some("features") => Some(automm::onnx::detect_feature_tensor(&automm::onnx::read_model(&model)?)?),
+                Some("features") => Some(automm::onnx::detect_feature_tensor(
+                    &automm::onnx::read_model(&model)?,
+                )?),
                 other => other.map(str::to_string),
             };
             let c = automm::infer::compare(&model, &x, tensor.as_deref(), runs, threads)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {
-                println!("model {}  tensor `{}`  input {:?} -> {:?}", c.model.display(), c.tensor, c.input_shape, c.output_shape);
+                println!(
+                    "model {}  tensor `{}`  input {:?} -> {:?}",
+                    c.model.display(),
+                    c.tensor,
+                    c.input_shape,
+                    c.output_shape
+                );
                 println!("max |candle - ort| = {:.3e}", c.max_abs_diff);
                 let ort_ms = c.timings[1].ms_per_image;
                 for t in &c.timings {
-                    println!("{:<7} {:>9.2} ms/img  ({:.2}x ORT)", t.engine, t.ms_per_image, t.ms_per_image / ort_ms);
+                    println!(
+                        "{:<7} {:>9.2} ms/img  ({:.2}x ORT)",
+                        t.engine,
+                        t.ms_per_image,
+                        t.ms_per_image / ort_ms
+                    );
                 }
             }
             Ok(())
@@ -223,12 +250,23 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     println!("epoch  train_loss  val_{}", summary.val_metric);
     for h in &summary.history {
-        let mark = if h.epoch == summary.best_epoch { " *" } else { "" };
-        println!("{:>5}  {:>10.4}  {:>8.4}{mark}", h.epoch, h.train_loss, h.val_score);
+        let mark = if h.epoch == summary.best_epoch {
+            " *"
+        } else {
+            ""
+        };
+        println!(
+            "{:>5}  {:>10.4}  {:>8.4}{mark}",
+            h.epoch, h.train_loss, h.val_score
+        );
     }
     println!(
         "\n{} training rows, {} validation rows ({}); features {:.1}s, head {:.1}s\n",
-        summary.num_train, summary.num_val, summary.validation_source, summary.feature_seconds, summary.train_seconds
+        summary.num_train,
+        summary.num_val,
+        summary.validation_source,
+        summary.feature_seconds,
+        summary.train_seconds
     );
     print!("{}", metrics::summary_table(&summary.validation));
     println!("\nmodel folder: {}", a.output.display());
@@ -236,13 +274,35 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
 }
 
 fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
-    let names: Vec<String> = a.metrics.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let names: Vec<String> = a
+        .metrics
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
     metrics::check_names(&names)?;
     let p = Predictor::load(&a.model, &select_device(0))?;
-    let table = Table::load(&a.data, Some(&p.config.label_column), Some(&p.config.image_column).filter(|c| has_column(&a.data, c)).map(|s| s.as_str()))?;
+    let table = Table::load(
+        &a.data,
+        Some(&p.config.label_column),
+        Some(&p.config.image_column)
+            .filter(|c| has_column(&a.data, c))
+            .map(|s| s.as_str()),
+    )?;
     let r = p.evaluate(&table, a.quiet)?;
     if a.json {
-        let m: serde_json::Map<String, serde_json::Value> = names.iter().map(|n| (n.clone(), serde_json::json!(r.get(n)))).collect();
+        let mut m: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .map(|n| (n.clone(), serde_json::json!(r.get(n))))
+            .collect();
+        let recall: serde_json::Map<String, serde_json::Value> = r
+            .classes
+            .iter()
+            .zip(&r.per_class_recall)
+            .map(|(c, v)| (c.clone(), serde_json::json!(v)))
+            .collect();
+        m.insert("per_class_recall".into(), recall.into());
+        m.insert("confusion_matrix".into(), serde_json::json!(r.confusion));
         println!("{}", serde_json::to_string_pretty(&m)?);
     } else {
         for n in &names {
@@ -255,7 +315,9 @@ fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
 }
 
 fn has_column(path: &std::path::Path, col: &str) -> bool {
-    automm::data::table::read_frame(path).map(|df| df.column(col).is_ok()).unwrap_or(false)
+    automm::data::table::read_frame(path)
+        .map(|df| df.column(col).is_ok())
+        .unwrap_or(false)
 }
 
 fn cmd_predict(a: PredictArgs) -> Result<()> {
@@ -267,7 +329,11 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     }
     let preds = p.predict_table(&table, a.quiet)?;
     write_predictions(&table, &p.config.classes, &preds, &a.output)?;
-    println!("wrote {} predictions to {}", table.rows.len(), a.output.display());
+    println!(
+        "wrote {} predictions to {}",
+        table.rows.len(),
+        a.output.display()
+    );
     Ok(())
 }
 
@@ -277,8 +343,13 @@ fn random_input(model: &std::path::Path, batch: usize) -> Result<candle_core::Te
     use rand_distr::Distribution;
     let m = automm::onnx::read_model(model)?;
     let g = m.graph.as_ref().context("no graph")?;
-    let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
-    let input = g.input.iter().find(|i| !inits.contains(i.name.as_str())).context("the model has no inputs")?;
+    let inits: std::collections::HashSet<&str> =
+        g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let input = g
+        .input
+        .iter()
+        .find(|i| !inits.contains(i.name.as_str()))
+        .context("the model has no inputs")?;
     let dims: Vec<usize> = automm::onnx::value_dims(input)
         .iter()
         .enumerate()
@@ -288,16 +359,38 @@ fn random_input(model: &std::path::Path, batch: usize) -> Result<candle_core::Te
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let normal = rand_distr::StandardNormal;
     let v: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
-    Ok(candle_core::Tensor::from_vec(v, dims, &candle_core::Device::Cpu)?)
+    Ok(candle_core::Tensor::from_vec(
+        v,
+        dims,
+        &candle_core::Device::Cpu,
+    )?)
 }
 
-fn onnx_run(model: &std::path::Path, input: &std::path::Path, output: &std::path::Path, tensor: Option<String>, engine: EngineKind) -> Result<()> {
+fn onnx_run(
+    model: &std::path::Path,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    tensor: Option<String>,
+    engine: EngineKind,
+) -> Result<()> {
     let x = automm::onnx::read_npy(input)?;
     let y = match engine {
         EngineKind::Candle => {
-            let g = automm::onnx::Graph::load(model, &candle_core::Device::Cpu, tensor.map(|t| vec![t]))?;
-            let name = g.inputs().first().context("the model has no inputs")?.name.clone();
-            g.run(&[(name.as_str(), x)])?.into_iter().next().context("no output")?
+            let g = automm::onnx::Graph::load(
+                model,
+                &candle_core::Device::Cpu,
+                tensor.map(|t| vec![t]),
+            )?;
+            let name = g
+                .inputs()
+                .first()
+                .context("the model has no inputs")?
+                .name
+                .clone();
+            g.run(&[(name.as_str(), x)])?
+                .into_iter()
+                .next()
+                .context("no output")?
         }
         EngineKind::Ort => {
             let tmp = tempfile::tempdir()?;
@@ -308,7 +401,11 @@ fn onnx_run(model: &std::path::Path, input: &std::path::Path, output: &std::path
             let s = automm::infer::ort::OrtSession::open(&path, 0)?;
             let name = s.inputs.first().context("the model has no inputs")?.clone();
             let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let (shape, v) = s.run_f32(&[(name.as_str(), x.dims(), &data)])?.into_iter().next().context("no output")?;
+            let (shape, v) = s
+                .run_f32(&[(name.as_str(), x.dims(), &data)])?
+                .into_iter()
+                .next()
+                .context("no output")?;
             candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?
         }
     };

@@ -99,7 +99,9 @@ pub fn select_device(num_gpus: i64) -> Device {
     {
         match Device::new_cuda(0) {
             Ok(d) => return d,
-            Err(e) => tracing::warn!("env.num_gpus={num_gpus} but CUDA is not usable ({e}); training on CPU"),
+            Err(e) => tracing::warn!(
+                "env.num_gpus={num_gpus} but CUDA is not usable ({e}); training on CPU"
+            ),
         }
     }
     #[cfg(not(feature = "cuda"))]
@@ -113,49 +115,110 @@ pub fn select_device(num_gpus: i64) -> Device {
 pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<TrainSummary> {
     let hp = &req.hp;
     let device = select_device(hp.num_gpus);
-    let table = Table::load(&req.train_data, Some(&req.label), req.image_column.as_deref())?;
+    let table = Table::load(
+        &req.train_data,
+        Some(&req.label),
+        req.image_column.as_deref(),
+    )?;
     table.check_files()?;
     let classes = ClassList::from_table(&table)?;
     if classes.len() < 2 {
-        return Err(Error::Table { path: req.train_data.clone(), msg: format!("only one class ({:?}); classification needs at least two", classes.names) });
+        return Err(Error::Table {
+            path: req.train_data.clone(),
+            msg: format!(
+                "only one class ({:?}); classification needs at least two",
+                classes.names
+            ),
+        });
     }
     let targets = table.targets(&classes)?;
     let (train_rows, val_rows, val_targets, val_source, val_table) = match &req.tuning_data {
         Some(p) => {
-            let t = Table::load(p, Some(&req.label), Some(&table.image_column).filter(|_| req.image_column.is_some()).map(|s| s.as_str()))?;
+            let t = Table::load(
+                p,
+                Some(&req.label),
+                Some(&table.image_column)
+                    .filter(|_| req.image_column.is_some())
+                    .map(|s| s.as_str()),
+            )?;
             t.check_files()?;
             let vt = t.targets(&classes)?;
-            ((0..table.rows.len()).collect::<Vec<_>>(), (0..t.rows.len()).collect::<Vec<_>>(), vt, format!("tuning data {}", p.display()), Some(t))
+            (
+                (0..table.rows.len()).collect::<Vec<_>>(),
+                (0..t.rows.len()).collect::<Vec<_>>(),
+                vt,
+                format!("tuning data {}", p.display()),
+                Some(t),
+            )
         }
         None => {
             let frac = holdout_fraction(table.rows.len());
             let (tr, va) = stratified_split(&targets, classes.len(), frac, hp.seed);
             let vt = va.iter().map(|&i| targets[i]).collect();
-            (tr, va, vt, format!("stratified holdout of {:.1}% of the training table", frac * 100.0), None)
+            (
+                tr,
+                va,
+                vt,
+                format!(
+                    "stratified holdout of {:.1}% of the training table",
+                    frac * 100.0
+                ),
+                None,
+            )
         }
     };
     let train_targets: Vec<u32> = train_rows.iter().map(|&i| targets[i]).collect();
     let counts = classes.counts(&train_targets);
     if let Some(c) = counts.iter().position(|&n| n == 0) {
-        return Err(Error::Table { path: req.train_data.clone(), msg: format!("class `{}` has no training rows after the split", classes.names[c]) });
+        return Err(Error::Table {
+            path: req.train_data.clone(),
+            msg: format!(
+                "class `{}` has no training rows after the split",
+                classes.names[c]
+            ),
+        });
     }
     let alpha = hp.resolve_alpha(&classes.names, &counts)?;
 
     on_event(&Event::Phase("features".into()));
-    let backbone = Backbone::load(&req.backbone, &device, req.feature_tensor.as_deref(), req.normalization.clone())?;
+    let backbone = Backbone::load(
+        &req.backbone,
+        &device,
+        req.feature_tensor.as_deref(),
+        req.normalization.clone(),
+    )?;
     let t0 = Instant::now();
-    let files = |t: &Table, rows: &[usize]| rows.iter().map(|&i| (t.rows[i].image.clone(), Some(t.rows[i].row))).collect::<Vec<_>>();
+    let files = |t: &Table, rows: &[usize]| {
+        rows.iter()
+            .map(|&i| (t.rows[i].image.clone(), Some(t.rows[i].row)))
+            .collect::<Vec<_>>()
+    };
     let fb = 16;
-    let x_train = backbone.features_of_files(&files(&table, &train_rows), fb, "features", req.quiet)?;
+    let x_train =
+        backbone.features_of_files(&files(&table, &train_rows), fb, "features", req.quiet)?;
     let x_val = match &val_table {
-        Some(t) => backbone.features_of_files(&files(t, &val_rows), fb, "val features", req.quiet)?,
-        None => backbone.features_of_files(&files(&table, &val_rows), fb, "val features", req.quiet)?,
+        Some(t) => {
+            backbone.features_of_files(&files(t, &val_rows), fb, "val features", req.quiet)?
+        }
+        None => {
+            backbone.features_of_files(&files(&table, &val_rows), fb, "val features", req.quiet)?
+        }
     };
     let feature_seconds = t0.elapsed().as_secs_f64();
 
     on_event(&Event::Phase("train".into()));
     let t1 = Instant::now();
-    let fit = fit_head(&x_train, &train_targets, &x_val, &val_targets, &classes.names, hp, alpha.as_deref(), req.quiet, &mut on_event)?;
+    let fit = fit_head(
+        &x_train,
+        &train_targets,
+        &x_val,
+        &val_targets,
+        &classes.names,
+        hp,
+        alpha.as_deref(),
+        req.quiet,
+        &mut on_event,
+    )?;
     let train_seconds = t1.elapsed().as_secs_f64();
 
     on_event(&Event::Phase("save".into()));
@@ -188,8 +251,16 @@ pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<Tra
     write_atomic(&dir.metrics(), json.as_bytes())?;
     let losses: Vec<f64> = summary.history.iter().map(|h| h.train_loss).collect();
     let scores: Vec<f64> = summary.history.iter().map(|h| h.val_score).collect();
-    metrics::curve_svg(&losses, &scores, &summary.val_metric, &req.output.join("training_curve.svg"))?;
-    metrics::confusion_svg(&summary.validation, &req.output.join("confusion_matrix.svg"))?;
+    metrics::curve_svg(
+        &losses,
+        &scores,
+        &summary.val_metric,
+        &req.output.join("training_curve.svg"),
+    )?;
+    metrics::confusion_svg(
+        &summary.validation,
+        &req.output.join("confusion_matrix.svg"),
+    )?;
     Ok(summary)
 }
 
@@ -232,22 +303,38 @@ pub fn fit_head(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(hp.seed);
     // PyTorch nn.Linear's default init: U(-1/sqrt(D), 1/sqrt(D)) for weight and bias.
     let bound = 1.0 / (d as f64).sqrt();
-    let mut uniform = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect() };
+    let mut uniform = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect()
+    };
     let w = Var::from_tensor(&Tensor::from_vec(uniform(k * d), (k, d), &device)?)?;
     let b = Var::from_tensor(&Tensor::from_vec(uniform(k), k, &device)?)?;
     let mut opt = AdamW::new(
         vec![w.clone(), b.clone()],
-        ParamsAdamW { lr: hp.learning_rate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: hp.weight_decay },
+        ParamsAdamW {
+            lr: hp.learning_rate,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: hp.weight_decay,
+        },
     )?;
-    let alpha_t = alpha.map(|a| Tensor::from_vec(a.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &device)).transpose()?;
+    let alpha_t = alpha
+        .map(|a| Tensor::from_vec(a.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &device))
+        .transpose()?;
     let y_train_t = Tensor::from_vec(y_train.to_vec(), n, &device)?;
     let bs = hp.batch_size.min(n).max(1);
     let steps_per_epoch = n.div_ceil(bs);
     let total = steps_per_epoch * hp.max_epochs;
-    let (eval_x, eval_y) = if y_val.is_empty() { (x_train, y_train) } else { (x_val, y_val) };
+    let (eval_x, eval_y) = if y_val.is_empty() {
+        (x_train, y_train)
+    } else {
+        (x_val, y_val)
+    };
     let mut order: Vec<usize> = (0..n).collect();
     let mut history = Vec::new();
-    let mut best: Option<(f64, usize, Head)> = None;
+    let mut best: Option<(f64, f64, usize, Head)> = None;
     let mut since_best = 0;
     let pb = progress(hp.max_epochs as u64, "epochs", quiet);
     let mut step = 0;
@@ -258,13 +345,27 @@ pub fn fit_head(
         for (bi, chunk) in order.chunks(bs).enumerate() {
             lr = hp.lr_at(step, total);
             opt.set_learning_rate(lr);
-            let idx = Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(), chunk.len(), &device)?;
+            let idx = Tensor::from_vec(
+                chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                chunk.len(),
+                &device,
+            )?;
             let xb = x_train.index_select(&idx, 0)?;
             let yb = y_train_t.index_select(&idx, 0)?;
-            let logits = xb.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?;
+            let logits = xb
+                .matmul(&w.as_tensor().t()?)?
+                .broadcast_add(b.as_tensor())?;
             let loss = match hp.loss_function {
-                LossKind::FocalLoss => focal_loss(&logits, &yb, alpha_t.as_ref(), hp.focal_gamma, hp.focal_reduction)?,
-                LossKind::CrossEntropy => cross_entropy(&logits, &yb, hp.label_smoothing, Reduction::Mean)?,
+                LossKind::FocalLoss => focal_loss(
+                    &logits,
+                    &yb,
+                    alpha_t.as_ref(),
+                    hp.focal_gamma,
+                    hp.focal_reduction,
+                )?,
+                LossKind::CrossEntropy => {
+                    cross_entropy(&logits, &yb, hp.label_smoothing, Reduction::Mean)?
+                }
             };
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
@@ -278,29 +379,55 @@ pub fn fit_head(
             opt.backward_step(&loss)?;
             step += 1;
         }
-        let head = Head { weight: w.as_tensor().copy()?, bias: b.as_tensor().copy()? };
-        let (_, preds) = predict_features(&head, eval_x)?;
-        let report = metrics::compute(eval_y, &preds, None, classes)?;
+        let head = Head {
+            weight: w.as_tensor().copy()?,
+            bias: b.as_tensor().copy()?,
+        };
+        let (probs, preds) = predict_features(&head, eval_x)?;
+        let report = metrics::compute(eval_y, &preds, Some(&probs), classes)?;
         let score = report.get(hp.val_metric.name());
-        let rec = EpochRecord { epoch, train_loss: loss_sum / steps_per_epoch as f64, val_score: score, lr };
-        pb.set_message(format!("loss {:.4} {} {:.3}", rec.train_loss, hp.val_metric.name(), score));
+        let val_loss = report.get("log_loss");
+        let rec = EpochRecord {
+            epoch,
+            train_loss: loss_sum / steps_per_epoch as f64,
+            val_score: score,
+            lr,
+        };
+        pb.set_message(format!(
+            "loss {:.4} {} {:.3}",
+            rec.train_loss,
+            hp.val_metric.name(),
+            score
+        ));
         pb.inc(1);
         on_event(&Event::Epoch(rec.clone()));
         history.push(rec);
-        if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
-            best = Some((score, epoch, head));
+        // Ties on the metric (common on small validation sets) go to the lower validation log-loss.
+        if best
+            .as_ref()
+            .is_none_or(|(s, l, _, _)| score > *s || (score == *s && val_loss < *l))
+        {
+            best = Some((score, val_loss, epoch, head));
             since_best = 0;
         } else {
             since_best += 1;
             if since_best >= hp.patience.max(1) {
-                tracing::info!("early stopping at epoch {epoch}: no improvement of {} for {since_best} epochs", hp.val_metric.name());
+                tracing::info!(
+                    "early stopping at epoch {epoch}: no improvement of {} for {since_best} epochs",
+                    hp.val_metric.name()
+                );
                 break;
             }
         }
     }
     pb.finish_and_clear();
-    let (_, best_epoch, head) = best.ok_or_else(|| Error::Train("no epoch ran".into()))?;
+    let (_, _, best_epoch, head) = best.ok_or_else(|| Error::Train("no epoch ran".into()))?;
     let (probs, preds) = predict_features(&head, eval_x)?;
     let report = metrics::compute(eval_y, &preds, Some(&probs), classes)?;
-    Ok(HeadFit { head, best_epoch, history, report })
+    Ok(HeadFit {
+        head,
+        best_epoch,
+        history,
+        report,
+    })
 }

@@ -25,13 +25,24 @@ pub struct OrtLocation {
 }
 
 fn is_ort_lib(p: &Path) -> bool {
-    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so") || n == "onnxruntime.dll" || n.starts_with("libonnxruntime.") && n.ends_with(".dylib"))
-        && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains("providers"))
+    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+        n.starts_with("libonnxruntime.so")
+            || n == "onnxruntime.dll"
+            || n.starts_with("libonnxruntime.") && n.ends_with(".dylib")
+    }) && !p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.contains("providers"))
 }
 
 /// The library in `dir`, preferring the most specific versioned file name.
 fn lib_in(dir: &Path) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).filter(|p| p.is_file() && is_ort_lib(p)).collect();
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && is_ort_lib(p))
+        .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     found.into_iter().next()
 }
@@ -51,17 +62,32 @@ pub fn locate() -> Result<OrtLocation> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         if p.is_file() {
-            return Ok(OrtLocation { path: p, source: "ORT_DYLIB_PATH" });
+            return Ok(OrtLocation {
+                path: p,
+                source: "ORT_DYLIB_PATH",
+            });
         }
-        return Err(Error::Runtime(format!("ONNX Runtime library not found: ORT_DYLIB_PATH={} is not a file; {HOW_TO_GET_ORT}", p.display())));
+        return Err(Error::Runtime(format!(
+            "ONNX Runtime library not found: ORT_DYLIB_PATH={} is not a file; {HOW_TO_GET_ORT}",
+            p.display()
+        )));
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         if let Some(p) = lib_in(&dir).or_else(|| lib_in(&dir.join("lib"))) {
-            return Ok(OrtLocation { path: p, source: "next to the binary" });
+            return Ok(OrtLocation {
+                path: p,
+                source: "next to the binary",
+            });
         }
     }
     if let Some(p) = python_onnxruntime_dir().and_then(|d| lib_in(&d)) {
-        return Ok(OrtLocation { path: p, source: "python onnxruntime package" });
+        return Ok(OrtLocation {
+            path: p,
+            source: "python onnxruntime package",
+        });
     }
     Err(Error::Runtime(format!(
         "ONNX Runtime library not found (looked at ORT_DYLIB_PATH, next to the automm binary, and python3's onnxruntime package); {HOW_TO_GET_ORT}"
@@ -80,10 +106,21 @@ fn runtime() -> Result<&'static Runtime> {
         .get_or_init(|| {
             let location = locate().map_err(|e| e.to_string())?;
             let builder = ort::init_from(&location.path).map_err(|e| {
-                format!("cannot load ONNX Runtime from {} (found via {}): {e}; {HOW_TO_GET_ORT}", location.path.display(), location.source)
+                format!(
+                    "cannot load ONNX Runtime from {} (found via {}): {e}; {HOW_TO_GET_ORT}",
+                    location.path.display(),
+                    location.source
+                )
             })?;
-            let env = builder.with_name("automm").build().map_err(|e| format!("ONNX Runtime environment: {e}"))?;
-            tracing::debug!("ONNX Runtime loaded from {} ({})", location.path.display(), location.source);
+            let env = builder
+                .with_name("automm")
+                .build()
+                .map_err(|e| format!("ONNX Runtime environment: {e}"))?;
+            tracing::debug!(
+                "ONNX Runtime loaded from {} ({})",
+                location.path.display(),
+                location.source
+            );
             Ok(Runtime { env, location })
         })
         .as_ref()
@@ -115,29 +152,63 @@ impl OrtSession {
         let rt = runtime()?;
         let mut b = Session::builder(&rt.env).map_err(|e| ort_err(model, e))?;
         if threads > 0 {
-            b = b.with_intra_threads(threads).map_err(|e| ort_err(model, e))?;
+            b = b
+                .with_intra_threads(threads)
+                .map_err(|e| ort_err(model, e))?;
         }
         let session = b.commit_from_file(model).map_err(|e| ort_err(model, e))?;
-        let inputs = session.inputs().iter().map(|o| o.name().to_string()).collect();
-        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
-        Ok(OrtSession { session: Mutex::new(session), inputs, outputs })
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        Ok(OrtSession {
+            session: Mutex::new(session),
+            inputs,
+            outputs,
+        })
     }
 
     /// Runs on float32 inputs `(name, shape, data)` and returns every output as `(shape, data)`.
-    pub fn run_f32(&self, feeds: &[(&str, &[usize], &[f32])]) -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
+    pub fn run_f32(
+        &self,
+        feeds: &[(&str, &[usize], &[f32])],
+    ) -> Result<Vec<(Vec<usize>, Vec<f32>)>> {
         let mut values = Vec::with_capacity(feeds.len());
         for (name, shape, data) in feeds {
             let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-            let t = OrtTensor::from_array((shape, data.to_vec())).map_err(|e| Error::Shape { name: name.to_string(), msg: e.to_string() })?;
-            values.push((std::borrow::Cow::<str>::from(name.to_string()), ort::session::SessionInputValue::from(t)));
+            let t = OrtTensor::from_array((shape, data.to_vec())).map_err(|e| Error::Shape {
+                name: name.to_string(),
+                msg: e.to_string(),
+            })?;
+            values.push((
+                std::borrow::Cow::<str>::from(name.to_string()),
+                ort::session::SessionInputValue::from(t),
+            ));
         }
-        let mut s = self.session.lock().map_err(|_| Error::Runtime("ONNX Runtime session lock poisoned".into()))?;
-        let out = s.run(values).map_err(|e| Error::Runtime(format!("ONNX Runtime run: {e}")))?;
+        let mut s = self
+            .session
+            .lock()
+            .map_err(|_| Error::Runtime("ONNX Runtime session lock poisoned".into()))?;
+        let out = s
+            .run(values)
+            .map_err(|e| Error::Runtime(format!("ONNX Runtime run: {e}")))?;
         let mut res = Vec::new();
         for name in &self.outputs {
             let v = &out[name.as_str()];
-            let (shape, data) = v.try_extract_tensor::<f32>().map_err(|e| Error::Shape { name: name.clone(), msg: e.to_string() })?;
-            res.push((shape.iter().map(|&d| d.max(0) as usize).collect(), data.to_vec()));
+            let (shape, data) = v.try_extract_tensor::<f32>().map_err(|e| Error::Shape {
+                name: name.clone(),
+                msg: e.to_string(),
+            })?;
+            res.push((
+                shape.iter().map(|&d| d.max(0) as usize).collect(),
+                data.to_vec(),
+            ));
         }
         Ok(res)
     }

@@ -37,10 +37,14 @@ pub fn read_model(path: &Path) -> Result<ModelProto> {
     let what = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.len() > MAX_MODEL_BYTES {
-        return Err(Error::onnx(what, format!("file is {} bytes; the ONNX limit is 2 GiB", meta.len())));
+        return Err(Error::onnx(
+            what,
+            format!("file is {} bytes; the ONNX limit is 2 GiB", meta.len()),
+        ));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    ModelProto::decode(bytes.as_slice()).map_err(|e| Error::onnx(what, format!("not a valid ONNX protobuf: {e}")))
+    ModelProto::decode(bytes.as_slice())
+        .map_err(|e| Error::onnx(what, format!("not a valid ONNX protobuf: {e}")))
 }
 
 /// The default-domain opset of a model.
@@ -81,24 +85,45 @@ impl Graph {
     }
 
     /// Builds from a decoded model.
-    pub fn from_model(model: &ModelProto, name: &str, device: &Device, outputs: Option<Vec<String>>) -> Result<Graph> {
-        let g = model.graph.as_ref().ok_or_else(|| Error::onnx(name, "the model has no graph"))?;
+    pub fn from_model(
+        model: &ModelProto,
+        name: &str,
+        device: &Device,
+        outputs: Option<Vec<String>>,
+    ) -> Result<Graph> {
+        let g = model
+            .graph
+            .as_ref()
+            .ok_or_else(|| Error::onnx(name, "the model has no graph"))?;
         let opset = opset_of(model);
         let init_names: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
         let inputs: Vec<InputSpec> = g
             .input
             .iter()
             .filter(|i| !init_names.contains(i.name.as_str()))
-            .map(|i| InputSpec { name: i.name.clone(), dims: value_dims(i) })
+            .map(|i| InputSpec {
+                name: i.name.clone(),
+                dims: value_dims(i),
+            })
             .collect();
         let outputs = outputs.unwrap_or_else(|| g.output.iter().map(|o| o.name.clone()).collect());
         let nodes = toposort_pruned(name, &g.node, &outputs, &inputs, &init_names)?;
         let unsupported = unsupported_ops(&nodes);
         if !unsupported.is_empty() {
-            let list: Vec<String> = unsupported.iter().map(|(op, n)| format!("{op} (e.g. node `{n}`)")).collect();
-            return Err(Error::onnx(name, format!("unsupported op types: {}", list.join(", "))));
+            let list: Vec<String> = unsupported
+                .iter()
+                .map(|(op, n)| format!("{op} (e.g. node `{n}`)"))
+                .collect();
+            return Err(Error::onnx(
+                name,
+                format!("unsupported op types: {}", list.join(", ")),
+            ));
         }
-        let used: HashSet<&str> = nodes.iter().flat_map(|n| n.input.iter().map(String::as_str)).chain(outputs.iter().map(String::as_str)).collect();
+        let used: HashSet<&str> = nodes
+            .iter()
+            .flat_map(|n| n.input.iter().map(String::as_str))
+            .chain(outputs.iter().map(String::as_str))
+            .collect();
         let mut initializers = HashMap::new();
         for t in &g.initializer {
             if used.contains(t.name.as_str()) {
@@ -135,21 +160,40 @@ impl Graph {
     /// Runs the graph on named inputs and returns the outputs in [`Graph::outputs`] order.
     pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
         for spec in &self.inputs {
-            let t = feeds.iter().find(|(n, _)| *n == spec.name).map(|(_, t)| t).ok_or_else(|| Error::Shape {
-                name: spec.name.clone(),
-                msg: "this graph input was not given".into(),
-            })?;
+            let t = feeds
+                .iter()
+                .find(|(n, _)| *n == spec.name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| Error::Shape {
+                    name: spec.name.clone(),
+                    msg: "this graph input was not given".into(),
+                })?;
             // Inputs without shape information (empty dims) are not checked.
-            let ok = spec.dims.is_empty() || t.rank() == spec.dims.len() && spec.dims.iter().zip(t.dims()).all(|(d, &x)| d.is_none_or(|d| d == x));
+            let ok = spec.dims.is_empty()
+                || t.rank() == spec.dims.len()
+                    && spec
+                        .dims
+                        .iter()
+                        .zip(t.dims())
+                        .all(|(d, &x)| d.is_none_or(|d| d == x));
             if !ok {
                 return Err(Error::Shape {
                     name: spec.name.clone(),
-                    msg: format!("expected shape {} , got {:?}", fmt_dims(&spec.dims), t.dims()),
+                    msg: format!(
+                        "expected shape {} , got {:?}",
+                        fmt_dims(&spec.dims),
+                        t.dims()
+                    ),
                 });
             }
         }
         let key: Vec<Vec<usize>> = feeds.iter().map(|(_, t)| t.dims().to_vec()).collect();
-        let plan = self.plans.lock().map_err(|_| Error::onnx(&self.name, "plan cache poisoned"))?.get(&key).cloned();
+        let plan = self
+            .plans
+            .lock()
+            .map_err(|_| Error::onnx(&self.name, "plan cache poisoned"))?
+            .get(&key)
+            .cloned();
         match plan {
             Some(p) => self.run_plan(&p, feeds),
             None => {
@@ -162,7 +206,11 @@ impl Graph {
         }
     }
 
-    fn node_inputs(&self, node: &NodeProto, lookup: impl Fn(&str) -> Option<Tensor>) -> Result<Vec<Option<Tensor>>> {
+    fn node_inputs(
+        &self,
+        node: &NodeProto,
+        lookup: impl Fn(&str) -> Option<Tensor>,
+    ) -> Result<Vec<Option<Tensor>>> {
         node.input
             .iter()
             .map(|n| {
@@ -170,7 +218,13 @@ impl Graph {
                     Ok(None)
                 } else {
                     lookup(n).map(Some).ok_or_else(|| {
-                        Error::onnx(&self.name, format!("node `{}` ({}) reads `{n}`, which no node computes", node.name, node.op_type))
+                        Error::onnx(
+                            &self.name,
+                            format!(
+                                "node `{}` ({}) reads `{n}`, which no node computes",
+                                node.name, node.op_type
+                            ),
+                        )
                     })
                 }
             })
@@ -189,7 +243,11 @@ impl Graph {
             let ins = self.node_inputs(node, |n| values.get(n).cloned())?;
             let outs = ops::eval(node, &ins, self.opset, &self.device)?;
             let stat = matches!(node.op_type.as_str(), "Shape" | "Size")
-                || node.input.iter().filter(|n| !n.is_empty()).all(|n| is_static.contains(n));
+                || node
+                    .input
+                    .iter()
+                    .filter(|n| !n.is_empty())
+                    .all(|n| is_static.contains(n));
             if !stat {
                 steps.push(i);
             }
@@ -214,7 +272,14 @@ impl Graph {
             .map(|(k, t)| t.contiguous().map(|t| (k, t)))
             .collect::<candle_core::Result<_>>()?;
         let frees = self.last_uses(&steps, &statics);
-        Ok((outs, Plan { statics, steps, frees }))
+        Ok((
+            outs,
+            Plan {
+                statics,
+                steps,
+                frees,
+            },
+        ))
     }
 
     fn last_uses(&self, steps: &[usize], statics: &HashMap<String, Tensor>) -> Vec<Vec<String>> {
@@ -236,10 +301,15 @@ impl Graph {
     }
 
     fn run_plan(&self, plan: &Plan, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
-        let mut values: HashMap<String, Tensor> = feeds.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        let mut values: HashMap<String, Tensor> = feeds
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
         for (s, &i) in plan.steps.iter().enumerate() {
             let node = &self.nodes[i];
-            let ins = self.node_inputs(node, |n| values.get(n).or_else(|| plan.statics.get(n)).cloned())?;
+            let ins = self.node_inputs(node, |n| {
+                values.get(n).or_else(|| plan.statics.get(n)).cloned()
+            })?;
             let outs = ops::eval(node, &ins, self.opset, &self.device)?;
             for (name, t) in node.output.iter().zip(outs) {
                 if !name.is_empty() {
@@ -261,13 +331,20 @@ impl Graph {
     fn collect_outputs(&self, values: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {
         self.outputs
             .iter()
-            .map(|o| values.get(o).cloned().ok_or_else(|| Error::onnx(&self.name, format!("output `{o}` was not computed"))))
+            .map(|o| {
+                values.get(o).cloned().ok_or_else(|| {
+                    Error::onnx(&self.name, format!("output `{o}` was not computed"))
+                })
+            })
             .collect()
     }
 }
 
 fn fmt_dims(d: &[Option<usize>]) -> String {
-    let parts: Vec<String> = d.iter().map(|x| x.map(|v| v.to_string()).unwrap_or_else(|| "N".into())).collect();
+    let parts: Vec<String> = d
+        .iter()
+        .map(|x| x.map(|v| v.to_string()).unwrap_or_else(|| "N".into()))
+        .collect();
     format!("[{}]", parts.join(", "))
 }
 
@@ -297,8 +374,14 @@ fn unsupported_ops(nodes: &[NodeProto]) -> Vec<(String, String)> {
     let mut seen: Vec<(String, String)> = Vec::new();
     for n in nodes {
         let custom_domain = !(n.domain.is_empty() || n.domain == "ai.onnx");
-        if (custom_domain || !ops::SUPPORTED_OPS.contains(&n.op_type.as_str())) && !seen.iter().any(|(o, _)| *o == n.op_type) {
-            let op = if custom_domain { format!("{}::{}", n.domain, n.op_type) } else { n.op_type.clone() };
+        if (custom_domain || !ops::SUPPORTED_OPS.contains(&n.op_type.as_str()))
+            && !seen.iter().any(|(o, _)| *o == n.op_type)
+        {
+            let op = if custom_domain {
+                format!("{}::{}", n.domain, n.op_type)
+            } else {
+                n.op_type.clone()
+            };
             seen.push((op, n.name.clone()));
         }
     }
@@ -329,7 +412,12 @@ fn toposort_pruned(
         if is_source(out) {
             continue;
         }
-        let &start = producer.get(out.as_str()).ok_or_else(|| Error::onnx(name, format!("no node computes the requested tensor `{out}`")))?;
+        let &start = producer.get(out.as_str()).ok_or_else(|| {
+            Error::onnx(
+                name,
+                format!("no node computes the requested tensor `{out}`"),
+            )
+        })?;
         let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
         while let Some((i, k)) = stack.pop() {
             if k == 0 {
@@ -348,7 +436,12 @@ fn toposort_pruned(
                     Error::onnx(name, format!("node `{}` ({}) reads `{inp}`, which is neither an input, an initializer nor a node output", node.name, node.op_type))
                 })?;
                 match state[p] {
-                    1 => return Err(Error::onnx(name, format!("the graph has a cycle through node `{}`", nodes[p].name))),
+                    1 => {
+                        return Err(Error::onnx(
+                            name,
+                            format!("the graph has a cycle through node `{}`", nodes[p].name),
+                        ))
+                    }
                     0 => {
                         stack.push((i, j + 1));
                         stack.push((p, 0));
@@ -370,16 +463,30 @@ fn toposort_pruned(
 /// Picks the feature tensor of a classification graph: the input of the final classifier (Gemm, or
 /// MatMul with an optional bias Add) fed by a 2-D initializer; else the graph's first output.
 pub fn detect_feature_tensor(model: &ModelProto) -> Result<String> {
-    let g = model.graph.as_ref().ok_or_else(|| Error::onnx("model", "no graph"))?;
-    let out = g.output.first().ok_or_else(|| Error::onnx("model", "the graph has no outputs"))?.name.clone();
-    let inits: HashMap<&str, &candle_onnx::onnx::TensorProto> = g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let g = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| Error::onnx("model", "no graph"))?;
+    let out = g
+        .output
+        .first()
+        .ok_or_else(|| Error::onnx("model", "the graph has no outputs"))?
+        .name
+        .clone();
+    let inits: HashMap<&str, &candle_onnx::onnx::TensorProto> =
+        g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
     let producer = |v: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == v));
     let mut cur = out.clone();
     // Walk back through a bias Add / Identity / Flatten-free tail to the classifier.
     for _ in 0..3 {
         let Some(n) = producer(&cur) else { break };
         match n.op_type.as_str() {
-            "Gemm" | "MatMul" if n.input.len() >= 2 && inits.get(n.input[1].as_str()).is_some_and(|t| t.dims.len() == 2) => {
+            "Gemm" | "MatMul"
+                if n.input.len() >= 2
+                    && inits
+                        .get(n.input[1].as_str())
+                        .is_some_and(|t| t.dims.len() == 2) =>
+            {
                 return Ok(n.input[0].clone());
             }
             "Add" | "Identity" => {
@@ -398,7 +505,10 @@ pub fn detect_feature_tensor(model: &ModelProto) -> Result<String> {
 /// Reads an `.npy` file as a float32 tensor.
 pub fn read_npy(path: &Path) -> Result<Tensor> {
     Tensor::read_npy(path)
-        .map_err(|e| Error::Shape { name: path.display().to_string(), msg: format!("not a readable .npy array: {e}") })?
+        .map_err(|e| Error::Shape {
+            name: path.display().to_string(),
+            msg: format!("not a readable .npy array: {e}"),
+        })?
         .to_dtype(candle_core::DType::F32)
         .map_err(Error::from)
 }

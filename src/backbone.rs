@@ -37,12 +37,7 @@ impl Backbone {
             Some(f) => f.to_string(),
             None => detect_feature_tensor(&model)?,
         };
-        let graph = Graph::from_model(
-            &model,
-            &path.display().to_string(),
-            device,
-            Some(vec![feature.clone()]),
-        )?;
+        let graph = Graph::from_model(&model, &path.display().to_string(), device, Some(vec![feature.clone()]))?;
         let spec = match graph.inputs() {
             [one] => one.clone(),
             many => {
@@ -59,16 +54,10 @@ impl Backbone {
         if spec.dims.len() != 4 || spec.dims[1].is_some_and(|c| c != 3) {
             return Err(Error::Shape {
                 name: spec.name.clone(),
-                msg: format!(
-                    "expected an image input [N, 3, H, W], found {:?}",
-                    spec.dims
-                ),
+                msg: format!("expected an image input [N, 3, H, W], found {:?}", spec.dims),
             });
         }
-        let size = spec.dims[2]
-            .or(spec.dims[3])
-            .map(|s| s as u32)
-            .unwrap_or(DEFAULT_INPUT_SIZE);
+        let size = spec.dims[2].or(spec.dims[3]).map(|s| s as u32).unwrap_or(DEFAULT_INPUT_SIZE);
         let preprocess = Preprocess::new(size, normalization);
         let abs = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
         let mut b = Backbone {
@@ -83,24 +72,15 @@ impl Backbone {
             preprocess,
         };
         // One dummy image tells the feature width (and checks the graph runs end to end).
-        let probe = Tensor::zeros(
-            (1, 3, size as usize, size as usize),
-            candle_core::DType::F32,
-            device,
-        )?;
+        let probe = Tensor::zeros((1, 3, size as usize, size as usize), candle_core::DType::F32, device)?;
         b.info.feature_dim = b.features(&probe)?.dims()[1];
         Ok(b)
     }
 
     /// Features `[N, D]` for a preprocessed batch `[N, 3, S, S]` (trailing 1-dims are flattened).
     pub fn features(&self, batch: &Tensor) -> Result<Tensor> {
-        let out = self
-            .graph
-            .run(&[(self.info.input_name.as_str(), batch.clone())])?;
-        let f = out
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::onnx(&self.info.feature_tensor, "no output"))?;
+        let out = self.graph.run(&[(self.info.input_name.as_str(), batch.clone())])?;
+        let f = out.into_iter().next().ok_or_else(|| Error::onnx(&self.info.feature_tensor, "no output"))?;
         let n = f.dims().first().copied().unwrap_or(0);
         Ok(f.reshape((n, ()))?)
     }
@@ -119,25 +99,16 @@ impl Backbone {
         let mut parts = Vec::new();
         let t0 = Instant::now();
         for chunk in files.chunks(batch.max(1)) {
-            let refs: Vec<(&Path, Option<usize>)> =
-                chunk.iter().map(|(p, r)| (p.as_path(), *r)).collect();
+            let refs: Vec<(&Path, Option<usize>)> = chunk.iter().map(|(p, r)| (p.as_path(), *r)).collect();
             let data = self.preprocess.files_to_batch(&refs)?;
             let x = Tensor::from_vec(data, (chunk.len(), 3, s, s), self.graph.device())?;
             parts.push(self.features(&x)?);
             pb.inc(chunk.len() as u64);
         }
         pb.finish_and_clear();
-        tracing::info!(
-            "{label}: {} images in {:.1}s",
-            files.len(),
-            t0.elapsed().as_secs_f64()
-        );
+        tracing::debug!("{label}: {} images in {:.1}s", files.len(), t0.elapsed().as_secs_f64());
         if parts.is_empty() {
-            return Ok(Tensor::zeros(
-                (0, self.info.feature_dim),
-                candle_core::DType::F32,
-                self.graph.device(),
-            )?);
+            return Ok(Tensor::zeros((0, self.info.feature_dim), candle_core::DType::F32, self.graph.device())?);
         }
         Ok(Tensor::cat(&parts, 0)?)
     }

@@ -135,25 +135,12 @@ impl Default for HyperParams {
 
 /// Supported keys: canonical name, aliases (newer `optim.*` spellings and older ones).
 const KEYS: &[(&str, &[&str])] = &[
-    (
-        "optimization.loss_function",
-        &[
-            "optim.loss_func",
-            "optim.loss_function",
-            "optimization.loss_func",
-        ],
-    ),
+    ("optimization.loss_function", &["optim.loss_func", "optim.loss_function", "optimization.loss_func"]),
     ("optimization.focal_loss.alpha", &["optim.focal_loss.alpha"]),
     ("optimization.focal_loss.gamma", &["optim.focal_loss.gamma"]),
-    (
-        "optimization.focal_loss.reduction",
-        &["optim.focal_loss.reduction"],
-    ),
+    ("optimization.focal_loss.reduction", &["optim.focal_loss.reduction"]),
     ("optimization.max_epochs", &["optim.max_epochs"]),
-    (
-        "optimization.learning_rate",
-        &["optim.lr", "optim.learning_rate", "optimization.lr"],
-    ),
+    ("optimization.learning_rate", &["optim.lr", "optim.learning_rate", "optimization.lr"]),
     ("optimization.weight_decay", &["optim.weight_decay"]),
     ("optimization.lr_schedule", &["optim.lr_schedule"]),
     ("optimization.warmup_steps", &["optim.warmup_steps"]),
@@ -212,9 +199,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
         }
         prev = cur;
     }
@@ -223,30 +208,19 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// The canonical key for `key`, if it is one we implement.
 fn canonical(key: &str) -> Option<&'static str> {
-    KEYS.iter()
-        .find(|(k, aliases)| *k == key || aliases.contains(&key))
-        .map(|(k, _)| *k)
+    KEYS.iter().find(|(k, aliases)| *k == key || aliases.contains(&key)).map(|(k, _)| *k)
 }
 
 fn unsupported_reason(key: &str) -> Option<&'static str> {
     ACCEPTED_UNSUPPORTED
         .iter()
-        .find(|(k, _)| {
-            if k.ends_with('.') {
-                key.starts_with(k)
-            } else {
-                key == *k
-            }
-        })
+        .find(|(k, _)| if k.ends_with('.') { key.starts_with(k) } else { key == *k })
         .map(|(_, why)| *why)
 }
 
 fn closest_key(key: &str) -> &'static str {
-    let all = KEYS
-        .iter()
-        .flat_map(|(k, a)| std::iter::once(*k).chain(a.iter().copied()));
-    all.min_by_key(|k| edit_distance(key, k))
-        .unwrap_or("optimization.max_epochs")
+    let all = KEYS.iter().flat_map(|(k, a)| std::iter::once(*k).chain(a.iter().copied()));
+    all.min_by_key(|k| edit_distance(key, k)).unwrap_or("optimization.max_epochs")
 }
 
 /// Flattens a nested map into dotted keys (`{optimization: {max_epochs: 3}}` -> `optimization.max_epochs`).
@@ -256,18 +230,9 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) -> Result<()
             for (k, v) in m {
                 let k = match k {
                     Value::String(s) => s.clone(),
-                    other => {
-                        return Err(Error::config(
-                            prefix,
-                            format!("keys must be strings, found {other:?}"),
-                        ))
-                    }
+                    other => return Err(Error::config(prefix, format!("keys must be strings, found {other:?}"))),
                 };
-                let full = if prefix.is_empty() {
-                    k
-                } else {
-                    format!("{prefix}.{k}")
-                };
+                let full = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
                 // A mapping is a namespace unless the key itself is a full hyperparameter name.
                 if matches!(v, Value::Mapping(_)) && canonical(&full).is_none() {
                     flatten(&full, v, out)?;
@@ -277,10 +242,7 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) -> Result<()
             }
             Ok(())
         }
-        _ => Err(Error::config(
-            prefix,
-            "the config file must hold a map of hyperparameters",
-        )),
+        _ => Err(Error::config(prefix, "the config file must hold a map of hyperparameters")),
     }
 }
 
@@ -299,10 +261,8 @@ impl HyperParamsBuilder {
     /// Adds every key of a YAML or JSON file (flat dotted keys or nested maps).
     pub fn file(mut self, path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_yaml::from_str(&text).map_err(|e| Error::Config {
-            key: path.display().to_string(),
-            msg: format!("not valid YAML/JSON: {e}"),
-        })?;
+        let v: Value = serde_yaml::from_str(&text)
+            .map_err(|e| Error::Config { key: path.display().to_string(), msg: format!("not valid YAML/JSON: {e}") })?;
         if matches!(v, Value::Null) {
             return Ok(self);
         }
@@ -312,14 +272,10 @@ impl HyperParamsBuilder {
 
     /// Adds one `key=value` override (the value is parsed as a YAML scalar or list).
     pub fn set_str(mut self, kv: &str) -> Result<Self> {
-        let (k, v) = kv.split_once('=').ok_or_else(|| {
-            Error::config(
-                kv,
-                "expected KEY=VALUE, e.g. optimization.focal_loss.gamma=1.0",
-            )
-        })?;
-        let value: Value =
-            serde_yaml::from_str(v.trim()).unwrap_or(Value::String(v.trim().to_string()));
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::config(kv, "expected KEY=VALUE, e.g. optimization.focal_loss.gamma=1.0"))?;
+        let value: Value = serde_yaml::from_str(v.trim()).unwrap_or(Value::String(v.trim().to_string()));
         self.entries.push((k.trim().to_string(), value));
         Ok(self)
     }
@@ -340,16 +296,11 @@ impl HyperParamsBuilder {
             if let Some(c) = canonical(key) {
                 resolved.insert(c, (key.as_str(), value));
             } else if let Some(why) = unsupported_reason(key) {
-                warnings.push(format!(
-                    "hyperparameter `{key}` is accepted but ignored: in AutoMM it would {why}"
-                ));
+                warnings.push(format!("hyperparameter `{key}` is accepted but ignored: in AutoMM it would {why}"));
             } else {
                 return Err(Error::config(
                     key,
-                    format!(
-                        "unknown hyperparameter; did you mean `{}`?",
-                        closest_key(key)
-                    ),
+                    format!("unknown hyperparameter; did you mean `{}`?", closest_key(key)),
                 ));
             }
         }
@@ -362,27 +313,18 @@ impl HyperParamsBuilder {
 
 fn as_f64(key: &str, v: &Value) -> Result<f64> {
     match v {
-        Value::Number(n) => n
-            .as_f64()
-            .ok_or_else(|| Error::config(key, "expected a number")),
-        Value::String(s) => s
-            .trim()
-            .parse::<f64>()
-            .map_err(|_| Error::config(key, format!("expected a number, got `{s}`"))),
-        other => Err(Error::config(
-            key,
-            format!("expected a number, got {}", describe(other)),
-        )),
+        Value::Number(n) => n.as_f64().ok_or_else(|| Error::config(key, "expected a number")),
+        Value::String(s) => {
+            s.trim().parse::<f64>().map_err(|_| Error::config(key, format!("expected a number, got `{s}`")))
+        }
+        other => Err(Error::config(key, format!("expected a number, got {}", describe(other)))),
     }
 }
 
 fn as_usize(key: &str, v: &Value) -> Result<usize> {
     let x = as_f64(key, v)?;
     if x < 0.0 || x.fract() != 0.0 || x > u32::MAX as f64 {
-        return Err(Error::config(
-            key,
-            format!("expected a non-negative integer, got {x}"),
-        ));
+        return Err(Error::config(key, format!("expected a non-negative integer, got {x}")));
     }
     Ok(x as usize)
 }
@@ -390,17 +332,12 @@ fn as_usize(key: &str, v: &Value) -> Result<usize> {
 fn as_str<'a>(key: &str, v: &'a Value) -> Result<&'a str> {
     match v {
         Value::String(s) => Ok(s.as_str()),
-        other => Err(Error::config(
-            key,
-            format!("expected a string, got {}", describe(other)),
-        )),
+        other => Err(Error::config(key, format!("expected a string, got {}", describe(other)))),
     }
 }
 
 fn describe(v: &Value) -> String {
-    serde_yaml::to_string(v)
-        .map(|s| format!("`{}`", s.trim()))
-        .unwrap_or_else(|_| "a value".into())
+    serde_yaml::to_string(v).map(|s| format!("`{}`", s.trim())).unwrap_or_else(|_| "a value".into())
 }
 
 fn parse_alpha(key: &str, v: &Value) -> Result<Alpha> {
@@ -440,20 +377,10 @@ fn parse_alpha(key: &str, v: &Value) -> Result<Alpha> {
 
 fn check_alpha(key: &str, vals: Vec<f64>) -> Result<Alpha> {
     if vals.is_empty() {
-        return Err(Error::config(
-            key,
-            "the alpha list is empty; give one weight per class",
-        ));
+        return Err(Error::config(key, "the alpha list is empty; give one weight per class"));
     }
-    if let Some((i, x)) = vals
-        .iter()
-        .enumerate()
-        .find(|(_, x)| !(x.is_finite() && **x >= 0.0))
-    {
-        return Err(Error::config(
-            key,
-            format!("weight {i} is {x}; weights must be finite and >= 0"),
-        ));
+    if let Some((i, x)) = vals.iter().enumerate().find(|(_, x)| !(x.is_finite() && **x >= 0.0)) {
+        return Err(Error::config(key, format!("weight {i} is {x}; weights must be finite and >= 0")));
     }
     Ok(Alpha::List(vals))
 }
@@ -476,10 +403,7 @@ fn apply(hp: &mut HyperParams, canon: &str, key: &str, v: &Value) -> Result<()> 
         "optimization.focal_loss.gamma" => {
             let g = as_f64(key, v)?;
             if !(g >= 0.0 && g.is_finite()) {
-                return Err(Error::config(
-                    key,
-                    format!("gamma must be a finite number >= 0, got {g}"),
-                ));
+                return Err(Error::config(key, format!("gamma must be a finite number >= 0, got {g}")));
             }
             hp.focal_gamma = g;
         }
@@ -488,12 +412,7 @@ fn apply(hp: &mut HyperParams, canon: &str, key: &str, v: &Value) -> Result<()> 
             hp.focal_reduction = match s.to_ascii_lowercase().as_str() {
                 "mean" => Reduction::Mean,
                 "sum" => Reduction::Sum,
-                _ => {
-                    return Err(Error::config(
-                        key,
-                        format!("unknown reduction `{s}`; expected `mean` or `sum`"),
-                    ))
-                }
+                _ => return Err(Error::config(key, format!("unknown reduction `{s}`; expected `mean` or `sum`"))),
             };
         }
         "optimization.max_epochs" => {
@@ -505,19 +424,13 @@ fn apply(hp: &mut HyperParams, canon: &str, key: &str, v: &Value) -> Result<()> 
         "optimization.learning_rate" => {
             hp.learning_rate = as_f64(key, v)?;
             if !(hp.learning_rate > 0.0 && hp.learning_rate.is_finite()) {
-                return Err(Error::config(
-                    key,
-                    format!("must be a positive number, got {}", hp.learning_rate),
-                ));
+                return Err(Error::config(key, format!("must be a positive number, got {}", hp.learning_rate)));
             }
         }
         "optimization.weight_decay" => {
             hp.weight_decay = as_f64(key, v)?;
             if !(hp.weight_decay >= 0.0 && hp.weight_decay.is_finite()) {
-                return Err(Error::config(
-                    key,
-                    format!("must be >= 0, got {}", hp.weight_decay),
-                ));
+                return Err(Error::config(key, format!("must be >= 0, got {}", hp.weight_decay)));
             }
         }
         "optimization.lr_schedule" => {
@@ -530,7 +443,9 @@ fn apply(hp: &mut HyperParams, canon: &str, key: &str, v: &Value) -> Result<()> 
                 _ => {
                     return Err(Error::config(
                         key,
-                        format!("unknown schedule `{s}`; expected cosine_decay, polynomial_decay, linear_decay or constant"),
+                        format!(
+                            "unknown schedule `{s}`; expected cosine_decay, polynomial_decay, linear_decay or constant"
+                        ),
                     ))
                 }
             };
@@ -540,10 +455,7 @@ fn apply(hp: &mut HyperParams, canon: &str, key: &str, v: &Value) -> Result<()> 
             if !(hp.warmup_steps >= 0.0 && hp.warmup_steps.is_finite()) {
                 return Err(Error::config(
                     key,
-                    format!(
-                        "must be >= 0 (a fraction of all steps when < 1), got {}",
-                        hp.warmup_steps
-                    ),
+                    format!("must be >= 0 (a fraction of all steps when < 1), got {}", hp.warmup_steps),
                 ));
             }
         }
@@ -551,10 +463,7 @@ fn apply(hp: &mut HyperParams, canon: &str, key: &str, v: &Value) -> Result<()> 
         "optimization.label_smoothing" => {
             hp.label_smoothing = as_f64(key, v)?;
             if !(0.0..1.0).contains(&hp.label_smoothing) {
-                return Err(Error::config(
-                    key,
-                    format!("must be in [0, 1), got {}", hp.label_smoothing),
-                ));
+                return Err(Error::config(key, format!("must be in [0, 1), got {}", hp.label_smoothing)));
             }
         }
         "optimization.val_metric" => {
@@ -566,9 +475,7 @@ fn apply(hp: &mut HyperParams, canon: &str, key: &str, v: &Value) -> Result<()> 
                 _ => {
                     return Err(Error::config(
                         key,
-                        format!(
-                        "unknown metric `{s}`; expected accuracy, balanced_accuracy or f1_macro"
-                    ),
+                        format!("unknown metric `{s}`; expected accuracy, balanced_accuracy or f1_macro"),
                     ))
                 }
             };
@@ -582,10 +489,7 @@ fn apply(hp: &mut HyperParams, canon: &str, key: &str, v: &Value) -> Result<()> 
         "env.num_gpus" => {
             let x = as_f64(key, v)?;
             if x.fract() != 0.0 || x < -1.0 {
-                return Err(Error::config(
-                    key,
-                    format!("expected an integer >= -1 (-1 = all GPUs), got {x}"),
-                ));
+                return Err(Error::config(key, format!("expected an integer >= -1 (-1 = all GPUs), got {x}")));
             }
             hp.num_gpus = x as i64;
         }

@@ -81,23 +81,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
     /// A config error on `key`.
     pub fn config(key: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config {
-            key: key.into(),
-            msg: msg.into(),
-        }
+        Error::Config { key: key.into(), msg: msg.into() }
     }
     /// An ONNX error on `model`.
     pub fn onnx(model: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Onnx {
-            model: model.into(),
-            msg: msg.into(),
-        }
+        Error::Onnx { model: model.into(), msg: msg.into() }
     }
 }

@@ -9,6 +9,7 @@ pub mod backbone;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod infer;
 pub mod loss;
 pub mod metrics;
@@ -17,5 +18,6 @@ pub mod onnx;
 pub mod predict;
 pub mod synth;
 pub mod train;
+pub mod verify;
 
 pub use error::{Error, Result};

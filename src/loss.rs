@@ -30,9 +30,7 @@ impl std::str::FromStr for Reduction {
             "mean" => Ok(Reduction::Mean),
             "sum" => Ok(Reduction::Sum),
             "none" => Ok(Reduction::None),
-            other => Err(format!(
-                "unknown reduction `{other}`; expected `mean`, `sum` or `none`"
-            )),
+            other => Err(format!("unknown reduction `{other}`; expected `mean`, `sum` or `none`")),
         }
     }
 }
@@ -56,19 +54,13 @@ fn check_shapes(logits: &Tensor, target: &Tensor) -> Result<(usize, usize)> {
     if target.dims() != [n] {
         return Err(Error::Shape {
             name: "target".into(),
-            msg: format!(
-                "expected shape [{n}] (one class index per logits row), found {:?}",
-                target.dims()
-            ),
+            msg: format!("expected shape [{n}] (one class index per logits row), found {:?}", target.dims()),
         });
     }
     if target.dtype().is_float() {
         return Err(Error::Shape {
             name: "target".into(),
-            msg: format!(
-                "expected an integer dtype (u32 or i64), found {:?}",
-                target.dtype()
-            ),
+            msg: format!("expected an integer dtype (u32 or i64), found {:?}", target.dtype()),
         });
     }
     Ok((n, c))
@@ -96,10 +88,7 @@ pub fn focal_loss(
 ) -> Result<Tensor> {
     let (_n, c) = check_shapes(logits, target)?;
     if !(gamma >= 0.0 && gamma.is_finite()) {
-        return Err(Error::config(
-            "gamma",
-            format!("must be a finite number >= 0, got {gamma}"),
-        ));
+        return Err(Error::config("gamma", format!("must be a finite number >= 0, got {gamma}")));
     }
     let target = target.to_dtype(DType::U32)?;
     let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
@@ -110,10 +99,7 @@ pub fn focal_loss(
         if alpha.dims() != [c] {
             return Err(Error::Shape {
                 name: "alpha".into(),
-                msg: format!(
-                    "expected [{c}] (one weight per class), found {:?}",
-                    alpha.dims()
-                ),
+                msg: format!("expected [{c}] (one weight per class), found {:?}", alpha.dims()),
             });
         }
         let alpha_t = alpha.to_dtype(logits.dtype())?.index_select(&target, 0)?;
@@ -127,11 +113,7 @@ pub fn focal_loss(
         // Where 1 - p_t underflows to 0 the loss and its gradient are 0, but d(u^gamma)/du is infinite
         // for gamma < 1 (0 * inf = NaN). The floor cuts that path; the value it adds is below f32 noise.
         let one_minus_pt = one_minus_pt.maximum(1e-30)?;
-        let modulating = if gamma == 1.0 {
-            one_minus_pt
-        } else {
-            one_minus_pt.powf(gamma)?
-        };
+        let modulating = if gamma == 1.0 { one_minus_pt } else { one_minus_pt.powf(gamma)? };
         per_sample = per_sample.mul(&modulating)?;
     }
     reduce(per_sample, reduction)
@@ -139,18 +121,10 @@ pub fn focal_loss(
 
 /// Cross-entropy with optional per-class weights and label smoothing, as PyTorch's
 /// `cross_entropy(weight=None, label_smoothing=eps)`: `(1-eps) * nll + eps * mean_j(-log p_j)`.
-pub fn cross_entropy(
-    logits: &Tensor,
-    target: &Tensor,
-    label_smoothing: f64,
-    reduction: Reduction,
-) -> Result<Tensor> {
+pub fn cross_entropy(logits: &Tensor, target: &Tensor, label_smoothing: f64, reduction: Reduction) -> Result<Tensor> {
     check_shapes(logits, target)?;
     if !(0.0..1.0).contains(&label_smoothing) {
-        return Err(Error::config(
-            "label_smoothing",
-            format!("must be in [0, 1), got {label_smoothing}"),
-        ));
+        return Err(Error::config("label_smoothing", format!("must be in [0, 1), got {label_smoothing}")));
     }
     let target = target.to_dtype(DType::U32)?;
     let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
@@ -170,9 +144,7 @@ pub fn auto_alpha(counts: &[usize]) -> Result<Vec<f64>> {
     if let Some(c) = counts.iter().position(|&n| n == 0) {
         return Err(Error::config(
             "optimization.focal_loss.alpha",
-            format!(
-                "alpha=auto needs every class in the training data; class index {c} has no rows"
-            ),
+            format!("alpha=auto needs every class in the training data; class index {c} has no rows"),
         ));
     }
     let total: usize = counts.iter().sum();
@@ -200,15 +172,11 @@ mod tests {
         let d = Device::Cpu;
         let logits = Tensor::zeros((3, 4), DType::F32, &d).unwrap();
         let t = Tensor::new(&[0u32, 1], &d).unwrap();
-        let e = focal_loss(&logits, &t, None, 1.0, Reduction::Mean)
-            .unwrap_err()
-            .to_string();
+        let e = focal_loss(&logits, &t, None, 1.0, Reduction::Mean).unwrap_err().to_string();
         assert!(e.contains("target") && e.contains("[3]"), "{e}");
         let t = Tensor::new(&[0u32, 1, 2], &d).unwrap();
         let a = Tensor::new(&[1f32, 1.0], &d).unwrap();
-        let e = focal_loss(&logits, &t, Some(&a), 1.0, Reduction::Mean)
-            .unwrap_err()
-            .to_string();
+        let e = focal_loss(&logits, &t, Some(&a), 1.0, Reduction::Mean).unwrap_err().to_string();
         assert!(e.contains("alpha") && e.contains("[4]"), "{e}");
     }
 
@@ -217,10 +185,7 @@ mod tests {
         let d = Device::Cpu;
         let logits = Tensor::new(&[[1f32, 2.0, 3.0]], &d).unwrap();
         let t = Tensor::new(&[0u32], &d).unwrap();
-        let l = cross_entropy(&logits, &t, 0.1, Reduction::Mean)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let l = cross_entropy(&logits, &t, 0.1, Reduction::Mean).unwrap().to_scalar::<f32>().unwrap();
         let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
         let lp = [1.0 - lse, 2.0 - lse, 3.0 - lse];
         let want = 0.9 * -lp[0] + 0.1 * -(lp.iter().sum::<f64>() / 3.0);

@@ -55,12 +55,7 @@ pub fn confusion_matrix(truth: &[u32], pred: &[u32], k: usize) -> Vec<Vec<usize>
 }
 
 /// Computes every metric of [`METRIC_NAMES`]. `probs` (row-major `[N, k]`) is needed for log_loss.
-pub fn compute(
-    truth: &[u32],
-    pred: &[u32],
-    probs: Option<&[f32]>,
-    classes: &[String],
-) -> Result<Report> {
+pub fn compute(truth: &[u32], pred: &[u32], probs: Option<&[f32]>, classes: &[String]) -> Result<Report> {
     let k = classes.len();
     if truth.len() != pred.len() || truth.is_empty() {
         return Err(Error::Train(format!(
@@ -87,9 +82,7 @@ pub fn compute(
         })
         .collect();
     // sklearn averages over the labels present in truth or predictions.
-    let labels: Vec<usize> = (0..k)
-        .filter(|&c| support[c] > 0 || predicted[c] > 0)
-        .collect();
+    let labels: Vec<usize> = (0..k).filter(|&c| support[c] > 0 || predicted[c] > 0).collect();
     let present: Vec<usize> = (0..k).filter(|&c| support[c] > 0).collect();
     let mean_over = |v: &[f64], set: &[usize]| {
         if set.is_empty() {
@@ -101,41 +94,23 @@ pub fn compute(
     let accuracy = tp.iter().sum::<f64>() / n;
     let mut s = BTreeMap::new();
     s.insert("accuracy".to_string(), accuracy);
-    s.insert(
-        "balanced_accuracy".to_string(),
-        mean_over(&recall, &present),
-    );
+    s.insert("balanced_accuracy".to_string(), mean_over(&recall, &present));
     s.insert("f1_macro".to_string(), mean_over(&f1, &labels));
     s.insert("f1_micro".to_string(), accuracy);
-    s.insert(
-        "f1_weighted".to_string(),
-        (0..k).map(|c| f1[c] * support[c] as f64).sum::<f64>() / n,
-    );
-    s.insert(
-        "precision_macro".to_string(),
-        mean_over(&precision, &labels),
-    );
+    s.insert("f1_weighted".to_string(), (0..k).map(|c| f1[c] * support[c] as f64).sum::<f64>() / n);
+    s.insert("precision_macro".to_string(), mean_over(&precision, &labels));
     s.insert("recall_macro".to_string(), mean_over(&recall, &labels));
     // Multiclass Matthews correlation (Gorodkin's R_K).
     let c = tp.iter().sum::<f64>();
-    let (tk, pk): (Vec<f64>, Vec<f64>) = (0..k)
-        .map(|i| (support[i] as f64, predicted[i] as f64))
-        .unzip();
+    let (tk, pk): (Vec<f64>, Vec<f64>) = (0..k).map(|i| (support[i] as f64, predicted[i] as f64)).unzip();
     let cov_ytyp = c * n - tk.iter().zip(&pk).map(|(a, b)| a * b).sum::<f64>();
     let cov_ypyp = n * n - pk.iter().map(|x| x * x).sum::<f64>();
     let cov_ytyt = n * n - tk.iter().map(|x| x * x).sum::<f64>();
     let denom = (cov_ytyt * cov_ypyp).sqrt();
-    s.insert(
-        "mcc".to_string(),
-        if denom == 0.0 { 0.0 } else { cov_ytyp / denom },
-    );
+    s.insert("mcc".to_string(), if denom == 0.0 { 0.0 } else { cov_ytyp / denom });
     if let Some(p) = probs {
         if p.len() != truth.len() * k {
-            return Err(Error::Train(format!(
-                "probabilities hold {} values, expected {} x {k}",
-                p.len(),
-                truth.len()
-            )));
+            return Err(Error::Train(format!("probabilities hold {} values, expected {} x {k}", p.len(), truth.len())));
         }
         let eps = 1e-15f64;
         let ll = truth
@@ -146,23 +121,14 @@ pub fn compute(
             / n;
         s.insert("log_loss".to_string(), ll);
     }
-    Ok(Report {
-        scores: s,
-        per_class_recall: recall,
-        support,
-        confusion: cm,
-        classes: classes.to_vec(),
-    })
+    Ok(Report { scores: s, per_class_recall: recall, support, confusion: cm, classes: classes.to_vec() })
 }
 
 /// Checks user-requested metric names; the error lists the valid ones.
 pub fn check_names(names: &[String]) -> Result<()> {
     for n in names {
         if !METRIC_NAMES.contains(&n.as_str()) {
-            return Err(Error::config(
-                "--metrics",
-                format!("unknown metric `{n}`; expected one of {METRIC_NAMES:?}"),
-            ));
+            return Err(Error::config("--metrics", format!("unknown metric `{n}`; expected one of {METRIC_NAMES:?}")));
         }
     }
     Ok(())
@@ -171,30 +137,14 @@ pub fn check_names(names: &[String]) -> Result<()> {
 /// A text table: per-class recall and support, the headline scores, and the confusion matrix.
 pub fn summary_table(r: &Report) -> String {
     use std::fmt::Write;
-    let w = r
-        .classes
-        .iter()
-        .map(|c| c.len())
-        .max()
-        .unwrap_or(5)
-        .clamp(5, 24);
+    let w = r.classes.iter().map(|c| c.len()).max().unwrap_or(5).clamp(5, 24);
     let mut out = String::new();
     let _ = writeln!(out, "{:<w$}  {:>7}  {:>7}", "class", "support", "recall");
     for (i, c) in r.classes.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "{:<w$}  {:>7}  {:>7.3}",
-            c, r.support[i], r.per_class_recall[i]
-        );
+        let _ = writeln!(out, "{:<w$}  {:>7}  {:>7.3}", c, r.support[i], r.per_class_recall[i]);
     }
     let _ = writeln!(out);
-    for m in [
-        "accuracy",
-        "balanced_accuracy",
-        "f1_macro",
-        "mcc",
-        "log_loss",
-    ] {
+    for m in ["accuracy", "balanced_accuracy", "f1_macro", "mcc", "log_loss"] {
         if let Some(v) = r.scores.get(m) {
             let _ = writeln!(out, "{m:<18} {v:.4}");
         }
@@ -228,53 +178,29 @@ pub fn confusion_svg(r: &Report, path: &Path) -> Result<()> {
         let err = |e: String| Error::Train(format!("drawing the confusion matrix: {e}"));
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
         let style = ("sans-serif", 14).into_font();
-        root.draw(&Text::new(
-            "confusion matrix (rows: true, cols: predicted)",
-            (10, 10),
-            style.clone(),
-        ))
-        .map_err(|e| err(e.to_string()))?;
+        root.draw(&Text::new("confusion matrix (rows: true, cols: predicted)", (10, 10), style.clone()))
+            .map_err(|e| err(e.to_string()))?;
         for (i, row) in r.confusion.iter().enumerate() {
             let total: usize = row.iter().sum();
             let y = (margin + cell * i as u32) as i32;
-            root.draw(&Text::new(
-                r.classes[i].clone(),
-                (10, y + cell as i32 / 2),
-                style.clone(),
-            ))
-            .map_err(|e| err(e.to_string()))?;
+            root.draw(&Text::new(r.classes[i].clone(), (10, y + cell as i32 / 2), style.clone()))
+                .map_err(|e| err(e.to_string()))?;
             for (j, &v) in row.iter().enumerate() {
                 let x = (margin + cell * j as u32) as i32;
-                let frac = if total == 0 {
-                    0.0
-                } else {
-                    v as f64 / total as f64
-                };
+                let frac = if total == 0 { 0.0 } else { v as f64 / total as f64 };
                 let shade = (255.0 * (1.0 - frac)) as u8;
                 let colour = RGBColor(shade, shade, 255);
-                root.draw(&Rectangle::new(
-                    [(x, y), (x + cell as i32, y + cell as i32)],
-                    colour.filled(),
-                ))
-                .map_err(|e| err(e.to_string()))?;
+                root.draw(&Rectangle::new([(x, y), (x + cell as i32, y + cell as i32)], colour.filled()))
+                    .map_err(|e| err(e.to_string()))?;
                 let text_colour = if frac > 0.5 { WHITE } else { BLACK };
-                root.draw(&Text::new(
-                    v.to_string(),
-                    (x + 8, y + cell as i32 / 2),
-                    style.clone().color(&text_colour),
-                ))
-                .map_err(|e| err(e.to_string()))?;
+                root.draw(&Text::new(v.to_string(), (x + 8, y + cell as i32 / 2), style.clone().color(&text_colour)))
+                    .map_err(|e| err(e.to_string()))?;
             }
         }
         for (j, c) in r.classes.iter().enumerate() {
             let x = (margin + cell * j as u32) as i32;
             let label: String = c.chars().take(8).collect();
-            root.draw(&Text::new(
-                label,
-                (x + 4, margin as i32 - 20),
-                style.clone(),
-            ))
-            .map_err(|e| err(e.to_string()))?;
+            root.draw(&Text::new(label, (x + 4, margin as i32 - 20), style.clone())).map_err(|e| err(e.to_string()))?;
         }
         root.present().map_err(|e| err(e.to_string()))?;
     }
@@ -282,12 +208,7 @@ pub fn confusion_svg(r: &Report, path: &Path) -> Result<()> {
 }
 
 /// Draws training loss and the validation metric per epoch as SVG.
-pub fn curve_svg(
-    train_loss: &[f64],
-    val_metric: &[f64],
-    metric_name: &str,
-    path: &Path,
-) -> Result<()> {
+pub fn curve_svg(train_loss: &[f64], val_metric: &[f64], metric_name: &str, path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let mut svg = String::new();
     {
@@ -304,18 +225,9 @@ pub fn curve_svg(
             .y_label_area_size(50)
             .build_cartesian_2d(1f64..epochs.max(2.0), 0f64..lmax)
             .map_err(|e| err(e.to_string()))?;
-        c.configure_mesh()
-            .x_desc("epoch")
-            .draw()
+        c.configure_mesh().x_desc("epoch").draw().map_err(|e| err(e.to_string()))?;
+        c.draw_series(LineSeries::new(train_loss.iter().enumerate().map(|(i, &v)| (i as f64 + 1.0, v)), &RED))
             .map_err(|e| err(e.to_string()))?;
-        c.draw_series(LineSeries::new(
-            train_loss
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (i as f64 + 1.0, v)),
-            &RED,
-        ))
-        .map_err(|e| err(e.to_string()))?;
         let mut c = ChartBuilder::on(&right)
             .caption(format!("validation {metric_name}"), ("sans-serif", 18))
             .margin(10)
@@ -323,18 +235,9 @@ pub fn curve_svg(
             .y_label_area_size(50)
             .build_cartesian_2d(1f64..epochs.max(2.0), 0f64..1.0)
             .map_err(|e| err(e.to_string()))?;
-        c.configure_mesh()
-            .x_desc("epoch")
-            .draw()
+        c.configure_mesh().x_desc("epoch").draw().map_err(|e| err(e.to_string()))?;
+        c.draw_series(LineSeries::new(val_metric.iter().enumerate().map(|(i, &v)| (i as f64 + 1.0, v)), &BLUE))
             .map_err(|e| err(e.to_string()))?;
-        c.draw_series(LineSeries::new(
-            val_metric
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (i as f64 + 1.0, v)),
-            &BLUE,
-        ))
-        .map_err(|e| err(e.to_string()))?;
         root.present().map_err(|e| err(e.to_string()))?;
     }
     crate::model::write_atomic(path, svg.as_bytes())
@@ -369,9 +272,6 @@ mod tests {
         let r = compute(&[0, 1], &[0, 1], Some(&[0.5, 0.5, 0.25, 0.75]), &names(2)).unwrap();
         assert!((r.get("log_loss") - (-(0.5f64.ln()) - 0.75f64.ln()) / 2.0).abs() < 1e-6);
         assert!(check_names(&["f1_macro".into()]).is_ok());
-        assert!(check_names(&["f1".into()])
-            .unwrap_err()
-            .to_string()
-            .contains("f1_macro"));
+        assert!(check_names(&["f1".into()]).unwrap_err().to_string().contains("f1_macro"));
     }
 }

@@ -19,10 +19,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
@@ -73,6 +70,9 @@ pub struct ModelConfig {
     pub label_column: String,
     /// The image column of the training table.
     pub image_column: String,
+    /// The training table (absolute path), used by `automm export --verify`.
+    #[serde(default)]
+    pub train_data: PathBuf,
 }
 
 /// A trained linear head: `logits = features @ weight^T + bias`.
@@ -87,22 +87,14 @@ pub struct Head {
 impl Head {
     /// Logits for `[N, D]` features.
     pub fn logits(&self, features: &Tensor) -> Result<Tensor> {
-        Ok(features
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?)
+        Ok(features.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
     }
 
     /// Saves as safetensors (`head.weight`, `head.bias`).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map = HashMap::new();
-        map.insert(
-            "head.weight".to_string(),
-            self.weight.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
-        );
-        map.insert(
-            "head.bias".to_string(),
-            self.bias.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
-        );
+        map.insert("head.weight".to_string(), self.weight.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+        map.insert("head.bias".to_string(), self.bias.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
         let dir = path.parent().unwrap_or(Path::new("."));
         let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
         candle_core::safetensors::save(&map, tmp.path())?;
@@ -112,22 +104,12 @@ impl Head {
 
     /// Loads from safetensors, checking the shapes against `classes` and `feature_dim`.
     pub fn load(path: &Path, classes: usize, feature_dim: usize, device: &Device) -> Result<Head> {
-        let bad = |msg: String| Error::Model {
-            path: path.to_path_buf(),
-            msg,
-        };
+        let bad = |msg: String| Error::Model { path: path.to_path_buf(), msg };
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let map = candle_core::safetensors::load_buffer(&bytes, device)
             .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
-        let get = |k: &str| {
-            map.get(k)
-                .cloned()
-                .ok_or_else(|| bad(format!("tensor `{k}` is missing")))
-        };
-        let (weight, bias) = (
-            get("head.weight")?.to_dtype(DType::F32)?,
-            get("head.bias")?.to_dtype(DType::F32)?,
-        );
+        let get = |k: &str| map.get(k).cloned().ok_or_else(|| bad(format!("tensor `{k}` is missing")));
+        let (weight, bias) = (get("head.weight")?.to_dtype(DType::F32)?, get("head.bias")?.to_dtype(DType::F32)?);
         if weight.dims() != [classes, feature_dim] || bias.dims() != [classes] {
             return Err(bad(format!(
                 "head.weight {:?} / head.bias {:?} do not match {classes} classes and {feature_dim} features",
@@ -176,10 +158,8 @@ impl ModelDir {
             path: self.root.clone(),
             msg: "has no config.json; expected a model folder written by `automm train`".into(),
         })?;
-        serde_json::from_str(&text).map_err(|e| Error::Model {
-            path: p,
-            msg: format!("config.json is not a valid automm model config: {e}"),
-        })
+        serde_json::from_str(&text)
+            .map_err(|e| Error::Model { path: p, msg: format!("config.json is not a valid automm model config: {e}") })
     }
 
     /// Writes `config.json`.

@@ -20,6 +20,8 @@ pub struct Predictor {
     pub config: ModelConfig,
     backbone: Backbone,
     head: Head,
+    /// Images per backbone batch.
+    pub batch_size: usize,
 }
 
 /// Probabilities and predictions for a table.
@@ -63,39 +65,27 @@ impl Predictor {
             Some(&config.backbone.feature_tensor),
             config.preprocess.normalization.clone(),
         )?;
-        let head = Head::load(
-            &md.head(),
-            config.classes.len(),
-            config.backbone.feature_dim,
-            device,
-        )?;
-        Ok(Predictor {
-            config,
-            backbone,
-            head,
-        })
+        let head = Head::load(&md.head(), config.classes.len(), config.backbone.feature_dim, device)?;
+        Ok(Predictor { config, backbone, head, batch_size: 8 })
+    }
+
+    /// Backbone features `[N, D]` of every row of `table`.
+    pub fn features(&self, table: &Table, quiet: bool) -> Result<candle_core::Tensor> {
+        table.check_files()?;
+        let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
+        self.backbone.features_of_files(&files, self.batch_size, "predict", quiet)
     }
 
     /// Predicts every row of `table`.
     pub fn predict_table(&self, table: &Table, quiet: bool) -> Result<Predictions> {
-        table.check_files()?;
-        let files: Vec<_> = table
-            .rows
-            .iter()
-            .map(|r| (r.image.clone(), Some(r.row)))
-            .collect();
-        let x = self
-            .backbone
-            .features_of_files(&files, 16, "predict", quiet)?;
+        let x = self.features(table, quiet)?;
         let (probs, preds) = predict_features(&self.head, &x)?;
         Ok(Predictions { probs, preds })
     }
 
     /// Scores `table` (which must have the label column).
     pub fn evaluate(&self, table: &Table, quiet: bool) -> Result<Report> {
-        let classes = crate::data::ClassList {
-            names: self.config.classes.clone(),
-        };
+        let classes = crate::data::ClassList { names: self.config.classes.clone() };
         let truth = table.targets(&classes)?;
         let p = self.predict_table(table, quiet)?;
         metrics::compute(&truth, &p.preds, Some(&p.probs), &self.config.classes)
@@ -103,34 +93,17 @@ impl Predictor {
 }
 
 /// Writes predictions as CSV: the table's columns, `predicted_label`, then `prob_<class>` per class.
-pub fn write_predictions(
-    table: &Table,
-    classes: &[String],
-    p: &Predictions,
-    out: &Path,
-) -> Result<()> {
+pub fn write_predictions(table: &Table, classes: &[String], p: &Predictions, out: &Path) -> Result<()> {
     let k = classes.len();
     let mut df = table.frame.clone();
-    let labels: Vec<String> = p
-        .preds
-        .iter()
-        .map(|&i| classes[i as usize].clone())
-        .collect();
-    let err = |e: PolarsError| Error::Table {
-        path: out.to_path_buf(),
-        msg: e.to_string(),
-    };
-    df.with_column(Column::new("predicted_label".into(), labels))
-        .map_err(err)?;
+    let labels: Vec<String> = p.preds.iter().map(|&i| classes[i as usize].clone()).collect();
+    let err = |e: PolarsError| Error::Table { path: out.to_path_buf(), msg: e.to_string() };
+    df.with_column(Column::new("predicted_label".into(), labels)).map_err(err)?;
     for (c, name) in classes.iter().enumerate() {
         let col: Vec<f32> = (0..p.preds.len()).map(|i| p.probs[i * k + c]).collect();
-        df.with_column(Column::new(format!("prob_{name}").into(), col))
-            .map_err(err)?;
+        df.with_column(Column::new(format!("prob_{name}").into(), col)).map_err(err)?;
     }
     let mut buf = Vec::new();
-    CsvWriter::new(&mut buf)
-        .include_header(true)
-        .finish(&mut df)
-        .map_err(err)?;
+    CsvWriter::new(&mut buf).include_header(true).finish(&mut df).map_err(err)?;
     crate::model::write_atomic(out, &buf)
 }

@@ -15,11 +15,7 @@ pub const CLASSES: &[&str] = &["circle", "square", "triangle", "ring"];
 fn draw(class: usize, size: u32, rng: &mut impl Rng) -> RgbImage {
     let s = size as f32;
     // Background: a random dull colour with per-pixel noise.
-    let bg = [
-        rng.random_range(60..180) as f32,
-        rng.random_range(60..180) as f32,
-        rng.random_range(60..180) as f32,
-    ];
+    let bg = [rng.random_range(60..180) as f32, rng.random_range(60..180) as f32, rng.random_range(60..180) as f32];
     let base: [f32; 3] = match class {
         0 => [200.0, 80.0, 60.0],
         1 => [70.0, 170.0, 90.0],
@@ -27,10 +23,7 @@ fn draw(class: usize, size: u32, rng: &mut impl Rng) -> RgbImage {
         _ => [200.0, 180.0, 70.0],
     };
     // Colours overlap between classes: the hue is jittered strongly.
-    let fg: Vec<f32> = base
-        .iter()
-        .map(|&c| (c + rng.random_range(-70.0..70.0f32)).clamp(0.0, 255.0))
-        .collect();
+    let fg: Vec<f32> = base.iter().map(|&c| (c + rng.random_range(-70.0..70.0f32)).clamp(0.0, 255.0)).collect();
     let cx = rng.random_range(0.3..0.7) * s;
     let cy = rng.random_range(0.3..0.7) * s;
     let r = rng.random_range(0.15..0.3) * s;
@@ -52,11 +45,8 @@ fn draw(class: usize, size: u32, rng: &mut impl Rng) -> RgbImage {
             }
         };
         // Texture: stripes along the rotated axis for squares and triangles.
-        let tex = if inside && (class == 1 || class == 2) && ((u / s * stripes * 6.0).sin() > 0.3) {
-            0.75
-        } else {
-            1.0
-        };
+        let tex =
+            if inside && (class == 1 || class == 2) && ((u / s * stripes * 6.0).sin() > 0.3) { 0.75 } else { 1.0 };
         let mut px = [0u8; 3];
         for c in 0..3 {
             let v = if inside { fg[c] * tex } else { bg[c] };
@@ -69,13 +59,7 @@ fn draw(class: usize, size: u32, rng: &mut impl Rng) -> RgbImage {
 
 /// Writes `counts[c]` images of class `c` (PNG, `size` pixels) under `dir/images` and a CSV listing
 /// them (`image,label`, paths relative to the CSV). Returns the CSV path.
-pub fn make_dataset(
-    dir: &Path,
-    name: &str,
-    counts: &[usize],
-    size: u32,
-    seed: u64,
-) -> Result<PathBuf> {
+pub fn make_dataset(dir: &Path, name: &str, counts: &[usize], size: u32, seed: u64) -> Result<PathBuf> {
     let img_dir = dir.join("images").join(name);
     std::fs::create_dir_all(&img_dir).map_err(|e| Error::io(&img_dir, e))?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -85,11 +69,7 @@ pub fn make_dataset(
             let img = draw(class, size, &mut rng);
             let rel = format!("images/{name}/{}_{i:04}.png", CLASSES[class]);
             let path = dir.join(&rel);
-            img.save(&path).map_err(|e| Error::Image {
-                path: path.clone(),
-                row: None,
-                msg: e.to_string(),
-            })?;
+            img.save(&path).map_err(|e| Error::Image { path: path.clone(), row: None, msg: e.to_string() })?;
             csv.push_str(&format!("{rel},{}\n", CLASSES[class]));
         }
     }

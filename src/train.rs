@@ -99,9 +99,7 @@ pub fn select_device(num_gpus: i64) -> Device {
     {
         match Device::new_cuda(0) {
             Ok(d) => return d,
-            Err(e) => tracing::warn!(
-                "env.num_gpus={num_gpus} but CUDA is not usable ({e}); training on CPU"
-            ),
+            Err(e) => tracing::warn!("env.num_gpus={num_gpus} but CUDA is not usable ({e}); training on CPU"),
         }
     }
     #[cfg(not(feature = "cuda"))]
@@ -111,24 +109,32 @@ pub fn select_device(num_gpus: i64) -> Device {
     Device::Cpu
 }
 
+/// Whether candle's CUDA backend is usable here, in words.
+pub fn cuda_status() -> String {
+    #[cfg(feature = "cuda")]
+    {
+        match Device::new_cuda(0) {
+            Ok(_) => "available (device 0)".into(),
+            Err(e) => format!("compiled in but not usable: {e}"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        "not compiled in (build with --features cuda)".into()
+    }
+}
+
 /// Trains a head as `req` says and writes the model folder; `on_event` sees phases and epochs.
 pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<TrainSummary> {
     let hp = &req.hp;
     let device = select_device(hp.num_gpus);
-    let table = Table::load(
-        &req.train_data,
-        Some(&req.label),
-        req.image_column.as_deref(),
-    )?;
+    let table = Table::load(&req.train_data, Some(&req.label), req.image_column.as_deref())?;
     table.check_files()?;
     let classes = ClassList::from_table(&table)?;
     if classes.len() < 2 {
         return Err(Error::Table {
             path: req.train_data.clone(),
-            msg: format!(
-                "only one class ({:?}); classification needs at least two",
-                classes.names
-            ),
+            msg: format!("only one class ({:?}); classification needs at least two", classes.names),
         });
     }
     let targets = table.targets(&classes)?;
@@ -137,9 +143,7 @@ pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<Tra
             let t = Table::load(
                 p,
                 Some(&req.label),
-                Some(&table.image_column)
-                    .filter(|_| req.image_column.is_some())
-                    .map(|s| s.as_str()),
+                Some(&table.image_column).filter(|_| req.image_column.is_some()).map(|s| s.as_str()),
             )?;
             t.check_files()?;
             let vt = t.targets(&classes)?;
@@ -155,16 +159,7 @@ pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<Tra
             let frac = holdout_fraction(table.rows.len());
             let (tr, va) = stratified_split(&targets, classes.len(), frac, hp.seed);
             let vt = va.iter().map(|&i| targets[i]).collect();
-            (
-                tr,
-                va,
-                vt,
-                format!(
-                    "stratified holdout of {:.1}% of the training table",
-                    frac * 100.0
-                ),
-                None,
-            )
+            (tr, va, vt, format!("stratified holdout of {:.1}% of the training table", frac * 100.0), None)
         }
     };
     let train_targets: Vec<u32> = train_rows.iter().map(|&i| targets[i]).collect();
@@ -172,37 +167,23 @@ pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<Tra
     if let Some(c) = counts.iter().position(|&n| n == 0) {
         return Err(Error::Table {
             path: req.train_data.clone(),
-            msg: format!(
-                "class `{}` has no training rows after the split",
-                classes.names[c]
-            ),
+            msg: format!("class `{}` has no training rows after the split", classes.names[c]),
         });
     }
     let alpha = hp.resolve_alpha(&classes.names, &counts)?;
 
     on_event(&Event::Phase("features".into()));
-    let backbone = Backbone::load(
-        &req.backbone,
-        &device,
-        req.feature_tensor.as_deref(),
-        req.normalization.clone(),
-    )?;
+    let backbone = Backbone::load(&req.backbone, &device, req.feature_tensor.as_deref(), req.normalization.clone())?;
     let t0 = Instant::now();
     let files = |t: &Table, rows: &[usize]| {
-        rows.iter()
-            .map(|&i| (t.rows[i].image.clone(), Some(t.rows[i].row)))
-            .collect::<Vec<_>>()
+        rows.iter().map(|&i| (t.rows[i].image.clone(), Some(t.rows[i].row))).collect::<Vec<_>>()
     };
-    let fb = 16;
-    let x_train =
-        backbone.features_of_files(&files(&table, &train_rows), fb, "features", req.quiet)?;
+    // Batch 8: Swin-Tiny at 16 peaks above 5 GB of intermediates on CPU.
+    let fb = 8;
+    let x_train = backbone.features_of_files(&files(&table, &train_rows), fb, "features", req.quiet)?;
     let x_val = match &val_table {
-        Some(t) => {
-            backbone.features_of_files(&files(t, &val_rows), fb, "val features", req.quiet)?
-        }
-        None => {
-            backbone.features_of_files(&files(&table, &val_rows), fb, "val features", req.quiet)?
-        }
+        Some(t) => backbone.features_of_files(&files(t, &val_rows), fb, "val features", req.quiet)?,
+        None => backbone.features_of_files(&files(&table, &val_rows), fb, "val features", req.quiet)?,
     };
     let feature_seconds = t0.elapsed().as_secs_f64();
 
@@ -234,6 +215,7 @@ pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<Tra
         backbone: backbone.info.clone(),
         label_column: req.label.clone(),
         image_column: table.image_column.clone(),
+        train_data: std::fs::canonicalize(&req.train_data).unwrap_or_else(|_| req.train_data.clone()),
     };
     dir.write_config(&config)?;
     let summary = TrainSummary {
@@ -251,16 +233,8 @@ pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<Tra
     write_atomic(&dir.metrics(), json.as_bytes())?;
     let losses: Vec<f64> = summary.history.iter().map(|h| h.train_loss).collect();
     let scores: Vec<f64> = summary.history.iter().map(|h| h.val_score).collect();
-    metrics::curve_svg(
-        &losses,
-        &scores,
-        &summary.val_metric,
-        &req.output.join("training_curve.svg"),
-    )?;
-    metrics::confusion_svg(
-        &summary.validation,
-        &req.output.join("confusion_matrix.svg"),
-    )?;
+    metrics::curve_svg(&losses, &scores, &summary.val_metric, &req.output.join("training_curve.svg"))?;
+    metrics::confusion_svg(&summary.validation, &req.output.join("confusion_matrix.svg"))?;
     Ok(summary)
 }
 
@@ -303,35 +277,20 @@ pub fn fit_head(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(hp.seed);
     // PyTorch nn.Linear's default init: U(-1/sqrt(D), 1/sqrt(D)) for weight and bias.
     let bound = 1.0 / (d as f64).sqrt();
-    let mut uniform = |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| rng.random_range(-bound..bound) as f32)
-            .collect()
-    };
+    let mut uniform = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect() };
     let w = Var::from_tensor(&Tensor::from_vec(uniform(k * d), (k, d), &device)?)?;
     let b = Var::from_tensor(&Tensor::from_vec(uniform(k), k, &device)?)?;
     let mut opt = AdamW::new(
         vec![w.clone(), b.clone()],
-        ParamsAdamW {
-            lr: hp.learning_rate,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: hp.weight_decay,
-        },
+        ParamsAdamW { lr: hp.learning_rate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: hp.weight_decay },
     )?;
-    let alpha_t = alpha
-        .map(|a| Tensor::from_vec(a.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &device))
-        .transpose()?;
+    let alpha_t =
+        alpha.map(|a| Tensor::from_vec(a.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &device)).transpose()?;
     let y_train_t = Tensor::from_vec(y_train.to_vec(), n, &device)?;
     let bs = hp.batch_size.min(n).max(1);
     let steps_per_epoch = n.div_ceil(bs);
     let total = steps_per_epoch * hp.max_epochs;
-    let (eval_x, eval_y) = if y_val.is_empty() {
-        (x_train, y_train)
-    } else {
-        (x_val, y_val)
-    };
+    let (eval_x, eval_y) = if y_val.is_empty() { (x_train, y_train) } else { (x_val, y_val) };
     let mut order: Vec<usize> = (0..n).collect();
     let mut history = Vec::new();
     let mut best: Option<(f64, f64, usize, Head)> = None;
@@ -345,27 +304,13 @@ pub fn fit_head(
         for (bi, chunk) in order.chunks(bs).enumerate() {
             lr = hp.lr_at(step, total);
             opt.set_learning_rate(lr);
-            let idx = Tensor::from_vec(
-                chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                chunk.len(),
-                &device,
-            )?;
+            let idx = Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(), chunk.len(), &device)?;
             let xb = x_train.index_select(&idx, 0)?;
             let yb = y_train_t.index_select(&idx, 0)?;
-            let logits = xb
-                .matmul(&w.as_tensor().t()?)?
-                .broadcast_add(b.as_tensor())?;
+            let logits = xb.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?;
             let loss = match hp.loss_function {
-                LossKind::FocalLoss => focal_loss(
-                    &logits,
-                    &yb,
-                    alpha_t.as_ref(),
-                    hp.focal_gamma,
-                    hp.focal_reduction,
-                )?,
-                LossKind::CrossEntropy => {
-                    cross_entropy(&logits, &yb, hp.label_smoothing, Reduction::Mean)?
-                }
+                LossKind::FocalLoss => focal_loss(&logits, &yb, alpha_t.as_ref(), hp.focal_gamma, hp.focal_reduction)?,
+                LossKind::CrossEntropy => cross_entropy(&logits, &yb, hp.label_smoothing, Reduction::Mean)?,
             };
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
@@ -379,34 +324,18 @@ pub fn fit_head(
             opt.backward_step(&loss)?;
             step += 1;
         }
-        let head = Head {
-            weight: w.as_tensor().copy()?,
-            bias: b.as_tensor().copy()?,
-        };
+        let head = Head { weight: w.as_tensor().copy()?, bias: b.as_tensor().copy()? };
         let (probs, preds) = predict_features(&head, eval_x)?;
         let report = metrics::compute(eval_y, &preds, Some(&probs), classes)?;
         let score = report.get(hp.val_metric.name());
         let val_loss = report.get("log_loss");
-        let rec = EpochRecord {
-            epoch,
-            train_loss: loss_sum / steps_per_epoch as f64,
-            val_score: score,
-            lr,
-        };
-        pb.set_message(format!(
-            "loss {:.4} {} {:.3}",
-            rec.train_loss,
-            hp.val_metric.name(),
-            score
-        ));
+        let rec = EpochRecord { epoch, train_loss: loss_sum / steps_per_epoch as f64, val_score: score, lr };
+        pb.set_message(format!("loss {:.4} {} {:.3}", rec.train_loss, hp.val_metric.name(), score));
         pb.inc(1);
         on_event(&Event::Epoch(rec.clone()));
         history.push(rec);
         // Ties on the metric (common on small validation sets) go to the lower validation log-loss.
-        if best
-            .as_ref()
-            .is_none_or(|(s, l, _, _)| score > *s || (score == *s && val_loss < *l))
-        {
+        if best.as_ref().is_none_or(|(s, l, _, _)| score > *s || (score == *s && val_loss < *l)) {
             best = Some((score, val_loss, epoch, head));
             since_best = 0;
         } else {
@@ -424,10 +353,5 @@ pub fn fit_head(
     let (_, _, best_epoch, head) = best.ok_or_else(|| Error::Train("no epoch ran".into()))?;
     let (probs, preds) = predict_features(&head, eval_x)?;
     let report = metrics::compute(eval_y, &preds, Some(&probs), classes)?;
-    Ok(HeadFit {
-        head,
-        best_epoch,
-        history,
-        report,
-    })
+    Ok(HeadFit { head, best_epoch, history, report })
 }

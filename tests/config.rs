@@ -32,10 +32,7 @@ fn tutorial_keys_parse() {
     assert_eq!(hp.focal_alpha, Alpha::Auto);
     assert_eq!(hp.focal_gamma, 1.0);
     assert_eq!(hp.focal_reduction, Reduction::Sum);
-    assert_eq!(
-        (hp.max_epochs, hp.num_gpus, hp.seed, hp.batch_size),
-        (10, 0, 3, 16)
-    );
+    assert_eq!((hp.max_epochs, hp.num_gpus, hp.seed, hp.batch_size), (10, 0, 3, 16));
 }
 
 #[test]
@@ -61,28 +58,13 @@ fn newer_optim_spellings_are_the_same_keys() {
     assert_eq!(hp.val_metric, ValMetric::BalancedAccuracy);
     assert_eq!((hp.max_epochs, hp.patience), (3, 2));
     // Later entries win, whichever spelling they use.
-    assert_eq!(
-        build(&["optim.lr=0.5", "optimization.learning_rate=0.25"])
-            .unwrap()
-            .learning_rate,
-        0.25
-    );
+    assert_eq!(build(&["optim.lr=0.5", "optimization.learning_rate=0.25"]).unwrap().learning_rate, 0.25);
 }
 
 #[test]
 fn alpha_forms() {
-    assert_eq!(
-        build(&["optimization.focal_loss.alpha=null"])
-            .unwrap()
-            .focal_alpha,
-        Alpha::None
-    );
-    assert_eq!(
-        build(&["optimization.focal_loss.alpha=0.25,0.75"])
-            .unwrap()
-            .focal_alpha,
-        Alpha::List(vec![0.25, 0.75])
-    );
+    assert_eq!(build(&["optimization.focal_loss.alpha=null"]).unwrap().focal_alpha, Alpha::None);
+    assert_eq!(build(&["optimization.focal_loss.alpha=0.25,0.75"]).unwrap().focal_alpha, Alpha::List(vec![0.25, 0.75]));
     assert!(err(&["optimization.focal_loss.alpha=abc"]).contains("expected a list of numbers"));
     assert!(err(&["optimization.focal_loss.alpha=[0.5, -1]"]).contains(">= 0"));
 }
@@ -90,20 +72,9 @@ fn alpha_forms() {
 #[test]
 fn alpha_length_mismatch_names_both_counts_and_class_order() {
     let hp = build(&["optimization.focal_loss.alpha=[0.5, 0.5]"]).unwrap();
-    let classes: Vec<String> = ["cat", "dog", "emu"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let e = hp
-        .resolve_alpha(&classes, &[3, 3, 3])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("2 weights")
-            && e.contains("3 classes")
-            && e.contains("[\"cat\", \"dog\", \"emu\"]"),
-        "{e}"
-    );
+    let classes: Vec<String> = ["cat", "dog", "emu"].iter().map(|s| s.to_string()).collect();
+    let e = hp.resolve_alpha(&classes, &[3, 3, 3]).unwrap_err().to_string();
+    assert!(e.contains("2 weights") && e.contains("3 classes") && e.contains("[\"cat\", \"dog\", \"emu\"]"), "{e}");
     let auto = build(&["optimization.focal_loss.alpha=auto"]).unwrap();
     let a = auto.resolve_alpha(&classes, &[10, 5, 5]).unwrap().unwrap();
     assert!((a[0] - 0.2).abs() < 1e-12 && (a[1] - 0.4).abs() < 1e-12);
@@ -112,27 +83,15 @@ fn alpha_length_mismatch_names_both_counts_and_class_order() {
 #[test]
 fn value_errors() {
     let e = err(&["optimization.focal_loss.gamma=-1"]);
-    assert!(
-        e.contains("optimization.focal_loss.gamma") && e.contains(">= 0"),
-        "{e}"
-    );
+    assert!(e.contains("optimization.focal_loss.gamma") && e.contains(">= 0"), "{e}");
     let e = err(&["optimization.focal_loss.reduction=median"]);
-    assert!(
-        e.contains("median") && e.contains("mean") && e.contains("sum"),
-        "{e}"
-    );
+    assert!(e.contains("median") && e.contains("mean") && e.contains("sum"), "{e}");
     let e = err(&["optimization.max_epochs=ten"]);
-    assert!(
-        e.contains("optimization.max_epochs") && e.contains("expected a number"),
-        "{e}"
-    );
+    assert!(e.contains("optimization.max_epochs") && e.contains("expected a number"), "{e}");
     let e = err(&["optimization.learning_rate=fast"]);
     assert!(e.contains("expected a number"), "{e}");
     let e = err(&["optimization.loss_function=hinge"]);
-    assert!(
-        e.contains("focal_loss") && e.contains("cross_entropy"),
-        "{e}"
-    );
+    assert!(e.contains("focal_loss") && e.contains("cross_entropy"), "{e}");
     assert!(err(&["env.batch_size=0"]).contains("at least 1"));
     assert!(err(&["env.num_gpus=1.5"]).contains("integer"));
     assert!(err(&["no_equals_sign"]).contains("KEY=VALUE"));
@@ -141,10 +100,7 @@ fn value_errors() {
 #[test]
 fn misspelt_keys_get_the_closest_valid_key() {
     let e = err(&["optimization.focal_los.gamma=1"]);
-    assert!(
-        e.contains("unknown hyperparameter") && e.contains("`optimization.focal_loss.gamma`"),
-        "{e}"
-    );
+    assert!(e.contains("unknown hyperparameter") && e.contains("`optimization.focal_loss.gamma`"), "{e}");
     let e = err(&["optim.max_epoch=1"]);
     assert!(e.contains("`optim.max_epochs`"), "{e}");
 }
@@ -159,10 +115,7 @@ fn unsupported_automm_keys_warn_with_what_they_would_do() {
         .build()
         .unwrap();
     assert_eq!(w.len(), 2);
-    assert!(
-        w[0].contains("model.mmdet_image.checkpoint_name") && w[0].contains("object detection"),
-        "{w:?}"
-    );
+    assert!(w[0].contains("model.mmdet_image.checkpoint_name") && w[0].contains("object detection"), "{w:?}");
     assert!(w[1].contains("precision"), "{w:?}");
 }
 
@@ -170,7 +123,11 @@ fn unsupported_automm_keys_warn_with_what_they_would_do() {
 fn config_files_nested_or_flat_and_hp_overrides_them() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = dir.path().join("hp.yaml");
-    std::fs::write(&yaml, "optimization:\n  loss_function: focal_loss\n  focal_loss:\n    gamma: 0.5\n    reduction: sum\nenv.seed: 7\n").unwrap();
+    std::fs::write(
+        &yaml,
+        "optimization:\n  loss_function: focal_loss\n  focal_loss:\n    gamma: 0.5\n    reduction: sum\nenv.seed: 7\n",
+    )
+    .unwrap();
     let (hp, _) = HyperParamsBuilder::new()
         .file(&yaml)
         .unwrap()
@@ -183,35 +140,16 @@ fn config_files_nested_or_flat_and_hp_overrides_them() {
     assert_eq!(hp.focal_reduction, Reduction::Sum);
     assert_eq!(hp.seed, 7);
     let json = dir.path().join("hp.json");
-    std::fs::write(
-        &json,
-        r#"{"optimization.focal_loss.alpha": [1, 2], "optimization.max_epochs": 4}"#,
-    )
-    .unwrap();
-    let (hp, _) = HyperParamsBuilder::new()
-        .file(&json)
-        .unwrap()
-        .build()
-        .unwrap();
-    assert_eq!(
-        (hp.focal_alpha, hp.max_epochs),
-        (Alpha::List(vec![1.0, 2.0]), 4)
-    );
+    std::fs::write(&json, r#"{"optimization.focal_loss.alpha": [1, 2], "optimization.max_epochs": 4}"#).unwrap();
+    let (hp, _) = HyperParamsBuilder::new().file(&json).unwrap().build().unwrap();
+    assert_eq!((hp.focal_alpha, hp.max_epochs), (Alpha::List(vec![1.0, 2.0]), 4));
     std::fs::write(&json, "[1, 2]").unwrap();
-    assert!(HyperParamsBuilder::new()
-        .file(&json)
-        .unwrap_err()
-        .to_string()
-        .contains("map"));
+    assert!(HyperParamsBuilder::new().file(&json).unwrap_err().to_string().contains("map"));
 }
 
 #[test]
 fn schedule_warms_up_then_decays() {
-    let hp = build(&[
-        "optimization.learning_rate=1.0",
-        "optimization.warmup_steps=0.1",
-    ])
-    .unwrap();
+    let hp = build(&["optimization.learning_rate=1.0", "optimization.warmup_steps=0.1"]).unwrap();
     assert!((hp.lr_at(0, 100) - 0.1).abs() < 1e-12);
     assert!((hp.lr_at(9, 100) - 1.0).abs() < 1e-12);
     assert!(hp.lr_at(99, 100) < 0.01);

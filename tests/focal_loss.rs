@@ -29,11 +29,8 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
 
 #[test]
 fn focal_loss_matches_pytorch_golden_values() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/focal_loss_golden.json"
-    ))
-    .unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/focal_loss_golden.json")).unwrap();
     let g: Golden = serde_json::from_str(&text).unwrap();
     assert!(g.cases.len() >= 100);
     let dev = Device::Cpu;
@@ -45,30 +42,19 @@ fn focal_loss_matches_pytorch_golden_values() {
         let flat: Vec<f32> = c.logits.iter().flatten().map(|&v| v as f32).collect();
         let x = Var::from_tensor(&Tensor::from_vec(flat, (n, k), &dev).unwrap()).unwrap();
         let t = Tensor::from_vec(c.target.clone(), n, &dev).unwrap();
-        let alpha = c.alpha.as_ref().map(|a| {
-            Tensor::from_vec(a.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &dev).unwrap()
-        });
+        let alpha = c
+            .alpha
+            .as_ref()
+            .map(|a| Tensor::from_vec(a.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &dev).unwrap());
         let red: Reduction = c.reduction.parse().unwrap();
         seen.insert((c.reduction.clone(), c.alpha.is_some(), c.gamma.to_bits()));
         let loss = focal_loss(x.as_tensor(), &t, alpha.as_ref(), c.gamma, red).unwrap();
         let (got, want): (Vec<f64>, Vec<f64>) = match red {
             Reduction::None => (
-                loss.to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|&v| v as f64)
-                    .collect(),
-                c.loss
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_f64().unwrap())
-                    .collect(),
+                loss.to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect(),
+                c.loss.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect(),
             ),
-            _ => (
-                vec![loss.to_scalar::<f32>().unwrap() as f64],
-                vec![c.loss.as_f64().unwrap()],
-            ),
+            _ => (vec![loss.to_scalar::<f32>().unwrap() as f64], vec![c.loss.as_f64().unwrap()]),
         };
         let e = rel_err(&got, &want);
         assert!(
@@ -79,11 +65,7 @@ fn focal_loss_matches_pytorch_golden_values() {
             c.alpha.is_some()
         );
         worst_loss = worst_loss.max(e);
-        let total = if red == Reduction::None {
-            loss.sum_all().unwrap()
-        } else {
-            loss
-        };
+        let total = if red == Reduction::None { loss.sum_all().unwrap() } else { loss };
         let grads = total.backward().unwrap();
         let gx: Vec<f64> = grads
             .get(x.as_tensor())
@@ -95,18 +77,10 @@ fn focal_loss_matches_pytorch_golden_values() {
             .iter()
             .map(|&v| v as f64)
             .collect();
-        assert!(
-            gx.iter().all(|v| v.is_finite()),
-            "case {i}: non-finite gradient"
-        );
+        assert!(gx.iter().all(|v| v.is_finite()), "case {i}: non-finite gradient");
         let want_g: Vec<f64> = c.grad_logits.iter().flatten().copied().collect();
         let e = rel_err(&gx, &want_g);
-        assert!(
-            e <= 1e-4,
-            "case {i} ({} gamma {}): gradient rel err {e}",
-            c.reduction,
-            c.gamma
-        );
+        assert!(e <= 1e-4, "case {i} ({} gamma {}): gradient rel err {e}", c.reduction, c.gamma);
         worst_grad = worst_grad.max(e);
     }
     // All reductions, with and without alpha, and every gamma were exercised.

@@ -9,23 +9,12 @@ use candle_core::{Device, Tensor};
 use candle_onnx::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, ValueInfoProto};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 fn check_parity(model: &str) {
@@ -41,10 +30,7 @@ fn check_parity(model: &str) {
         assert!(d <= 1e-4, "{model}: max |candle - ORT| = {d}");
     }
     // Batch 1 through a fresh plan gives the first row.
-    let y1 = g
-        .run(&[(name.as_str(), x.narrow(0, 0, 1).unwrap())])
-        .unwrap()
-        .remove(0);
+    let y1 = g.run(&[(name.as_str(), x.narrow(0, 0, 1).unwrap())]).unwrap().remove(0);
     assert!(max_abs_diff(&y1, &want.narrow(0, 0, 1).unwrap()) <= 1e-4);
 }
 
@@ -83,20 +69,11 @@ fn node(op: &str, name: &str, ins: &[&str], outs: &[&str]) -> NodeProto {
 
 fn model(nodes: Vec<NodeProto>) -> ModelProto {
     ModelProto {
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
         graph: Some(GraphProto {
             node: nodes,
-            input: vec![ValueInfoProto {
-                name: "x".into(),
-                ..Default::default()
-            }],
-            output: vec![ValueInfoProto {
-                name: "y".into(),
-                ..Default::default()
-            }],
+            input: vec![ValueInfoProto { name: "x".into(), ..Default::default() }],
+            output: vec![ValueInfoProto { name: "y".into(), ..Default::default() }],
             ..Default::default()
         }),
         ..Default::default()
@@ -111,14 +88,8 @@ fn unsupported_ops_are_all_listed_at_load_with_a_node_name() {
         node("FancyOp", "fancy_2", &["b"], &["c"]),
         node("Einsum", "ein", &["c"], &["y"]),
     ]);
-    let e = Graph::from_model(&m, "m.onnx", &Device::Cpu, None)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("FancyOp (e.g. node `fancy_1`)") && e.contains("Einsum (e.g. node `ein`)"),
-        "{e}"
-    );
+    let e = Graph::from_model(&m, "m.onnx", &Device::Cpu, None).err().unwrap().to_string();
+    assert!(e.contains("FancyOp (e.g. node `fancy_1`)") && e.contains("Einsum (e.g. node `ein`)"), "{e}");
     assert!(!e.contains("fancy_2"));
 }
 
@@ -129,16 +100,10 @@ fn cycles_and_dangling_inputs_are_errors() {
         node("Relu", "b", &["a_out"], &["b_out"]),
         node("Relu", "c", &["a_out"], &["y"]),
     ]);
-    let e = Graph::from_model(&m, "m.onnx", &Device::Cpu, None)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = Graph::from_model(&m, "m.onnx", &Device::Cpu, None).err().unwrap().to_string();
     assert!(e.contains("cycle"), "{e}");
     let m = model(vec![node("Add", "add", &["x", "ghost"], &["y"])]);
-    let e = Graph::from_model(&m, "m.onnx", &Device::Cpu, None)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = Graph::from_model(&m, "m.onnx", &Device::Cpu, None).err().unwrap().to_string();
     assert!(e.contains("`ghost`") && e.contains("node `add`"), "{e}");
 }
 

@@ -10,9 +10,7 @@ fn bin() -> Command {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
 }
 
 /// True when ORT can be found; panics in CI (AUTOMM_REQUIRE_ORT=1) when it cannot.
@@ -20,10 +18,7 @@ fn ort_available() -> bool {
     match automm::infer::ort::locate() {
         Ok(_) => true,
         Err(e) => {
-            assert!(
-                std::env::var("AUTOMM_REQUIRE_ORT").is_err(),
-                "AUTOMM_REQUIRE_ORT is set but: {e}"
-            );
+            assert!(std::env::var("AUTOMM_REQUIRE_ORT").is_err(), "AUTOMM_REQUIRE_ORT is set but: {e}");
             eprintln!("NOT RUN: ONNX Runtime not found ({e})");
             false
         }
@@ -34,10 +29,7 @@ fn ort_available() -> bool {
 fn missing_library_gives_the_guided_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = bin()
-        .env(
-            "ORT_DYLIB_PATH",
-            dir.path().join("nowhere/libonnxruntime.so"),
-        )
+        .env("ORT_DYLIB_PATH", dir.path().join("nowhere/libonnxruntime.so"))
         .args(["onnx", "run", "--engine", "ort", "--input"])
         .arg(fixture("cnn_fixture.onnx.input.npy"))
         .arg("--output")
@@ -47,10 +39,7 @@ fn missing_library_gives_the_guided_error() {
         .unwrap();
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        e.contains("ORT_DYLIB_PATH") && e.contains("pip install onnxruntime==1.31.1"),
-        "{e}"
-    );
+    assert!(e.contains("ORT_DYLIB_PATH") && e.contains("pip install onnxruntime==1.31.1"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
     assert!(!dir.path().join("y.npy").exists());
 }
@@ -74,11 +63,7 @@ fn candle_matches_ort_on_the_fixtures() {
             cmd.args(["--tensor", t]);
         }
         let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let d = v["max_abs_diff"].as_f64().unwrap();
         assert!(d <= 1e-4, "{model} {tensor:?}: max abs diff {d}");
@@ -96,20 +81,14 @@ fn onnx_run_engines_agree() {
     for engine in ["candle", "ort"] {
         let y = dir.path().join(format!("{engine}.npy"));
         let out = bin()
-            .args([
-                "onnx", "run", "--engine", engine, "--tensor", "feat", "--input",
-            ])
+            .args(["onnx", "run", "--engine", engine, "--tensor", "feat", "--input"])
             .arg(fixture("cnn_fixture.onnx.input.npy"))
             .arg("--output")
             .arg(&y)
             .arg(fixture("cnn_fixture.onnx"))
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         outs.push(automm::onnx::read_npy(&y).unwrap());
     }
     assert_eq!(outs[0].dims(), &[2, 16]);

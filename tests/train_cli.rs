@@ -39,18 +39,8 @@ fn train_evaluate_predict_through_the_binary() {
         .arg(backbone())
         .arg("--output")
         .arg(&out)
-        .args([
-            "--hp",
-            "optimization.loss_function=focal_loss",
-            "--hp",
-            "optimization.focal_loss.alpha=auto",
-        ])
-        .args([
-            "--hp",
-            "optimization.focal_loss.gamma=1.0",
-            "--hp",
-            "optimization.focal_loss.reduction=sum",
-        ])
+        .args(["--hp", "optimization.loss_function=focal_loss", "--hp", "optimization.focal_loss.alpha=auto"])
+        .args(["--hp", "optimization.focal_loss.gamma=1.0", "--hp", "optimization.focal_loss.reduction=sum"])
         .args([
             "--hp",
             "optimization.max_epochs=3",
@@ -60,26 +50,14 @@ fn train_evaluate_predict_through_the_binary() {
             "model.mmdet_image.checkpoint_name=x",
         ]));
     assert!(ok, "train failed: {stderr}");
-    assert!(
-        stdout.contains("balanced_accuracy") && stdout.contains("confusion matrix"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("balanced_accuracy") && stdout.contains("confusion matrix"), "{stdout}");
     assert!(stderr.contains("accepted but ignored"), "{stderr}");
-    for f in [
-        "config.json",
-        "head.safetensors",
-        "metrics.json",
-        "training_curve.svg",
-        "confusion_matrix.svg",
-    ] {
+    for f in ["config.json", "head.safetensors", "metrics.json", "training_curve.svg", "confusion_matrix.svg"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!(
-        cfg["classes"],
-        serde_json::json!(["circle", "ring", "square", "triangle"])
-    );
+    assert_eq!(cfg["classes"], serde_json::json!(["circle", "ring", "square", "triangle"]));
     let alpha: Vec<f64> = serde_json::from_value(cfg["alpha"].clone()).unwrap();
     assert!((alpha.iter().sum::<f64>() - 1.0).abs() < 1e-9 && alpha[1] > alpha[0]);
     assert_eq!(cfg["backbone"]["feature_tensor"], "feat");
@@ -88,14 +66,7 @@ fn train_evaluate_predict_through_the_binary() {
     assert_eq!(m["history"].as_array().unwrap().len(), 3);
 
     let (ok, stdout, stderr) = run(bin()
-        .args([
-            "evaluate",
-            "--quiet",
-            "--json",
-            "--metrics",
-            "accuracy,balanced_accuracy,f1_macro,mcc",
-            "--model",
-        ])
+        .args(["evaluate", "--quiet", "--json", "--metrics", "accuracy,balanced_accuracy,f1_macro,mcc", "--model"])
         .arg(&out)
         .arg("--data")
         .arg(&test));
@@ -117,10 +88,7 @@ fn train_evaluate_predict_through_the_binary() {
     assert!(ok, "{stderr}");
     let text = std::fs::read_to_string(&preds).unwrap();
     let mut lines = text.lines();
-    assert_eq!(
-        lines.next().unwrap(),
-        "image,label,predicted_label,prob_circle,prob_ring,prob_square,prob_triangle"
-    );
+    assert_eq!(lines.next().unwrap(), "image,label,predicted_label,prob_circle,prob_ring,prob_square,prob_triangle");
     let rows: Vec<&str> = lines.collect();
     assert_eq!(rows.len(), 24);
     for r in rows {
@@ -128,12 +96,7 @@ fn train_evaluate_predict_through_the_binary() {
         let p: Vec<f64> = cells[3..].iter().map(|c| c.parse().unwrap()).collect();
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-4);
         // The predicted label is the arg-max class.
-        let best = p
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.partial_cmp(b.1).unwrap())
-            .unwrap()
-            .0;
+        let best = p.iter().enumerate().max_by(|a, b| a.1.partial_cmp(b.1).unwrap()).unwrap().0;
         assert_eq!(cells[2], ["circle", "ring", "square", "triangle"][best]);
     }
 }
@@ -197,52 +160,26 @@ fn data_errors_name_the_row_column_or_file() {
     let dir = tempfile::tempdir().unwrap();
     let (_, _) = data(dir.path());
     let d = dir.path();
-    let e = train_err(
-        d,
-        "image,label\nimages/train/circle_0000.png,a\nnope.png,b\n",
-        &[],
-    );
-    assert!(
-        e.contains("nope.png") && e.contains("row 2") && e.contains("not found"),
-        "{e}"
-    );
+    let e = train_err(d, "image,label\nimages/train/circle_0000.png,a\nnope.png,b\n", &[]);
+    assert!(e.contains("nope.png") && e.contains("row 2") && e.contains("not found"), "{e}");
     let e = train_err(d, "image,cls\nimages/train/circle_0000.png,a\n", &[]);
-    assert!(
-        e.contains("no column `label`") && e.contains("\"cls\""),
-        "{e}"
-    );
+    assert!(e.contains("no column `label`") && e.contains("\"cls\""), "{e}");
     let e = train_err(d, "image,label\n", &[]);
     assert!(e.contains("empty"), "{e}");
     std::fs::write(d.join("bad.png"), b"garbage").unwrap();
-    let e = train_err(
-        d,
-        "image,label\nimages/train/circle_0000.png,a\nbad.png,b\n",
-        &[],
-    );
+    let e = train_err(d, "image,label\nimages/train/circle_0000.png,a\nbad.png,b\n", &[]);
     assert!(e.contains("bad.png") && e.contains("row 2"), "{e}");
-    std::fs::write(
-        d.join("tune.csv"),
-        "image,label\nimages/train/circle_0000.png,zebra\n",
-    )
-    .unwrap();
+    std::fs::write(d.join("tune.csv"), "image,label\nimages/train/circle_0000.png,zebra\n").unwrap();
     let e = train_err(
         d,
         "image,label\nimages/train/circle_0000.png,a\nimages/train/circle_0001.png,b\n",
         &["--tuning-data", d.join("tune.csv").to_str().unwrap()],
     );
-    assert!(
-        e.contains("zebra") && e.contains("row 1") && e.contains("not a class"),
-        "{e}"
-    );
+    assert!(e.contains("zebra") && e.contains("row 1") && e.contains("not a class"), "{e}");
     let e = train_err(
         d,
         "image,label\nimages/train/circle_0000.png,a\nimages/train/circle_0001.png,b\n",
-        &[
-            "--hp",
-            "optimization.focal_loss.alpha=[1,2,3]",
-            "--hp",
-            "optimization.loss_function=focal_loss",
-        ],
+        &["--hp", "optimization.focal_loss.alpha=[1,2,3]", "--hp", "optimization.loss_function=focal_loss"],
     );
     assert!(e.contains("3 weights") && e.contains("2 classes"), "{e}");
 }
@@ -290,9 +227,7 @@ fn parquet_tables_and_integer_labels_work() {
     }
     let mut df = df!("filepath" => paths, "y" => labels).unwrap();
     let pq = dir.path().join("train.parquet");
-    ParquetWriter::new(std::fs::File::create(&pq).unwrap())
-        .finish(&mut df)
-        .unwrap();
+    ParquetWriter::new(std::fs::File::create(&pq).unwrap()).finish(&mut df).unwrap();
     let out = dir.path().join("pq_run");
     let (ok, _, stderr) = run(bin()
         .args(["train", "--quiet", "--label", "y", "--train-data"])

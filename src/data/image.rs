@@ -34,19 +34,14 @@ pub enum Normalization {
 impl Normalization {
     /// ImageNet mean/std, timm's default.
     pub fn imagenet() -> Self {
-        Normalization::MeanStd {
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        }
+        Normalization::MeanStd { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] }
     }
 
     /// Parses `imagenet`, `symmetric` (alias `inception`, `minus_one_one`) or `mean_std:m0,m1,m2:s0,s1,s2`.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "imagenet" => Ok(Self::imagenet()),
-            "symmetric" | "inception" | "minus_one_one" | "efficientnet_lite" => {
-                Ok(Normalization::Symmetric)
-            }
+            "symmetric" | "inception" | "minus_one_one" | "efficientnet_lite" => Ok(Normalization::Symmetric),
             _ => {
                 let parts: Vec<&str> = s.split(':').collect();
                 let three = |p: &str| -> Option<[f32; 3]> {
@@ -62,7 +57,9 @@ impl Normalization {
                 }
                 Err(Error::config(
                     "--normalization",
-                    format!("unknown normalization `{s}`; expected imagenet, symmetric (x/255*2-1) or mean_std:R,G,B:R,G,B"),
+                    format!(
+                        "unknown normalization `{s}`; expected imagenet, symmetric (x/255*2-1) or mean_std:R,G,B:R,G,B"
+                    ),
                 ))
             }
         }
@@ -71,9 +68,7 @@ impl Normalization {
     /// Per-channel (scale, offset) so that `y = x_u8 * scale + offset`.
     pub fn affine(&self) -> [(f32, f32); 3] {
         match self {
-            Normalization::MeanStd { mean, std } => {
-                [0, 1, 2].map(|c| (1.0 / (255.0 * std[c]), -mean[c] / std[c]))
-            }
+            Normalization::MeanStd { mean, std } => [0, 1, 2].map(|c| (1.0 / (255.0 * std[c]), -mean[c] / std[c])),
             Normalization::Symmetric => [(2.0 / 255.0, -1.0); 3],
         }
     }
@@ -93,11 +88,7 @@ pub struct Preprocess {
 impl Preprocess {
     /// Resize the shorter side to `size`, center-crop `size`, normalise.
     pub fn new(size: u32, normalization: Normalization) -> Self {
-        Preprocess {
-            size,
-            resize_shorter: size,
-            normalization,
-        }
+        Preprocess { size, resize_shorter: size, normalization }
     }
 
     /// Floats per preprocessed image (3 * size * size).
@@ -111,21 +102,12 @@ impl Preprocess {
         let (w, h) = rgb.dimensions();
         let s = self.resize_shorter as f64;
         let (nw, nh) = if w <= h {
-            (
-                self.resize_shorter,
-                ((h as f64) * s / w as f64).round().max(1.0) as u32,
-            )
+            (self.resize_shorter, ((h as f64) * s / w as f64).round().max(1.0) as u32)
         } else {
-            (
-                ((w as f64) * s / h as f64).round().max(1.0) as u32,
-                self.resize_shorter,
-            )
+            (((w as f64) * s / h as f64).round().max(1.0) as u32, self.resize_shorter)
         };
-        let resized = if (nw, nh) == (w, h) {
-            rgb
-        } else {
-            image::imageops::resize(&rgb, nw, nh, FilterType::Triangle)
-        };
+        let resized =
+            if (nw, nh) == (w, h) { rgb } else { image::imageops::resize(&rgb, nw, nh, FilterType::Triangle) };
         let x0 = (nw.saturating_sub(self.size)) / 2;
         let y0 = (nh.saturating_sub(self.size)) / 2;
         image::imageops::crop_imm(&resized, x0, y0, self.size.min(nw), self.size.min(nh)).to_image()
@@ -172,37 +154,26 @@ impl Preprocess {
     /// Preprocesses many files in parallel; the result is `[N, 3, size, size]` flattened, in order.
     /// `rows` gives each file's table row for error messages.
     pub fn files_to_batch(&self, files: &[(&Path, Option<usize>)]) -> Result<Vec<f32>> {
-        let parts: Result<Vec<Vec<f32>>> = files
-            .par_iter()
-            .map(|(p, r)| self.file_to_chw(p, *r))
-            .collect();
+        let parts: Result<Vec<Vec<f32>>> = files.par_iter().map(|(p, r)| self.file_to_chw(p, *r)).collect();
         Ok(parts?.concat())
     }
 }
 
 /// Decodes bytes with the format guessed from content, under [`MAX_IMAGE_SIDE`] / [`MAX_IMAGE_ALLOC`].
 pub fn decode_bytes(bytes: &[u8], what: &Path, row: Option<usize>) -> Result<DynamicImage> {
-    let err = |msg: String| Error::Image {
-        path: what.to_path_buf(),
-        row,
-        msg,
-    };
+    let err = |msg: String| Error::Image { path: what.to_path_buf(), row, msg };
     let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| err(format!("cannot read: {e}")))?;
     if reader.format().is_none() {
-        return Err(err(
-            "not a recognised image (expected JPEG or PNG bytes)".into()
-        ));
+        return Err(err("not a recognised image (expected JPEG or PNG bytes)".into()));
     }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_IMAGE_ALLOC);
     reader.limits(limits);
-    reader
-        .decode()
-        .map_err(|e| err(format!("cannot decode: {e}")))
+    reader.decode().map_err(|e| err(format!("cannot decode: {e}")))
 }
 
 #[cfg(test)]
@@ -214,11 +185,7 @@ mod tests {
         // 40x20 image: left half red, right half blue; a 10x10 crop of the 20x10 resize is the middle.
         let mut img = RgbImage::new(40, 20);
         for (x, _, p) in img.enumerate_pixels_mut() {
-            *p = if x < 20 {
-                image::Rgb([255, 0, 0])
-            } else {
-                image::Rgb([0, 0, 255])
-            };
+            *p = if x < 20 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) };
         }
         let pp = Preprocess::new(10, Normalization::Symmetric);
         let out = pp.resize_crop(&DynamicImage::ImageRgb8(img));
@@ -237,23 +204,13 @@ mod tests {
         let n = Normalization::imagenet();
         let (s, o) = n.affine()[0];
         assert!((128.0 * s + o - (128.0 / 255.0 - 0.485) / 0.229).abs() < 1e-5);
-        assert!(Normalization::parse("bogus")
-            .unwrap_err()
-            .to_string()
-            .contains("imagenet"));
-        assert_eq!(
-            Normalization::parse("mean_std:0.5,0.5,0.5:0.5,0.5,0.5")
-                .unwrap()
-                .affine()[1],
-            (2.0 / 255.0, -1.0)
-        );
+        assert!(Normalization::parse("bogus").unwrap_err().to_string().contains("imagenet"));
+        assert_eq!(Normalization::parse("mean_std:0.5,0.5,0.5:0.5,0.5,0.5").unwrap().affine()[1], (2.0 / 255.0, -1.0));
     }
 
     #[test]
     fn garbage_bytes_name_the_file() {
-        let e = decode_bytes(b"not an image", Path::new("x.jpg"), Some(3))
-            .unwrap_err()
-            .to_string();
+        let e = decode_bytes(b"not an image", Path::new("x.jpg"), Some(3)).unwrap_err().to_string();
         assert!(e.contains("x.jpg") && e.contains("row 3"), "{e}");
     }
 }

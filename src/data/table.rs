@@ -12,9 +12,7 @@ use crate::error::{Error, Result};
 
 /// Column names tried, in order, when `--image-column` is not given.
 const IMAGE_COLUMN_NAMES: &[&str] = &["image", "image_path", "path", "filepath", "file", "img"];
-const IMAGE_EXTENSIONS: &[&str] = &[
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-];
+const IMAGE_EXTENSIONS: &[&str] = &[".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"];
 
 /// A table row: where its image is and, when the table has a label column, its label.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,10 +41,7 @@ pub struct Table {
 }
 
 fn table_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Table {
-        path: path.to_path_buf(),
-        msg: msg.into(),
-    }
+    Error::Table { path: path.to_path_buf(), msg: msg.into() }
 }
 
 /// Reads a CSV or Parquet file (by extension; anything else is read as CSV).
@@ -54,16 +49,10 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
     if !path.is_file() {
         return Err(table_err(path, "file not found"));
     }
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let df = if ext == "parquet" || ext == "pq" {
         let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        ParquetReader::new(f)
-            .finish()
-            .map_err(|e| table_err(path, format!("not a readable Parquet file: {e}")))?
+        ParquetReader::new(f).finish().map_err(|e| table_err(path, format!("not a readable Parquet file: {e}")))?
     } else {
         CsvReadOptions::default()
             .with_has_header(true)
@@ -77,28 +66,17 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
 
 /// Column values as text (None for nulls), in row order.
 fn column_text(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<Option<String>>> {
-    let col = df
-        .column(name)
-        .map_err(|_| missing_column(df, name, path))?;
+    let col = df.column(name).map_err(|_| missing_column(df, name, path))?;
     let s = col
         .cast(&DataType::String)
         .map_err(|e| table_err(path, format!("column `{name}` cannot be read as text: {e}")))?;
-    let ca = s
-        .str()
-        .map_err(|e| table_err(path, format!("column `{name}`: {e}")))?;
+    let ca = s.str().map_err(|e| table_err(path, format!("column `{name}`: {e}")))?;
     Ok(ca.iter().map(|v| v.map(str::to_string)).collect())
 }
 
 fn missing_column(df: &DataFrame, name: &str, path: &Path) -> Error {
-    let present: Vec<String> = df
-        .get_column_names()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    table_err(
-        path,
-        format!("no column `{name}`; the columns present are {present:?}"),
-    )
+    let present: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
+    table_err(path, format!("no column `{name}`; the columns present are {present:?}"))
 }
 
 fn looks_like_image(s: &str) -> bool {
@@ -116,18 +94,14 @@ impl Table {
         }
         let label_column = match label {
             Some(l) => {
-                frame
-                    .column(l)
-                    .map_err(|_| missing_column(&frame, l, path))?;
+                frame.column(l).map_err(|_| missing_column(&frame, l, path))?;
                 Some(l.to_string())
             }
             None => None,
         };
         let image_column = match image_column {
             Some(c) => {
-                frame
-                    .column(c)
-                    .map_err(|_| missing_column(&frame, c, path))?;
+                frame.column(c).map_err(|_| missing_column(&frame, c, path))?;
                 c.to_string()
             }
             None => find_image_column(&frame, label_column.as_deref(), path)?,
@@ -142,40 +116,22 @@ impl Table {
         for (i, img) in images.into_iter().enumerate() {
             let row = i + 1;
             let img = img.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
-                table_err(
-                    path,
-                    format!("row {row}: column `{image_column}` is empty; expected an image path"),
-                )
+                table_err(path, format!("row {row}: column `{image_column}` is empty; expected an image path"))
             })?;
             let p = Path::new(img.trim());
-            let image = if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            };
+            let image = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
             let label = match &labels {
-                Some(ls) => Some(ls[i].clone().filter(|s| !s.trim().is_empty()).ok_or_else(
-                    || {
-                        table_err(
-                            path,
-                            format!(
-                                "row {row}: label column `{}` is empty",
-                                label_column.as_deref().unwrap_or("")
-                            ),
-                        )
-                    },
-                )?),
+                Some(ls) => Some(ls[i].clone().filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+                    table_err(
+                        path,
+                        format!("row {row}: label column `{}` is empty", label_column.as_deref().unwrap_or("")),
+                    )
+                })?),
                 None => None,
             };
             rows.push(Row { row, image, label });
         }
-        Ok(Table {
-            path: path.to_path_buf(),
-            image_column,
-            label_column,
-            rows,
-            frame,
-        })
+        Ok(Table { path: path.to_path_buf(), image_column, label_column, rows, frame })
     }
 
     /// Checks every image file exists; the error names the first missing one's row and path.
@@ -185,11 +141,7 @@ impl Table {
                 return Err(Error::Image {
                     path: r.image.clone(),
                     row: Some(r.row),
-                    msg: format!(
-                        "file not found (listed in {}, column `{}`)",
-                        self.path.display(),
-                        self.image_column
-                    ),
+                    msg: format!("file not found (listed in {}, column `{}`)", self.path.display(), self.image_column),
                 });
             }
         }
@@ -201,17 +153,11 @@ impl Table {
         self.rows
             .iter()
             .map(|r| {
-                let l = r
-                    .label
-                    .as_deref()
-                    .ok_or_else(|| table_err(&self.path, "the table has no label column"))?;
+                let l = r.label.as_deref().ok_or_else(|| table_err(&self.path, "the table has no label column"))?;
                 classes.index_of(l).map(|i| i as u32).ok_or_else(|| {
                     table_err(
                         &self.path,
-                        format!(
-                            "row {}: label `{l}` is not a class of the training data {:?}",
-                            r.row, classes.names
-                        ),
+                        format!("row {}: label `{l}` is not a class of the training data {:?}", r.row, classes.names),
                     )
                 })
             })
@@ -234,16 +180,9 @@ impl Table {
 }
 
 fn find_image_column(df: &DataFrame, label: Option<&str>, path: &Path) -> Result<String> {
-    let names: Vec<String> = df
-        .get_column_names()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let names: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
     for want in IMAGE_COLUMN_NAMES {
-        if let Some(n) = names
-            .iter()
-            .find(|n| n.eq_ignore_ascii_case(want) && Some(n.as_str()) != label)
-        {
+        if let Some(n) = names.iter().find(|n| n.eq_ignore_ascii_case(want) && Some(n.as_str()) != label) {
             return Ok(n.clone());
         }
     }
@@ -275,10 +214,7 @@ impl ClassList {
     pub fn from_table(table: &Table) -> Result<ClassList> {
         let mut names: Vec<String> = table.rows.iter().filter_map(|r| r.label.clone()).collect();
         if names.is_empty() {
-            return Err(table_err(
-                &table.path,
-                "no labels: pass --label with the label column",
-            ));
+            return Err(table_err(&table.path, "no labels: pass --label with the label column"));
         }
         names.sort();
         names.dedup();
@@ -325,12 +261,7 @@ pub fn holdout_fraction(n: usize) -> f64 {
 
 /// A seeded stratified split of row indices into (train, holdout): each class gives
 /// `round(fraction * n_c)` rows to the holdout but always keeps at least one in train.
-pub fn stratified_split(
-    targets: &[u32],
-    num_classes: usize,
-    fraction: f64,
-    seed: u64,
-) -> (Vec<usize>, Vec<usize>) {
+pub fn stratified_split(targets: &[u32], num_classes: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); num_classes];
     for (i, &t) in targets.iter().enumerate() {

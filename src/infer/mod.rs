@@ -2,6 +2,7 @@
 //! through `ort` with `load-dynamic` ([`ort`]), which finds the runtime library at run time; and a
 //! side-by-side comparison of the two (max abs diff, ms per image).
 
+pub mod exported;
 pub mod ort;
 
 use std::path::{Path, PathBuf};
@@ -59,15 +60,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Writes a copy of `model` whose outputs are exactly `tensor`, so ORT can return an intermediate value.
 pub fn with_output(model: &Path, tensor: &str, dir: &Path) -> Result<PathBuf> {
     let mut m = read_model(model)?;
-    let g = m
-        .graph
-        .as_mut()
-        .ok_or_else(|| Error::onnx(model.display().to_string(), "no graph"))?;
+    let g = m.graph.as_mut().ok_or_else(|| Error::onnx(model.display().to_string(), "no graph"))?;
     if !(g.output.len() == 1 && g.output[0].name == tensor) {
-        g.output = vec![ValueInfoProto {
-            name: tensor.to_string(),
-            ..Default::default()
-        }];
+        g.output = vec![ValueInfoProto { name: tensor.to_string(), ..Default::default() }];
     }
     let out = dir.join("model_with_output.onnx");
     crate::model::write_atomic(&out, &m.encode_to_vec())?;
@@ -76,13 +71,7 @@ pub fn with_output(model: &Path, tensor: &str, dir: &Path) -> Result<PathBuf> {
 
 /// Runs `model` on `input` with candle and ORT (`runs` timed runs each after one warm-up) and compares
 /// `tensor` (default: the first graph output).
-pub fn compare(
-    model: &Path,
-    input: &Tensor,
-    tensor: Option<&str>,
-    runs: usize,
-    threads: usize,
-) -> Result<Comparison> {
+pub fn compare(model: &Path, input: &Tensor, tensor: Option<&str>, runs: usize, threads: usize) -> Result<Comparison> {
     let proto = read_model(model)?;
     let tensor = match tensor {
         Some(t) => t.to_string(),
@@ -93,18 +82,9 @@ pub fn compare(
             .map(|o| o.name.clone())
             .ok_or_else(|| Error::onnx(model.display().to_string(), "no outputs"))?,
     };
-    let graph = Graph::from_model(
-        &proto,
-        &model.display().to_string(),
-        &Device::Cpu,
-        Some(vec![tensor.clone()]),
-    )?;
-    let in_name = graph
-        .inputs()
-        .first()
-        .ok_or_else(|| Error::onnx(model.display().to_string(), "no inputs"))?
-        .name
-        .clone();
+    let graph = Graph::from_model(&proto, &model.display().to_string(), &Device::Cpu, Some(vec![tensor.clone()]))?;
+    let in_name =
+        graph.inputs().first().ok_or_else(|| Error::onnx(model.display().to_string(), "no inputs"))?.name.clone();
     let n = input.dims().first().copied().unwrap_or(1).max(1) as f64;
     let mut times = Vec::new();
     let mut y = None;
@@ -136,15 +116,9 @@ pub fn compare(
     let ort_ms = median(times);
     let yv: Vec<f32> = y.flatten_all()?.to_vec1()?;
     if y.dims() != oshape.as_slice() {
-        return Err(Error::Shape {
-            name: tensor,
-            msg: format!("candle gives {:?}, ORT gives {oshape:?}", y.dims()),
-        });
+        return Err(Error::Shape { name: tensor, msg: format!("candle gives {:?}, ORT gives {oshape:?}", y.dims()) });
     }
-    let max_abs_diff = yv
-        .iter()
-        .zip(&odata)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let max_abs_diff = yv.iter().zip(&odata).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     Ok(Comparison {
         model: model.to_path_buf(),
         tensor,
@@ -152,14 +126,8 @@ pub fn compare(
         output_shape: oshape,
         max_abs_diff,
         timings: vec![
-            EngineTiming {
-                engine: "candle".into(),
-                ms_per_image: candle_ms,
-            },
-            EngineTiming {
-                engine: "ort".into(),
-                ms_per_image: ort_ms,
-            },
+            EngineTiming { engine: "candle".into(), ms_per_image: candle_ms },
+            EngineTiming { engine: "ort".into(), ms_per_image: ort_ms },
         ],
     })
 }

@@ -15,11 +15,7 @@ pub fn conv(node: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Res
     if x.rank() != 4 || w.rank() != 4 {
         return Err(node_err(
             node,
-            format!(
-                "only 2-D convolution is supported; input {:?}, weight {:?}",
-                x.dims(),
-                w.dims()
-            ),
+            format!("only 2-D convolution is supported; input {:?}, weight {:?}", x.dims(), w.dims()),
         ));
     }
     let (_, c, h, wd) = x.dims4()?;
@@ -28,20 +24,13 @@ pub fn conv(node: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Res
     if cg * group != c || m % group != 0 {
         return Err(node_err(
             node,
-            format!(
-                "weight {:?} with group {group} does not fit input {:?}",
-                w.dims(),
-                x.dims()
-            ),
+            format!("weight {:?} with group {group} does not fit input {:?}", w.dims(), x.dims()),
         ));
     }
     let strides = at.ints("strides").unwrap_or(vec![1, 1]);
     let dil = at.ints("dilations").unwrap_or(vec![1, 1]);
     if strides.len() != 2 || dil.len() != 2 || strides.iter().chain(&dil).any(|&v| v < 1) {
-        return Err(node_err(
-            node,
-            "strides and dilations must be two positive numbers",
-        ));
+        return Err(node_err(node, "strides and dilations must be two positive numbers"));
     }
     let (sh, sw) = (strides[0] as usize, strides[1] as usize);
     let (dh, dw) = (dil[0] as usize, dil[1] as usize);
@@ -66,10 +55,7 @@ pub fn conv(node: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Res
         _ => at.ints("pads").unwrap_or(vec![0; 4]),
     };
     if pads.len() != 4 || pads.iter().any(|&p| p < 0) {
-        return Err(node_err(
-            node,
-            format!("pads {pads:?}: expected 4 non-negative values"),
-        ));
+        return Err(node_err(node, format!("pads {pads:?}: expected 4 non-negative values")));
     }
     let depthwise = group == c && group == m && cg == 1;
     let y = if depthwise && x.device().is_cpu() && x.dtype() == DType::F32 {
@@ -82,13 +68,9 @@ pub fn conv(node: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Res
             (pad_spatial(x, &pads, 0.0)?, 0)
         };
         if sh != sw || dh != dw {
-            return Err(node_err(
-                node,
-                "different strides or dilations per axis are not supported",
-            ));
+            return Err(node_err(node, "different strides or dilations per axis are not supported"));
         }
-        xp.contiguous()?
-            .conv2d(&w.contiguous()?, p, sh, dh, group)?
+        xp.contiguous()?.conv2d(&w.contiguous()?, p, sh, dh, group)?
     };
     match b {
         Some(b) => Ok(y.broadcast_add(&b.reshape((1, m, 1, 1))?)?),
@@ -97,69 +79,53 @@ pub fn conv(node: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Res
 }
 
 /// Depthwise convolution (one filter per channel) computed directly, one (image, channel) plane per task.
-fn depthwise_cpu(
-    x: &Tensor,
-    w: &Tensor,
-    pads: &[i64],
-    s: (usize, usize),
-    d: (usize, usize),
-) -> Result<Tensor> {
+fn depthwise_cpu(x: &Tensor, w: &Tensor, pads: &[i64], s: (usize, usize), d: (usize, usize)) -> Result<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;
     let (pt, pl) = (pads[0] as isize, pads[1] as isize);
     let oh = (h + pads[0] as usize + pads[2] as usize).saturating_sub((kh - 1) * d.0 + 1) / s.0 + 1;
-    let ow =
-        (wd + pads[1] as usize + pads[3] as usize).saturating_sub((kw - 1) * d.1 + 1) / s.1 + 1;
+    let ow = (wd + pads[1] as usize + pads[3] as usize).saturating_sub((kw - 1) * d.1 + 1) / s.1 + 1;
     let xv: Vec<f32> = x.contiguous()?.flatten_all()?.to_vec1()?;
     let wv: Vec<f32> = w.contiguous()?.flatten_all()?.to_vec1()?;
     let mut out = vec![0f32; n * c * oh * ow];
-    out.par_chunks_mut(oh * ow)
-        .enumerate()
-        .for_each(|(plane, o)| {
-            let ch = plane % c;
-            let src = &xv[plane * h * wd..(plane + 1) * h * wd];
-            let k = &wv[ch * kh * kw..(ch + 1) * kh * kw];
-            for i in 0..kh {
-                for j in 0..kw {
-                    let wij = k[i * kw + j];
-                    let dy = (i * d.0) as isize - pt;
-                    let dx = (j * d.1) as isize - pl;
-                    // Output columns whose input column lies inside the image.
-                    let x_lo = if dx < 0 {
-                        ((-dx) as usize).div_ceil(s.1)
-                    } else {
-                        0
-                    };
-                    let x_hi = if (wd as isize - dx) <= 0 {
-                        0
-                    } else {
-                        ((wd as isize - dx) as usize).div_ceil(s.1).min(ow)
-                    };
-                    if x_lo >= x_hi {
+    out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
+        let ch = plane % c;
+        let src = &xv[plane * h * wd..(plane + 1) * h * wd];
+        let k = &wv[ch * kh * kw..(ch + 1) * kh * kw];
+        for i in 0..kh {
+            for j in 0..kw {
+                let wij = k[i * kw + j];
+                let dy = (i * d.0) as isize - pt;
+                let dx = (j * d.1) as isize - pl;
+                // Output columns whose input column lies inside the image.
+                let x_lo = if dx < 0 { ((-dx) as usize).div_ceil(s.1) } else { 0 };
+                let x_hi =
+                    if (wd as isize - dx) <= 0 { 0 } else { ((wd as isize - dx) as usize).div_ceil(s.1).min(ow) };
+                if x_lo >= x_hi {
+                    continue;
+                }
+                for oy in 0..oh {
+                    let iy = (oy * s.0) as isize + dy;
+                    if iy < 0 || iy >= h as isize {
                         continue;
                     }
-                    for oy in 0..oh {
-                        let iy = (oy * s.0) as isize + dy;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
+                    let row = &src[iy as usize * wd..(iy as usize + 1) * wd];
+                    let orow = &mut o[oy * ow..(oy + 1) * ow];
+                    if s.1 == 1 {
+                        let off = dx + x_lo as isize;
+                        let src_row = &row[off as usize..off as usize + (x_hi - x_lo)];
+                        for (dst, &v) in orow[x_lo..x_hi].iter_mut().zip(src_row) {
+                            *dst += wij * v;
                         }
-                        let row = &src[iy as usize * wd..(iy as usize + 1) * wd];
-                        let orow = &mut o[oy * ow..(oy + 1) * ow];
-                        if s.1 == 1 {
-                            let off = dx + x_lo as isize;
-                            let src_row = &row[off as usize..off as usize + (x_hi - x_lo)];
-                            for (dst, &v) in orow[x_lo..x_hi].iter_mut().zip(src_row) {
-                                *dst += wij * v;
-                            }
-                        } else {
-                            for (ox, dst) in orow.iter_mut().enumerate().take(x_hi).skip(x_lo) {
-                                let ix = (ox * s.1) as isize + dx;
-                                *dst += wij * row[ix as usize];
-                            }
+                    } else {
+                        for (ox, dst) in orow.iter_mut().enumerate().take(x_hi).skip(x_lo) {
+                            let ix = (ox * s.1) as isize + dx;
+                            *dst += wij * row[ix as usize];
                         }
                     }
                 }
             }
-        });
+        }
+    });
     Ok(Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu)?)
 }

@@ -37,24 +37,15 @@ pub fn read_model(path: &Path) -> Result<ModelProto> {
     let what = path.display().to_string();
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.len() > MAX_MODEL_BYTES {
-        return Err(Error::onnx(
-            what,
-            format!("file is {} bytes; the ONNX limit is 2 GiB", meta.len()),
-        ));
+        return Err(Error::onnx(what, format!("file is {} bytes; the ONNX limit is 2 GiB", meta.len())));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    ModelProto::decode(bytes.as_slice())
-        .map_err(|e| Error::onnx(what, format!("not a valid ONNX protobuf: {e}")))
+    ModelProto::decode(bytes.as_slice()).map_err(|e| Error::onnx(what, format!("not a valid ONNX protobuf: {e}")))
 }
 
 /// The default-domain opset of a model.
 pub fn opset_of(model: &ModelProto) -> i64 {
-    model
-        .opset_import
-        .iter()
-        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
-        .map(|o| o.version)
-        .unwrap_or(13)
+    model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version).unwrap_or(13)
 }
 
 /// Values computed once for an input shape, and the nodes left to run.
@@ -85,39 +76,22 @@ impl Graph {
     }
 
     /// Builds from a decoded model.
-    pub fn from_model(
-        model: &ModelProto,
-        name: &str,
-        device: &Device,
-        outputs: Option<Vec<String>>,
-    ) -> Result<Graph> {
-        let g = model
-            .graph
-            .as_ref()
-            .ok_or_else(|| Error::onnx(name, "the model has no graph"))?;
+    pub fn from_model(model: &ModelProto, name: &str, device: &Device, outputs: Option<Vec<String>>) -> Result<Graph> {
+        let g = model.graph.as_ref().ok_or_else(|| Error::onnx(name, "the model has no graph"))?;
         let opset = opset_of(model);
         let init_names: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
         let inputs: Vec<InputSpec> = g
             .input
             .iter()
             .filter(|i| !init_names.contains(i.name.as_str()))
-            .map(|i| InputSpec {
-                name: i.name.clone(),
-                dims: value_dims(i),
-            })
+            .map(|i| InputSpec { name: i.name.clone(), dims: value_dims(i) })
             .collect();
         let outputs = outputs.unwrap_or_else(|| g.output.iter().map(|o| o.name.clone()).collect());
         let nodes = toposort_pruned(name, &g.node, &outputs, &inputs, &init_names)?;
         let unsupported = unsupported_ops(&nodes);
         if !unsupported.is_empty() {
-            let list: Vec<String> = unsupported
-                .iter()
-                .map(|(op, n)| format!("{op} (e.g. node `{n}`)"))
-                .collect();
-            return Err(Error::onnx(
-                name,
-                format!("unsupported op types: {}", list.join(", ")),
-            ));
+            let list: Vec<String> = unsupported.iter().map(|(op, n)| format!("{op} (e.g. node `{n}`)")).collect();
+            return Err(Error::onnx(name, format!("unsupported op types: {}", list.join(", "))));
         }
         let used: HashSet<&str> = nodes
             .iter()
@@ -160,40 +134,23 @@ impl Graph {
     /// Runs the graph on named inputs and returns the outputs in [`Graph::outputs`] order.
     pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
         for spec in &self.inputs {
-            let t = feeds
-                .iter()
-                .find(|(n, _)| *n == spec.name)
-                .map(|(_, t)| t)
-                .ok_or_else(|| Error::Shape {
-                    name: spec.name.clone(),
-                    msg: "this graph input was not given".into(),
-                })?;
+            let t = feeds.iter().find(|(n, _)| *n == spec.name).map(|(_, t)| t).ok_or_else(|| Error::Shape {
+                name: spec.name.clone(),
+                msg: "this graph input was not given".into(),
+            })?;
             // Inputs without shape information (empty dims) are not checked.
             let ok = spec.dims.is_empty()
                 || t.rank() == spec.dims.len()
-                    && spec
-                        .dims
-                        .iter()
-                        .zip(t.dims())
-                        .all(|(d, &x)| d.is_none_or(|d| d == x));
+                    && spec.dims.iter().zip(t.dims()).all(|(d, &x)| d.is_none_or(|d| d == x));
             if !ok {
                 return Err(Error::Shape {
                     name: spec.name.clone(),
-                    msg: format!(
-                        "expected shape {} , got {:?}",
-                        fmt_dims(&spec.dims),
-                        t.dims()
-                    ),
+                    msg: format!("expected shape {} , got {:?}", fmt_dims(&spec.dims), t.dims()),
                 });
             }
         }
         let key: Vec<Vec<usize>> = feeds.iter().map(|(_, t)| t.dims().to_vec()).collect();
-        let plan = self
-            .plans
-            .lock()
-            .map_err(|_| Error::onnx(&self.name, "plan cache poisoned"))?
-            .get(&key)
-            .cloned();
+        let plan = self.plans.lock().map_err(|_| Error::onnx(&self.name, "plan cache poisoned"))?.get(&key).cloned();
         match plan {
             Some(p) => self.run_plan(&p, feeds),
             None => {
@@ -206,11 +163,7 @@ impl Graph {
         }
     }
 
-    fn node_inputs(
-        &self,
-        node: &NodeProto,
-        lookup: impl Fn(&str) -> Option<Tensor>,
-    ) -> Result<Vec<Option<Tensor>>> {
+    fn node_inputs(&self, node: &NodeProto, lookup: impl Fn(&str) -> Option<Tensor>) -> Result<Vec<Option<Tensor>>> {
         node.input
             .iter()
             .map(|n| {
@@ -220,10 +173,7 @@ impl Graph {
                     lookup(n).map(Some).ok_or_else(|| {
                         Error::onnx(
                             &self.name,
-                            format!(
-                                "node `{}` ({}) reads `{n}`, which no node computes",
-                                node.name, node.op_type
-                            ),
+                            format!("node `{}` ({}) reads `{n}`, which no node computes", node.name, node.op_type),
                         )
                     })
                 }
@@ -243,11 +193,7 @@ impl Graph {
             let ins = self.node_inputs(node, |n| values.get(n).cloned())?;
             let outs = ops::eval(node, &ins, self.opset, &self.device)?;
             let stat = matches!(node.op_type.as_str(), "Shape" | "Size")
-                || node
-                    .input
-                    .iter()
-                    .filter(|n| !n.is_empty())
-                    .all(|n| is_static.contains(n));
+                || node.input.iter().filter(|n| !n.is_empty()).all(|n| is_static.contains(n));
             if !stat {
                 steps.push(i);
             }
@@ -272,14 +218,7 @@ impl Graph {
             .map(|(k, t)| t.contiguous().map(|t| (k, t)))
             .collect::<candle_core::Result<_>>()?;
         let frees = self.last_uses(&steps, &statics);
-        Ok((
-            outs,
-            Plan {
-                statics,
-                steps,
-                frees,
-            },
-        ))
+        Ok((outs, Plan { statics, steps, frees }))
     }
 
     fn last_uses(&self, steps: &[usize], statics: &HashMap<String, Tensor>) -> Vec<Vec<String>> {
@@ -301,15 +240,10 @@ impl Graph {
     }
 
     fn run_plan(&self, plan: &Plan, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
-        let mut values: HashMap<String, Tensor> = feeds
-            .iter()
-            .map(|(n, t)| (n.to_string(), t.clone()))
-            .collect();
+        let mut values: HashMap<String, Tensor> = feeds.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
         for (s, &i) in plan.steps.iter().enumerate() {
             let node = &self.nodes[i];
-            let ins = self.node_inputs(node, |n| {
-                values.get(n).or_else(|| plan.statics.get(n)).cloned()
-            })?;
+            let ins = self.node_inputs(node, |n| values.get(n).or_else(|| plan.statics.get(n)).cloned())?;
             let outs = ops::eval(node, &ins, self.opset, &self.device)?;
             for (name, t) in node.output.iter().zip(outs) {
                 if !name.is_empty() {
@@ -332,19 +266,14 @@ impl Graph {
         self.outputs
             .iter()
             .map(|o| {
-                values.get(o).cloned().ok_or_else(|| {
-                    Error::onnx(&self.name, format!("output `{o}` was not computed"))
-                })
+                values.get(o).cloned().ok_or_else(|| Error::onnx(&self.name, format!("output `{o}` was not computed")))
             })
             .collect()
     }
 }
 
 fn fmt_dims(d: &[Option<usize>]) -> String {
-    let parts: Vec<String> = d
-        .iter()
-        .map(|x| x.map(|v| v.to_string()).unwrap_or_else(|| "N".into()))
-        .collect();
+    let parts: Vec<String> = d.iter().map(|x| x.map(|v| v.to_string()).unwrap_or_else(|| "N".into())).collect();
     format!("[{}]", parts.join(", "))
 }
 
@@ -377,11 +306,7 @@ fn unsupported_ops(nodes: &[NodeProto]) -> Vec<(String, String)> {
         if (custom_domain || !ops::SUPPORTED_OPS.contains(&n.op_type.as_str()))
             && !seen.iter().any(|(o, _)| *o == n.op_type)
         {
-            let op = if custom_domain {
-                format!("{}::{}", n.domain, n.op_type)
-            } else {
-                n.op_type.clone()
-            };
+            let op = if custom_domain { format!("{}::{}", n.domain, n.op_type) } else { n.op_type.clone() };
             seen.push((op, n.name.clone()));
         }
     }
@@ -389,7 +314,7 @@ fn unsupported_ops(nodes: &[NodeProto]) -> Vec<(String, String)> {
 }
 
 /// Orders the nodes needed for `outputs` topologically; errors on cycles and on values nothing makes.
-fn toposort_pruned(
+pub(crate) fn toposort_pruned(
     name: &str,
     nodes: &[NodeProto],
     outputs: &[String],
@@ -412,12 +337,9 @@ fn toposort_pruned(
         if is_source(out) {
             continue;
         }
-        let &start = producer.get(out.as_str()).ok_or_else(|| {
-            Error::onnx(
-                name,
-                format!("no node computes the requested tensor `{out}`"),
-            )
-        })?;
+        let &start = producer
+            .get(out.as_str())
+            .ok_or_else(|| Error::onnx(name, format!("no node computes the requested tensor `{out}`")))?;
         let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
         while let Some((i, k)) = stack.pop() {
             if k == 0 {
@@ -433,7 +355,13 @@ fn toposort_pruned(
                     continue;
                 }
                 let &p = producer.get(inp.as_str()).ok_or_else(|| {
-                    Error::onnx(name, format!("node `{}` ({}) reads `{inp}`, which is neither an input, an initializer nor a node output", node.name, node.op_type))
+                    Error::onnx(
+                        name,
+                        format!(
+                            "node `{}` ({}) reads `{inp}`, which is neither an input, an initializer nor a node output",
+                            node.name, node.op_type
+                        ),
+                    )
                 })?;
                 match state[p] {
                     1 => {
@@ -463,16 +391,8 @@ fn toposort_pruned(
 /// Picks the feature tensor of a classification graph: the input of the final classifier (Gemm, or
 /// MatMul with an optional bias Add) fed by a 2-D initializer; else the graph's first output.
 pub fn detect_feature_tensor(model: &ModelProto) -> Result<String> {
-    let g = model
-        .graph
-        .as_ref()
-        .ok_or_else(|| Error::onnx("model", "no graph"))?;
-    let out = g
-        .output
-        .first()
-        .ok_or_else(|| Error::onnx("model", "the graph has no outputs"))?
-        .name
-        .clone();
+    let g = model.graph.as_ref().ok_or_else(|| Error::onnx("model", "no graph"))?;
+    let out = g.output.first().ok_or_else(|| Error::onnx("model", "the graph has no outputs"))?.name.clone();
     let inits: HashMap<&str, &candle_onnx::onnx::TensorProto> =
         g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
     let producer = |v: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == v));
@@ -482,10 +402,7 @@ pub fn detect_feature_tensor(model: &ModelProto) -> Result<String> {
         let Some(n) = producer(&cur) else { break };
         match n.op_type.as_str() {
             "Gemm" | "MatMul"
-                if n.input.len() >= 2
-                    && inits
-                        .get(n.input[1].as_str())
-                        .is_some_and(|t| t.dims.len() == 2) =>
+                if n.input.len() >= 2 && inits.get(n.input[1].as_str()).is_some_and(|t| t.dims.len() == 2) =>
             {
                 return Ok(n.input[0].clone());
             }
@@ -505,10 +422,7 @@ pub fn detect_feature_tensor(model: &ModelProto) -> Result<String> {
 /// Reads an `.npy` file as a float32 tensor.
 pub fn read_npy(path: &Path) -> Result<Tensor> {
     Tensor::read_npy(path)
-        .map_err(|e| Error::Shape {
-            name: path.display().to_string(),
-            msg: format!("not a readable .npy array: {e}"),
-        })?
+        .map_err(|e| Error::Shape { name: path.display().to_string(), msg: format!("not a readable .npy array: {e}") })?
         .to_dtype(candle_core::DType::F32)
         .map_err(Error::from)
 }

@@ -76,10 +76,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
 
 /// Node-level error.
 pub(crate) fn node_err(node: &NodeProto, msg: impl std::fmt::Display) -> Error {
-    Error::Onnx {
-        model: format!("node `{}` ({})", node.name, node.op_type),
-        msg: msg.to_string(),
-    }
+    Error::Onnx { model: format!("node `{}` ({})", node.name, node.op_type), msg: msg.to_string() }
 }
 
 /// Attribute access with defaults.
@@ -99,8 +96,7 @@ impl<'a> Attrs<'a> {
         self.get(name).map(|a| a.ints.clone())
     }
     pub fn string(&self, name: &str) -> Option<String> {
-        self.get(name)
-            .map(|a| String::from_utf8_lossy(&a.s).into_owned())
+        self.get(name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
     }
     pub fn has(&self, name: &str) -> bool {
         self.get(name).is_some()
@@ -120,10 +116,7 @@ fn norm_axis(node: &NodeProto, axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
     if a < 0 || a >= r.max(1) {
-        return Err(node_err(
-            node,
-            format!("axis {axis} is out of range for rank {rank}"),
-        ));
+        return Err(node_err(node, format!("axis {axis} is out of range for rank {rank}")));
     }
     Ok(a as usize)
 }
@@ -133,25 +126,14 @@ fn broadcast_shape(node: &NodeProto, a: &[usize], b: &[usize]) -> Result<Vec<usi
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let x = if i + a.len() >= n {
-            a[i + a.len() - n]
-        } else {
-            1
-        };
-        let y = if i + b.len() >= n {
-            b[i + b.len() - n]
-        } else {
-            1
-        };
+        let x = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let y = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
         out[i] = if x == y || y == 1 {
             x
         } else if x == 1 {
             y
         } else {
-            return Err(node_err(
-                node,
-                format!("shapes {a:?} and {b:?} do not broadcast"),
-            ));
+            return Err(node_err(node, format!("shapes {a:?} and {b:?} do not broadcast")));
         };
     }
     Ok(out)
@@ -159,18 +141,12 @@ fn broadcast_shape(node: &NodeProto, a: &[usize], b: &[usize]) -> Result<Vec<usi
 
 fn bcast2(node: &NodeProto, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
     let s = broadcast_shape(node, a.dims(), b.dims())?;
-    let b = if b.dtype() != a.dtype() {
-        b.to_dtype(a.dtype())?
-    } else {
-        b.clone()
-    };
+    let b = if b.dtype() != a.dtype() { b.to_dtype(a.dtype())? } else { b.clone() };
     Ok((a.broadcast_as(s.as_slice())?, b.broadcast_as(s.as_slice())?))
 }
 
 fn input<'t>(node: &NodeProto, ins: &'t [Option<Tensor>], i: usize) -> Result<&'t Tensor> {
-    ins.get(i)
-        .and_then(|t| t.as_ref())
-        .ok_or_else(|| node_err(node, format!("input {i} is missing")))
+    ins.get(i).and_then(|t| t.as_ref()).ok_or_else(|| node_err(node, format!("input {i} is missing")))
 }
 
 fn opt_input(ins: &[Option<Tensor>], i: usize) -> Option<&Tensor> {
@@ -178,12 +154,7 @@ fn opt_input(ins: &[Option<Tensor>], i: usize) -> Option<&Tensor> {
 }
 
 /// Integer binary arithmetic on the host (shape math): checked, with ONNX semantics.
-fn int_binary(
-    node: &NodeProto,
-    a: &Tensor,
-    b: &Tensor,
-    f: impl Fn(i64, i64) -> Option<i64>,
-) -> Result<Tensor> {
+fn int_binary(node: &NodeProto, a: &Tensor, b: &Tensor, f: impl Fn(i64, i64) -> Option<i64>) -> Result<Tensor> {
     let (a, b) = bcast2(node, a, b)?;
     let shape = a.dims().to_vec();
     let (x, y) = (to_i64s(&a)?, to_i64s(&b)?);
@@ -197,12 +168,7 @@ fn is_int(t: &Tensor) -> bool {
 }
 
 /// Evaluates one node. `ins[i]` is None for an omitted optional input.
-pub fn eval(
-    node: &NodeProto,
-    ins: &[Option<Tensor>],
-    opset: i64,
-    device: &Device,
-) -> Result<Vec<Tensor>> {
+pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Device) -> Result<Vec<Tensor>> {
     let at = Attrs(node);
     let x = || input(node, ins, 0);
     let one = |t: Tensor| Ok(vec![t]);
@@ -228,9 +194,7 @@ pub fn eval(
                 "Div" => a.broadcast_div(b)?,
                 _ => {
                     if is_int(a) {
-                        int_binary(node, a, b, |p, q| {
-                            u32::try_from(q).ok().and_then(|q| p.checked_pow(q))
-                        })?
+                        int_binary(node, a, b, |p, q| u32::try_from(q).ok().and_then(|q| p.checked_pow(q)))?
                     } else {
                         let b = b.to_dtype(a.dtype())?;
                         // Common exponents as exact ops; others as exp(b * ln a) (a > 0).
@@ -257,23 +221,13 @@ pub fn eval(
                         p.checked_rem(q)
                     } else {
                         // Python-style: the result takes the divisor's sign.
-                        p.checked_rem(q).map(|r| {
-                            if r != 0 && ((r < 0) != (q < 0)) {
-                                r + q
-                            } else {
-                                r
-                            }
-                        })
+                        p.checked_rem(q).map(|r| if r != 0 && ((r < 0) != (q < 0)) { r + q } else { r })
                     }
                 })?)
             } else {
                 let (a, b) = bcast2(node, a, b)?;
                 let q = (&a / &b)?;
-                let q = if fmod {
-                    q.sign()?.mul(&q.abs()?.floor()?)?
-                } else {
-                    q.floor()?
-                };
+                let q = if fmod { q.sign()?.mul(&q.abs()?.floor()?)? } else { q.floor()? };
                 one((a - q.mul(&b)?)?)
             }
         }
@@ -301,37 +255,20 @@ pub fn eval(
         "Not" => one(x()?.to_dtype(DType::U8)?.eq(0u8)?),
         "And" => {
             let (a, b) = bcast2(node, x()?, input(node, ins, 1)?)?;
-            one(a
-                .to_dtype(DType::U8)?
-                .mul(&b.to_dtype(DType::U8)?)?
-                .ne(0u8)?)
+            one(a.to_dtype(DType::U8)?.mul(&b.to_dtype(DType::U8)?)?.ne(0u8)?)
         }
         "Where" => {
             let c = x()?;
             let (a, b) = (input(node, ins, 1)?, input(node, ins, 2)?);
             let s = broadcast_shape(node, c.dims(), a.dims())?;
             let s = broadcast_shape(node, &s, b.dims())?;
-            let c = c
-                .to_dtype(DType::U8)?
-                .broadcast_as(s.as_slice())?
-                .contiguous()?;
+            let c = c.to_dtype(DType::U8)?.broadcast_as(s.as_slice())?.contiguous()?;
             let a = a.broadcast_as(s.as_slice())?.contiguous()?;
-            let b = b
-                .to_dtype(a.dtype())?
-                .broadcast_as(s.as_slice())?
-                .contiguous()?;
+            let b = b.to_dtype(a.dtype())?.broadcast_as(s.as_slice())?.contiguous()?;
             one(c.where_cond(&a, &b)?)
         }
-        "Neg" => one(if is_int(x()?) {
-            int_unary(x()?, |v| v.checked_neg())?
-        } else {
-            x()?.neg()?
-        }),
-        "Abs" => one(if is_int(x()?) {
-            int_unary(x()?, |v| v.checked_abs())?
-        } else {
-            x()?.abs()?
-        }),
+        "Neg" => one(if is_int(x()?) { int_unary(x()?, |v| v.checked_neg())? } else { x()?.neg()? }),
+        "Abs" => one(if is_int(x()?) { int_unary(x()?, |v| v.checked_abs())? } else { x()?.abs()? }),
         "Sign" => one(x()?.sign()?),
         "Exp" => one(x()?.exp()?),
         "Log" => one(x()?.log()?),
@@ -345,11 +282,7 @@ pub fn eval(
         "Tanh" => one(x()?.tanh()?),
         "Gelu" => {
             let t = x()?;
-            one(if at.string("approximate").as_deref() == Some("tanh") {
-                t.gelu()?
-            } else {
-                t.gelu_erf()?
-            })
+            one(if at.string("approximate").as_deref() == Some("tanh") { t.gelu()? } else { t.gelu_erf()? })
         }
         "HardSigmoid" => {
             let (a, b) = (at.float("alpha", 0.2) as f64, at.float("beta", 0.5) as f64);
@@ -362,20 +295,11 @@ pub fn eval(
         "Clip" => {
             let t = x()?;
             let (lo, hi) = if opset >= 11 {
-                let lo = opt_input(ins, 1)
-                    .map(to_f64s)
-                    .transpose()?
-                    .and_then(|v| v.first().copied());
-                let hi = opt_input(ins, 2)
-                    .map(to_f64s)
-                    .transpose()?
-                    .and_then(|v| v.first().copied());
+                let lo = opt_input(ins, 1).map(to_f64s).transpose()?.and_then(|v| v.first().copied());
+                let hi = opt_input(ins, 2).map(to_f64s).transpose()?.and_then(|v| v.first().copied());
                 (lo, hi)
             } else {
-                (
-                    at.has("min").then(|| at.float("min", 0.0) as f64),
-                    at.has("max").then(|| at.float("max", 0.0) as f64),
-                )
+                (at.has("min").then(|| at.float("min", 0.0) as f64), at.has("max").then(|| at.float("max", 0.0) as f64))
             };
             let mut t = t.clone();
             if let Some(lo) = lo {
@@ -388,8 +312,7 @@ pub fn eval(
         }
         "Cast" => {
             let to = at.int("to", 1);
-            let dt = dtype_of_code(to)
-                .ok_or_else(|| node_err(node, format!("cannot cast to ONNX type {to}")))?;
+            let dt = dtype_of_code(to).ok_or_else(|| node_err(node, format!("cannot cast to ONNX type {to}")))?;
             let t = x()?;
             // Float -> int truncates toward zero in ONNX; candle rounds, so truncate first.
             if dt == DType::I64 && t.dtype().is_float() {
@@ -403,44 +326,24 @@ pub fn eval(
             one(t.to_dtype(dt)?)
         }
         "Constant" => {
-            let a = node
-                .attribute
-                .first()
-                .ok_or_else(|| node_err(node, "Constant has no value attribute"))?;
+            let a = node.attribute.first().ok_or_else(|| node_err(node, "Constant has no value attribute"))?;
             let t = match a.name.as_str() {
-                "value" => from_proto(
-                    a.t.as_ref()
-                        .ok_or_else(|| node_err(node, "value without a tensor"))?,
-                    device,
-                )?,
+                "value" => from_proto(a.t.as_ref().ok_or_else(|| node_err(node, "value without a tensor"))?, device)?,
                 "value_float" => Tensor::new(a.f, device)?,
                 "value_floats" => Tensor::new(a.floats.as_slice(), device)?,
                 "value_int" => Tensor::new(a.i, device)?,
                 "value_ints" => Tensor::new(a.ints.as_slice(), device)?,
-                other => {
-                    return Err(node_err(
-                        node,
-                        format!("Constant attribute `{other}` is not supported"),
-                    ))
-                }
+                other => return Err(node_err(node, format!("Constant attribute `{other}` is not supported"))),
             };
             one(t)
         }
         "ConstantOfShape" => {
             let shape: Vec<usize> = to_i64s(x()?)?.iter().map(|&d| d.max(0) as usize).collect();
-            let value = match node
-                .attribute
-                .iter()
-                .find(|a| a.name == "value")
-                .and_then(|a| a.t.as_ref())
-            {
+            let value = match node.attribute.iter().find(|a| a.name == "value").and_then(|a| a.t.as_ref()) {
                 Some(t) => from_proto(t, device)?.flatten_all()?,
                 None => Tensor::new(&[0f32], device)?,
             };
-            one(value
-                .reshape(())?
-                .broadcast_as(shape.as_slice())?
-                .contiguous()?)
+            one(value.reshape(())?.broadcast_as(shape.as_slice())?.contiguous()?)
         }
         "Shape" => {
             let d: Vec<i64> = x()?.dims().iter().map(|&d| d as i64).collect();
@@ -448,21 +351,12 @@ pub fn eval(
             let clampi = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
             let start = clampi(at.int("start", 0));
             let end = clampi(at.int("end", r));
-            let v = if start < end {
-                d[start..end].to_vec()
-            } else {
-                vec![]
-            };
+            let v = if start < end { d[start..end].to_vec() } else { vec![] };
             one(Tensor::from_vec(v.clone(), v.len(), device)?)
         }
         "Size" => one(Tensor::new(x()?.elem_count() as i64, device)?),
         "Range" => {
-            let f = |i| -> Result<f64> {
-                Ok(to_f64s(input(node, ins, i)?)?
-                    .first()
-                    .copied()
-                    .unwrap_or(0.0))
-            };
+            let f = |i| -> Result<f64> { Ok(to_f64s(input(node, ins, i)?)?.first().copied().unwrap_or(0.0)) };
             let (s, l, d) = (f(0)?, f(1)?, f(2)?);
             if d == 0.0 {
                 return Err(node_err(node, "delta is 0"));
@@ -474,11 +368,7 @@ pub fn eval(
             let v: Vec<f64> = (0..n).map(|i| s + i as f64 * d).collect();
             let dt = x()?.dtype();
             if dt == DType::I64 {
-                one(Tensor::from_vec(
-                    v.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-                    n,
-                    device,
-                )?)
+                one(Tensor::from_vec(v.iter().map(|&x| x as i64).collect::<Vec<_>>(), n, device)?)
             } else {
                 one(Tensor::from_vec(v, n, device)?.to_dtype(dt)?)
             }
@@ -495,10 +385,7 @@ pub fn eval(
             let r = t.rank() as i64;
             let a = if axis < 0 { axis + r } else { axis };
             if a < 0 || a > r {
-                return Err(node_err(
-                    node,
-                    format!("axis {axis} out of range for rank {r}"),
-                ));
+                return Err(node_err(node, format!("axis {axis} out of range for rank {r}")));
             }
             let outer: usize = t.dims()[..a as usize].iter().product();
             let inner: usize = t.dims()[a as usize..].iter().product();
@@ -508,30 +395,18 @@ pub fn eval(
             let t = x()?;
             let axes = axes_of(node, ins, 1, opset >= 13)?;
             let axes: Vec<usize> = match axes {
-                Some(a) => a
-                    .iter()
-                    .map(|&a| norm_axis(node, a, t.rank()))
-                    .collect::<Result<_>>()?,
+                Some(a) => a.iter().map(|&a| norm_axis(node, a, t.rank())).collect::<Result<_>>()?,
                 None => (0..t.rank()).filter(|&i| t.dims()[i] == 1).collect(),
             };
-            let dims: Vec<usize> = t
-                .dims()
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| !axes.contains(i))
-                .map(|(_, &d)| d)
-                .collect();
+            let dims: Vec<usize> =
+                t.dims().iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
             one(t.reshape(dims.as_slice())?)
         }
         "Unsqueeze" => {
             let t = x()?;
-            let axes =
-                axes_of(node, ins, 1, opset >= 13)?.ok_or_else(|| node_err(node, "no axes"))?;
+            let axes = axes_of(node, ins, 1, opset >= 13)?.ok_or_else(|| node_err(node, "no axes"))?;
             let out_rank = t.rank() + axes.len();
-            let mut ax: Vec<usize> = axes
-                .iter()
-                .map(|&a| norm_axis(node, a, out_rank))
-                .collect::<Result<_>>()?;
+            let mut ax: Vec<usize> = axes.iter().map(|&a| norm_axis(node, a, out_rank)).collect::<Result<_>>()?;
             ax.sort_unstable();
             let mut dims = t.dims().to_vec();
             for a in ax {
@@ -568,15 +443,10 @@ pub fn eval(
             } else {
                 let k = at.int("num_outputs", n as i64).max(1) as usize;
                 let chunk = dim.div_ceil(k);
-                (0..k)
-                    .map(|i| chunk.min(dim.saturating_sub(i * chunk)))
-                    .collect()
+                (0..k).map(|i| chunk.min(dim.saturating_sub(i * chunk))).collect()
             };
             if sizes.iter().sum::<usize>() != dim {
-                return Err(node_err(
-                    node,
-                    format!("split sizes {sizes:?} do not add up to dimension {dim}"),
-                ));
+                return Err(node_err(node, format!("split sizes {sizes:?} do not add up to dimension {dim}")));
             }
             let mut out = Vec::new();
             let mut off = 0;
@@ -590,17 +460,11 @@ pub fn eval(
         "Transpose" => {
             let t = x()?;
             let perm: Vec<usize> = match at.ints("perm") {
-                Some(p) => p
-                    .iter()
-                    .map(|&a| norm_axis(node, a, t.rank()))
-                    .collect::<Result<_>>()?,
+                Some(p) => p.iter().map(|&a| norm_axis(node, a, t.rank())).collect::<Result<_>>()?,
                 None => (0..t.rank()).rev().collect(),
             };
             if perm.len() != t.rank() {
-                return Err(node_err(
-                    node,
-                    format!("perm {perm:?} does not match rank {}", t.rank()),
-                ));
+                return Err(node_err(node, format!("perm {perm:?} does not match rank {}", t.rank())));
             }
             one(t.permute(perm)?)
         }
@@ -614,10 +478,7 @@ pub fn eval(
                 .map(|&i| {
                     let j = if i < 0 { i + dim } else { i };
                     if j < 0 || j >= dim {
-                        Err(node_err(
-                            node,
-                            format!("index {i} out of range for dimension {dim}"),
-                        ))
+                        Err(node_err(node, format!("index {i} out of range for dimension {dim}")))
                     } else {
                         Ok(j as u32)
                     }
@@ -632,10 +493,7 @@ pub fn eval(
         }
         "Expand" => {
             let t = x()?;
-            let spec: Vec<usize> = to_i64s(input(node, ins, 1)?)?
-                .iter()
-                .map(|&d| d.max(0) as usize)
-                .collect();
+            let spec: Vec<usize> = to_i64s(input(node, ins, 1)?)?.iter().map(|&d| d.max(0) as usize).collect();
             let s = broadcast_shape(node, t.dims(), &spec)?;
             one(t.broadcast_as(s.as_slice())?.contiguous()?)
         }
@@ -662,11 +520,7 @@ pub fn eval(
         }
         "Softmax" => {
             let t = x()?;
-            let axis = norm_axis(
-                node,
-                at.int("axis", if opset >= 13 { -1 } else { 1 }),
-                t.rank(),
-            )?;
+            let axis = norm_axis(node, at.int("axis", if opset >= 13 { -1 } else { 1 }), t.rank())?;
             if opset < 13 {
                 // Older semantics: flatten to 2-D at `axis`, softmax over the inner part.
                 let outer: usize = t.dims()[..axis].iter().product();
@@ -687,9 +541,7 @@ pub fn eval(
             let scale = input(node, ins, 1)?;
             let inner: usize = t.dims()[axis..].iter().product();
             let outer_dims = &t.dims()[..axis];
-            let x2 = t
-                .contiguous()?
-                .reshape(((t.elem_count() / inner.max(1)), inner))?;
+            let x2 = t.contiguous()?.reshape(((t.elem_count() / inner.max(1)), inner))?;
             let scale = scale.flatten_all()?.broadcast_as(inner)?.contiguous()?;
             let bias = match opt_input(ins, 2) {
                 Some(b) => b.flatten_all()?.broadcast_as(inner)?.contiguous()?,
@@ -701,12 +553,7 @@ pub fn eval(
         }
         "BatchNormalization" => {
             let t = x()?;
-            let (s, b, m, v) = (
-                input(node, ins, 1)?,
-                input(node, ins, 2)?,
-                input(node, ins, 3)?,
-                input(node, ins, 4)?,
-            );
+            let (s, b, m, v) = (input(node, ins, 1)?, input(node, ins, 2)?, input(node, ins, 3)?, input(node, ins, 4)?);
             let eps = at.float("epsilon", 1e-5) as f64;
             let c = t.dims().get(1).copied().unwrap_or(1);
             let mut shape = vec![1; t.rank()];
@@ -715,9 +562,7 @@ pub fn eval(
             }
             let inv = (v + eps)?.sqrt()?.recip()?.mul(s)?;
             let shift = (b - m.mul(&inv)?)?;
-            one(t
-                .broadcast_mul(&inv.reshape(shape.as_slice())?)?
-                .broadcast_add(&shift.reshape(shape.as_slice())?)?)
+            one(t.broadcast_mul(&inv.reshape(shape.as_slice())?)?.broadcast_add(&shift.reshape(shape.as_slice())?)?)
         }
         "ReduceMean" | "ReduceSum" | "ReduceMax" => {
             let t = x()?;
@@ -725,10 +570,7 @@ pub fn eval(
             let axes = axes_of(node, ins, 1, from_input)?;
             let keep = at.int("keepdims", 1) == 1;
             let mut ax: Vec<usize> = match axes {
-                Some(a) if !a.is_empty() => a
-                    .iter()
-                    .map(|&a| norm_axis(node, a, t.rank()))
-                    .collect::<Result<_>>()?,
+                Some(a) if !a.is_empty() => a.iter().map(|&a| norm_axis(node, a, t.rank())).collect::<Result<_>>()?,
                 _ if at.int("noop_with_empty_axes", 0) == 1 => return one(t.clone()),
                 _ => (0..t.rank()).collect(),
             };
@@ -743,13 +585,8 @@ pub fn eval(
                 };
             }
             if !keep {
-                let dims: Vec<usize> = t
-                    .dims()
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !ax.contains(i))
-                    .map(|(_, &d)| d)
-                    .collect();
+                let dims: Vec<usize> =
+                    t.dims().iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect();
                 y = y.reshape(dims.as_slice())?;
             }
             one(y)
@@ -757,10 +594,7 @@ pub fn eval(
         "GlobalAveragePool" => {
             let t = x()?;
             if t.rank() < 3 {
-                return Err(node_err(
-                    node,
-                    format!("expected [N, C, ...], found {:?}", t.dims()),
-                ));
+                return Err(node_err(node, format!("expected [N, C, ...], found {:?}", t.dims())));
             }
             let (n, c) = (t.dims()[0], t.dims()[1]);
             let y = t.reshape((n, c, ()))?.mean_keepdim(2)?;
@@ -772,43 +606,21 @@ pub fn eval(
             let t = x()?;
             let k = at.ints("kernel_shape").unwrap_or_default();
             if t.rank() != 4 || k.len() != 2 {
-                return Err(node_err(
-                    node,
-                    "only 2-D pooling on [N, C, H, W] is supported",
-                ));
+                return Err(node_err(node, "only 2-D pooling on [N, C, H, W] is supported"));
             }
             let s = at.ints("strides").unwrap_or(vec![1, 1]);
             let pads = at.ints("pads").unwrap_or(vec![0; 4]);
-            let t = pad_spatial(
-                t,
-                &pads,
-                if node.op_type == "MaxPool" {
-                    f64::NEG_INFINITY
-                } else {
-                    0.0
-                },
-            )?;
-            let (k, s) = (
-                (k[0] as usize, k[1] as usize),
-                (s[0] as usize, s[1] as usize),
-            );
+            let t = pad_spatial(t, &pads, if node.op_type == "MaxPool" { f64::NEG_INFINITY } else { 0.0 })?;
+            let (k, s) = ((k[0] as usize, k[1] as usize), (s[0] as usize, s[1] as usize));
             one(if node.op_type == "MaxPool" {
                 t.max_pool2d_with_stride(k, s)?
             } else {
                 t.avg_pool2d_with_stride(k, s)?
             })
         }
-        "Conv" => one(super::conv::conv(
-            node,
-            x()?,
-            input(node, ins, 1)?,
-            opt_input(ins, 2),
-        )?),
+        "Conv" => one(super::conv::conv(node, x()?, input(node, ins, 1)?, opt_input(ins, 2))?),
         "Pad" => one(pad(node, ins, opset)?),
-        other => Err(node_err(
-            node,
-            format!("op type `{other}` is not supported"),
-        )),
+        other => Err(node_err(node, format!("op type `{other}` is not supported"))),
     }
 }
 
@@ -819,12 +631,7 @@ fn int_unary(t: &Tensor, f: impl Fn(i64) -> Option<i64>) -> Result<Tensor> {
 }
 
 /// Axes from the input (opset >= 13 style) or the `axes` attribute.
-fn axes_of(
-    node: &NodeProto,
-    ins: &[Option<Tensor>],
-    idx: usize,
-    from_input: bool,
-) -> Result<Option<Vec<i64>>> {
+fn axes_of(node: &NodeProto, ins: &[Option<Tensor>], idx: usize, from_input: bool) -> Result<Option<Vec<i64>>> {
     if from_input {
         if let Some(t) = opt_input(ins, idx) {
             return Ok(Some(to_i64s(t)?));
@@ -834,12 +641,7 @@ fn axes_of(
 }
 
 /// ONNX Reshape's shape spec (0 copies, -1 infers) to concrete dims.
-fn reshape_dims(
-    node: &NodeProto,
-    dims: &[usize],
-    spec: &[i64],
-    allowzero: bool,
-) -> Result<Vec<usize>> {
+fn reshape_dims(node: &NodeProto, dims: &[usize], spec: &[i64], allowzero: bool) -> Result<Vec<usize>> {
     let total: usize = dims.iter().product();
     let mut out = Vec::with_capacity(spec.len());
     let mut infer = None;
@@ -851,12 +653,11 @@ fn reshape_dims(
                 }
                 out.push(1);
             }
-            0 if !allowzero => out.push(*dims.get(i).ok_or_else(|| {
-                node_err(
-                    node,
-                    format!("0 at position {i} but the input has rank {}", dims.len()),
-                )
-            })?),
+            0 if !allowzero => {
+                out.push(*dims.get(i).ok_or_else(|| {
+                    node_err(node, format!("0 at position {i} but the input has rank {}", dims.len()))
+                })?)
+            }
             s if s < 0 => return Err(node_err(node, format!("invalid dimension {s}"))),
             s => out.push(s as usize),
         }
@@ -864,18 +665,12 @@ fn reshape_dims(
     if let Some(i) = infer {
         let known: usize = out.iter().product();
         if known == 0 || !total.is_multiple_of(known) {
-            return Err(node_err(
-                node,
-                format!("cannot reshape {dims:?} to {spec:?}"),
-            ));
+            return Err(node_err(node, format!("cannot reshape {dims:?} to {spec:?}")));
         }
         out[i] = total / known;
     }
     if out.iter().product::<usize>() != total {
-        return Err(node_err(
-            node,
-            format!("cannot reshape {dims:?} ({total} elements) to {spec:?}"),
-        ));
+        return Err(node_err(node, format!("cannot reshape {dims:?} ({total} elements) to {spec:?}")));
     }
     Ok(out)
 }
@@ -884,27 +679,11 @@ fn reshape_dims(
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     if a.rank() == 1 || b.rank() == 1 {
-        let a2 = if a.rank() == 1 {
-            a.unsqueeze(0)?
-        } else {
-            a.clone()
-        };
-        let b2 = if b.rank() == 1 {
-            b.unsqueeze(1)?
-        } else {
-            b.clone()
-        };
+        let a2 = if a.rank() == 1 { a.unsqueeze(0)? } else { a.clone() };
+        let b2 = if b.rank() == 1 { b.unsqueeze(1)? } else { b.clone() };
         let y = matmul(&a2, &b2)?;
-        let y = if a.rank() == 1 {
-            y.squeeze(y.rank() - 2)?
-        } else {
-            y
-        };
-        return Ok(if b.rank() == 1 {
-            y.squeeze(y.rank() - 1)?
-        } else {
-            y
-        });
+        let y = if a.rank() == 1 { y.squeeze(y.rank() - 2)? } else { y };
+        return Ok(if b.rank() == 1 { y.squeeze(y.rank() - 1)? } else { y });
     }
     if b.rank() == 2 && a.rank() > 2 {
         let k = a.dims()[a.rank() - 1];
@@ -933,11 +712,7 @@ fn pad_axis(t: &Tensor, axis: usize, begin: i64, end: i64, value: f64) -> Result
     let mut y = t.clone();
     if begin < 0 {
         let b = (-begin) as usize;
-        y = y.narrow(
-            axis,
-            b.min(y.dims()[axis]),
-            y.dims()[axis].saturating_sub(b),
-        )?;
+        y = y.narrow(axis, b.min(y.dims()[axis]), y.dims()[axis].saturating_sub(b))?;
     }
     if end < 0 {
         let e = (-end) as usize;
@@ -956,11 +731,7 @@ fn pad_axis(t: &Tensor, axis: usize, begin: i64, end: i64, value: f64) -> Result
     if end > 0 {
         parts.push(block(end as usize)?);
     }
-    Ok(if parts.len() == 1 {
-        y
-    } else {
-        Tensor::cat(&parts, axis)?
-    })
+    Ok(if parts.len() == 1 { y } else { Tensor::cat(&parts, axis)? })
 }
 
 fn pad(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tensor> {
@@ -970,35 +741,19 @@ fn pad(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tensor> {
     let mode = at.string("mode").unwrap_or_else(|| "constant".into());
     let (pads, value, axes) = if opset >= 11 {
         let pads = to_i64s(input(node, ins, 1)?)?;
-        let value = opt_input(ins, 2)
-            .map(to_f64s)
-            .transpose()?
-            .and_then(|v| v.first().copied())
-            .unwrap_or(0.0);
+        let value = opt_input(ins, 2).map(to_f64s).transpose()?.and_then(|v| v.first().copied()).unwrap_or(0.0);
         let axes = match opt_input(ins, 3) {
-            Some(a) => to_i64s(a)?
-                .iter()
-                .map(|&a| norm_axis(node, a, r))
-                .collect::<Result<Vec<_>>>()?,
+            Some(a) => to_i64s(a)?.iter().map(|&a| norm_axis(node, a, r)).collect::<Result<Vec<_>>>()?,
             None => (0..r).collect(),
         };
         (pads, value, axes)
     } else {
-        (
-            at.ints("pads").unwrap_or_default(),
-            at.float("value", 0.0) as f64,
-            (0..r).collect(),
-        )
+        (at.ints("pads").unwrap_or_default(), at.float("value", 0.0) as f64, (0..r).collect())
     };
     if pads.len() != 2 * axes.len() {
         return Err(node_err(
             node,
-            format!(
-                "pads has {} values, expected {} for {} axes",
-                pads.len(),
-                2 * axes.len(),
-                axes.len()
-            ),
+            format!("pads has {} values, expected {} for {} axes", pads.len(), 2 * axes.len(), axes.len()),
         ));
     }
     let n = axes.len();
@@ -1013,10 +768,7 @@ fn pad(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tensor> {
             "reflect" | "edge" => {
                 let dim = y.dims()[axis] as i64;
                 if b < 0 || e < 0 || dim == 0 || (mode == "reflect" && (b >= dim || e >= dim)) {
-                    return Err(node_err(
-                        node,
-                        format!("{mode} padding {b},{e} does not fit dimension {dim}"),
-                    ));
+                    return Err(node_err(node, format!("{mode} padding {b},{e} does not fit dimension {dim}")));
                 }
                 let idx: Vec<u32> = (-b..dim + e)
                     .map(|i| {
@@ -1035,12 +787,7 @@ fn pad(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tensor> {
                 let ids = Tensor::from_vec(idx.clone(), idx.len(), y.device())?;
                 y.contiguous()?.index_select(&ids, axis)?
             }
-            other => {
-                return Err(node_err(
-                    node,
-                    format!("pad mode `{other}` is not supported"),
-                ))
-            }
+            other => return Err(node_err(node, format!("pad mode `{other}` is not supported"))),
         };
     }
     Ok(y)
@@ -1057,20 +804,12 @@ fn slice(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tensor>
         let steps = opt_input(ins, 4).map(to_i64s).transpose()?;
         (starts, ends, axes, steps)
     } else {
-        (
-            at.ints("starts").unwrap_or_default(),
-            at.ints("ends").unwrap_or_default(),
-            at.ints("axes"),
-            None,
-        )
+        (at.ints("starts").unwrap_or_default(), at.ints("ends").unwrap_or_default(), at.ints("axes"), None)
     };
     let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
     let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
     if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
-        return Err(node_err(
-            node,
-            "starts, ends, axes and steps differ in length",
-        ));
+        return Err(node_err(node, "starts, ends, axes and steps differ in length"));
     }
     let mut y = t.clone();
     for i in 0..starts.len() {

@@ -7,10 +7,7 @@ use candle_onnx::onnx::{tensor_proto::DataType, TensorProto};
 use crate::error::{Error, Result};
 
 fn bad(name: &str, msg: String) -> Error {
-    Error::Shape {
-        name: name.to_string(),
-        msg,
-    }
+    Error::Shape { name: name.to_string(), msg }
 }
 
 /// Converts an ONNX tensor to a candle tensor on `device` (float16/bfloat16 become f32, int32/int8/int16
@@ -18,16 +15,17 @@ fn bad(name: &str, msg: String) -> Error {
 pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
     let name = t.name.as_str();
     if t.data_location == 1 {
-        return Err(bad(name, "stored as external data, which automm does not read; re-export with the weights inside the .onnx file".into()));
+        return Err(bad(
+            name,
+            "stored as external data, which automm does not read; re-export with the weights inside the .onnx file"
+                .into(),
+        ));
     }
     let mut dims = Vec::with_capacity(t.dims.len());
     let mut numel: usize = 1;
     for &d in &t.dims {
         if d < 0 {
-            return Err(bad(
-                name,
-                format!("negative dimension {d} in dims {:?}", t.dims),
-            ));
+            return Err(bad(name, format!("negative dimension {d} in dims {:?}", t.dims)));
         }
         numel = numel
             .checked_mul(d as usize)
@@ -35,19 +33,13 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
             .ok_or_else(|| bad(name, format!("dims {:?} are too large", t.dims)))?;
         dims.push(d as usize);
     }
-    let dt = DataType::try_from(t.data_type)
-        .map_err(|_| bad(name, format!("unknown data type {}", t.data_type)))?;
+    let dt = DataType::try_from(t.data_type).map_err(|_| bad(name, format!("unknown data type {}", t.data_type)))?;
     let raw = t.raw_data.as_slice();
     let check_raw = |width: usize| -> Result<()> {
         if raw.len() != numel * width {
             Err(bad(
                 name,
-                format!(
-                    "holds {} bytes of data but dims {:?} need {} bytes",
-                    raw.len(),
-                    t.dims,
-                    numel * width
-                ),
+                format!("holds {} bytes of data but dims {:?} need {} bytes", raw.len(), t.dims, numel * width),
             ))
         } else {
             Ok(())
@@ -55,10 +47,7 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
     };
     let check_len = |len: usize| -> Result<()> {
         if len != numel {
-            Err(bad(
-                name,
-                format!("holds {len} values but dims {:?} need {numel}", t.dims),
-            ))
+            Err(bad(name, format!("holds {len} values but dims {:?} need {numel}", t.dims)))
         } else {
             Ok(())
         }
@@ -70,10 +59,7 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
                 Tensor::from_slice(&t.float_data, dims.as_slice(), device)?
             } else {
                 check_raw(4)?;
-                let v: Vec<f32> = raw
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
+                let v: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
                 Tensor::from_vec(v, dims.as_slice(), device)?
             }
         }
@@ -83,9 +69,7 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
                 t.double_data.clone()
             } else {
                 check_raw(8)?;
-                raw.chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                    .collect()
+                raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
             };
             Tensor::from_vec(v, dims.as_slice(), device)?
         }
@@ -95,9 +79,7 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
                 t.int64_data.clone()
             } else {
                 check_raw(8)?;
-                raw.chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                    .collect()
+                raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
             };
             Tensor::from_vec(v, dims.as_slice(), device)?
         }
@@ -109,21 +91,15 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
                 match dt {
                     DataType::Int32 => {
                         check_raw(4)?;
-                        raw.chunks_exact(4)
-                            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
-                            .collect()
+                        raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()
                     }
                     DataType::Int16 => {
                         check_raw(2)?;
-                        raw.chunks_exact(2)
-                            .map(|c| i16::from_le_bytes([c[0], c[1]]) as i64)
-                            .collect()
+                        raw.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as i64).collect()
                     }
                     DataType::Uint16 => {
                         check_raw(2)?;
-                        raw.chunks_exact(2)
-                            .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64)
-                            .collect()
+                        raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as i64).collect()
                     }
                     _ => {
                         check_raw(1)?;
@@ -146,15 +122,10 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
         DataType::Float16 | DataType::Bfloat16 => {
             let v: Vec<f32> = if !t.int32_data.is_empty() || raw.is_empty() {
                 check_len(t.int32_data.len())?;
-                t.int32_data
-                    .iter()
-                    .map(|&x| half_to_f32(x as u16, dt))
-                    .collect()
+                t.int32_data.iter().map(|&x| half_to_f32(x as u16, dt)).collect()
             } else {
                 check_raw(2)?;
-                raw.chunks_exact(2)
-                    .map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]]), dt))
-                    .collect()
+                raw.chunks_exact(2).map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]]), dt)).collect()
             };
             Tensor::from_vec(v, dims.as_slice(), device)?
         }

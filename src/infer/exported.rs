@@ -1,0 +1,125 @@
+//! Running an exported `.onnx` (written by `automm export`) on images: class labels and preprocessing come
+//! from its metadata; ONNX Runtime by default, our candle importer when asked or when ORT is missing.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use super::ort::{Feed, OrtSession};
+use super::EngineKind;
+use crate::backbone::progress;
+use crate::error::{Error, Result};
+use crate::export::{ExportKind, ExportMeta, PROBABILITIES};
+use crate::onnx::{read_model, Graph};
+use crate::predict::Predictions;
+
+enum Runner {
+    Ort(OrtSession),
+    Candle(Graph),
+}
+
+/// An exported model ready to predict.
+pub struct ExportedModel {
+    /// Its metadata.
+    pub meta: ExportMeta,
+    /// The engine in use.
+    pub engine: EngineKind,
+    runner: Runner,
+    path: PathBuf,
+}
+
+impl ExportedModel {
+    /// Opens `path` on `engine` (None: ORT when its library is found, else candle, logged once).
+    pub fn open(path: &Path, engine: Option<EngineKind>, threads: usize) -> Result<ExportedModel> {
+        let proto = read_model(path)?;
+        let what = path.display().to_string();
+        let meta = ExportMeta::read(&proto, &what)?;
+        if meta.kind == ExportKind::HeadOnly {
+            return Err(Error::onnx(
+                what,
+                "this is a head-only export (input: features); predict on images needs a merged export",
+            ));
+        }
+        let engine = match engine {
+            Some(e) => e,
+            None => match super::ort::locate() {
+                Ok(_) => EngineKind::Ort,
+                Err(e) => {
+                    tracing::warn!("using the candle engine: {e}");
+                    EngineKind::Candle
+                }
+            },
+        };
+        let runner = match engine {
+            EngineKind::Ort => Runner::Ort(OrtSession::open(path, threads)?),
+            EngineKind::Candle => {
+                Runner::Candle(Graph::from_model(&proto, &what, &Device::Cpu, Some(vec![PROBABILITIES.to_string()]))?)
+            }
+        };
+        Ok(ExportedModel { meta, engine, runner, path: path.to_path_buf() })
+    }
+
+    /// Probabilities `[N, C]` (row-major) for image files, `batch` at a time.
+    pub fn predict_files(&self, files: &[(PathBuf, Option<usize>)], batch: usize, quiet: bool) -> Result<Predictions> {
+        let pp = &self.meta.preprocess;
+        let s = pp.size as usize;
+        let k = self.meta.classes.len();
+        let pb = progress(files.len() as u64, "predict", quiet);
+        let mut probs = Vec::with_capacity(files.len() * k);
+        for chunk in files.chunks(batch.max(1)) {
+            let n = chunk.len();
+            let feed = if self.meta.kind == ExportKind::WithPreprocessing {
+                let parts: Result<Vec<Vec<u8>>> = chunk
+                    .iter()
+                    .map(|(p, r)| {
+                        let bytes = std::fs::read(p).map_err(|e| Error::Image {
+                            path: p.clone(),
+                            row: *r,
+                            msg: format!("cannot read: {e}"),
+                        })?;
+                        let img = crate::data::image::decode_bytes(&bytes, p, *r)?;
+                        Ok(pp.resize_crop(&img).into_raw())
+                    })
+                    .collect();
+                Feed::U8(vec![n, s, s, 3], parts?.concat())
+            } else {
+                let refs: Vec<(&Path, Option<usize>)> = chunk.iter().map(|(p, r)| (p.as_path(), *r)).collect();
+                Feed::F32(vec![n, 3, s, s], pp.files_to_batch(&refs)?)
+            };
+            probs.extend(self.run(feed)?);
+            pb.inc(n as u64);
+        }
+        pb.finish_and_clear();
+        let preds = probs
+            .chunks(k.max(1))
+            .map(|row| {
+                row.iter().enumerate().fold((0usize, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
+            })
+            .collect();
+        Ok(Predictions { probs, preds })
+    }
+
+    /// Runs one batch and returns the probabilities, row-major.
+    pub fn run(&self, feed: Feed) -> Result<Vec<f32>> {
+        let input = self.meta.input.as_str();
+        match &self.runner {
+            Runner::Ort(s) => {
+                let outs = s.run(vec![(input, feed)])?;
+                let i = s
+                    .outputs
+                    .iter()
+                    .position(|o| o == PROBABILITIES)
+                    .ok_or_else(|| Error::onnx(self.path.display().to_string(), "no `probabilities` output"))?;
+                Ok(outs.into_iter().nth(i).map(|(_, d)| d).unwrap_or_default())
+            }
+            Runner::Candle(g) => {
+                let t = match feed {
+                    Feed::F32(shape, d) => Tensor::from_vec(d, shape, &Device::Cpu)?,
+                    Feed::U8(shape, d) => Tensor::from_vec(d, shape, &Device::Cpu)?,
+                };
+                let y = g.run(&[(input, t)])?.remove(0);
+                Ok(y.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+}

@@ -42,6 +42,14 @@ pub enum Command {
     Export(ExportArgs),
     /// Show what automm finds on this machine: ONNX Runtime, CUDA, threads.
     Doctor,
+    /// Serve a model over gRPC with dynamic batching.
+    Serve(ServeArgs),
+    /// The whole product in one offline command: generated imbalanced data, cross-entropy vs focal loss,
+    /// export with verification, gRPC serving and client predictions.
+    Demo(DemoArgs),
+    /// Call an automm server.
+    #[command(subcommand)]
+    Client(ClientCommand),
 }
 
 #[derive(Args, Debug)]
@@ -156,6 +164,138 @@ pub struct ExportArgs {
     pub verify_images: usize,
 }
 
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// An exported merged .onnx (`automm export`), or a model folder (exported on start).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// gRPC address (loopback unless told otherwise).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: std::net::SocketAddr,
+    /// Most items per executed batch.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch_size: usize,
+    /// Longest wait of the oldest queued request for a fuller batch, microseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub max_queue_delay_us: u64,
+    /// Most queued requests; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queue_size: usize,
+    /// Largest request message, bytes (bigger -> RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_request_bytes: usize,
+    /// Prometheus metrics address (GET /metrics).
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// TLS certificate (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// File holding the bearer token clients must send.
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
+    /// Engine: ort (default when ONNX Runtime is found) or candle.
+    #[arg(long, value_enum)]
+    pub engine: Option<EngineKind>,
+    /// ORT intra-op threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Folder Fit may read tables and images from (Fit is off without it).
+    #[arg(long)]
+    pub data_root: Option<PathBuf>,
+    /// Backbone ONNX that Fit trains on (Fit is off without it).
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
+    /// Folder for Fit runs and exports.
+    #[arg(long, default_value = "runs/serve")]
+    pub work_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Backbone ONNX (default: models/efficientnet_lite0.onnx when made, else the committed Swin fixture).
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
+    /// Normalisation (default: symmetric for EfficientNet-Lite files, else imagenet).
+    #[arg(long)]
+    pub normalization: Option<String>,
+    /// Your own table instead of generated data (split 80/20 into train and test).
+    #[arg(long, requires = "label")]
+    pub data: Option<PathBuf>,
+    /// Label column of --data.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Work folder.
+    #[arg(long, default_value = "runs/demo")]
+    pub work_dir: PathBuf,
+    /// Epochs per training run.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Server URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// File holding the bearer token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for https:// servers.
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Predict a table of images through the server and write a CSV like `automm predict`.
+    Predict {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Table of images.
+        #[arg(long)]
+        data: PathBuf,
+        /// Output CSV.
+        #[arg(long)]
+        output: PathBuf,
+        /// Images per request.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+    },
+    /// Train on the server (paths relative to its --data-root) and hot-swap the new model in.
+    Fit {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Training table, relative to the server's data root.
+        #[arg(long)]
+        train_data: String,
+        /// Label column.
+        #[arg(long)]
+        label: String,
+        /// Validation table, relative to the server's data root.
+        #[arg(long)]
+        tuning_data: Option<String>,
+        /// Hyperparameter KEY=VALUE (repeatable).
+        #[arg(long = "hp")]
+        hp: Vec<String>,
+    },
+    /// Check the server's health.
+    Health {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Describe the served model.
+    Info {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 pub enum OnnxCommand {
     /// Run a model on an .npy input and write the first output as .npy.
@@ -207,6 +347,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Predict(a) => cmd_predict(a),
         Command::Export(a) => cmd_export(a),
         Command::Doctor => cmd_doctor(),
+        Command::Serve(a) => cmd_serve(a),
+        Command::Demo(a) => cmd_demo(a),
+        Command::Client(c) => tokio::runtime::Runtime::new()?.block_on(cmd_client(c)),
         Command::Onnx(OnnxCommand::Run { model, input, output, tensor, engine }) => {
             onnx_run(&model, &input, &output, tensor, engine)
         }
@@ -458,5 +601,204 @@ fn onnx_run(
     y.write_npy(&tmp)?;
     std::fs::rename(&tmp, output)?;
     println!("wrote {} {:?}", output.display(), y.dims());
+    Ok(())
+}
+
+fn cmd_serve(a: ServeArgs) -> Result<()> {
+    let auth_token = match &a.auth_token_file {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
+        }
+        None => None,
+    };
+    let cfg = automm::server::ServeConfig {
+        model: a.model,
+        listen: a.listen,
+        metrics_listen: a.metrics_listen,
+        batch: automm::server::batcher::BatchConfig {
+            max_batch_size: a.max_batch_size.max(1),
+            max_queue_delay: std::time::Duration::from_micros(a.max_queue_delay_us),
+            max_queue_size: a.max_queue_size.max(1),
+        },
+        engine: a.engine,
+        threads: a.threads,
+        tls: a.tls_cert.zip(a.tls_key),
+        auth_token,
+        max_request_bytes: a.max_request_bytes,
+        data_root: a.data_root,
+        backbone: a.backbone,
+        work_dir: a.work_dir,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if let Ok(r) = rx.await {
+                let r: automm::server::Running = r;
+                eprintln!(
+                    "automm serving on {}{}",
+                    r.addr,
+                    r.metrics_addr.map(|m| format!(", metrics on http://{m}/metrics")).unwrap_or_default()
+                );
+            }
+        });
+        automm::server::serve(cfg, shutdown_signal(), Some(tx)).await
+    })?;
+    eprintln!("automm: stopped after draining the queue");
+    Ok(())
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+async fn connect(s: &ServerArgs) -> Result<automm::client::Client> {
+    let token = match &s.token_file {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
+        }
+        None => None,
+    };
+    let ca = match &s.ca_cert {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    Ok(automm::client::Client::connect(&s.server, token.as_deref(), ca.as_deref()).await?)
+}
+
+async fn cmd_client(c: ClientCommand) -> Result<()> {
+    match c {
+        ClientCommand::Health { server } => {
+            let ok = connect(&server).await?.health("").await?;
+            println!("{}", if ok { "SERVING" } else { "NOT_SERVING" });
+            if !ok {
+                anyhow::bail!("the server is not serving");
+            }
+        }
+        ClientCommand::Info { server } => {
+            let i = connect(&server).await?.model_info().await?;
+            println!(
+                "version {}  engine {}  input `{}` [N, 3, {}, {}]  max batch {}",
+                i.version, i.engine, i.input_name, i.input_size, i.input_size, i.max_batch_size
+            );
+            println!("classes {:?}\npreprocessing {}", i.classes, i.preprocessing_json);
+        }
+        ClientCommand::Predict { server, data, output, batch_size } => {
+            let client = connect(&server).await?;
+            let info = client.model_info().await?;
+            let table = Table::load(&data, None, None)?;
+            table.check_files()?;
+            let pb = automm::backbone::progress(table.rows.len() as u64, "predict", false);
+            let k = info.classes.len();
+            let (mut probs, mut preds) = (Vec::new(), Vec::new());
+            for chunk in table.rows.chunks(batch_size.max(1)) {
+                let images: Vec<Vec<u8>> = chunk
+                    .iter()
+                    .map(|r| std::fs::read(&r.image).with_context(|| format!("reading {}", r.image.display())))
+                    .collect::<Result<_>>()?;
+                let resp = client.predict(images).await?;
+                for p in resp.predictions {
+                    if p.probabilities.len() != k {
+                        anyhow::bail!("the server returned {} probabilities for {k} classes", p.probabilities.len());
+                    }
+                    probs.extend(p.probabilities);
+                    preds.push(p.class_index as u32);
+                }
+                pb.inc(chunk.len() as u64);
+            }
+            pb.finish_and_clear();
+            write_predictions(&table, &info.classes, &automm::predict::Predictions { probs, preds }, &output)?;
+            println!("wrote {} predictions to {} (model version {})", table.rows.len(), output.display(), info.version);
+        }
+        ClientCommand::Fit { server, train_data, label, tuning_data, hp } => {
+            let client = connect(&server).await?;
+            let mut hps = std::collections::HashMap::new();
+            for kv in &hp {
+                let (k, v) = kv.split_once('=').with_context(|| format!("--hp {kv}: expected KEY=VALUE"))?;
+                hps.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            let pb = indicatif::ProgressBar::new_spinner();
+            pb.enable_steady_tick(std::time::Duration::from_millis(200));
+            let req = automm::proto::FitRequest {
+                train_data,
+                label,
+                tuning_data: tuning_data.unwrap_or_default(),
+                hyperparameters: hps,
+                ..Default::default()
+            };
+            let r = client
+                .fit_request(req, &mut |ev| match &ev.event {
+                    Some(automm::proto::fit_event::Event::Phase(p)) => pb.set_message(format!("phase: {p}")),
+                    Some(automm::proto::fit_event::Event::Epoch(e)) => pb.set_message(format!(
+                        "epoch {} loss {:.4} {} {:.3}",
+                        e.epoch, e.train_loss, e.val_metric, e.val_score
+                    )),
+                    _ => {}
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("Fit failed: {:?}: {}", s.code(), s.message()))?;
+            pb.finish_and_clear();
+            println!("new model version {} (best epoch {})", r.model_version, r.best_epoch);
+            let mut m: Vec<_> = r.metrics.into_iter().collect();
+            m.sort_by(|a, b| a.0.cmp(&b.0));
+            for (k, v) in m {
+                println!("{k:<18} {v:.4}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_demo(a: DemoArgs) -> Result<()> {
+    let opts = automm::demo::DemoOptions {
+        work_dir: a.work_dir,
+        backbone: a.backbone,
+        normalization: a.normalization.as_deref().map(Normalization::parse).transpose()?,
+        data: a.data.zip(a.label),
+        epochs: a.epochs,
+        quiet: a.quiet,
+        ..Default::default()
+    };
+    let r = automm::demo::run(&opts, |line| eprintln!("==> {line}"))?;
+    println!("\nTest-set results (backbone {}):\n", r.backbone.display());
+    print!("{}", automm::demo::comparison_table(&r));
+    let i = r.focal.classes.iter().position(|c| *c == r.minority).unwrap_or(0);
+    let (ce, fo) = (r.cross_entropy.per_class_recall[i], r.focal.per_class_recall[i]);
+    println!(
+        "\nminority class `{}`: recall {:.3} with cross-entropy, {:.3} with focal loss ({})",
+        r.minority,
+        ce,
+        fo,
+        if fo > ce { "focal loss raised it" } else { "focal loss did NOT raise it on this run" }
+    );
+    println!(
+        "server ({} engine) vs local predictions: max |probability difference| {:.2e}, labels {}",
+        r.server_engine,
+        r.server_max_abs_diff,
+        if r.server_labels_equal { "identical" } else { "DIFFER" }
+    );
+    println!("\nartefacts:");
+    for (what, p) in &r.artefacts {
+        println!("  {what:<28} {}", p.display());
+    }
+    println!("\ndone in {:.0}s", r.seconds);
+    if !r.server_labels_equal || r.server_max_abs_diff > 1e-4 {
+        anyhow::bail!("served predictions differ from local ones");
+    }
     Ok(())
 }

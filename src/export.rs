@@ -440,7 +440,7 @@ pub fn export(model: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
     } else {
         None
     };
-    tmp.persist(output).map_err(|e| Error::io(output, e.error))?;
+    crate::model::persist(tmp, output)?;
     let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     Ok(ExportReport { path: output.to_path_buf(), bytes, verification })
 }

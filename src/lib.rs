@@ -6,8 +6,10 @@
 //! predictions ([`predict`]).
 
 pub mod backbone;
+pub mod client;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod export;
 pub mod infer;
@@ -16,8 +18,17 @@ pub mod metrics;
 pub mod model;
 pub mod onnx;
 pub mod predict;
+pub mod server;
 pub mod synth;
 pub mod train;
 pub mod verify;
 
 pub use error::{Error, Result};
+
+/// Generated gRPC types and services of `proto/automm/v1/automm.proto`.
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("automm.v1");
+    /// The encoded file descriptor set, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("automm_descriptor");
+}

@@ -1,0 +1,567 @@
+//! The gRPC server (`automm serve`): the `automm.v1.Inference` service over shared state in an `Arc`
+//! (the served model behind a lock for hot swaps, the dynamic batcher, metrics), plus grpc.health.v1,
+//! server reflection, optional TLS and bearer-token auth, and a Prometheus metrics endpoint.
+
+pub mod batcher;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use self::batcher::{BatchConfig, Batcher, Job};
+use self::metrics::Metrics;
+use crate::data::Preprocess;
+use crate::error::{Error, Result};
+use crate::export::{ExportKind, ExportOptions};
+use crate::infer::exported::ExportedModel;
+use crate::infer::EngineKind;
+use crate::proto::inference_server::{Inference, InferenceServer};
+use crate::proto::{
+    fit_event, EpochEvent, FitEvent, FitRequest, FitResult, GetModelRequest, ModelInfo, PredictRequest,
+    PredictResponse, Prediction,
+};
+
+/// A model being served.
+pub struct ServingModel {
+    /// Version string (changes on every hot swap).
+    pub version: String,
+    /// The runner.
+    pub model: ExportedModel,
+    /// Class labels.
+    pub classes: Vec<String>,
+    /// Input side.
+    pub input_size: usize,
+    /// Preprocessing for encoded images.
+    pub preprocess: Preprocess,
+    /// Training metrics as JSON, when known.
+    pub metrics_json: String,
+}
+
+impl ServingModel {
+    /// Opens an exported model file.
+    pub fn open(
+        path: &Path,
+        engine: Option<EngineKind>,
+        threads: usize,
+        version: String,
+        metrics_json: String,
+    ) -> Result<Self> {
+        let model = ExportedModel::open(path, engine, threads)?;
+        if model.meta.kind != ExportKind::Merged {
+            return Err(Error::onnx(
+                path.display().to_string(),
+                format!("serve needs a merged export (automm export without --head-only/--with-preprocessing); this one is {}", model.meta.kind.name()),
+            ));
+        }
+        Ok(ServingModel {
+            version,
+            classes: model.meta.classes.clone(),
+            input_size: model.meta.preprocess.size as usize,
+            preprocess: model.meta.preprocess.clone(),
+            model,
+            metrics_json,
+        })
+    }
+}
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Model: an exported merged `.onnx`, or a model folder (exported on start).
+    pub model: PathBuf,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Prometheus listen address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Batching.
+    pub batch: BatchConfig,
+    /// Engine (None: ORT when found, else candle).
+    pub engine: Option<EngineKind>,
+    /// ORT intra-op threads (0 = all cores).
+    pub threads: usize,
+    /// PEM certificate and key for TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Bearer token required on Inference calls.
+    pub auth_token: Option<String>,
+    /// Largest request message, bytes.
+    pub max_request_bytes: usize,
+    /// Folder that Fit may read tables and images from.
+    pub data_root: Option<PathBuf>,
+    /// Backbone ONNX that Fit trains on.
+    pub backbone: Option<PathBuf>,
+    /// Folder for Fit's runs and exports.
+    pub work_dir: PathBuf,
+}
+
+/// Shared state behind the service.
+pub struct State {
+    current: RwLock<Arc<ServingModel>>,
+    batcher: std::sync::Mutex<Batcher>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    cfg: ServeConfig,
+    fit_lock: Arc<tokio::sync::Mutex<()>>,
+    fits: std::sync::atomic::AtomicU64,
+}
+
+impl State {
+    /// The model new requests use.
+    pub fn current(&self) -> Arc<ServingModel> {
+        self.current.read().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn swap(&self, m: ServingModel) {
+        let m = Arc::new(m);
+        match self.current.write() {
+            Ok(mut g) => *g = m,
+            Err(p) => *p.into_inner() = m,
+        }
+    }
+
+    fn submit(&self, job: Job) -> std::result::Result<(), Status> {
+        self.batcher.lock().map_err(|_| Status::internal("batcher lock poisoned"))?.submit(job)
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct Service {
+    state: Arc<State>,
+}
+
+/// Parses the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn to_status(e: Error) -> Status {
+    match e {
+        Error::Config { .. } | Error::Table { .. } | Error::Image { .. } | Error::Shape { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+impl Service {
+    async fn predict_inner(
+        &self,
+        req: Request<PredictRequest>,
+    ) -> std::result::Result<Response<PredictResponse>, Status> {
+        let deadline = grpc_timeout(&req).map(|d| Instant::now() + d);
+        let model = self.state.current();
+        let req = req.into_inner();
+        let s = model.input_size;
+        let (data, n) = match (req.images.is_empty(), req.tensor) {
+            (false, Some(_)) => return Err(Status::invalid_argument("give either `images` or `tensor`, not both")),
+            (true, None) => return Err(Status::invalid_argument("the request has no `images` and no `tensor`")),
+            (true, Some(t)) => {
+                let want = [None, Some(3), Some(s as i64), Some(s as i64)];
+                let ok = t.shape.len() == 4
+                    && t.shape[0] >= 1
+                    && t.shape.iter().zip(want).all(|(&d, w)| w.is_none_or(|w| w == d));
+                if !ok {
+                    return Err(Status::invalid_argument(format!(
+                        "tensor has shape {:?}; expected [N, 3, {s}, {s}] with N >= 1",
+                        t.shape
+                    )));
+                }
+                let n = t.shape[0] as usize;
+                if t.data.len() != n * 3 * s * s {
+                    return Err(Status::invalid_argument(format!(
+                        "tensor data holds {} values; shape {:?} needs {}",
+                        t.data.len(),
+                        t.shape,
+                        n * 3 * s * s
+                    )));
+                }
+                (t.data, n)
+            }
+            (false, None) => {
+                let n = req.images.len();
+                let pp = model.preprocess.clone();
+                // Decoding is CPU work: off the async runtime, in parallel.
+                let parts = tokio::task::spawn_blocking(move || {
+                    req.images
+                        .par_iter()
+                        .enumerate()
+                        .map(|(i, b)| {
+                            pp.bytes_to_chw(b, Path::new(&format!("images[{i}]")))
+                                .map_err(|e| Status::invalid_argument(format!("image {i}: {e}")))
+                        })
+                        .collect::<std::result::Result<Vec<Vec<f32>>, Status>>()
+                })
+                .await
+                .map_err(|e| Status::internal(format!("decoding task failed: {e}")))??;
+                (parts.concat(), n)
+            }
+        };
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(Status::deadline_exceeded("the deadline passed before the request was queued"));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.state.submit(Job { model: model.clone(), data, n, enqueued: Instant::now(), deadline, reply: tx })?;
+        let probs = match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), rx)
+                .await
+                .map_err(|_| Status::deadline_exceeded("deadline exceeded"))?,
+            None => rx.await,
+        }
+        .map_err(|_| Status::internal("the batcher dropped the request"))??;
+        let k = model.classes.len();
+        let predictions = probs
+            .chunks(k)
+            .map(|row| {
+                let (best, _) =
+                    row.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+                Prediction { label: model.classes[best].clone(), class_index: best as i32, probabilities: row.to_vec() }
+            })
+            .collect();
+        Ok(Response::new(PredictResponse { predictions, model_version: model.version.clone() }))
+    }
+}
+
+/// Records a Predict call's outcome when dropped.
+struct Outcome<'a> {
+    metrics: &'a Metrics,
+    ok: bool,
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        let c = if self.ok { &self.metrics.request_success } else { &self.metrics.request_failure };
+        c.fetch_add(1, Relaxed);
+    }
+}
+
+impl Service {
+    /// Resolves a Fit path under the data root, refusing absolute paths and `..` escapes.
+    fn sandboxed(&self, rel: &str, what: &str) -> std::result::Result<PathBuf, Status> {
+        let root = self
+            .state
+            .cfg
+            .data_root
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("Fit is disabled: start the server with --data-root DIR"))?;
+        let p = Path::new(rel);
+        if rel.is_empty()
+            || p.is_absolute()
+            || p.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir | Component::Prefix(_)))
+        {
+            return Err(Status::permission_denied(format!(
+                "{what} `{rel}` must be a relative path inside the data root, without `..`"
+            )));
+        }
+        let root = std::fs::canonicalize(root)
+            .map_err(|e| Status::failed_precondition(format!("data root {}: {e}", root.display())))?;
+        let full = std::fs::canonicalize(root.join(p))
+            .map_err(|_| Status::invalid_argument(format!("{what} `{rel}` does not exist under the data root")))?;
+        if !full.starts_with(&root) {
+            return Err(Status::permission_denied(format!("{what} `{rel}` resolves outside the data root")));
+        }
+        Ok(full)
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for Service {
+    async fn predict(&self, req: Request<PredictRequest>) -> std::result::Result<Response<PredictResponse>, Status> {
+        // Counted on drop, so a call abandoned mid-way (client gone, deadline) still counts as failed.
+        let mut outcome = Outcome { metrics: &self.state.metrics, ok: false };
+        let r = self.predict_inner(req).await;
+        outcome.ok = r.is_ok();
+        r
+    }
+
+    async fn get_model(&self, _req: Request<GetModelRequest>) -> std::result::Result<Response<ModelInfo>, Status> {
+        let m = self.state.current();
+        Ok(Response::new(ModelInfo {
+            classes: m.classes.clone(),
+            input_name: m.model.meta.input.clone(),
+            input_size: m.input_size as i32,
+            preprocessing_json: serde_json::to_string(&m.preprocess).unwrap_or_default(),
+            version: m.version.clone(),
+            metrics_json: m.metrics_json.clone(),
+            engine: format!("{:?}", m.model.engine).to_lowercase(),
+            max_batch_size: self.state.cfg.batch.max_batch_size as i32,
+        }))
+    }
+
+    type FitStream = ReceiverStream<std::result::Result<FitEvent, Status>>;
+
+    async fn fit(&self, req: Request<FitRequest>) -> std::result::Result<Response<Self::FitStream>, Status> {
+        let guard = self
+            .state
+            .fit_lock
+            .clone()
+            .try_lock_owned()
+            .map_err(|_| Status::failed_precondition("a Fit is already running; one at a time"))?;
+        let r = req.into_inner();
+        let backbone = self
+            .state
+            .cfg
+            .backbone
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("Fit is disabled: start the server with --backbone FILE"))?;
+        let train_data = self.sandboxed(&r.train_data, "train_data")?;
+        let tuning_data =
+            if r.tuning_data.is_empty() { None } else { Some(self.sandboxed(&r.tuning_data, "tuning_data")?) };
+        let mut b = crate::config::HyperParamsBuilder::new();
+        for (k, v) in &r.hyperparameters {
+            b = b.set_str(&format!("{k}={v}")).map_err(to_status)?;
+        }
+        let (hp, _warnings) = b.build().map_err(to_status)?;
+        let n = self.state.fits.fetch_add(1, Relaxed) + 1;
+        let run_dir = self.state.cfg.work_dir.join(format!("fit-{n}"));
+        let current = self.state.current();
+        let req = crate::train::TrainRequest {
+            train_data,
+            label: r.label.clone(),
+            image_column: (!r.image_column.is_empty()).then(|| r.image_column.clone()),
+            tuning_data,
+            backbone,
+            feature_tensor: None,
+            normalization: current.preprocess.normalization.clone(),
+            output: run_dir.clone(),
+            hp,
+            quiet: true,
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            let send = |e: fit_event::Event| {
+                let _ = tx.blocking_send(Ok(FitEvent { event: Some(e) }));
+            };
+            let result = (|| -> Result<FitResult> {
+                let summary = crate::train::train(&req, |ev| match ev {
+                    crate::train::Event::Phase(p) => send(fit_event::Event::Phase(p.clone())),
+                    crate::train::Event::Epoch(e) => send(fit_event::Event::Epoch(EpochEvent {
+                        epoch: e.epoch as i32,
+                        train_loss: e.train_loss,
+                        val_score: e.val_score,
+                        val_metric: req.hp.val_metric.name().into(),
+                    })),
+                })?;
+                send(fit_event::Event::Phase("export".into()));
+                let onnx = run_dir.join("model.onnx");
+                let opts = ExportOptions {
+                    kind: ExportKind::Merged,
+                    opset: None,
+                    verify: true,
+                    verify_data: None,
+                    verify_images: 8,
+                };
+                let report = crate::export::export(&run_dir, &onnx, &opts)?;
+                send(fit_event::Event::Phase("swap".into()));
+                let version = format!("fit-{n}-{}", &crate::model::sha256_file(&onnx)?[..12]);
+                let metrics_json = serde_json::to_string(&summary.validation.scores).unwrap_or_default();
+                let engine = Some(current.model.engine);
+                let new = ServingModel::open(&report.path, engine, state.cfg.threads, version.clone(), metrics_json)?;
+                state.swap(new);
+                Ok(FitResult {
+                    model_version: version,
+                    metrics: summary.validation.scores.clone().into_iter().collect(),
+                    best_epoch: summary.best_epoch as i32,
+                })
+            })();
+            match result {
+                Ok(res) => {
+                    state.metrics.fit_success.fetch_add(1, Relaxed);
+                    send(fit_event::Event::Result(res));
+                }
+                Err(e) => {
+                    state.metrics.fit_failure.fetch_add(1, Relaxed);
+                    let _ = tx.blocking_send(Err(to_status(e)));
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Loads the model for serving: an exported `.onnx` as is, a model folder exported (merged) into `work_dir`.
+fn initial_model(cfg: &ServeConfig) -> Result<ServingModel> {
+    let path = if cfg.model.is_dir() {
+        let out = cfg.work_dir.join("served.onnx");
+        let opts =
+            ExportOptions { kind: ExportKind::Merged, opset: None, verify: false, verify_data: None, verify_images: 0 };
+        crate::export::export(&cfg.model, &out, &opts)?;
+        out
+    } else {
+        cfg.model.clone()
+    };
+    let version = format!("1-{}", &crate::model::sha256_file(&path)?[..12]);
+    let metrics_json = if cfg.model.is_dir() {
+        std::fs::read_to_string(cfg.model.join("metrics.json")).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    ServingModel::open(&path, cfg.engine, cfg.threads, version, metrics_json)
+}
+
+/// Checks `authorization: Bearer <token>` in constant time (both sides hashed first, so length leaks nothing).
+#[derive(Clone)]
+pub struct AuthCheck {
+    want: Option<[u8; 32]>,
+}
+
+fn digest(b: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).into()
+}
+
+impl tonic::service::Interceptor for AuthCheck {
+    fn call(&mut self, req: Request<()>) -> std::result::Result<Request<()>, Status> {
+        use subtle::ConstantTimeEq;
+        let Some(want) = &self.want else { return Ok(req) };
+        let got =
+            req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match got {
+            Some(t) if bool::from(digest(t.as_bytes()).ct_eq(want)) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
+            None => Err(Status::unauthenticated("missing `authorization: Bearer <token>` metadata")),
+        }
+    }
+}
+
+/// Maps two of tonic's own answers onto the codes clients expect: "message too large" (OUT_OF_RANGE) is
+/// RESOURCE_EXHAUSTED, and the expiry of the client's `grpc-timeout` (CANCELLED "Timeout expired") is
+/// DEADLINE_EXCEEDED.
+fn standard_codes(mut resp: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+    let h = resp.headers();
+    let msg = h.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("").replace("%20", " ");
+    let code = match h.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        Some("11") if msg.contains("message length too large") => Some("8"),
+        Some("1") if msg.contains("Timeout expired") => Some("4"),
+        _ => None,
+    };
+    if let Some(c) = code {
+        resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static(c));
+    }
+    resp
+}
+
+/// A running server's handle (tests and the CLI use it).
+pub struct Running {
+    /// The gRPC address.
+    pub addr: SocketAddr,
+    /// The metrics address.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Shared state.
+    pub state: Arc<State>,
+}
+
+/// Runs the server until `shutdown` resolves, then drains the queue and returns. `ready` gets the
+/// bound addresses once listening (binding `listen` with port 0 picks a free port).
+pub async fn serve(
+    cfg: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: Option<oneshot::Sender<Running>>,
+) -> Result<()> {
+    std::fs::create_dir_all(&cfg.work_dir).map_err(|e| Error::io(&cfg.work_dir, e))?;
+    let model = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || initial_model(&cfg)).await.map_err(|e| Error::Runtime(e.to_string()))??
+    };
+    tracing::info!("serving {} (version {}, {:?} engine)", cfg.model.display(), model.version, model.model.engine);
+    let metrics = Arc::new(Metrics::default());
+    let state = Arc::new(State {
+        current: RwLock::new(Arc::new(model)),
+        batcher: std::sync::Mutex::new(Batcher::start(cfg.batch, metrics.clone())),
+        metrics,
+        cfg: cfg.clone(),
+        fit_lock: Arc::new(tokio::sync::Mutex::new(())),
+        fits: std::sync::atomic::AtomicU64::new(0),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| Error::Runtime(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let addr = listener.local_addr().map_err(|e| Error::Runtime(e.to_string()))?;
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let metrics_addr = match cfg.metrics_listen {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| Error::Runtime(format!("cannot listen on {a}: {e}")))?;
+            let maddr = l.local_addr().map_err(|e| Error::Runtime(e.to_string()))?;
+            let st = state.clone();
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let st = st.clone();
+                    async move { st.metrics.render(&st.current().version) }
+                }),
+            );
+            let mut stop = stop_tx.subscribe();
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.recv().await;
+                    })
+                    .await;
+            });
+            Some(maddr)
+        }
+        None => None,
+    };
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_service_status("automm.v1.Inference", tonic_health::ServingStatus::Serving).await;
+    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Runtime(format!("reflection: {e}")))?;
+    let auth = AuthCheck { want: cfg.auth_token.as_deref().map(|t| digest(t.as_bytes())) };
+    let svc = tonic::service::interceptor::InterceptedService::new(
+        InferenceServer::new(Service { state: state.clone() })
+            .max_decoding_message_size(cfg.max_request_bytes)
+            .max_encoding_message_size(64 << 20),
+        auth,
+    );
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &cfg.tls {
+        let c = std::fs::read(cert).map_err(|e| Error::io(cert, e))?;
+        let k = std::fs::read(key).map_err(|e| Error::io(key, e))?;
+        let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(c, k));
+        builder = builder.tls_config(tls).map_err(|e| Error::Runtime(format!("TLS: {e}")))?;
+    }
+    if let Some(tx) = ready {
+        let _ = tx.send(Running { addr, metrics_addr, state: state.clone() });
+    }
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = builder
+        .layer(tower::util::MapResponseLayer::new(standard_codes))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    // Requests already accepted have been answered; close the queue and let the worker drain it.
+    reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    if let Ok(mut b) = state.batcher.lock() {
+        b.shutdown();
+    }
+    let _ = stop_tx.send(());
+    result.map_err(|e| Error::Runtime(format!("gRPC server: {e}")))
+}

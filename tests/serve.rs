@@ -1,0 +1,365 @@
+//! `automm serve` in-process on a free 127.0.0.1 port with a model trained on the committed CNN fixture:
+//! predictions equal `automm predict`, batching shows in the metrics, and every failure mode returns its
+//! status code; Fit streams, hot-swaps and refuses a second concurrent Fit; shutdown drains.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use automm::client::Client;
+use automm::proto::PredictRequest;
+use automm::server::batcher::BatchConfig;
+use automm::server::{serve, Running, ServeConfig};
+use tonic::Code;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
+}
+
+/// Trains and exports a small model; returns (model folder, exported onnx, test table, data dir).
+fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let train = automm::synth::make_dataset(dir, "train", &[12, 8, 6, 4], 40, 5).unwrap();
+    let test = automm::synth::make_dataset(dir, "test", &[3, 3, 3, 3], 40, 6).unwrap();
+    let (hp, _) =
+        automm::config::HyperParamsBuilder::new().set_str("optimization.max_epochs=2").unwrap().build().unwrap();
+    let folder = dir.join("run");
+    let req = automm::train::TrainRequest {
+        train_data: train,
+        label: "label".into(),
+        image_column: None,
+        tuning_data: None,
+        backbone: fixture("cnn_fixture.onnx"),
+        feature_tensor: None,
+        normalization: automm::data::Normalization::imagenet(),
+        output: folder.clone(),
+        hp,
+        quiet: true,
+    };
+    automm::train::train(&req, |_| {}).unwrap();
+    let onnx = dir.join("model.onnx");
+    let opts = automm::export::ExportOptions {
+        kind: automm::export::ExportKind::Merged,
+        opset: None,
+        verify: false,
+        verify_data: None,
+        verify_images: 0,
+    };
+    automm::export::export(&folder, &onnx, &opts).unwrap();
+    (folder, onnx, test)
+}
+
+fn config(onnx: &Path, dir: &Path) -> ServeConfig {
+    ServeConfig {
+        model: onnx.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        batch: BatchConfig { max_batch_size: 16, max_queue_delay: Duration::from_millis(20), max_queue_size: 256 },
+        engine: None,
+        threads: 1,
+        tls: None,
+        auth_token: None,
+        max_request_bytes: 4 << 20,
+        data_root: Some(dir.to_path_buf()),
+        backbone: Some(fixture("cnn_fixture.onnx")),
+        work_dir: dir.join("serve"),
+    }
+}
+
+struct Server {
+    running: Running,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<automm::Result<()>>,
+}
+
+async fn start(cfg: ServeConfig) -> Server {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(serve(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        Some(ready_tx),
+    ));
+    let running = tokio::time::timeout(Duration::from_secs(60), ready_rx)
+        .await
+        .expect("server start timed out")
+        .expect("server failed to start");
+    Server { running, stop: Some(stop_tx), done }
+}
+
+impl Server {
+    fn url(&self) -> String {
+        format!("http://{}", self.running.addr)
+    }
+    async fn client(&self, token: Option<&str>) -> Client {
+        Client::connect(&self.url(), token, None).await.unwrap()
+    }
+    async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.running.metrics_addr.unwrap()).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), self.done).await.expect("shutdown timed out").unwrap().unwrap();
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    automm::server::metrics::parse_metric(text, name).unwrap_or_else(|| panic!("{name} missing in {text}"))
+}
+
+fn images(test: &Path) -> Vec<Vec<u8>> {
+    let t = automm::data::Table::load(test, None, None).unwrap();
+    t.rows.iter().map(|r| std::fs::read(&r.image).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predict_matches_local_batches_and_reports_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, onnx, test) = model(dir.path());
+    let server = start(config(&onnx, dir.path())).await;
+    let client = server.client(None).await;
+    assert!(client.health("").await.unwrap());
+    let info = client.model_info().await.unwrap();
+    assert_eq!(info.classes, ["circle", "ring", "square", "triangle"]);
+    assert_eq!(info.input_size, 33);
+
+    // Bytes: equal to the model folder's own predictions.
+    let local = {
+        let p = automm::predict::Predictor::load(&folder, &candle_core::Device::Cpu).unwrap();
+        p.predict_table(&automm::data::Table::load(&test, None, None).unwrap(), true).unwrap()
+    };
+    let imgs = images(&test);
+    let r = client.predict(imgs.clone()).await.unwrap();
+    assert_eq!(r.predictions.len(), imgs.len());
+    assert!(r.model_version.starts_with("1-"));
+    let got: Vec<f32> = r.predictions.iter().flat_map(|p| p.probabilities.clone()).collect();
+    let d = got.iter().zip(&local.probs).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d <= 1e-4, "server vs local: {d}");
+    let labels: Vec<u32> = r.predictions.iter().map(|p| p.class_index as u32).collect();
+    assert_eq!(labels, local.preds);
+
+    // Tensor input: preprocessed locally, same answer.
+    let pp = automm::data::Preprocess::new(33, automm::data::Normalization::imagenet());
+    let x = pp.bytes_to_chw(&imgs[0], Path::new("x")).unwrap();
+    let r = client.predict_tensor(vec![1, 3, 33, 33], x).await.unwrap();
+    let d = r.predictions[0].probabilities.iter().zip(&local.probs[..4]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d <= 1e-4, "tensor: {d}");
+
+    // Many concurrent single-image requests are batched: fewer executions than requests.
+    let before = server.metrics().await;
+    let client = Arc::new(client);
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        let c = client.clone();
+        let img = imgs[i % imgs.len()].clone();
+        tasks.push(tokio::spawn(async move { c.predict(vec![img]).await.map(|r| r.predictions.len()) }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 1);
+    }
+    let after = server.metrics().await;
+    let execs = metric(&after, "automm_execution_count_total") - metric(&before, "automm_execution_count_total");
+    let items = metric(&after, "automm_inference_count_total") - metric(&before, "automm_inference_count_total");
+    assert_eq!(items, 48.0);
+    assert!(execs < 48.0, "no batching: {execs} executions for 48 requests");
+    eprintln!("48 concurrent requests -> {execs} executions (average batch {:.1})", items / execs);
+    assert!(metric(&after, "automm_request_success_total") >= 50.0);
+    assert_eq!(metric(&after, "automm_queue_depth"), 0.0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_return_their_status_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx, test) = model(dir.path());
+    let imgs = images(&test);
+    let mut cfg = config(&onnx, dir.path());
+    cfg.auth_token = Some("s3cret".into());
+    cfg.max_request_bytes = 20_000;
+    let server = start(cfg).await;
+    let code = |r: Result<automm::proto::PredictResponse, tonic::Status>| r.err().map(|s| s.code());
+
+    let none = server.client(None).await;
+    assert_eq!(
+        code(none.predict_status(PredictRequest { images: vec![imgs[0].clone()], tensor: None }, None).await),
+        Some(Code::Unauthenticated)
+    );
+    let wrong = server.client(Some("guess")).await;
+    assert_eq!(
+        code(wrong.predict_status(PredictRequest { images: vec![imgs[0].clone()], tensor: None }, None).await),
+        Some(Code::Unauthenticated)
+    );
+    let c = server.client(Some("s3cret")).await;
+    assert!(c.predict(vec![imgs[0].clone()]).await.is_ok());
+
+    // A bad image names its index.
+    let r = c
+        .predict_status(PredictRequest { images: vec![imgs[0].clone(), b"not an image".to_vec()], tensor: None }, None)
+        .await;
+    let s = r.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("image 1"), "{}", s.message());
+    // A wrong tensor shape says the expected one.
+    let s = c
+        .predict_status(
+            PredictRequest {
+                images: vec![],
+                tensor: Some(automm::proto::Tensor { shape: vec![1, 3, 32, 32], data: vec![0.0; 3072] }),
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("[N, 3, 33, 33]"), "{}", s.message());
+    let s = c.predict_status(PredictRequest::default(), None).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    // Too big a request.
+    let s = c.predict_status(PredictRequest { images: vec![vec![0u8; 50_000]], tensor: None }, None).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+    // The server keeps serving after all of that.
+    assert!(c.predict(vec![imgs[1].clone()]).await.is_ok());
+    let m = server.metrics().await;
+    assert!(metric(&m, "automm_request_failure_total") >= 3.0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_and_a_full_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx, test) = model(dir.path());
+    let imgs = images(&test);
+    // A long batching window: a request with a short deadline expires while queued.
+    let mut cfg = config(&onnx, dir.path());
+    cfg.batch = BatchConfig { max_batch_size: 1000, max_queue_delay: Duration::from_millis(600), max_queue_size: 256 };
+    let server = start(cfg).await;
+    let c = server.client(None).await;
+    let s = c
+        .predict_status(
+            PredictRequest { images: vec![imgs[0].clone()], tensor: None },
+            Some(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The server dropped the expired request before compute and counted it as failed.
+    let m = server.metrics().await;
+    assert_eq!(metric(&m, "automm_inference_count_total"), 0.0);
+    assert_eq!(metric(&m, "automm_request_failure_total"), 1.0);
+    server.stop().await;
+
+    // A one-slot queue with one-item batches: a burst overflows it at once.
+    let mut cfg = config(&onnx, dir.path());
+    cfg.batch = BatchConfig { max_batch_size: 1, max_queue_delay: Duration::from_millis(0), max_queue_size: 1 };
+    let server = start(cfg).await;
+    let c = Arc::new(server.client(None).await);
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let c = c.clone();
+        let img = imgs[i % imgs.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            c.predict_status(PredictRequest { images: vec![img; 4], tensor: None }, None).await
+        }));
+    }
+    let (mut ok, mut full) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) if s.code() == Code::ResourceExhausted => full += 1,
+            Err(s) => panic!("unexpected {s:?}"),
+        }
+    }
+    assert!(full > 0 && ok > 0, "ok {ok}, queue full {full}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fit_streams_hot_swaps_and_refuses_a_second_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx, test) = model(dir.path());
+    let server = start(config(&onnx, dir.path())).await;
+    let c = server.client(None).await;
+    let v0 = c.model_info().await.unwrap().version;
+    let hp: std::collections::HashMap<String, String> = [
+        ("optimization.max_epochs".to_string(), "3".to_string()),
+        ("optimization.loss_function".into(), "focal_loss".into()),
+    ]
+    .into();
+    // Escaping the data root is refused.
+    let s = c
+        .fit_request(
+            automm::proto::FitRequest {
+                train_data: "../etc/passwd".into(),
+                label: "label".into(),
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied);
+    // Two at once: the second is refused while the first runs.
+    let c2 = c.clone();
+    let hp2 = hp.clone();
+    let first = tokio::spawn(async move {
+        let mut events = Vec::new();
+        let r = c2.fit("train.csv", "label", hp2, |e| events.push(e.clone())).await;
+        (r, events)
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let second = c
+        .fit_request(
+            automm::proto::FitRequest { train_data: "train.csv".into(), label: "label".into(), ..Default::default() },
+            &mut |_| {},
+        )
+        .await;
+    let (r, events) = first.await.unwrap();
+    let r = r.unwrap();
+    assert_eq!(second.unwrap_err().code(), Code::FailedPrecondition);
+    let epochs = events.iter().filter(|e| matches!(e.event, Some(automm::proto::fit_event::Event::Epoch(_)))).count();
+    let phases: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(automm::proto::fit_event::Event::Phase(p)) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs, 3);
+    assert!(phases.contains(&"features".to_string()) && phases.contains(&"swap".to_string()), "{phases:?}");
+    assert!(r.metrics.contains_key("balanced_accuracy"));
+    // New requests use the new model.
+    let info = c.model_info().await.unwrap();
+    assert_ne!(info.version, v0);
+    assert_eq!(info.version, r.model_version);
+    let p = c.predict(images(&test)[..2].to_vec()).await.unwrap();
+    assert_eq!(p.model_version, r.model_version);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx, test) = model(dir.path());
+    let imgs = images(&test);
+    let mut cfg = config(&onnx, dir.path());
+    cfg.batch = BatchConfig { max_batch_size: 1000, max_queue_delay: Duration::from_millis(300), max_queue_size: 256 };
+    let server = start(cfg).await;
+    let c = Arc::new(server.client(None).await);
+    let mut tasks = Vec::new();
+    for img in imgs.iter().take(8).cloned() {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move { c.predict(vec![img]).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await; // queued, waiting for the batch window
+    server.stop().await;
+    for t in tasks {
+        assert!(t.await.unwrap().is_ok(), "a request in flight was dropped at shutdown");
+    }
+}

@@ -50,6 +50,9 @@ pub enum Command {
     /// Call an automm server.
     #[command(subcommand)]
     Client(ClientCommand),
+    /// Benchmarks that print a table (ratios against a baseline measured in the same run).
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +134,9 @@ pub struct PredictArgs {
     /// Output CSV.
     #[arg(long)]
     pub output: PathBuf,
+    /// Like env.num_gpus: non-zero asks ONNX Runtime for its CUDA execution provider.
+    #[arg(long, default_value_t = 0)]
+    pub num_gpus: i64,
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
@@ -202,6 +208,10 @@ pub struct ServeArgs {
     /// ORT intra-op threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Like env.num_gpus: non-zero asks ONNX Runtime for its CUDA execution provider (builds with
+    /// --features cuda; falls back to the CPU, logged once).
+    #[arg(long, default_value_t = 0)]
+    pub num_gpus: i64,
     /// Folder Fit may read tables and images from (Fit is off without it).
     #[arg(long)]
     pub data_root: Option<PathBuf>,
@@ -297,6 +307,31 @@ pub enum ClientCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Server throughput and latency at several client counts vs a raw ORT session on the same model.
+    Serve {
+        /// Exported merged .onnx.
+        #[arg(long)]
+        model: PathBuf,
+        /// Seconds per client count.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Client counts (comma-separated).
+        #[arg(long, default_value = "1,8,32")]
+        clients: String,
+        /// A final soak at the highest client count, seconds (0 = none).
+        #[arg(long, default_value_t = 0.0)]
+        soak_seconds: f64,
+        /// Server --max-batch-size.
+        #[arg(long, default_value_t = 32)]
+        max_batch_size: usize,
+        /// Server --max-queue-delay-us.
+        #[arg(long, default_value_t = 2000)]
+        max_queue_delay_us: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum OnnxCommand {
     /// Run a model on an .npy input and write the first output as .npy.
     Run {
@@ -349,6 +384,55 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Doctor => cmd_doctor(),
         Command::Serve(a) => cmd_serve(a),
         Command::Demo(a) => cmd_demo(a),
+        Command::Bench(BenchCommand::Serve {
+            model,
+            seconds,
+            clients,
+            soak_seconds,
+            max_batch_size,
+            max_queue_delay_us,
+        }) => {
+            let clients: Vec<usize> = clients
+                .split(',')
+                .map(|c| c.trim().parse())
+                .collect::<std::result::Result<_, _>>()
+                .context("--clients: comma-separated numbers")?;
+            let batch = automm::server::batcher::BatchConfig {
+                max_batch_size,
+                max_queue_delay: std::time::Duration::from_micros(max_queue_delay_us),
+                max_queue_size: 4096,
+            };
+            let (rows, soak) = automm::bench::serve_load(&model, &clients, seconds, soak_seconds, batch)?;
+            println!(
+                "{:>7} {:>12} {:>12} {:>8} {:>9} {:>9} {:>9} {:>7}",
+                "clients", "server img/s", "raw ORT img/s", "ratio", "p50 ms", "p99 ms", "avg batch", "errors"
+            );
+            for r in &rows {
+                println!(
+                    "{:>7} {:>12.1} {:>12.1} {:>8.2} {:>9.2} {:>9.2} {:>9.1} {:>7}",
+                    r.clients,
+                    r.server_ips,
+                    r.raw_ips,
+                    r.server_ips / r.raw_ips,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.avg_batch,
+                    r.errors
+                );
+            }
+            if let Some(s) = soak {
+                println!(
+                    "soak: {soak_seconds:.0}s at {} clients: {:.1} img/s, {} ok, {} errors, RSS {:.1} MB -> {:.1} MB",
+                    clients.iter().max().unwrap_or(&0),
+                    s.ips,
+                    s.ok,
+                    s.errors,
+                    s.rss_before as f64 / 1e6,
+                    s.rss_after as f64 / 1e6
+                );
+            }
+            Ok(())
+        }
         Command::Client(c) => tokio::runtime::Runtime::new()?.block_on(cmd_client(c)),
         Command::Onnx(OnnxCommand::Run { model, input, output, tensor, engine }) => {
             onnx_run(&model, &input, &output, tensor, engine)
@@ -467,7 +551,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     let is_onnx = a.model.is_file() && a.model.extension().is_some_and(|e| e == "onnx");
     let t0 = std::time::Instant::now();
     let (rows, engine) = if is_onnx {
-        let m = ExportedModel::open(&a.model, a.engine, a.threads)?;
+        let m = ExportedModel::open_with(&a.model, a.engine, a.threads, a.num_gpus != 0)?;
         let table = Table::load(&a.data, None, None)?;
         table.check_files()?;
         let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
@@ -622,6 +706,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         },
         engine: a.engine,
         threads: a.threads,
+        num_gpus: a.num_gpus,
         tls: a.tls_cert.zip(a.tls_key),
         auth_token,
         max_request_bytes: a.max_request_bytes,

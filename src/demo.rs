@@ -4,7 +4,7 @@
 //! images through the gRPC client and checks they match local predictions.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::HyperParamsBuilder;
 use crate::data::{ClassList, Normalization, Table};
@@ -230,44 +230,8 @@ type Served = ((Vec<f32>, Vec<u32>), String);
 fn serve_and_predict(model: &Path, dir: &Path, images: Vec<Vec<u8>>) -> Result<Served> {
     let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Runtime(format!("tokio: {e}")))?;
     rt.block_on(async move {
-        let cfg = crate::server::ServeConfig {
-            model: model.to_path_buf(),
-            listen: "127.0.0.1:0".parse().map_err(|_| Error::Runtime("address".into()))?,
-            metrics_listen: None,
-            batch: crate::server::batcher::BatchConfig {
-                max_batch_size: 32,
-                max_queue_delay: Duration::from_millis(2),
-                max_queue_size: 1024,
-            },
-            engine: None,
-            threads: 0,
-            tls: None,
-            auth_token: None,
-            max_request_bytes: 64 << 20,
-            data_root: None,
-            backbone: None,
-            work_dir: dir.join("serve"),
-        };
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::server::serve(
-            cfg,
-            async move {
-                let _ = stop_rx.await;
-            },
-            Some(ready_tx),
-        ));
-        let running = match ready_rx.await {
-            Ok(r) => r,
-            Err(_) => {
-                return Err(server
-                    .await
-                    .map_err(|e| Error::Runtime(e.to_string()))?
-                    .err()
-                    .unwrap_or_else(|| Error::Runtime("the server did not start".into())))
-            }
-        };
-        let client = crate::client::Client::connect(&format!("http://{}", running.addr), None, None).await?;
+        let server = crate::server::spawn(crate::server::ServeConfig::local(model, &dir.join("serve"))).await?;
+        let client = crate::client::Client::connect(&server.url(), None, None).await?;
         let engine = client.model_info().await?.engine;
         let (mut probs, mut preds) = (Vec::new(), Vec::new());
         for chunk in images.chunks(16) {
@@ -276,8 +240,7 @@ fn serve_and_predict(model: &Path, dir: &Path, images: Vec<Vec<u8>>) -> Result<S
                 preds.push(p.class_index as u32);
             }
         }
-        let _ = stop_tx.send(());
-        server.await.map_err(|e| Error::Runtime(e.to_string()))??;
+        server.stop().await?;
         Ok(((probs, preds), engine))
     })
 }

@@ -6,6 +6,7 @@
 //! predictions ([`predict`]).
 
 pub mod backbone;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod data;

@@ -2,31 +2,14 @@
 //! CNN fixture backbone load in ONNX Runtime (and in our candle importer) and match the model folder's
 //! predictions; metadata round-trips; opset and model-folder errors are clear.
 
+mod common;
+use common::{bin, fixture, ort_available};
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use automm::export::{ExportKind, ExportMeta, ExportOptions};
 use automm::infer::exported::ExportedModel;
 use automm::infer::EngineKind;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_automm"))
-}
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
-}
-
-fn ort_available() -> bool {
-    match automm::infer::ort::locate() {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(std::env::var("AUTOMM_REQUIRE_ORT").is_err(), "AUTOMM_REQUIRE_ORT is set but: {e}");
-            eprintln!("NOT RUN (ORT part): {e}");
-            false
-        }
-    }
-}
 
 /// Trains a small model on generated images; returns (model folder, test table).
 fn trained(dir: &Path) -> (PathBuf, PathBuf) {

@@ -2,15 +2,12 @@
 //! models/export_swin_tiny.py and an EfficientNet-Lite-pattern CNN from models/make_cnn_fixture.py) come
 //! with an input batch and ORT's outputs, so this runs without Python or ORT.
 
-use std::path::PathBuf;
+mod common;
+use common::fixture;
 
 use automm::onnx::{detect_feature_tensor, read_model, read_npy, Graph};
 use candle_core::{Device, Tensor};
 use candle_onnx::onnx::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, ValueInfoProto};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
-}
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());

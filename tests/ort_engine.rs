@@ -2,28 +2,8 @@
 //! `automm onnx compare` / `onnx run`. CI installs `onnxruntime==1.31.1` and sets AUTOMM_REQUIRE_ORT=1, so
 //! there a missing library fails these tests; elsewhere the parity tests say they did not run.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_automm"))
-}
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
-}
-
-/// True when ORT can be found; panics in CI (AUTOMM_REQUIRE_ORT=1) when it cannot.
-fn ort_available() -> bool {
-    match automm::infer::ort::locate() {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(std::env::var("AUTOMM_REQUIRE_ORT").is_err(), "AUTOMM_REQUIRE_ORT is set but: {e}");
-            eprintln!("NOT RUN: ONNX Runtime not found ({e})");
-            false
-        }
-    }
-}
+mod common;
+use common::{bin, fixture, ort_available};
 
 #[test]
 fn missing_library_gives_the_guided_error() {

@@ -2,6 +2,9 @@
 //! predictions equal `automm predict`, batching shows in the metrics, and every failure mode returns its
 //! status code; Fit streams, hot-swaps and refuses a second concurrent Fit; shutdown drains.
 
+mod common;
+use common::fixture;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,12 +12,8 @@ use std::time::Duration;
 use automm::client::Client;
 use automm::proto::PredictRequest;
 use automm::server::batcher::BatchConfig;
-use automm::server::{serve, Running, ServeConfig};
+use automm::server::{spawn, ServeConfig};
 use tonic::Code;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
-}
 
 /// Trains and exports a small model; returns (model folder, exported onnx, test table, data dir).
 fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
@@ -49,63 +48,41 @@ fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 fn config(onnx: &Path, dir: &Path) -> ServeConfig {
-    ServeConfig {
-        model: onnx.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        batch: BatchConfig { max_batch_size: 16, max_queue_delay: Duration::from_millis(20), max_queue_size: 256 },
-        engine: None,
-        threads: 1,
-        tls: None,
-        auth_token: None,
-        max_request_bytes: 4 << 20,
-        data_root: Some(dir.to_path_buf()),
-        backbone: Some(fixture("cnn_fixture.onnx")),
-        work_dir: dir.join("serve"),
-    }
+    let mut c = ServeConfig::local(onnx, &dir.join("serve"));
+    c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    c.batch = BatchConfig { max_batch_size: 16, max_queue_delay: Duration::from_millis(20), max_queue_size: 256 };
+    c.threads = 1;
+    c.max_request_bytes = 4 << 20;
+    c.data_root = Some(dir.to_path_buf());
+    c.backbone = Some(fixture("cnn_fixture.onnx"));
+    c
 }
 
-struct Server {
-    running: Running,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<automm::Result<()>>,
-}
+struct Server(automm::server::Spawned);
 
 async fn start(cfg: ServeConfig) -> Server {
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(serve(
-        cfg,
-        async move {
-            let _ = stop_rx.await;
-        },
-        Some(ready_tx),
-    ));
-    let running = tokio::time::timeout(Duration::from_secs(60), ready_rx)
-        .await
-        .expect("server start timed out")
-        .expect("server failed to start");
-    Server { running, stop: Some(stop_tx), done }
+    Server(
+        tokio::time::timeout(Duration::from_secs(60), spawn(cfg))
+            .await
+            .expect("server start timed out")
+            .expect("server failed to start"),
+    )
 }
 
 impl Server {
-    fn url(&self) -> String {
-        format!("http://{}", self.running.addr)
-    }
     async fn client(&self, token: Option<&str>) -> Client {
-        Client::connect(&self.url(), token, None).await.unwrap()
+        Client::connect(&self.0.url(), token, None).await.unwrap()
     }
     async fn metrics(&self) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.running.metrics_addr.unwrap()).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(self.0.running.metrics_addr.unwrap()).await.unwrap();
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
     }
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(30), self.done).await.expect("shutdown timed out").unwrap().unwrap();
+    async fn stop(self) {
+        tokio::time::timeout(Duration::from_secs(30), self.0.stop()).await.expect("shutdown timed out").unwrap();
     }
 }
 

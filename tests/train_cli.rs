@@ -1,12 +1,11 @@
 //! End to end on generated images with the committed CNN fixture backbone: `automm train`, `evaluate`,
 //! `predict` through the binary, the model folder's files, and the data errors users hit.
 
+mod common;
+use common::bin;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_automm"))
-}
 
 fn backbone() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures/cnn_fixture.onnx")
@@ -188,23 +187,16 @@ fn data_errors_name_the_row_column_or_file() {
 fn a_corrupt_model_folder_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let (_, test) = data(dir.path());
-    let (ok, _, e) = run(bin()
-        .args(["predict", "--model"])
-        .arg(dir.path())
-        .arg("--data")
-        .arg(&test)
-        .arg("--output")
-        .arg(dir.path().join("p.csv")));
-    assert!(!ok && e.contains("no config.json"), "{e}");
-    std::fs::write(dir.path().join("config.json"), "{").unwrap();
-    let (ok, _, e) = run(bin()
-        .args(["predict", "--model"])
-        .arg(dir.path())
-        .arg("--data")
-        .arg(&test)
-        .arg("--output")
-        .arg(dir.path().join("p.csv")));
-    assert!(!ok && e.contains("not a valid automm model config"), "{e}");
+    for (config, want) in [(None, "no config.json"), (Some("{"), "not a valid automm model config")] {
+        if let Some(c) = config {
+            std::fs::write(dir.path().join("config.json"), c).unwrap();
+        }
+        let out = dir.path().join("p.csv");
+        let (ok, _, e) =
+            run(bin().args(["predict", "--model"]).arg(dir.path()).arg("--data").arg(&test).arg("--output").arg(&out));
+        assert!(!ok && e.contains(want), "{e}");
+        assert!(!out.exists());
+    }
 }
 
 #[test]

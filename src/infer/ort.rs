@@ -187,7 +187,7 @@ impl OrtSession {
 
 static CUDA_FALLBACK_LOGGED: std::sync::Once = std::sync::Once::new();
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "ort-cuda")]
 fn register_cuda(mut b: ort::session::builder::SessionBuilder) -> ort::session::builder::SessionBuilder {
     use ort::ep::ExecutionProvider;
     let ep = ort::ep::CUDA::default();
@@ -202,7 +202,7 @@ fn register_cuda(mut b: ort::session::builder::SessionBuilder) -> ort::session::
     }
 }
 
-#[cfg(not(feature = "cuda"))]
+#[cfg(not(feature = "ort-cuda"))]
 fn register_cuda(b: ort::session::builder::SessionBuilder) -> ort::session::builder::SessionBuilder {
     CUDA_FALLBACK_LOGGED.call_once(|| {
         tracing::warn!(
@@ -214,7 +214,7 @@ fn register_cuda(b: ort::session::builder::SessionBuilder) -> ort::session::buil
 
 /// Whether ONNX Runtime's CUDA execution provider is usable here, in words.
 pub fn cuda_status() -> String {
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "ort-cuda")]
     {
         use ort::ep::ExecutionProvider;
         if let Err(e) = runtime() {
@@ -226,8 +226,8 @@ pub fn cuda_status() -> String {
             Err(e) => format!("unknown ({e})"),
         }
     }
-    #[cfg(not(feature = "cuda"))]
+    #[cfg(not(feature = "ort-cuda"))]
     {
-        "not compiled in (build with --features cuda)".into()
+        "not compiled in (build with --features ort-cuda or cuda)".into()
     }
 }

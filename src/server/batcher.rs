@@ -27,6 +27,13 @@ pub struct BatchConfig {
     pub max_queue_size: usize,
 }
 
+impl Default for BatchConfig {
+    /// `automm serve`'s defaults: 32 items, 2 ms, 1024 requests.
+    fn default() -> Self {
+        BatchConfig { max_batch_size: 32, max_queue_delay: Duration::from_micros(2000), max_queue_size: 1024 }
+    }
+}
+
 /// One request's items, preprocessed.
 pub struct Job {
     /// The model it arrived under.

@@ -46,15 +46,16 @@ pub struct ServingModel {
 }
 
 impl ServingModel {
-    /// Opens an exported model file.
+    /// Opens an exported model file (`cuda`: ask ORT for its CUDA execution provider).
     pub fn open(
         path: &Path,
         engine: Option<EngineKind>,
         threads: usize,
+        cuda: bool,
         version: String,
         metrics_json: String,
     ) -> Result<Self> {
-        let model = ExportedModel::open(path, engine, threads)?;
+        let model = ExportedModel::open_with(path, engine, threads, cuda)?;
         if model.meta.kind != ExportKind::Merged {
             return Err(Error::onnx(
                 path.display().to_string(),
@@ -87,6 +88,8 @@ pub struct ServeConfig {
     pub engine: Option<EngineKind>,
     /// ORT intra-op threads (0 = all cores).
     pub threads: usize,
+    /// `env.num_gpus`: non-zero asks ORT for its CUDA execution provider (needs `--features cuda`).
+    pub num_gpus: i64,
     /// PEM certificate and key for TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Bearer token required on Inference calls.
@@ -99,6 +102,72 @@ pub struct ServeConfig {
     pub backbone: Option<PathBuf>,
     /// Folder for Fit's runs and exports.
     pub work_dir: PathBuf,
+}
+
+impl ServeConfig {
+    /// An in-process server on a free loopback port with default batching and no TLS, auth or Fit
+    /// (the demo, benchmarks and tests start from this).
+    pub fn local(model: &Path, work_dir: &Path) -> ServeConfig {
+        ServeConfig {
+            model: model.to_path_buf(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: None,
+            batch: BatchConfig::default(),
+            engine: None,
+            threads: 0,
+            num_gpus: 0,
+            tls: None,
+            auth_token: None,
+            max_request_bytes: 64 << 20,
+            data_root: None,
+            backbone: None,
+            work_dir: work_dir.to_path_buf(),
+        }
+    }
+}
+
+/// A server started by [`spawn`]: its addresses and state, and how to stop it.
+pub struct Spawned {
+    /// Addresses and shared state.
+    pub running: Running,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Spawned {
+    /// `http://addr` of the gRPC endpoint.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.running.addr)
+    }
+
+    /// Stops accepting, drains the queue, and waits for the server to finish.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.done.await.map_err(|e| Error::Runtime(format!("server task: {e}")))?
+    }
+}
+
+/// Starts [`serve`] on the current tokio runtime and waits until it listens.
+pub async fn spawn(cfg: ServeConfig) -> Result<Spawned> {
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let done = tokio::spawn(serve(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        Some(ready_tx),
+    ));
+    match ready_rx.await {
+        Ok(running) => Ok(Spawned { running, stop: Some(stop_tx), done }),
+        Err(_) => Err(done
+            .await
+            .map_err(|e| Error::Runtime(e.to_string()))?
+            .err()
+            .unwrap_or_else(|| Error::Runtime("the server stopped before listening".into()))),
+    }
 }
 
 /// Shared state behind the service.
@@ -376,7 +445,14 @@ impl Inference for Service {
                 let version = format!("fit-{n}-{}", &crate::model::sha256_file(&onnx)?[..12]);
                 let metrics_json = serde_json::to_string(&summary.validation.scores).unwrap_or_default();
                 let engine = Some(current.model.engine);
-                let new = ServingModel::open(&report.path, engine, state.cfg.threads, version.clone(), metrics_json)?;
+                let new = ServingModel::open(
+                    &report.path,
+                    engine,
+                    state.cfg.threads,
+                    state.cfg.num_gpus != 0,
+                    version.clone(),
+                    metrics_json,
+                )?;
                 state.swap(new);
                 Ok(FitResult {
                     model_version: version,
@@ -416,7 +492,7 @@ fn initial_model(cfg: &ServeConfig) -> Result<ServingModel> {
     } else {
         String::new()
     };
-    ServingModel::open(&path, cfg.engine, cfg.threads, version, metrics_json)
+    ServingModel::open(&path, cfg.engine, cfg.threads, cfg.num_gpus != 0, version, metrics_json)
 }
 
 /// Checks `authorization: Bearer <token>` in constant time (both sides hashed first, so length leaks nothing).

@@ -1,0 +1,28 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The `automm` binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_automm"))
+}
+
+/// A committed fixture under models/fixtures.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
+}
+
+/// True when ONNX Runtime can be found. CI sets AUTOMM_REQUIRE_ORT=1, and there a missing library fails
+/// the test instead; elsewhere the caller's ORT part is reported as not run.
+pub fn ort_available() -> bool {
+    match automm::infer::ort::locate() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(std::env::var("AUTOMM_REQUIRE_ORT").is_err(), "AUTOMM_REQUIRE_ORT is set but: {e}");
+            eprintln!("NOT RUN (ONNX Runtime part): {e}");
+            false
+        }
+    }
+}

@@ -43,7 +43,7 @@ impl Client {
     /// sending `token` as a bearer token when given.
     pub async fn connect(url: &str, token: Option<&str>, ca_pem: Option<&[u8]>) -> Result<Client> {
         let bad = |e: String| Error::Runtime(format!("cannot connect to {url}: {e}"));
-        let mut ep = Endpoint::from_shared(url.to_string()).map_err(|e| bad(e.to_string()))?;
+        let mut ep = Endpoint::from_shared(url.to_string()).map_err(|e| bad(e.to_string()))?.tcp_nodelay(true);
         if let Some(ca) = ca_pem {
             let tls = ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
             ep = ep.tls_config(tls).map_err(|e| bad(e.to_string()))?;

@@ -117,12 +117,20 @@ fn worker(rx: Receiver<Job>, cfg: BatchConfig, metrics: Arc<Metrics>) {
         let close_at = first.enqueued + cfg.max_queue_delay;
         let mut n = first.n;
         let mut batch = vec![first];
+        // Requests already waiting join at once (they waited while the last batch ran); then wait for more
+        // until the oldest request's delay is up.
         while n < cfg.max_batch_size {
-            let now = Instant::now();
-            if now >= close_at {
-                break;
-            }
-            match rx.recv_timeout(close_at - now) {
+            let next = match rx.try_recv() {
+                Ok(j) => Ok(j),
+                Err(_) => {
+                    let now = Instant::now();
+                    if now >= close_at {
+                        break;
+                    }
+                    rx.recv_timeout(close_at - now)
+                }
+            };
+            match next {
                 Ok(j) => {
                     if n + j.n > cfg.max_batch_size {
                         carry = Some(j);

@@ -615,6 +615,7 @@ pub async fn serve(
             .max_encoding_message_size(64 << 20),
         auth,
     );
+    // No Nagle (see `incoming` below): small responses must not wait for delayed ACKs (40 ms a call).
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = &cfg.tls {
         let c = std::fs::read(cert).map_err(|e| Error::io(cert, e))?;
@@ -625,7 +626,12 @@ pub async fn serve(
     if let Some(tx) = ready {
         let _ = tx.send(Running { addr, metrics_addr, state: state.clone() });
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's tcp_nodelay only covers sockets tonic accepts itself; set it on ours.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     let result = builder
         .layer(tower::util::MapResponseLayer::new(standard_codes))
         .add_service(health)

@@ -1,7 +1,7 @@
 //! ONNX operators evaluated on candle tensors. Each op checks its inputs and returns an error naming the
 //! node on bad input; nothing here panics on a malformed graph.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_onnx::onnx::NodeProto;
 
 use super::tensor::{dtype_of_code, from_proto};
@@ -540,7 +540,6 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
             let eps = at.float("epsilon", 1e-5) as f64;
             let scale = input(node, ins, 1)?;
             let inner: usize = t.dims()[axis..].iter().product();
-            let outer_dims = &t.dims()[..axis];
             let x2 = t.contiguous()?.reshape(((t.elem_count() / inner.max(1)), inner))?;
             let scale = scale.flatten_all()?.broadcast_as(inner)?.contiguous()?;
             let bias = match opt_input(ins, 2) {
@@ -548,7 +547,6 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
                 None => Tensor::zeros(inner, t.dtype(), t.device())?,
             };
             let y = candle_nn::ops::layer_norm(&x2, &scale, &bias, eps as f32)?;
-            let _ = outer_dims;
             one(y.reshape(t.dims())?)
         }
         "BatchNormalization" => {
@@ -853,9 +851,4 @@ fn select(t: &Tensor, axis: usize, idx: Vec<u32>) -> Result<Tensor> {
     }
     let ids = Tensor::from_vec(idx.clone(), idx.len(), t.device())?;
     Ok(t.contiguous()?.index_select(&ids, axis)?)
-}
-
-/// Softmax over the last dim (used by the head).
-pub fn softmax_last(t: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::softmax(t, D::Minus1)?)
 }

@@ -53,7 +53,7 @@ pub fn verify(model: &Path, exported: &Path, data: Option<&Path>, n: usize) -> R
     // Spread the picks over the table so several classes are likely covered.
     let step = (table.rows.len() / n.max(1)).max(1);
     let idx: Vec<usize> = (0..table.rows.len()).step_by(step).take(n.max(1)).collect();
-    let table = table.subset(&idx);
+    let table = table.subset(&idx)?;
     let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
     let want = predictor.predict_table(&table, true)?;
     let proto = read_model(exported)?;

@@ -165,17 +165,20 @@ impl Table {
     }
 
     /// A table holding only `idx` rows (same columns).
-    pub fn subset(&self, idx: &[usize]) -> Table {
+    pub fn subset(&self, idx: &[usize]) -> Result<Table> {
+        if let Some(&bad) = idx.iter().find(|&&i| i >= self.rows.len()) {
+            return Err(table_err(&self.path, format!("row index {bad} is past the table's {} rows", self.rows.len())));
+        }
         let rows = idx.iter().map(|&i| self.rows[i].clone()).collect();
         let ia = IdxCa::from_vec("idx".into(), idx.iter().map(|&i| i as IdxSize).collect());
-        let frame = self.frame.take(&ia).unwrap_or_else(|_| self.frame.clone());
-        Table {
+        let frame = self.frame.take(&ia).map_err(|e| table_err(&self.path, e.to_string()))?;
+        Ok(Table {
             path: self.path.clone(),
             image_column: self.image_column.clone(),
             label_column: self.label_column.clone(),
             rows,
             frame,
-        }
+        })
     }
 }
 

@@ -519,11 +519,7 @@ fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
     let names: Vec<String> = a.metrics.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     metrics::check_names(&names)?;
     let p = Predictor::load(&a.model, &select_device(0))?;
-    let table = Table::load(
-        &a.data,
-        Some(&p.config.label_column),
-        Some(&p.config.image_column).filter(|c| has_column(&a.data, c)).map(|s| s.as_str()),
-    )?;
+    let table = Table::load_with_hint(&a.data, Some(&p.config.label_column), &p.config.image_column)?;
     let r = p.evaluate(&table, a.quiet)?;
     if a.json {
         let mut m: serde_json::Map<String, serde_json::Value> =
@@ -541,10 +537,6 @@ fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
         print!("{}", metrics::summary_table(&r));
     }
     Ok(())
-}
-
-fn has_column(path: &std::path::Path, col: &str) -> bool {
-    automm::data::table::read_frame(path).map(|df| df.column(col).is_ok()).unwrap_or(false)
 }
 
 fn cmd_predict(a: PredictArgs) -> Result<()> {
@@ -569,8 +561,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     } else {
         let mut p = Predictor::load(&a.model, &select_device(0))?;
         p.batch_size = a.batch_size;
-        let img_col = Some(p.config.image_column.as_str()).filter(|c| has_column(&a.data, c));
-        let table = Table::load(&a.data, None, img_col)?;
+        let table = Table::load_with_hint(&a.data, None, &p.config.image_column)?;
         let preds = p.predict_table(&table, a.quiet)?;
         write_predictions(&table, &p.config.classes, &preds, &a.output)?;
         (table.rows.len(), EngineKind::Candle)

@@ -140,11 +140,11 @@ pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<Tra
     let targets = table.targets(&classes)?;
     let (train_rows, val_rows, val_targets, val_source, val_table) = match &req.tuning_data {
         Some(p) => {
-            let t = Table::load(
-                p,
-                Some(&req.label),
-                Some(&table.image_column).filter(|_| req.image_column.is_some()).map(|s| s.as_str()),
-            )?;
+            // An explicit --image-column must exist in both tables; otherwise the training table's column is tried first.
+            let t = match &req.image_column {
+                Some(c) => Table::load(p, Some(&req.label), Some(c))?,
+                None => Table::load_with_hint(p, Some(&req.label), &table.image_column)?,
+            };
             t.check_files()?;
             let vt = t.targets(&classes)?;
             (

@@ -49,7 +49,7 @@ pub fn verify(model: &Path, exported: &Path, data: Option<&Path>, n: usize) -> R
             ),
         });
     }
-    let table = Table::load(&table_path, None, Some(cfg.image_column.as_str()))?;
+    let table = Table::load_with_hint(&table_path, None, &cfg.image_column)?;
     // Spread the picks over the table so several classes are likely covered.
     let step = (table.rows.len() / n.max(1)).max(1);
     let idx: Vec<usize> = (0..table.rows.len()).step_by(step).take(n.max(1)).collect();

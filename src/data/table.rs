@@ -88,6 +88,16 @@ impl Table {
     /// Loads `path`. `label` names the label column (required for training data, optional for
     /// prediction); `image_column` overrides the image-column search.
     pub fn load(path: &Path, label: Option<&str>, image_column: Option<&str>) -> Result<Table> {
+        Self::load_inner(path, label, image_column, None)
+    }
+
+    /// Like [`Table::load`] with the image column found automatically, trying `hint` first (the column a
+    /// model was trained with), so a table that uses another name still works.
+    pub fn load_with_hint(path: &Path, label: Option<&str>, hint: &str) -> Result<Table> {
+        Self::load_inner(path, label, None, Some(hint))
+    }
+
+    fn load_inner(path: &Path, label: Option<&str>, image_column: Option<&str>, hint: Option<&str>) -> Result<Table> {
         let frame = read_frame(path)?;
         if frame.height() == 0 {
             return Err(table_err(path, "the table is empty (a header but no rows)"));
@@ -104,7 +114,10 @@ impl Table {
                 frame.column(c).map_err(|_| missing_column(&frame, c, path))?;
                 c.to_string()
             }
-            None => find_image_column(&frame, label_column.as_deref(), path)?,
+            None => match hint.filter(|h| frame.column(h).is_ok() && Some(*h) != label) {
+                Some(h) => h.to_string(),
+                None => find_image_column(&frame, label_column.as_deref(), path)?,
+            },
         };
         let images = column_text(&frame, &image_column, path)?;
         let labels = match &label_column {
@@ -285,6 +298,17 @@ pub fn stratified_split(targets: &[u32], num_classes: usize, fraction: f64, seed
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_column_hint_wins_when_present_else_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.csv");
+        std::fs::write(&p, "path,photo,label\na.png,b.png,x\n").unwrap();
+        assert_eq!(Table::load(&p, None, None).unwrap().image_column, "path");
+        assert_eq!(Table::load_with_hint(&p, None, "photo").unwrap().rows[0].image, dir.path().join("b.png"));
+        assert_eq!(Table::load_with_hint(&p, None, "missing").unwrap().image_column, "path");
+        assert!(Table::load(&p, None, Some("missing")).unwrap_err().to_string().contains("\"photo\""));
+    }
 
     #[test]
     fn holdout_rule_matches_autogluon() {

@@ -13,7 +13,7 @@ use automm::infer::exported::ExportedModel;
 use automm::infer::EngineKind;
 use automm::metrics;
 use automm::predict::{write_predictions, Predictor};
-use automm::train::{select_device, train, Event, TrainRequest};
+use automm::train::{resume, select_device, train, Event, ResumeOptions, TrainRequest};
 
 /// automm: train and deploy image classifiers on imbalanced data.
 #[derive(Parser, Debug)]
@@ -58,11 +58,11 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Training table (CSV or Parquet) with an image-path column and a label column.
-    #[arg(long)]
-    pub train_data: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub train_data: Option<PathBuf>,
     /// Label column.
-    #[arg(long)]
-    pub label: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub label: Option<String>,
     /// Image-path column (found automatically when omitted).
     #[arg(long)]
     pub image_column: Option<String>,
@@ -70,8 +70,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub tuning_data: Option<PathBuf>,
     /// Backbone ONNX file.
-    #[arg(long)]
-    pub backbone: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub backbone: Option<PathBuf>,
     /// Tensor read as features (default: input of the final classifier, or the graph output).
     #[arg(long)]
     pub feature_tensor: Option<String>,
@@ -79,8 +79,12 @@ pub struct TrainArgs {
     #[arg(long, default_value = "imagenet")]
     pub normalization: String,
     /// Output model folder.
-    #[arg(long)]
-    pub output: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub output: Option<PathBuf>,
+    /// Continue the interrupted run in this model folder from its last checkpoint (everything else comes
+    /// from the folder; `--hp` may change settings, e.g. a lower learning rate after a divergence).
+    #[arg(long, conflicts_with_all = ["train_data", "label", "image_column", "tuning_data", "backbone", "feature_tensor", "output"])]
+    pub resume: Option<PathBuf>,
     /// Hyperparameters file (YAML or JSON), AutoMM key names.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -476,27 +480,37 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     for kv in &a.hp {
         b = b.set_str(kv)?;
     }
-    let (hp, warnings) = b.build()?;
-    for w in &warnings {
-        eprintln!("warning: {w}");
-    }
-    let req = TrainRequest {
-        train_data: a.train_data,
-        label: a.label,
-        image_column: a.image_column,
-        tuning_data: a.tuning_data,
-        backbone: a.backbone,
-        feature_tensor: a.feature_tensor,
-        normalization: Normalization::parse(&a.normalization)?,
-        output: a.output.clone(),
-        hp,
-        quiet: a.quiet,
-    };
-    let summary = train(&req, |e| {
+    let log_phase = |e: &Event| {
         if let Event::Phase(p) = e {
             tracing::info!("phase: {p}");
         }
-    })?;
+    };
+    let (summary, output) = if let Some(dir) = a.resume {
+        let opts = ResumeOptions { overrides: b, quiet: a.quiet, cancel: None };
+        (resume(&dir, &opts, log_phase)?, dir)
+    } else {
+        let (hp, warnings) = b.build()?;
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+        // clap guarantees these without --resume.
+        let need = |what: &str| anyhow::anyhow!("--{what} is required");
+        let output = a.output.ok_or_else(|| need("output"))?;
+        let req = TrainRequest {
+            train_data: a.train_data.ok_or_else(|| need("train-data"))?,
+            label: a.label.ok_or_else(|| need("label"))?,
+            image_column: a.image_column,
+            tuning_data: a.tuning_data,
+            backbone: a.backbone.ok_or_else(|| need("backbone"))?,
+            feature_tensor: a.feature_tensor,
+            normalization: Normalization::parse(&a.normalization)?,
+            output: output.clone(),
+            hp,
+            quiet: a.quiet,
+            cancel: None,
+        };
+        (train(&req, log_phase)?, output)
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
@@ -511,7 +525,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         summary.num_train, summary.num_val, summary.validation_source, summary.feature_seconds, summary.train_seconds
     );
     print!("{}", metrics::summary_table(&summary.validation));
-    println!("\nmodel folder: {}", a.output.display());
+    println!("\nmodel folder: {}", output.display());
     Ok(())
 }
 

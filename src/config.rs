@@ -289,7 +289,13 @@ impl HyperParamsBuilder {
     /// Validates every entry (later entries override earlier ones) and returns the configuration plus the
     /// warnings for accepted-but-unsupported keys.
     pub fn build(&self) -> Result<(HyperParams, Vec<String>)> {
-        let mut hp = HyperParams::default();
+        self.build_on(HyperParams::default())
+    }
+
+    /// Like [`build`](Self::build), but the entries override `base` instead of the defaults (used by
+    /// `automm train --resume` to change a saved run's settings).
+    pub fn build_on(&self, base: HyperParams) -> Result<(HyperParams, Vec<String>)> {
+        let mut hp = base;
         let mut warnings = Vec::new();
         let mut resolved: BTreeMap<&'static str, (&str, &Value)> = BTreeMap::new();
         for (key, value) in &self.entries {

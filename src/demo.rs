@@ -173,6 +173,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
             output: dir.join(name),
             hp,
             quiet: opts.quiet,
+            cancel: None,
         };
         train(&req, |_| {})?;
         let p = Predictor::load(&dir.join(name), &candle_core::Device::Cpu)?;

@@ -61,6 +61,14 @@ pub enum Error {
     /// Training failed (NaN loss, bad data split, ...).
     #[error("training: {0}")]
     Train(String),
+    /// Training was stopped on request after a checkpoint was written; `automm train --resume` continues it.
+    #[error("training stopped on request after epoch {epoch}; the checkpoint in {dir} resumes it")]
+    Cancelled {
+        /// The last finished (and checkpointed) epoch.
+        epoch: usize,
+        /// The checkpoint folder.
+        dir: PathBuf,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

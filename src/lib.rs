@@ -7,6 +7,7 @@
 
 pub mod backbone;
 pub mod bench;
+pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod data;
@@ -18,6 +19,7 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod onnx;
+pub mod optim;
 pub mod predict;
 pub mod server;
 pub mod synth;

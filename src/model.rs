@@ -19,12 +19,40 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    stage_atomic(path, bytes)?.commit()
+}
+
+/// A complete, synced temp file waiting to be renamed over its target (the first half of
+/// [`write_atomic`]). A crash before [`Staged::commit`] leaves the target untouched.
+pub struct Staged {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+}
+
+impl Staged {
+    /// Renames the temp file over the target.
+    pub fn commit(self) -> Result<()> {
+        persist(self.tmp, &self.path)
+    }
+    /// The temp file's path (tests use it to simulate a crash that leaves it behind).
+    pub fn temp_path(&self) -> &Path {
+        self.tmp.path()
+    }
+    /// Leaves the temp file on disk without renaming it, as a crash would.
+    pub fn abandon(self) -> Result<PathBuf> {
+        let path = self.path;
+        self.tmp.keep().map(|(_, p)| p).map_err(|e| Error::io(path, e.error))
+    }
+}
+
+/// Writes and syncs `bytes` to a temp file next to `path`; [`Staged::commit`] puts it in place.
+pub fn stage_atomic(path: &Path, bytes: &[u8]) -> Result<Staged> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = tempfile::Builder::new().prefix(".tmp").tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-    persist(tmp, path)
+    Ok(Staged { tmp, path: path.to_path_buf() })
 }
 
 /// Moves a finished temp file into place, readable like any other output (temp files are created 0600).

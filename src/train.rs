@@ -1,27 +1,32 @@
 //! Training a linear head on frozen backbone features: the table is read and split, every image's
 //! features are computed once and reused every epoch (AutoMM re-runs the backbone each epoch), then a
 //! head is trained with AdamW under the learning-rate schedule, validated every epoch, the best epoch
-//! kept, and the run saved as a model folder.
+//! kept, and the run saved as a model folder. After every epoch the whole training state is checkpointed
+//! ([`crate::checkpoint`]) so that [`resume`] continues an interrupted run to the same final weights.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{progress, Backbone};
-use crate::config::{HyperParams, LossKind};
+use crate::checkpoint::{feature_key, Best, Checkpoint, Progress, TrainState};
+use crate::config::{HyperParams, HyperParamsBuilder, LossKind};
 use crate::data::{holdout_fraction, stratified_split, ClassList, Normalization, Table};
 use crate::error::{Error, Result};
 use crate::loss::{cross_entropy, focal_loss, Reduction};
 use crate::metrics::{self, Report};
 use crate::model::{write_atomic, Head, ModelConfig, ModelDir, VERSION};
+use crate::optim::{AdamW, AdamWConfig};
 
-/// What to train: data, backbone, hyperparameters and where to keep the run.
-#[derive(Debug, Clone)]
+/// What to train: data, backbone, hyperparameters and where to keep the run (saved as the checkpoint's
+/// `run.json`, so a resumed run needs nothing but the folder).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainRequest {
     /// Training table (CSV/Parquet).
     pub train_data: PathBuf,
@@ -42,7 +47,24 @@ pub struct TrainRequest {
     /// Hyperparameters.
     pub hp: HyperParams,
     /// Hide progress bars.
+    #[serde(skip)]
     pub quiet: bool,
+    /// When set (by another thread), training stops after the current epoch's checkpoint with
+    /// [`Error::Cancelled`]; [`resume`] continues it.
+    #[serde(skip)]
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+/// Settings of [`resume`].
+#[derive(Debug, Clone, Default)]
+pub struct ResumeOptions {
+    /// Hyperparameters to change on top of the saved ones (e.g. a lower learning rate after a divergence);
+    /// the run is then no longer equivalent to an uninterrupted one, which is logged.
+    pub overrides: HyperParamsBuilder,
+    /// Hide progress bars.
+    pub quiet: bool,
+    /// See [`TrainRequest::cancel`].
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// One epoch's record.
@@ -51,11 +73,19 @@ pub struct EpochRecord {
     /// 1-based epoch.
     pub epoch: usize,
     /// Mean training loss per batch.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub train_loss: f64,
-    /// The validation metric.
+    /// The validation metric (JSON `null` when undefined).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub val_score: f64,
     /// Learning rate at the epoch's last step.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub lr: f64,
+}
+
+/// serde_json writes NaN as `null`; read it back as NaN instead of failing.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Option::<f64>::deserialize(d).map(|o| o.unwrap_or(f64::NAN))
 }
 
 /// `metrics.json` of a model folder.
@@ -124,8 +154,53 @@ pub fn cuda_status() -> String {
     }
 }
 
-/// Trains a head as `req` says and writes the model folder; `on_event` sees phases and epochs.
-pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<TrainSummary> {
+/// Trains a head as `req` says and writes the model folder; `on_event` sees phases and epochs. An
+/// unfinished run already in the output folder is discarded (use [`resume`] to continue it).
+pub fn train(req: &TrainRequest, on_event: impl FnMut(&Event)) -> Result<TrainSummary> {
+    let ck = Checkpoint::in_output(&req.output);
+    if ck.root.exists() {
+        tracing::warn!(
+            "{} holds an unfinished run; starting over (`automm train --resume` continues one)",
+            req.output.display()
+        );
+    }
+    ck.clear()?;
+    ck.write_run(req)?;
+    run(req, &ck, None, on_event)
+}
+
+/// Continues the interrupted run in model folder `output` from its last checkpoint. With no overrides
+/// the final head is the one an uninterrupted run with the same seed would have produced.
+pub fn resume(output: &Path, opts: &ResumeOptions, on_event: impl FnMut(&Event)) -> Result<TrainSummary> {
+    let ck = Checkpoint::in_output(output);
+    let mut req = ck.read_run()?;
+    req.output = output.to_path_buf();
+    req.quiet = opts.quiet;
+    req.cancel = opts.cancel.clone();
+    let (hp, warnings) = opts.overrides.build_on(req.hp.clone())?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    if hp != req.hp {
+        tracing::warn!("resuming with changed hyperparameters: the result will differ from an uninterrupted run");
+        req.hp = hp;
+        ck.write_run(&req)?;
+    }
+    ck.sweep_temp_files();
+    let state = ck.read_state(&select_device(req.hp.num_gpus))?;
+    match &state {
+        Some(s) => tracing::info!("resuming {} after epoch {}", output.display(), s.progress.epoch),
+        None => tracing::info!("resuming {}: no epoch had finished, training from the start", output.display()),
+    }
+    run(&req, &ck, state, on_event)
+}
+
+fn run(
+    req: &TrainRequest,
+    ck: &Checkpoint,
+    state: Option<TrainState>,
+    mut on_event: impl FnMut(&Event),
+) -> Result<TrainSummary> {
     let hp = &req.hp;
     let device = select_device(hp.num_gpus);
     let table = Table::load(&req.train_data, Some(&req.label), req.image_column.as_deref())?;
@@ -180,10 +255,21 @@ pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<Tra
     };
     // Batch 8: Swin-Tiny at 16 peaks above 5 GB of intermediates on CPU.
     let fb = 8;
-    let x_train = backbone.features_of_files(&files(&table, &train_rows), fb, "features", req.quiet)?;
-    let x_val = match &val_table {
-        Some(t) => backbone.features_of_files(&files(t, &val_rows), fb, "val features", req.quiet)?,
-        None => backbone.features_of_files(&files(&table, &val_rows), fb, "val features", req.quiet)?,
+    let train_files = files(&table, &train_rows);
+    let val_files = files(val_table.as_ref().unwrap_or(&table), &val_rows);
+    let key = feature_key(&backbone.info, &backbone.preprocess, &train_files, &val_files)?;
+    let (x_train, x_val) = match ck.read_features(&key, &device)? {
+        Some(cached) => {
+            tracing::info!("reusing the features cached in {}", ck.features_file().display());
+            on_event(&Event::Phase("features (cached)".into()));
+            cached
+        }
+        None => {
+            let x_train = backbone.features_of_files(&train_files, fb, "features", req.quiet)?;
+            let x_val = backbone.features_of_files(&val_files, fb, "val features", req.quiet)?;
+            ck.write_features(&key, &x_train, &x_val)?;
+            (x_train, x_val)
+        }
     };
     let feature_seconds = t0.elapsed().as_secs_f64();
 
@@ -197,7 +283,7 @@ pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<Tra
         &classes.names,
         hp,
         alpha.as_deref(),
-        req.quiet,
+        FitContext { quiet: req.quiet, checkpoint: Some(ck), resume: state, cancel: req.cancel.as_deref() },
         &mut on_event,
     )?;
     let train_seconds = t1.elapsed().as_secs_f64();
@@ -235,6 +321,8 @@ pub fn train(req: &TrainRequest, mut on_event: impl FnMut(&Event)) -> Result<Tra
     let scores: Vec<f64> = summary.history.iter().map(|h| h.val_score).collect();
     metrics::curve_svg(&losses, &scores, &summary.val_metric, &req.output.join("training_curve.svg"))?;
     metrics::confusion_svg(&summary.validation, &req.output.join("confusion_matrix.svg"))?;
+    // The model is complete: the checkpoint (and its feature cache) has served its purpose.
+    ck.clear()?;
     Ok(summary)
 }
 
@@ -258,6 +346,19 @@ pub fn predict_features(head: &Head, x: &Tensor) -> Result<(Vec<f32>, Vec<u32>)>
     Ok((probs.flatten_all()?.to_vec1::<f32>()?, preds))
 }
 
+/// Optional parts of [`fit_head`]: progress display, checkpointing, a state to continue from, a stop flag.
+#[derive(Default)]
+pub struct FitContext<'a> {
+    /// Hide the progress bar.
+    pub quiet: bool,
+    /// Where to write the state after every epoch.
+    pub checkpoint: Option<&'a Checkpoint>,
+    /// A state to continue from instead of a fresh initialisation.
+    pub resume: Option<TrainState>,
+    /// Checked after every epoch's checkpoint: set -> [`Error::Cancelled`].
+    pub cancel: Option<&'a AtomicBool>,
+}
+
 /// Trains the head on cached features (the loop every epoch runs; no backbone involved).
 #[allow(clippy::too_many_arguments)]
 pub fn fit_head(
@@ -268,7 +369,7 @@ pub fn fit_head(
     classes: &[String],
     hp: &HyperParams,
     alpha: Option<&[f64]>,
-    quiet: bool,
+    ctx: FitContext<'_>,
     on_event: &mut impl FnMut(&Event),
 ) -> Result<HeadFit> {
     let device = x_train.device().clone();
@@ -280,10 +381,7 @@ pub fn fit_head(
     let mut uniform = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect() };
     let w = Var::from_tensor(&Tensor::from_vec(uniform(k * d), (k, d), &device)?)?;
     let b = Var::from_tensor(&Tensor::from_vec(uniform(k), k, &device)?)?;
-    let mut opt = AdamW::new(
-        vec![w.clone(), b.clone()],
-        ParamsAdamW { lr: hp.learning_rate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: hp.weight_decay },
-    )?;
+    let mut opt = AdamW::new(vec![w.clone(), b.clone()], AdamWConfig::new(hp.learning_rate, hp.weight_decay))?;
     let alpha_t =
         alpha.map(|a| Tensor::from_vec(a.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &device)).transpose()?;
     let y_train_t = Tensor::from_vec(y_train.to_vec(), n, &device)?;
@@ -295,9 +393,40 @@ pub fn fit_head(
     let mut history = Vec::new();
     let mut best: Option<(f64, f64, usize, Head)> = None;
     let mut since_best = 0;
-    let pb = progress(hp.max_epochs as u64, "epochs", quiet);
     let mut step = 0;
-    for epoch in 1..=hp.max_epochs {
+    let mut first_epoch = 1;
+    let mut done = false;
+    if let Some(st) = ctx.resume {
+        let p = st.progress;
+        if st.head.weight.dims() != [k, d] || p.order.len() != n || p.order.iter().any(|&i| i >= n) {
+            return Err(Error::Train(format!(
+                "the checkpoint is for a head {:?} over {} rows, but this run has {k} classes, {d} features and {n} rows",
+                st.head.weight.dims(),
+                p.order.len()
+            )));
+        }
+        w.set(&st.head.weight)?;
+        b.set(&st.head.bias)?;
+        opt.restore(st.optimizer)?;
+        rng.set_word_pos(p.rng_word_pos.parse().map_err(|_| Error::Train("bad RNG position in checkpoint".into()))?);
+        order = p.order;
+        history = p.history;
+        best = p
+            .best
+            .zip(st.best_head)
+            .map(|(bm, h)| (f64::from_bits(bm.score_bits), f64::from_bits(bm.val_loss_bits), bm.epoch, h));
+        since_best = p.since_best;
+        step = p.step;
+        first_epoch = p.epoch + 1;
+        done = p.done;
+    }
+    let pb = progress(hp.max_epochs as u64, "epochs", ctx.quiet);
+    pb.set_position((first_epoch - 1).min(hp.max_epochs) as u64);
+    let mut warned_rising = false;
+    for epoch in first_epoch..=hp.max_epochs {
+        if done {
+            break;
+        }
         order.shuffle(&mut rng);
         let mut loss_sum = 0.0;
         let mut lr = hp.learning_rate;
@@ -314,8 +443,18 @@ pub fn fit_head(
             };
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
+                let kept = match (ctx.checkpoint, epoch > 1) {
+                    (Some(ck), true) => format!(
+                        "; the last good checkpoint (epoch {}) is kept: `automm train --resume {} --hp \
+                         optimization.learning_rate=...` continues from it",
+                        epoch - 1,
+                        ck.root.parent().unwrap_or(&ck.root).display()
+                    ),
+                    _ => String::new(),
+                };
                 return Err(Error::Train(format!(
-                    "the loss became {lv} at epoch {epoch}, batch {}; lower optimization.learning_rate (now {})",
+                    "training diverged: the loss became {lv} at epoch {epoch}, batch {} (learning rate {lr:.3e} at \
+                     that step); lower optimization.learning_rate (now {}){kept}",
                     bi + 1,
                     hp.learning_rate
                 )));
@@ -330,13 +469,25 @@ pub fn fit_head(
         let score = report.get(hp.val_metric.name());
         let val_loss = report.get("log_loss");
         let rec = EpochRecord { epoch, train_loss: loss_sum / steps_per_epoch as f64, val_score: score, lr };
+        if !warned_rising
+            && epoch >= 3
+            && rec.train_loss > 2.0 * history.first().map_or(f64::MAX, |h: &EpochRecord| h.train_loss)
+        {
+            warned_rising = true;
+            tracing::warn!(
+                "the training loss is rising ({:.4} at epoch 1, {:.4} at epoch {epoch}): optimization.learning_rate {} \
+                 looks too high and training may diverge",
+                history[0].train_loss,
+                rec.train_loss,
+                hp.learning_rate
+            );
+        }
         pb.set_message(format!("loss {:.4} {} {:.3}", rec.train_loss, hp.val_metric.name(), score));
         pb.inc(1);
-        on_event(&Event::Epoch(rec.clone()));
-        history.push(rec);
+        history.push(rec.clone());
         // Ties on the metric (common on small validation sets) go to the lower validation log-loss.
         if best.as_ref().is_none_or(|(s, l, _, _)| score > *s || (score == *s && val_loss < *l)) {
-            best = Some((score, val_loss, epoch, head));
+            best = Some((score, val_loss, epoch, head.clone()));
             since_best = 0;
         } else {
             since_best += 1;
@@ -345,8 +496,34 @@ pub fn fit_head(
                     "early stopping at epoch {epoch}: no improvement of {} for {since_best} epochs",
                     hp.val_metric.name()
                 );
-                break;
+                done = true;
             }
+        }
+        if let Some(ck) = ctx.checkpoint {
+            ck.write_state(&TrainState {
+                progress: Progress {
+                    epoch,
+                    step,
+                    rng_word_pos: rng.get_word_pos().to_string(),
+                    order: order.clone(),
+                    history: history.clone(),
+                    best: best.as_ref().map(|(s, l, e, _)| Best {
+                        score_bits: s.to_bits(),
+                        val_loss_bits: l.to_bits(),
+                        epoch: *e,
+                    }),
+                    since_best,
+                    done: done || epoch == hp.max_epochs,
+                },
+                head,
+                optimizer: opt.state().clone(),
+                best_head: best.as_ref().map(|(_, _, _, h)| h.clone()),
+            })?;
+        }
+        on_event(&Event::Epoch(rec));
+        if ctx.cancel.is_some_and(|c| c.load(Ordering::SeqCst)) && !done && epoch < hp.max_epochs {
+            let dir = ctx.checkpoint.map(|c| c.root.clone()).unwrap_or_default();
+            return Err(Error::Cancelled { epoch, dir });
         }
     }
     pb.finish_and_clear();

@@ -33,6 +33,7 @@ fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         output: folder.clone(),
         hp,
         quiet: true,
+        cancel: None,
     };
     automm::train::train(&req, |_| {}).unwrap();
     let onnx = dir.join("model.onnx");

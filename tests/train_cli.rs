@@ -123,6 +123,7 @@ fn library_training_is_deterministic_with_a_seed() {
             output: dir.path().join(out),
             hp,
             quiet: true,
+            cancel: None,
         }
     };
     let a = automm::train::train(&mk("a"), |_| {}).unwrap();

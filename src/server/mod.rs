@@ -7,7 +7,8 @@ pub mod metrics;
 
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -413,13 +414,18 @@ impl Inference for Service {
             output: run_dir.clone(),
             hp,
             quiet: true,
+            // Set when the caller goes away: training stops after the next epoch's checkpoint.
+            cancel: Some(Arc::new(AtomicBool::new(false))),
         };
+        let cancel = req.cancel.clone().unwrap_or_default();
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
             let _guard = guard;
             let send = |e: fit_event::Event| {
-                let _ = tx.blocking_send(Ok(FitEvent { event: Some(e) }));
+                if tx.blocking_send(Ok(FitEvent { event: Some(e) })).is_err() && !cancel.swap(true, SeqCst) {
+                    tracing::warn!("Fit caller disconnected; stopping the run after the current epoch");
+                }
             };
             let result = (|| -> Result<FitResult> {
                 let summary = crate::train::train(&req, |ev| match ev {

@@ -258,6 +258,17 @@ async fn deadlines_and_a_full_queue() {
     server.stop().await;
 }
 
+/// Image files of a table, resolved.
+fn images_of(table: &Path) -> Vec<PathBuf> {
+    automm::data::Table::load(table, None, None).unwrap().rows.into_iter().map(|r| r.image).collect()
+}
+
+/// `target` relative to `base` through `..` (both absolute).
+fn pathdiff(target: &Path, base: &Path) -> String {
+    let ups = base.components().count() - 1;
+    format!("{}{}", "../".repeat(ups), target.strip_prefix("/").unwrap().display())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fit_streams_hot_swaps_and_refuses_a_second_fit() {
     let dir = tempfile::tempdir().unwrap();
@@ -283,6 +294,25 @@ async fn fit_streams_hot_swaps_and_refuses_a_second_fit() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied);
+    // A table inside the root whose image paths lead outside it (`..`, absolute, symlink) is refused too.
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.png");
+    std::fs::copy(&images_of(&test)[0], &secret).unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&secret, dir.path().join("link.png")).unwrap();
+    let rel = pathdiff(&secret, dir.path());
+    for (name, image) in [("abs.csv", secret.display().to_string()), ("up.csv", rel), ("link.csv", "link.png".into())] {
+        std::fs::write(dir.path().join(name), format!("image,label\n{image},circle\n")).unwrap();
+        let s = c
+            .fit_request(
+                automm::proto::FitRequest { train_data: name.into(), label: "label".into(), ..Default::default() },
+                &mut |_| {},
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::PermissionDenied, "{name}: {s:?}");
+        assert!(s.message().contains("row 1") && s.message().contains("data root"), "{}", s.message());
+    }
     // Two at once: the second is refused while the first runs.
     let c2 = c.clone();
     let hp2 = hp.clone();

@@ -54,14 +54,84 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
         let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         ParquetReader::new(f).finish().map_err(|e| table_err(path, format!("not a readable Parquet file: {e}")))?
     } else {
+        sniff_text(path)?;
         CsvReadOptions::default()
             .with_has_header(true)
             .with_infer_schema_length(Some(10_000))
             .try_into_reader_with_file_path(Some(path.to_path_buf()))
             .and_then(|r| r.finish())
-            .map_err(|e| table_err(path, format!("not a readable CSV file: {e}")))?
+            .map_err(|e| match ragged_row(path) {
+                Some((row, found, want)) => table_err(
+                    path,
+                    format!("row {row} has {found} fields but the header has {want}; quote fields that contain commas"),
+                ),
+                None => table_err(path, format!("not a readable CSV file: {e}")),
+            })?
     };
     Ok(df)
+}
+
+/// Refuses CSVs that are not UTF-8 text before polars sees them, with a message that says how to fix it
+/// (polars would read a UTF-16 file as one garbled column).
+fn sniff_text(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4096);
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    f.take(4096).read_to_end(&mut head).map_err(|e| Error::io(path, e))?;
+    let enc = if head.starts_with(&[0xff, 0xfe, 0, 0]) || head.starts_with(&[0, 0, 0xfe, 0xff]) {
+        Some("UTF-32")
+    } else if head.starts_with(&[0xff, 0xfe]) || head.starts_with(&[0xfe, 0xff]) {
+        Some("UTF-16")
+    } else {
+        None
+    };
+    if let Some(enc) = enc {
+        return Err(table_err(path, format!("the file is {enc} encoded; save it as UTF-8 CSV")));
+    }
+    if head.is_empty() {
+        return Err(table_err(path, "the file is empty; expected a CSV header line and rows"));
+    }
+    if head.contains(&0) {
+        return Err(table_err(
+            path,
+            "the file holds NUL bytes (binary data or UTF-16 without a byte-order mark); expected UTF-8 CSV text",
+        ));
+    }
+    Ok(())
+}
+
+/// The first data row (1-based) whose field count differs from the header's, as (row, found, expected):
+/// polars reports ragged lines without saying where. Quoted fields may hold commas and newlines.
+fn ragged_row(path: &Path) -> Option<(usize, usize, usize)> {
+    let bytes = std::fs::read(path).ok()?;
+    let (mut in_quotes, mut fields, mut record, mut header) = (false, 1usize, 0usize, None);
+    let mut blank = true;
+    for &b in bytes.iter().chain(std::iter::once(&b'\n')) {
+        match b {
+            b'"' => {
+                in_quotes = !in_quotes;
+                blank = false;
+            }
+            b',' if !in_quotes => {
+                fields += 1;
+                blank = false;
+            }
+            b'\n' if !in_quotes => {
+                if !blank {
+                    match header {
+                        None => header = Some(fields),
+                        Some(h) if fields != h => return Some((record, fields, h)),
+                        _ => {}
+                    }
+                    record += 1;
+                }
+                (fields, blank) = (1, true);
+            }
+            b'\r' => {}
+            _ => blank = false,
+        }
+    }
+    None
 }
 
 /// Column values as text (None for nulls), in row order.
@@ -156,6 +226,27 @@ impl Table {
                     row: Some(r.row),
                     msg: format!("file not found (listed in {}, column `{}`)", self.path.display(), self.image_column),
                 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every image resolves (symlinks followed) to a file inside `root`: the gRPC `Fit`
+    /// sandbox, so a table cannot make the server read files elsewhere. The error names the row.
+    pub fn check_under(&self, root: &Path) -> Result<()> {
+        let root = std::fs::canonicalize(root).map_err(|e| Error::io(root, e))?;
+        for r in &self.rows {
+            let inside = std::fs::canonicalize(&r.image).is_ok_and(|p| p.starts_with(&root));
+            if !inside {
+                return Err(table_err(
+                    &self.path,
+                    format!(
+                        "row {}: image `{}` is not a file inside the data root {}",
+                        r.row,
+                        r.image.display(),
+                        root.display()
+                    ),
+                ));
             }
         }
         Ok(())

@@ -40,7 +40,15 @@ pub fn read_model(path: &Path) -> Result<ModelProto> {
         return Err(Error::onnx(what, format!("file is {} bytes; the ONNX limit is 2 GiB", meta.len())));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    ModelProto::decode(bytes.as_slice()).map_err(|e| Error::onnx(what, format!("not a valid ONNX protobuf: {e}")))
+    let mut model = ModelProto::decode(bytes.as_slice())
+        .map_err(|e| Error::onnx(&what, format!("not a valid ONNX protobuf: {e}")))?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Some(g) = model.graph.as_mut() {
+        for t in g.initializer.iter_mut() {
+            tensor::inline_external_data(t, dir).map_err(|msg| Error::onnx(&what, msg))?;
+        }
+    }
+    Ok(model)
 }
 
 /// The default-domain opset of a model.

@@ -1,6 +1,9 @@
 //! Conversion between ONNX `TensorProto`s and candle tensors, validating sizes against dims so a
 //! malformed file is an error, never a panic or an oversized allocation.
 
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Component, Path};
+
 use candle_core::{DType, Device, Tensor};
 use candle_onnx::onnx::{tensor_proto::DataType, TensorProto};
 
@@ -17,7 +20,7 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
     if t.data_location == 1 {
         return Err(bad(
             name,
-            "stored as external data, which automm does not read; re-export with the weights inside the .onnx file"
+            "stored as external data, which is only read when the model is loaded from a file (its folder holds the data)"
                 .into(),
         ));
     }
@@ -198,6 +201,56 @@ pub fn dtype_of_code(code: i64) -> Option<DType> {
         DataType::Uint8 | DataType::Bool => Some(DType::U8),
         _ => None,
     }
+}
+
+/// Reads the bytes of an initializer stored as external data (`data_location` EXTERNAL) into `raw_data`,
+/// so the rest of automm (and exports) sees an ordinary tensor. The file must lie inside `model_dir`
+/// (relative location, no `..`, no symlink leading out) and `offset`/`length` must lie inside the file.
+/// Errors are messages naming the tensor and the location.
+pub fn inline_external_data(t: &mut TensorProto, model_dir: &Path) -> std::result::Result<(), String> {
+    if t.data_location != 1 {
+        return Ok(());
+    }
+    let name = t.name.clone();
+    let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
+    let loc = get("location").ok_or_else(|| format!("tensor `{name}`: external data without a `location`"))?;
+    let num = |k: &str| -> std::result::Result<Option<u64>, String> {
+        get(k)
+            .map(|v| {
+                v.trim().parse::<u64>().map_err(|_| format!("tensor `{name}`: external `{k}` `{v}` is not a number"))
+            })
+            .transpose()
+    };
+    let (offset, length) = (num("offset")?.unwrap_or(0), num("length")?);
+    let rel = Path::new(&loc);
+    if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err(format!(
+            "tensor `{name}`: external data location `{loc}` must be a relative path inside the model folder"
+        ));
+    }
+    let outside = || format!("tensor `{name}`: external data `{loc}` resolves outside the model folder");
+    let root = std::fs::canonicalize(model_dir).map_err(|e| format!("model folder {}: {e}", model_dir.display()))?;
+    let file = std::fs::canonicalize(model_dir.join(rel))
+        .map_err(|e| format!("tensor `{name}`: external data file `{loc}`: {e}"))?;
+    if !file.starts_with(&root) {
+        return Err(outside());
+    }
+    let mut f = std::fs::File::open(&file).map_err(|e| format!("tensor `{name}`: external data file `{loc}`: {e}"))?;
+    let size = f.metadata().map_err(|e| format!("tensor `{name}`: {e}"))?.len();
+    let length = length.unwrap_or(size.saturating_sub(offset));
+    if offset.checked_add(length).is_none_or(|end| end > size) {
+        return Err(format!(
+            "tensor `{name}`: external data `{loc}` offset {offset} + length {length} is past the file's {size} bytes"
+        ));
+    }
+    let mut buf = vec![0u8; length as usize];
+    f.seek(SeekFrom::Start(offset))
+        .and_then(|_| f.read_exact(&mut buf))
+        .map_err(|e| format!("tensor `{name}`: {e}"))?;
+    t.raw_data = buf;
+    t.data_location = 0;
+    t.external_data.clear();
+    Ok(())
 }
 
 #[cfg(test)]

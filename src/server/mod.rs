@@ -4,6 +4,7 @@
 
 pub mod batcher;
 pub mod metrics;
+pub mod request;
 
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
@@ -12,7 +13,6 @@ use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use rayon::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -240,51 +240,11 @@ impl Service {
         let deadline = grpc_timeout(&req).map(|d| Instant::now() + d);
         let model = self.state.current();
         let req = req.into_inner();
-        let s = model.input_size;
-        let (data, n) = match (req.images.is_empty(), req.tensor) {
-            (false, Some(_)) => return Err(Status::invalid_argument("give either `images` or `tensor`, not both")),
-            (true, None) => return Err(Status::invalid_argument("the request has no `images` and no `tensor`")),
-            (true, Some(t)) => {
-                let want = [None, Some(3), Some(s as i64), Some(s as i64)];
-                let ok = t.shape.len() == 4
-                    && t.shape[0] >= 1
-                    && t.shape.iter().zip(want).all(|(&d, w)| w.is_none_or(|w| w == d));
-                if !ok {
-                    return Err(Status::invalid_argument(format!(
-                        "tensor has shape {:?}; expected [N, 3, {s}, {s}] with N >= 1",
-                        t.shape
-                    )));
-                }
-                let n = t.shape[0] as usize;
-                if t.data.len() != n * 3 * s * s {
-                    return Err(Status::invalid_argument(format!(
-                        "tensor data holds {} values; shape {:?} needs {}",
-                        t.data.len(),
-                        t.shape,
-                        n * 3 * s * s
-                    )));
-                }
-                (t.data, n)
-            }
-            (false, None) => {
-                let n = req.images.len();
-                let pp = model.preprocess.clone();
-                // Decoding is CPU work: off the async runtime, in parallel.
-                let parts = tokio::task::spawn_blocking(move || {
-                    req.images
-                        .par_iter()
-                        .enumerate()
-                        .map(|(i, b)| {
-                            pp.bytes_to_chw(b, Path::new(&format!("images[{i}]")))
-                                .map_err(|e| Status::invalid_argument(format!("image {i}: {e}")))
-                        })
-                        .collect::<std::result::Result<Vec<Vec<f32>>, Status>>()
-                })
-                .await
-                .map_err(|e| Status::internal(format!("decoding task failed: {e}")))??;
-                (parts.concat(), n)
-            }
-        };
+        let (s, pp) = (model.input_size, model.preprocess.clone());
+        // Tensor checks are cheap; decoding is CPU work: both off the async runtime, images in parallel.
+        let (data, n) = tokio::task::spawn_blocking(move || request::prepare(req, s, &pp))
+            .await
+            .map_err(|e| Status::internal(format!("decoding task failed: {e}")))??;
         if deadline.is_some_and(|d| d <= Instant::now()) {
             return Err(Status::deadline_exceeded("the deadline passed before the request was queued"));
         }
@@ -395,6 +355,21 @@ impl Inference for Service {
         let train_data = self.sandboxed(&r.train_data, "train_data")?;
         let tuning_data =
             if r.tuning_data.is_empty() { None } else { Some(self.sandboxed(&r.tuning_data, "tuning_data")?) };
+        // The tables' image paths must stay inside the data root too (symlinks followed).
+        {
+            let root = self.state.cfg.data_root.clone().unwrap_or_default();
+            let (label, column) = (r.label.clone(), (!r.image_column.is_empty()).then(|| r.image_column.clone()));
+            let tables: Vec<PathBuf> = std::iter::once(train_data.clone()).chain(tuning_data.clone()).collect();
+            tokio::task::spawn_blocking(move || -> std::result::Result<(), Status> {
+                for t in tables {
+                    let table = crate::data::Table::load(&t, Some(&label), column.as_deref()).map_err(to_status)?;
+                    table.check_under(&root).map_err(|e| Status::permission_denied(e.to_string()))?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| Status::internal(format!("table check: {e}")))??;
+        }
         let mut b = crate::config::HyperParamsBuilder::new();
         for (k, v) in &r.hyperparameters {
             b = b.set_str(&format!("{k}={v}")).map_err(to_status)?;

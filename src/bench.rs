@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::infer::ort::OrtSession;
+use crate::proto::PredictRequest;
 use crate::server::batcher::BatchConfig;
 use crate::server::{spawn, ServeConfig};
 
@@ -79,13 +80,33 @@ fn raw_ips(session: &OrtSession, input: &str, size: usize, batch: usize, seconds
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
-/// Runs the load benchmark on an exported merged model.
+/// Fetches the Prometheus text from `addr`.
+pub async fn scrape(addr: std::net::SocketAddr) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let err = |e: std::io::Error| Error::Runtime(format!("metrics at {addr}: {e}"));
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(err)?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.map_err(err)?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.map_err(err)?;
+    Ok(out)
+}
+
+/// One metric's value from the endpoint at `addr`.
+pub async fn metric(addr: std::net::SocketAddr, name: &str) -> Result<f64> {
+    let text = scrape(addr).await?;
+    crate::server::metrics::parse_metric(&text, name)
+        .ok_or_else(|| Error::Runtime(format!("metric {name} missing at {addr}")))
+}
+
+/// Runs the load benchmark on an exported merged model. With `server_bin`, the server is that binary's
+/// `serve` in a child process; otherwise it runs inside this process.
 pub fn serve_load(
     model: &Path,
     clients: &[usize],
     seconds: f64,
     soak_seconds: f64,
     batch: BatchConfig,
+    server_bin: Option<&Path>,
 ) -> Result<(Vec<LoadRow>, Option<Soak>)> {
     let meta = crate::export::ExportMeta::read(&crate::onnx::read_model(model)?, &model.display().to_string())?;
     let size = meta.preprocess.size as usize;
@@ -95,10 +116,37 @@ pub fn serve_load(
     let mut cfg = ServeConfig::local(model, work.path());
     cfg.batch = batch;
     cfg.engine = Some(crate::infer::EngineKind::Ort);
+    cfg.metrics_listen = Some(([127, 0, 0, 1], 0).into());
     rt.block_on(async move {
-        let server = spawn(cfg).await?;
-        let url = server.url();
-        let state = server.running.state.clone();
+        let (inproc, child) = match server_bin {
+            None => (Some(spawn(cfg).await?), None),
+            Some(bin) => {
+                let args: Vec<String> = [
+                    "--engine",
+                    "ort",
+                    "--max-batch-size",
+                    &batch.max_batch_size.to_string(),
+                    "--max-queue-delay-us",
+                    &batch.max_queue_delay.as_micros().to_string(),
+                    "--max-queue-size",
+                    &batch.max_queue_size.to_string(),
+                    "--work-dir",
+                    &work.path().join("serve").display().to_string(),
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                (None, Some(ChildServer::start(bin, model, &args).await?))
+            }
+        };
+        let (url, maddr) = match (&inproc, &child) {
+            (Some(s), _) => {
+                (s.url(), s.running.metrics_addr.ok_or_else(|| Error::Runtime("no metrics address".into()))?)
+            }
+            (_, Some(c)) => (c.url.clone(), c.metrics),
+            _ => unreachable!("one of the two is set"),
+        };
+        let server_rss = |c: &Option<ChildServer>| c.as_ref().map_or_else(rss_bytes, |c| c.rss());
         let mut rows = Vec::new();
         let load = |c: usize, secs: f64| {
             let url = url.clone();
@@ -132,15 +180,11 @@ pub fn serve_load(
             }
         };
         for &c in clients {
-            let (e0, i0) = (
-                state.metrics.execution_count.load(std::sync::atomic::Ordering::Relaxed),
-                state.metrics.inference_count.load(std::sync::atomic::Ordering::Relaxed),
-            );
+            let e0 = metric(maddr, "automm_execution_count_total").await?;
+            let i0 = metric(maddr, "automm_inference_count_total").await?;
             let (mut lat, errors, secs) = load(c, seconds).await?;
-            let (e1, i1) = (
-                state.metrics.execution_count.load(std::sync::atomic::Ordering::Relaxed),
-                state.metrics.inference_count.load(std::sync::atomic::Ordering::Relaxed),
-            );
+            let e1 = metric(maddr, "automm_execution_count_total").await?;
+            let i1 = metric(maddr, "automm_inference_count_total").await?;
             lat.sort_by(|a, b| a.total_cmp(b));
             let raw_ips = raw_ips(&raw, &meta.input, size, c, seconds.min(5.0))?;
             rows.push(LoadRow {
@@ -151,19 +195,324 @@ pub fn serve_load(
                 p99_ms: pct(&lat, 0.99),
                 errors,
                 requests: lat.len() + errors,
-                avg_batch: (i1 - i0) as f64 / (e1 - e0).max(1) as f64,
+                avg_batch: (i1 - i0) / (e1 - e0).max(1.0),
             });
         }
         let soak = if soak_seconds > 0.0 {
             let c = clients.iter().copied().max().unwrap_or(32);
-            let before = rss_bytes();
+            let before = server_rss(&child);
             let (lat, errors, secs) = load(c, soak_seconds).await?;
-            let after = rss_bytes();
+            let after = server_rss(&child);
             Some(Soak { ips: lat.len() as f64 / secs, rss_before: before, rss_after: after, errors, ok: lat.len() })
         } else {
             None
         };
-        server.stop().await?;
+        if let Some(s) = inproc {
+            s.stop().await?;
+        }
+        if let Some(c) = child {
+            tokio::task::spawn_blocking(move || c.stop()).await.map_err(|e| Error::Runtime(e.to_string()))??;
+        }
         Ok((rows, soak))
     })
+}
+
+/// An `automm serve` started as a child process on free 127.0.0.1 ports, so load and server do not share
+/// a process (and the server's RSS is its own). Stopped with SIGTERM by [`ChildServer::stop`]; killed if
+/// dropped while still running.
+pub struct ChildServer {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The Prometheus endpoint.
+    pub metrics: std::net::SocketAddr,
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("127.0.0.1:0", e))?;
+    Ok(l.local_addr().map_err(|e| Error::io("127.0.0.1:0", e))?.port())
+}
+
+impl ChildServer {
+    /// Starts `bin serve --model model` plus `extra` arguments and waits until its health check says
+    /// SERVING (up to 120 s).
+    pub async fn start(bin: &Path, model: &Path, extra: &[String]) -> Result<ChildServer> {
+        let (port, mport) = (free_port()?, free_port()?);
+        let child = std::process::Command::new(bin)
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", &format!("127.0.0.1:{mport}")])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| Error::io(bin, e))?;
+        let me =
+            ChildServer { child, url: format!("http://127.0.0.1:{port}"), metrics: ([127, 0, 0, 1], mport).into() };
+        let t0 = Instant::now();
+        loop {
+            if let Ok(c) = crate::client::Client::connect(&me.url, None, None).await {
+                if c.health("").await.unwrap_or(false) {
+                    return Ok(me);
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                return Err(Error::Runtime(format!("the server at {} did not become ready in 120 s", me.url)));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The server process's resident set size, bytes.
+    pub fn rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    }
+
+    /// One metric's value.
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        metric(self.metrics, name).await
+    }
+
+    /// SIGTERM, then waits (up to 60 s) for the exit; true when it exited 0.
+    pub fn stop(mut self) -> Result<bool> {
+        // SAFETY: signals our own child process by the PID we got from spawn.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().map_err(|e| Error::Runtime(e.to_string()))? {
+                return Ok(st.success());
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                return Ok(false); // Drop kills it.
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What one kind of soak request got back.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KindTally {
+    /// Requests sent.
+    pub sent: usize,
+    /// Outcomes by gRPC code name (`Ok`, `InvalidArgument`, ..., or `dropped` for client-side abandons).
+    pub outcomes: std::collections::BTreeMap<String, usize>,
+    /// Outcomes outside this kind's expected set.
+    pub unexpected: usize,
+}
+
+/// Result of [`mixed_soak`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MixedSoak {
+    /// Valid JPEGs: expect OK with the label a sequential call gave.
+    pub good: KindTally,
+    /// Truncated or garbage images: expect INVALID_ARGUMENT.
+    pub bad_image: KindTally,
+    /// Deadlines of 1-40 ms: expect OK or DEADLINE_EXCEEDED.
+    pub deadline: KindTally,
+    /// Requests abandoned by the client after 0-40 ms (half by closing the whole connection).
+    pub disconnect: KindTally,
+    /// (seconds since start, server RSS bytes).
+    pub rss: Vec<(f64, u64)>,
+    /// `automm_queue_depth` after the load stopped.
+    pub queue_depth_end: f64,
+    /// Server's success / failure counters at the end.
+    pub server_success: f64,
+    /// See `server_success`.
+    pub server_failure: f64,
+    /// The server exited 0 on SIGTERM.
+    pub clean_exit: bool,
+    /// The first few unexpected outcomes, described.
+    pub examples: Vec<String>,
+    /// Wall seconds of load.
+    pub seconds: f64,
+}
+
+impl MixedSoak {
+    /// True when nothing unexpected happened, the queue drained and the server exited cleanly.
+    pub fn passed(&self) -> bool {
+        let unexpected =
+            self.good.unexpected + self.bad_image.unexpected + self.deadline.unexpected + self.disconnect.unexpected;
+        unexpected == 0 && self.queue_depth_end == 0.0 && self.clean_exit
+    }
+}
+
+/// A soak against a child `automm serve` (binary `bin`) on `model`: `clients` concurrent clients for
+/// `seconds`, each request drawn as 70% good image, 10% bad image, 10% tight deadline, 10% abandoned
+/// mid-request; server RSS sampled every `sample_seconds`.
+pub fn mixed_soak(bin: &Path, model: &Path, clients: usize, seconds: f64, sample_seconds: f64) -> Result<MixedSoak> {
+    use rand::{Rng, SeedableRng};
+    use tonic::Code;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Runtime(e.to_string()))?;
+    let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let csv = crate::synth::make_dataset(work.path(), "soak", &[3, 3, 3, 3], 96, 9)?;
+    let table = crate::data::Table::load(&csv, None, None)?;
+    let images: Vec<Vec<u8>> = table
+        .rows
+        .iter()
+        .map(|r| std::fs::read(&r.image).map_err(|e| Error::io(&r.image, e)))
+        .collect::<Result<_>>()?;
+    rt.block_on(async move {
+        let server =
+            ChildServer::start(bin, model, &["--work-dir".into(), work.path().join("serve").display().to_string()])
+                .await?;
+        let probe = crate::client::Client::connect(&server.url, None, None).await?;
+        // The labels a quiet, sequential server gives: every good answer under load must match.
+        let mut want = Vec::new();
+        for img in &images {
+            want.push(probe.predict(vec![img.clone()]).await?.predictions[0].label.clone());
+        }
+        let images = std::sync::Arc::new(images);
+        let want = std::sync::Arc::new(want);
+        let t0 = Instant::now();
+        let end = t0 + Duration::from_secs_f64(seconds);
+        let mut tasks = Vec::new();
+        for id in 0..clients {
+            let (url, images, want) = (server.url.clone(), images.clone(), want.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(id as u64);
+                let client = crate::client::Client::connect(&url, None, None).await?;
+                let mut t: [KindTally; 4] = Default::default();
+                let mut examples = Vec::new();
+                while Instant::now() < end {
+                    let pick = rng.random_range(0..100);
+                    let i = rng.random_range(0..images.len());
+                    let kind = match pick {
+                        0..70 => 0,
+                        70..80 => 1,
+                        80..90 => 2,
+                        _ => 3,
+                    };
+                    let body = if kind == 1 {
+                        let img = &images[i];
+                        if rng.random_bool(0.5) {
+                            img[..rng.random_range(0..img.len() / 2)].to_vec()
+                        } else {
+                            (0..rng.random_range(1..4096)).map(|_| rng.random::<u8>()).collect()
+                        }
+                    } else {
+                        images[i].clone()
+                    };
+                    let req = PredictRequest { images: vec![body], tensor: None };
+                    let outcome: String = match kind {
+                        2 => {
+                            let d = Duration::from_micros(rng.random_range(1_000..40_000));
+                            code_name(&client.predict_status(req, Some(d)).await)
+                        }
+                        3 => {
+                            let after = Duration::from_micros(rng.random_range(0..40_000));
+                            if rng.random_bool(0.5) {
+                                match tokio::time::timeout(after, client.predict_status(req, None)).await {
+                                    Ok(r) => code_name(&r),
+                                    Err(_) => "dropped".into(),
+                                }
+                            } else {
+                                // A connection of its own, closed mid-request.
+                                let c = crate::client::Client::connect(&url, None, None).await?;
+                                match tokio::time::timeout(after, c.predict_status(req, None)).await {
+                                    Ok(r) => code_name(&r),
+                                    Err(_) => "dropped".into(),
+                                }
+                            }
+                        }
+                        _ => {
+                            let r = client.predict_status(req, None).await;
+                            match (&r, kind) {
+                                (Ok(p), 0) if p.predictions.first().map(|p| &p.label) != Some(&want[i]) => {
+                                    "wrong label".into()
+                                }
+                                _ => code_name(&r),
+                            }
+                        }
+                    };
+                    let ok = match kind {
+                        0 => outcome == "Ok",
+                        1 => outcome == format!("{:?}", Code::InvalidArgument),
+                        2 => outcome == "Ok" || outcome == format!("{:?}", Code::DeadlineExceeded),
+                        _ => outcome == "Ok" || outcome == "dropped",
+                    };
+                    let tally = &mut t[kind];
+                    tally.sent += 1;
+                    if !ok {
+                        tally.unexpected += 1;
+                        if examples.len() < 3 {
+                            examples.push(format!("kind {kind}: {outcome}"));
+                        }
+                    }
+                    *tally.outcomes.entry(outcome).or_default() += 1;
+                }
+                Ok::<_, Error>((t, examples))
+            }));
+        }
+        let mut rss = vec![(0.0, server.rss())];
+        while Instant::now() < end {
+            tokio::time::sleep(
+                Duration::from_secs_f64(sample_seconds.max(0.5))
+                    .min(end.saturating_duration_since(Instant::now()) + Duration::from_millis(1)),
+            )
+            .await;
+            rss.push((t0.elapsed().as_secs_f64(), server.rss()));
+        }
+        let mut all: [KindTally; 4] = Default::default();
+        let mut examples = Vec::new();
+        for task in tasks {
+            let (t, ex) = task.await.map_err(|e| Error::Runtime(e.to_string()))??;
+            for (a, b) in all.iter_mut().zip(t) {
+                a.sent += b.sent;
+                a.unexpected += b.unexpected;
+                for (k, v) in b.outcomes {
+                    *a.outcomes.entry(k).or_default() += v;
+                }
+            }
+            examples.extend(ex);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        rss.push((t0.elapsed().as_secs_f64(), server.rss()));
+        let queue_depth_end = server.metric("automm_queue_depth").await?;
+        let server_success = server.metric("automm_request_success_total").await?;
+        let server_failure = server.metric("automm_request_failure_total").await?;
+        drop(probe);
+        let clean_exit =
+            tokio::task::spawn_blocking(move || server.stop()).await.map_err(|e| Error::Runtime(e.to_string()))??;
+        let [good, bad_image, deadline, disconnect] = all;
+        examples.truncate(10);
+        Ok(MixedSoak {
+            good,
+            bad_image,
+            deadline,
+            disconnect,
+            rss,
+            queue_depth_end,
+            server_success,
+            server_failure,
+            clean_exit,
+            examples,
+            seconds: secs,
+        })
+    })
+}
+
+fn code_name<T>(r: &std::result::Result<T, tonic::Status>) -> String {
+    match r {
+        Ok(_) => "Ok".into(),
+        Err(s) => format!("{:?}", s.code()),
+    }
 }

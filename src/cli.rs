@@ -332,6 +332,30 @@ pub enum BenchCommand {
         /// Server --max-queue-delay-us.
         #[arg(long, default_value_t = 2000)]
         max_queue_delay_us: u64,
+        /// Run the server as a separate `automm serve` process (the load generator then does not share
+        /// the server's process; on a small machine it still shares its cores).
+        #[arg(long)]
+        server_process: bool,
+    },
+    /// A mixed-load soak against a separate `automm serve` process: good images, bad images, tight
+    /// deadlines and clients that leave mid-request; checks every status code, RSS, queue drain and a
+    /// clean SIGTERM exit. Exits non-zero when anything unexpected happened.
+    Soak {
+        /// Exported merged .onnx.
+        #[arg(long)]
+        model: PathBuf,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 600.0)]
+        seconds: f64,
+        /// Seconds between RSS samples.
+        #[arg(long, default_value_t = 60.0)]
+        sample_seconds: f64,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
 }
 
@@ -395,6 +419,7 @@ pub fn run(cli: Cli) -> Result<()> {
             soak_seconds,
             max_batch_size,
             max_queue_delay_us,
+            server_process,
         }) => {
             let clients: Vec<usize> = clients
                 .split(',')
@@ -406,7 +431,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_queue_delay: std::time::Duration::from_micros(max_queue_delay_us),
                 max_queue_size: 4096,
             };
-            let (rows, soak) = automm::bench::serve_load(&model, &clients, seconds, soak_seconds, batch)?;
+            let child = if server_process { Some(std::env::current_exe()?) } else { None };
+            let (rows, soak) =
+                automm::bench::serve_load(&model, &clients, seconds, soak_seconds, batch, child.as_deref())?;
             println!(
                 "{:>7} {:>12} {:>12} {:>8} {:>9} {:>9} {:>9} {:>7}",
                 "clients", "server img/s", "raw ORT img/s", "ratio", "p50 ms", "p99 ms", "avg batch", "errors"
@@ -435,6 +462,40 @@ pub fn run(cli: Cli) -> Result<()> {
                     s.rss_after as f64 / 1e6
                 );
             }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Soak { model, clients, seconds, sample_seconds, json }) => {
+            let r = automm::bench::mixed_soak(&std::env::current_exe()?, &model, clients, seconds, sample_seconds)?;
+            println!("{:<11} {:>8} {:>10}  outcomes", "kind", "sent", "unexpected");
+            for (name, t) in [
+                ("good", &r.good),
+                ("bad image", &r.bad_image),
+                ("deadline", &r.deadline),
+                ("disconnect", &r.disconnect),
+            ] {
+                let outcomes: Vec<String> = t.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                println!("{name:<11} {:>8} {:>10}  {}", t.sent, t.unexpected, outcomes.join(", "));
+            }
+            let rss: Vec<String> = r.rss.iter().map(|(t, b)| format!("{t:.0}s {:.1}", *b as f64 / 1e6)).collect();
+            println!("server RSS MB: {}", rss.join(" | "));
+            println!(
+                "{:.0}s at {clients} clients; server counted {} ok / {} failed; queue depth at the end {}; SIGTERM exit {}",
+                r.seconds,
+                r.server_success,
+                r.server_failure,
+                r.queue_depth_end,
+                if r.clean_exit { "0" } else { "NOT clean" }
+            );
+            for e in &r.examples {
+                println!("unexpected: {e}");
+            }
+            if let Some(p) = json {
+                automm::model::write_atomic(&p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+            }
+            if !r.passed() {
+                anyhow::bail!("soak FAILED (see above)");
+            }
+            println!("soak PASSED");
             Ok(())
         }
         Command::Client(c) => tokio::runtime::Runtime::new()?.block_on(cmd_client(c)),

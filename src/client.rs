@@ -66,9 +66,14 @@ impl Client {
         self.predict_request(PredictRequest { images, tensor: None }, None).await
     }
 
-    /// Classifies a preprocessed `[N, 3, S, S]` tensor.
+    /// Classifies a preprocessed `[N, 3, S, S]` tensor (sent as `raw_data` bytes: one copy each way).
     pub async fn predict_tensor(&self, shape: Vec<i64>, data: Vec<f32>) -> Result<PredictResponse> {
-        self.predict_request(PredictRequest { images: vec![], tensor: Some(Tensor { shape, data }) }, None).await
+        let raw_data = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.predict_request(
+            PredictRequest { images: vec![], tensor: Some(Tensor { shape, data: vec![], raw_data }) },
+            None,
+        )
+        .await
     }
 
     /// Sends a raw request with an optional deadline; the error keeps the gRPC status.

@@ -188,7 +188,11 @@ async fn failures_return_their_status_codes() {
         .predict_status(
             PredictRequest {
                 images: vec![],
-                tensor: Some(automm::proto::Tensor { shape: vec![1, 3, 32, 32], data: vec![0.0; 3072] }),
+                tensor: Some(automm::proto::Tensor {
+                    shape: vec![1, 3, 32, 32],
+                    data: vec![0.0; 3072],
+                    raw_data: vec![],
+                }),
             },
             None,
         )

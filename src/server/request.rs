@@ -31,18 +31,31 @@ pub fn prepare(req: PredictRequest, s: usize, pp: &Preprocess) -> Result<Input, 
                     t.shape
                 )));
             }
+            let data = match (t.data.is_empty(), t.raw_data.is_empty()) {
+                (false, false) => return Err(Status::invalid_argument("give tensor `data` or `raw_data`, not both")),
+                (_, true) => t.data,
+                (true, false) => {
+                    if t.raw_data.len() % 4 != 0 {
+                        return Err(Status::invalid_argument(format!(
+                            "tensor raw_data holds {} bytes; expected 4 per float32 value",
+                            t.raw_data.len()
+                        )));
+                    }
+                    t.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+                }
+            };
             // N comes from the wire: the product may not fit, which is a size mismatch like any other.
             let n = usize::try_from(t.shape[0]).unwrap_or(usize::MAX);
             let need = n.checked_mul(3 * s * s);
-            if need != Some(t.data.len()) {
+            if need != Some(data.len()) {
                 return Err(Status::invalid_argument(format!(
                     "tensor data holds {} values; shape {:?} needs {}",
-                    t.data.len(),
+                    data.len(),
                     t.shape,
                     need.map_or("more than fit in memory".to_string(), |v| v.to_string())
                 )));
             }
-            Ok((t.data, n))
+            Ok((data, n))
         }
         (false, None) => {
             let n = req.images.len();
@@ -81,13 +94,19 @@ mod tests {
     fn tensor_shapes_are_checked_without_overflow() {
         let t = |shape: Vec<i64>, len: usize| PredictRequest {
             images: vec![],
-            tensor: Some(Tensor { shape, data: vec![0.0; len] }),
+            tensor: Some(Tensor { shape, data: vec![0.0; len], raw_data: vec![] }),
         };
         assert_eq!(prepare(t(vec![2, 3, 4, 4], 96), 4, &pp()).unwrap().1, 2);
         let e = prepare(t(vec![i64::MAX, 3, 4, 4], 96), 4, &pp()).unwrap_err();
         assert!(e.message().contains("more than fit"), "{}", e.message());
         let e = prepare(t(vec![1, 3, 5, 4], 80), 4, &pp()).unwrap_err();
         assert!(e.message().contains("expected [N, 3, 4, 4]"), "{}", e.message());
+        let raw = |bytes: usize| PredictRequest {
+            images: vec![],
+            tensor: Some(Tensor { shape: vec![1, 3, 4, 4], data: vec![], raw_data: vec![0; bytes] }),
+        };
+        assert_eq!(prepare(raw(192), 4, &pp()).unwrap().0.len(), 48);
+        assert!(prepare(raw(190), 4, &pp()).unwrap_err().message().contains("4 per float32"));
         let e = prepare(t(vec![0, 3, 4, 4], 0), 4, &pp()).unwrap_err();
         assert!(e.message().contains("N >= 1"), "{}", e.message());
     }

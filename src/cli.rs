@@ -618,7 +618,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     let is_onnx = a.model.is_file() && a.model.extension().is_some_and(|e| e == "onnx");
     let t0 = std::time::Instant::now();
     let (rows, engine) = if is_onnx {
-        let m = ExportedModel::open_with(&a.model, a.engine, a.threads, a.num_gpus != 0)?;
+        let m = ExportedModel::open_with(&a.model, a.engine, a.threads, a.num_gpus != 0, true)?;
         let table = Table::load(&a.data, None, None)?;
         table.check_files()?;
         let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();

@@ -375,3 +375,15 @@ async fn shutdown_drains_requests_in_flight() {
         assert!(t.await.unwrap().is_ok(), "a request in flight was dropped at shutdown");
     }
 }
+
+/// A short mixed soak against a separate `automm serve` process: every answer has its expected status,
+/// the queue drains and SIGTERM exits 0 (`automm bench soak` runs the same for 10 minutes).
+#[test]
+fn mixed_soak_against_a_server_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx, _) = model(dir.path());
+    let r = automm::bench::mixed_soak(Path::new(env!("CARGO_BIN_EXE_automm")), &onnx, 4, 3.0, 1.0).unwrap();
+    assert!(r.passed(), "{r:#?}");
+    assert!(r.good.sent > 0 && r.bad_image.sent > 0, "{r:#?}");
+    assert_eq!(r.bad_image.outcomes.get("InvalidArgument"), Some(&r.bad_image.sent));
+}

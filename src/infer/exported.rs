@@ -31,11 +31,18 @@ pub struct ExportedModel {
 impl ExportedModel {
     /// Opens `path` on `engine` (None: ORT when its library is found, else candle, logged once).
     pub fn open(path: &Path, engine: Option<EngineKind>, threads: usize) -> Result<ExportedModel> {
-        Self::open_with(path, engine, threads, false)
+        Self::open_with(path, engine, threads, false, true)
     }
 
-    /// Like [`ExportedModel::open`]; `cuda` asks ORT for its CUDA execution provider (CPU fallback, logged).
-    pub fn open_with(path: &Path, engine: Option<EngineKind>, threads: usize, cuda: bool) -> Result<ExportedModel> {
+    /// Like [`ExportedModel::open`]; `cuda` asks ORT for its CUDA execution provider (CPU fallback, logged);
+    /// `spin` as in [`OrtSession::open_with`].
+    pub fn open_with(
+        path: &Path,
+        engine: Option<EngineKind>,
+        threads: usize,
+        cuda: bool,
+        spin: bool,
+    ) -> Result<ExportedModel> {
         let proto = read_model(path)?;
         let what = path.display().to_string();
         let meta = ExportMeta::read(&proto, &what)?;
@@ -56,7 +63,7 @@ impl ExportedModel {
             },
         };
         let runner = match engine {
-            EngineKind::Ort => Runner::Ort(OrtSession::open_with(path, threads, cuda)?),
+            EngineKind::Ort => Runner::Ort(OrtSession::open_with(path, threads, cuda, spin)?),
             EngineKind::Candle => {
                 Runner::Candle(Graph::from_model(&proto, &what, &Device::Cpu, Some(vec![PROBABILITIES.to_string()]))?)
             }

@@ -136,16 +136,21 @@ fn ort_err(model: &Path, e: impl std::fmt::Display) -> Error {
 impl OrtSession {
     /// Opens `model` on the CPU with `threads` intra-op threads (0 = ORT's default: all cores).
     pub fn open(model: &Path, threads: usize) -> Result<OrtSession> {
-        Self::open_with(model, threads, false)
+        Self::open_with(model, threads, false, true)
     }
 
     /// Opens `model`; with `cuda` (and automm built with `--features cuda`) registers the CUDA execution
-    /// provider first and falls back to the CPU, logging why once, when it cannot load.
-    pub fn open_with(model: &Path, threads: usize, cuda: bool) -> Result<OrtSession> {
+    /// provider first and falls back to the CPU, logging why once, when it cannot load. `spin` keeps ORT's
+    /// default of intra-op threads spinning between runs; a server turns it off so the idle threads leave
+    /// the cores to request decoding and the network.
+    pub fn open_with(model: &Path, threads: usize, cuda: bool, spin: bool) -> Result<OrtSession> {
         let rt = runtime()?;
         let mut b = Session::builder(&rt.env).map_err(|e| ort_err(model, e))?;
         if threads > 0 {
             b = b.with_intra_threads(threads).map_err(|e| ort_err(model, e))?;
+        }
+        if !spin {
+            b = b.with_intra_op_spinning(false).map_err(|e| ort_err(model, e))?;
         }
         if cuda {
             b = register_cuda(b);

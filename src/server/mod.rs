@@ -56,7 +56,7 @@ impl ServingModel {
         version: String,
         metrics_json: String,
     ) -> Result<Self> {
-        let model = ExportedModel::open_with(path, engine, threads, cuda)?;
+        let model = ExportedModel::open_with(path, engine, threads, cuda, false)?;
         if model.meta.kind != ExportKind::Merged {
             return Err(Error::onnx(
                 path.display().to_string(),

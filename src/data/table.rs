@@ -50,6 +50,18 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
         return Err(table_err(path, "file not found"));
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    // polars can panic on malformed input; a panic is turned into an error naming the table.
+    let read = std::panic::catch_unwind(|| read_frame_inner(path, &ext));
+    read.unwrap_or_else(|p| {
+        let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(table_err(
+            path,
+            format!("the table reader failed on this file ({}); check its format", why.unwrap_or_default()),
+        ))
+    })
+}
+
+fn read_frame_inner(path: &Path, ext: &str) -> Result<DataFrame> {
     let df = if ext == "parquet" || ext == "pq" {
         let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         ParquetReader::new(f).finish().map_err(|e| table_err(path, format!("not a readable Parquet file: {e}")))?
@@ -74,10 +86,8 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
 /// Refuses CSVs that are not UTF-8 text before polars sees them, with a message that says how to fix it
 /// (polars would read a UTF-16 file as one garbled column).
 fn sniff_text(path: &Path) -> Result<()> {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(4096);
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    f.take(4096).read_to_end(&mut head).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let head = &bytes[..bytes.len().min(4096)];
     let enc = if head.starts_with(&[0xff, 0xfe, 0, 0]) || head.starts_with(&[0, 0, 0xfe, 0xff]) {
         Some("UTF-32")
     } else if head.starts_with(&[0xff, 0xfe]) || head.starts_with(&[0xfe, 0xff]) {
@@ -88,13 +98,24 @@ fn sniff_text(path: &Path) -> Result<()> {
     if let Some(enc) = enc {
         return Err(table_err(path, format!("the file is {enc} encoded; save it as UTF-8 CSV")));
     }
-    if head.is_empty() {
+    if bytes.is_empty() {
         return Err(table_err(path, "the file is empty; expected a CSV header line and rows"));
     }
     if head.contains(&0) {
         return Err(table_err(
             path,
             "the file holds NUL bytes (binary data or UTF-16 without a byte-order mark); expected UTF-8 CSV text",
+        ));
+    }
+    // The whole file, not just the head: polars' reader can panic on some invalid UTF-8 (found by fuzzing).
+    if let Err(e) = std::str::from_utf8(&bytes) {
+        let at = e.valid_up_to();
+        let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        return Err(table_err(
+            path,
+            format!(
+                "line {line} (byte {at}) is not valid UTF-8 (e.g. Latin-1 or Windows-1252 text); save the table as UTF-8"
+            ),
         ));
     }
     Ok(())

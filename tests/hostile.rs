@@ -3,6 +3,8 @@
 //! the model folder, files over the limit). Each must be a clear error naming the thing at fault, never a
 //! panic, and must not allocate what the header claims.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use automm::data::{image::decode_bytes, Table};
@@ -85,19 +87,7 @@ fn a_truncated_image_in_a_training_table_names_file_and_row() {
     std::fs::write(&victim, &bytes[..bytes.len() / 3]).unwrap();
     let (hp, _) =
         automm::config::HyperParamsBuilder::new().set_str("optimization.max_epochs=1").unwrap().build().unwrap();
-    let req = automm::train::TrainRequest {
-        train_data: csv,
-        label: "label".into(),
-        image_column: None,
-        tuning_data: None,
-        backbone: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures/cnn_fixture.onnx"),
-        feature_tensor: None,
-        normalization: automm::data::Normalization::imagenet(),
-        output: dir.path().join("out"),
-        hp,
-        quiet: true,
-        cancel: None,
-    };
+    let req = common::train_request(csv, dir.path().join("out"), hp);
     let e = automm::train::train(&req, |_| {}).unwrap_err().to_string();
     assert!(e.contains(&victim.display().to_string()) && e.contains("row 5"), "{e}");
 }

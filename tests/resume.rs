@@ -28,19 +28,7 @@ fn request(dir: &Path, out: &str, hp: &[&str]) -> TrainRequest {
     {
         b = b.set_str(kv).unwrap();
     }
-    TrainRequest {
-        train_data,
-        label: "label".into(),
-        image_column: None,
-        tuning_data: None,
-        backbone: backbone(),
-        feature_tensor: None,
-        normalization: automm::data::Normalization::imagenet(),
-        output: dir.join(out),
-        hp: b.build().unwrap().0,
-        quiet: true,
-        cancel: None,
-    }
+    common::train_request(train_data, dir.join(out), b.build().unwrap().0)
 }
 
 fn losses(s: &automm::train::TrainSummary) -> Vec<f64> {

@@ -22,19 +22,7 @@ fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (hp, _) =
         automm::config::HyperParamsBuilder::new().set_str("optimization.max_epochs=2").unwrap().build().unwrap();
     let folder = dir.join("run");
-    let req = automm::train::TrainRequest {
-        train_data: train,
-        label: "label".into(),
-        image_column: None,
-        tuning_data: None,
-        backbone: fixture("cnn_fixture.onnx"),
-        feature_tensor: None,
-        normalization: automm::data::Normalization::imagenet(),
-        output: folder.clone(),
-        hp,
-        quiet: true,
-        cancel: None,
-    };
+    let req = common::train_request(train, folder.clone(), hp);
     automm::train::train(&req, |_| {}).unwrap();
     let onnx = dir.join("model.onnx");
     let opts = automm::export::ExportOptions {

@@ -112,19 +112,7 @@ fn library_training_is_deterministic_with_a_seed() {
             .unwrap()
             .build()
             .unwrap();
-        automm::train::TrainRequest {
-            train_data: train.clone(),
-            label: "label".into(),
-            image_column: None,
-            tuning_data: None,
-            backbone: backbone(),
-            feature_tensor: None,
-            normalization: automm::data::Normalization::imagenet(),
-            output: dir.path().join(out),
-            hp,
-            quiet: true,
-            cancel: None,
-        }
+        common::train_request(train.clone(), dir.path().join(out), hp)
     };
     let a = automm::train::train(&mk("a"), |_| {}).unwrap();
     let b = automm::train::train(&mk("b"), |_| {}).unwrap();

@@ -26,3 +26,25 @@ pub fn ort_available() -> bool {
         }
     }
 }
+
+/// A library training request on the committed CNN fixture backbone (label column `label`, ImageNet
+/// normalisation, quiet).
+pub fn train_request(
+    train_data: PathBuf,
+    output: PathBuf,
+    hp: automm::config::HyperParams,
+) -> automm::train::TrainRequest {
+    automm::train::TrainRequest {
+        train_data,
+        label: "label".into(),
+        image_column: None,
+        tuning_data: None,
+        backbone: fixture("cnn_fixture.onnx"),
+        feature_tensor: None,
+        normalization: automm::data::Normalization::imagenet(),
+        output,
+        hp,
+        quiet: true,
+        cancel: None,
+    }
+}

@@ -123,7 +123,7 @@ fn kill_9_at_random_moments_then_resume_equals_uninterrupted() {
             .arg(backbone())
             .arg("--output")
             .arg(out)
-            .args(["--hp", "optimization.max_epochs=400", "--hp", "optimization.patience=1000"])
+            .args(["--hp", "optimization.max_epochs=1000", "--hp", "optimization.patience=1000"])
             .args(["--hp", "env.batch_size=4", "--hp", "env.seed=3"]);
         c
     };

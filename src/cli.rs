@@ -332,6 +332,10 @@ pub enum BenchCommand {
         /// Server --max-queue-delay-us.
         #[arg(long, default_value_t = 2000)]
         max_queue_delay_us: u64,
+        /// Repeat the whole measurement this many times and print the median server/raw ratio per client
+        /// count (single runs are noisy on small shared machines).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         /// Run the server as a separate `automm serve` process (the load generator then does not share
         /// the server's process; on a small machine it still shares its cores).
         #[arg(long)]
@@ -419,6 +423,7 @@ pub fn run(cli: Cli) -> Result<()> {
             soak_seconds,
             max_batch_size,
             max_queue_delay_us,
+            repeat,
             server_process,
         }) => {
             let clients: Vec<usize> = clients
@@ -432,24 +437,44 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_queue_size: 4096,
             };
             let child = if server_process { Some(std::env::current_exe()?) } else { None };
-            let (rows, soak) =
-                automm::bench::serve_load(&model, &clients, seconds, soak_seconds, batch, child.as_deref())?;
             println!(
-                "{:>7} {:>12} {:>12} {:>8} {:>9} {:>9} {:>9} {:>7}",
-                "clients", "server img/s", "raw ORT img/s", "ratio", "p50 ms", "p99 ms", "avg batch", "errors"
+                "{:>4} {:>7} {:>12} {:>12} {:>8} {:>9} {:>9} {:>9} {:>7}",
+                "run", "clients", "server img/s", "raw ORT img/s", "ratio", "p50 ms", "p99 ms", "avg batch", "errors"
             );
-            for r in &rows {
-                println!(
-                    "{:>7} {:>12.1} {:>12.1} {:>8.2} {:>9.2} {:>9.2} {:>9.1} {:>7}",
-                    r.clients,
-                    r.server_ips,
-                    r.raw_ips,
-                    r.server_ips / r.raw_ips,
-                    r.p50_ms,
-                    r.p99_ms,
-                    r.avg_batch,
-                    r.errors
-                );
+            let mut ratios: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+            let mut soak = None;
+            for run in 1..=repeat.max(1) {
+                // The soak runs once, after the last repetition.
+                let soak_now = if run == repeat.max(1) { soak_seconds } else { 0.0 };
+                let (rows, s) =
+                    automm::bench::serve_load(&model, &clients, seconds, soak_now, batch, child.as_deref())?;
+                soak = s;
+                for r in &rows {
+                    ratios.entry(r.clients).or_default().push(r.server_ips / r.raw_ips);
+                    println!(
+                        "{run:>4} {:>7} {:>12.1} {:>12.1} {:>8.2} {:>9.2} {:>9.2} {:>9.1} {:>7}",
+                        r.clients,
+                        r.server_ips,
+                        r.raw_ips,
+                        r.server_ips / r.raw_ips,
+                        r.p50_ms,
+                        r.p99_ms,
+                        r.avg_batch,
+                        r.errors
+                    );
+                }
+            }
+            if repeat > 1 {
+                for (c, mut v) in ratios {
+                    v.sort_by(|a, b| a.total_cmp(b));
+                    let list: Vec<String> = v.iter().map(|r| format!("{r:.2}")).collect();
+                    println!(
+                        "{c} clients: median server/raw {:.2} over {} runs ({})",
+                        v[v.len() / 2],
+                        v.len(),
+                        list.join(", ")
+                    );
+                }
             }
             if let Some(s) = soak {
                 println!(

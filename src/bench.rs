@@ -252,7 +252,7 @@ impl ChildServer {
             .stdout(std::process::Stdio::null())
             .spawn()
             .map_err(|e| Error::io(bin, e))?;
-        let me =
+        let mut me =
             ChildServer { child, url: format!("http://127.0.0.1:{port}"), metrics: ([127, 0, 0, 1], mport).into() };
         let t0 = Instant::now();
         loop {
@@ -260,6 +260,9 @@ impl ChildServer {
                 if c.health("").await.unwrap_or(false) {
                     return Ok(me);
                 }
+            }
+            if let Ok(Some(status)) = me.child.try_wait() {
+                return Err(Error::Runtime(format!("`{} serve` exited ({status}) before it was ready", bin.display())));
             }
             if t0.elapsed() > Duration::from_secs(120) {
                 return Err(Error::Runtime(format!("the server at {} did not become ready in 120 s", me.url)));

@@ -404,6 +404,9 @@ pub enum OnnxCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Also print where candle's time goes, per op type.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -527,7 +530,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Onnx(OnnxCommand::Run { model, input, output, tensor, engine }) => {
             onnx_run(&model, &input, &output, tensor, engine)
         }
-        Command::Onnx(OnnxCommand::Compare { model, input, batch, tensor, runs, threads, json }) => {
+        Command::Onnx(OnnxCommand::Compare { model, input, batch, tensor, runs, threads, json, profile }) => {
             let x = match &input {
                 Some(p) => automm::onnx::read_npy(p)?,
                 None => random_input(&model, batch)?,
@@ -551,6 +554,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 let ort_ms = c.timings[1].ms_per_image;
                 for t in &c.timings {
                     println!("{:<7} {:>9.2} ms/img  ({:.2}x ORT)", t.engine, t.ms_per_image, t.ms_per_image / ort_ms);
+                }
+            }
+            if profile {
+                let g = automm::onnx::Graph::load(&model, &candle_core::Device::Cpu, tensor.clone().map(|t| vec![t]))?;
+                let name = g.inputs().first().map(|i| i.name.clone()).unwrap_or_default();
+                let times = g.profile(&[(name.as_str(), x.clone())])?;
+                let total: f64 = times.iter().map(|t| t.seconds).sum();
+                println!("{:<22} {:>6} {:>10} {:>7}", "op", "nodes", "ms", "share");
+                for t in &times {
+                    println!(
+                        "{:<22} {:>6} {:>10.2} {:>6.1}%",
+                        t.op,
+                        t.count,
+                        t.seconds * 1e3,
+                        100.0 * t.seconds / total.max(1e-12)
+                    );
                 }
             }
             Ok(())

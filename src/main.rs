@@ -5,6 +5,7 @@ mod cli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    automm::onnx::kernels::keep_freed_memory();
     let cli = cli::Cli::parse();
     let level = match cli.verbose {
         0 => "warn,automm=info",

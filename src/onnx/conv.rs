@@ -2,15 +2,27 @@
 //! dense and grouped convs, and a direct kernel for depthwise convs, which candle runs as one conv per
 //! channel (about 100x slower than ONNX Runtime on MobileNet-style blocks).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use candle_onnx::onnx::NodeProto;
-use rayon::prelude::*;
 
+use super::kernels;
 use super::ops::{node_err, pad_spatial, Attrs};
 use crate::error::Result;
 
 /// ONNX Conv on an NCHW tensor.
 pub fn conv(node: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    conv_act(node, x, w, b, None)
+}
+
+/// ONNX Conv followed by a clamp to `act` = (lo, hi) (a fused Relu/Clip; only on the fast CPU path, where
+/// the plan fuses it).
+pub fn conv_act(
+    node: &NodeProto,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Option<(f32, f32)>,
+) -> Result<Tensor> {
     let at = Attrs(node);
     if x.rank() != 4 || w.rank() != 4 {
         return Err(node_err(
@@ -58,74 +70,31 @@ pub fn conv(node: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Res
         return Err(node_err(node, format!("pads {pads:?}: expected 4 non-negative values")));
     }
     let depthwise = group == c && group == m && cg == 1;
-    let y = if depthwise && x.device().is_cpu() && x.dtype() == DType::F32 {
-        depthwise_cpu(x, w, &pads, (sh, sw), (dh, dw))?
+    let fast = kernels::usable(&[x, w]) && b.is_none_or(|b| kernels::usable(&[b]));
+    let p = |i: usize| pads[i] as usize;
+    let geom = kernels::ConvGeom { k: (kh, kw), s: (sh, sw), d: (dh, dw), pads: [p(0), p(1), p(2), p(3)] };
+    if fast && group == 1 {
+        return kernels::conv_dense(x, w, b, geom, act);
+    }
+    if fast && depthwise {
+        return kernels::conv_depthwise(x, w, b, geom, act);
+    }
+    // candle's conv2d takes one symmetric padding for both dims; otherwise pad explicitly.
+    let (xp, p) = if pads.iter().all(|&p| p == pads[0]) {
+        (x.clone(), pads[0] as usize)
     } else {
-        // candle's conv2d takes one symmetric padding for both dims; otherwise pad explicitly.
-        let (xp, p) = if pads.iter().all(|&p| p == pads[0]) {
-            (x.clone(), pads[0] as usize)
-        } else {
-            (pad_spatial(x, &pads, 0.0)?, 0)
-        };
-        if sh != sw || dh != dw {
-            return Err(node_err(node, "different strides or dilations per axis are not supported"));
-        }
-        xp.contiguous()?.conv2d(&w.contiguous()?, p, sh, dh, group)?
+        (pad_spatial(x, &pads, 0.0)?, 0)
     };
-    match b {
-        Some(b) => Ok(y.broadcast_add(&b.reshape((1, m, 1, 1))?)?),
+    if sh != sw || dh != dw {
+        return Err(node_err(node, "different strides or dilations per axis are not supported"));
+    }
+    let y = xp.contiguous()?.conv2d(&w.contiguous()?, p, sh, dh, group)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, m, 1, 1))?)?,
+        None => y,
+    };
+    match act {
+        Some((lo, hi)) => Ok(y.maximum(lo as f64)?.minimum(hi as f64)?),
         None => Ok(y),
     }
-}
-
-/// Depthwise convolution (one filter per channel) computed directly, one (image, channel) plane per task.
-fn depthwise_cpu(x: &Tensor, w: &Tensor, pads: &[i64], s: (usize, usize), d: (usize, usize)) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (_, _, kh, kw) = w.dims4()?;
-    let (pt, pl) = (pads[0] as isize, pads[1] as isize);
-    let oh = (h + pads[0] as usize + pads[2] as usize).saturating_sub((kh - 1) * d.0 + 1) / s.0 + 1;
-    let ow = (wd + pads[1] as usize + pads[3] as usize).saturating_sub((kw - 1) * d.1 + 1) / s.1 + 1;
-    let xv: Vec<f32> = x.contiguous()?.flatten_all()?.to_vec1()?;
-    let wv: Vec<f32> = w.contiguous()?.flatten_all()?.to_vec1()?;
-    let mut out = vec![0f32; n * c * oh * ow];
-    out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
-        let ch = plane % c;
-        let src = &xv[plane * h * wd..(plane + 1) * h * wd];
-        let k = &wv[ch * kh * kw..(ch + 1) * kh * kw];
-        for i in 0..kh {
-            for j in 0..kw {
-                let wij = k[i * kw + j];
-                let dy = (i * d.0) as isize - pt;
-                let dx = (j * d.1) as isize - pl;
-                // Output columns whose input column lies inside the image.
-                let x_lo = if dx < 0 { ((-dx) as usize).div_ceil(s.1) } else { 0 };
-                let x_hi =
-                    if (wd as isize - dx) <= 0 { 0 } else { ((wd as isize - dx) as usize).div_ceil(s.1).min(ow) };
-                if x_lo >= x_hi {
-                    continue;
-                }
-                for oy in 0..oh {
-                    let iy = (oy * s.0) as isize + dy;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let row = &src[iy as usize * wd..(iy as usize + 1) * wd];
-                    let orow = &mut o[oy * ow..(oy + 1) * ow];
-                    if s.1 == 1 {
-                        let off = dx + x_lo as isize;
-                        let src_row = &row[off as usize..off as usize + (x_hi - x_lo)];
-                        for (dst, &v) in orow[x_lo..x_hi].iter_mut().zip(src_row) {
-                            *dst += wij * v;
-                        }
-                    } else {
-                        for (ox, dst) in orow.iter_mut().enumerate().take(x_hi).skip(x_lo) {
-                            let ix = (ox * s.1) as isize + dx;
-                            *dst += wij * row[ix as usize];
-                        }
-                    }
-                }
-            }
-        }
-    });
-    Ok(Tensor::from_vec(out, (n, c, oh, ow), &Device::Cpu)?)
 }

@@ -7,6 +7,8 @@
 //! free each intermediate after its last use.
 
 mod conv;
+mod fuse;
+pub mod kernels;
 pub mod ops;
 pub mod tensor;
 
@@ -56,10 +58,23 @@ pub fn opset_of(model: &ModelProto) -> i64 {
     model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version).unwrap_or(13)
 }
 
+/// Time spent in one op type during a profiled run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpTime {
+    /// ONNX op type.
+    pub op: String,
+    /// Nodes of that type run.
+    pub count: usize,
+    /// Seconds spent in them.
+    pub seconds: f64,
+}
+
 /// Values computed once for an input shape, and the nodes left to run.
 struct Plan {
     statics: HashMap<String, Tensor>,
     steps: Vec<usize>,
+    /// Steps that run a fused pattern (by node index).
+    fused: HashMap<usize, fuse::Fused>,
     /// For each step, the values whose last use it is.
     frees: Vec<Vec<String>>,
 }
@@ -225,8 +240,15 @@ impl Graph {
             .filter(|(k, _)| is_static.contains(k) && needed.contains(k.as_str()))
             .map(|(k, t)| t.contiguous().map(|t| (k, t)))
             .collect::<candle_core::Result<_>>()?;
+        // Fused kernels are inference-only: keep every node when gradients are tracked or off the CPU.
+        let tracked = feeds.iter().any(|(_, t)| t.track_op()) || self.initializers.values().any(|t| t.track_op());
+        let (steps, fused) = if self.device.is_cpu() && !tracked {
+            fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset)
+        } else {
+            (steps, HashMap::new())
+        };
         let frees = self.last_uses(&steps, &statics);
-        Ok((outs, Plan { statics, steps, frees }))
+        Ok((outs, Plan { statics, steps, fused, frees }))
     }
 
     fn last_uses(&self, steps: &[usize], statics: &HashMap<String, Tensor>) -> Vec<Vec<String>> {
@@ -247,12 +269,52 @@ impl Graph {
         frees
     }
 
+    /// Runs the graph once (planning first if needed) and returns the time spent per op type, slowest
+    /// first: where the importer's time goes.
+    pub fn profile(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<OpTime>> {
+        self.run(feeds)?;
+        let key: Vec<Vec<usize>> = feeds.iter().map(|(_, t)| t.dims().to_vec()).collect();
+        let plan = self.plans.lock().map_err(|_| Error::onnx(&self.name, "plan cache poisoned"))?.get(&key).cloned();
+        let plan = plan.ok_or_else(|| Error::onnx(&self.name, "no plan after a run"))?;
+        let mut times: HashMap<String, OpTime> = HashMap::new();
+        self.run_plan_timed(&plan, feeds, Some(&mut times))?;
+        let mut v: Vec<OpTime> = times.into_values().collect();
+        v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        Ok(v)
+    }
+
     fn run_plan(&self, plan: &Plan, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+        self.run_plan_timed(plan, feeds, None)
+    }
+
+    fn run_plan_timed(
+        &self,
+        plan: &Plan,
+        feeds: &[(&str, Tensor)],
+        mut times: Option<&mut HashMap<String, OpTime>>,
+    ) -> Result<Vec<Tensor>> {
         let mut values: HashMap<String, Tensor> = feeds.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
         for (s, &i) in plan.steps.iter().enumerate() {
             let node = &self.nodes[i];
             let ins = self.node_inputs(node, |n| values.get(n).or_else(|| plan.statics.get(n)).cloned())?;
-            let outs = ops::eval(node, &ins, self.opset, &self.device)?;
+            let t0 = std::time::Instant::now();
+            let outs = match plan.fused.get(&i) {
+                None => ops::eval(node, &ins, self.opset, &self.device)?,
+                Some(f) => {
+                    let (name, t) = self.run_fused(node, f, &ins, plan)?;
+                    values.insert(name, t);
+                    Vec::new()
+                }
+            };
+            if let Some(times) = times.as_deref_mut() {
+                let e = times.entry(node.op_type.clone()).or_insert_with(|| OpTime {
+                    op: node.op_type.clone(),
+                    count: 0,
+                    seconds: 0.0,
+                });
+                e.count += 1;
+                e.seconds += t0.elapsed().as_secs_f64();
+            }
             for (name, t) in node.output.iter().zip(outs) {
                 if !name.is_empty() {
                     values.insert(name.clone(), t);
@@ -268,6 +330,39 @@ impl Graph {
             }
         }
         self.collect_outputs(&values)
+    }
+
+    /// Runs a fused step; returns the name and value of the pattern's last output.
+    fn run_fused(
+        &self,
+        node: &NodeProto,
+        f: &fuse::Fused,
+        ins: &[Option<Tensor>],
+        plan: &Plan,
+    ) -> Result<(String, Tensor)> {
+        let arg = |i: usize| {
+            ins.get(i).cloned().flatten().ok_or_else(|| ops::node_err(node, format!("input {i} is missing")))
+        };
+        Ok(match f {
+            fuse::Fused::ConvAct { lo, hi, out } => {
+                let b = ins.get(2).cloned().flatten();
+                (out.clone(), conv::conv_act(node, &arg(0)?, &arg(1)?, b.as_ref(), Some((*lo, *hi)))?)
+            }
+            fuse::Fused::MatMulBias { bias, out } => {
+                let (a, b) = (arg(0)?, arg(1)?);
+                let bias = plan.statics.get(bias).ok_or_else(|| ops::node_err(node, "fused bias missing"))?;
+                let y = match kernels::matmul_bias(&a, &b, Some(bias))? {
+                    Some(y) => y,
+                    None => ops::matmul(&a, &b)?.broadcast_add(bias)?,
+                };
+                (out.clone(), y)
+            }
+            fuse::Fused::Gelu { out, .. } => {
+                let x = arg(0)?;
+                let y = if kernels::usable(&[&x]) { kernels::unary(kernels::Unary::Gelu, &x)? } else { x.gelu_erf()? };
+                (out.clone(), y)
+            }
+        })
     }
 
     fn collect_outputs(&self, values: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {

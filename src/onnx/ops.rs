@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_onnx::onnx::NodeProto;
 
+use super::kernels;
 use super::tensor::{dtype_of_code, from_proto};
 use crate::error::{Error, Result};
 
@@ -187,6 +188,11 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
                 // ONNX integer Div truncates toward zero; checked so a zero divisor is an error.
                 return one(int_binary(node, a, b, |p, q| p.checked_div(q))?);
             }
+            if let Some(op) = kernels::Binary::from_op(&node.op_type).filter(|_| kernels::usable(&[a, b])) {
+                if let Some(t) = kernels::binary(op, a, b)? {
+                    return one(t);
+                }
+            }
             let t = match node.op_type.as_str() {
                 "Add" => a.broadcast_add(b)?,
                 "Sub" => a.broadcast_sub(b)?,
@@ -270,13 +276,22 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
         "Neg" => one(if is_int(x()?) { int_unary(x()?, |v| v.checked_neg())? } else { x()?.neg()? }),
         "Abs" => one(if is_int(x()?) { int_unary(x()?, |v| v.checked_abs())? } else { x()?.abs()? }),
         "Sign" => one(x()?.sign()?),
-        "Exp" => one(x()?.exp()?),
         "Log" => one(x()?.log()?),
         "Sqrt" => one(x()?.sqrt()?),
         "Reciprocal" => one(x()?.recip()?),
         "Floor" => one(x()?.floor()?),
         "Ceil" => one(x()?.ceil()?),
+        "Erf" | "Relu" | "Sigmoid" | "Exp" if kernels::usable(&[x()?]) => {
+            let op = match node.op_type.as_str() {
+                "Erf" => kernels::Unary::Erf,
+                "Relu" => kernels::Unary::Relu,
+                "Sigmoid" => kernels::Unary::Sigmoid,
+                _ => kernels::Unary::Exp,
+            };
+            one(kernels::unary(op, x()?)?)
+        }
         "Erf" => one(x()?.erf()?),
+        "Exp" => one(x()?.exp()?),
         "Relu" => one(x()?.relu()?),
         "Sigmoid" => one(candle_nn::ops::sigmoid(x()?)?),
         "Tanh" => one(x()?.tanh()?),
@@ -301,6 +316,10 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
             } else {
                 (at.has("min").then(|| at.float("min", 0.0) as f64), at.has("max").then(|| at.float("max", 0.0) as f64))
             };
+            if kernels::usable(&[t]) {
+                let (lo, hi) = (lo.unwrap_or(f64::NEG_INFINITY) as f32, hi.unwrap_or(f64::INFINITY) as f32);
+                return one(kernels::unary(kernels::Unary::Clip(lo, hi), t)?);
+            }
             let mut t = t.clone();
             if let Some(lo) = lo {
                 t = t.maximum(lo)?;
@@ -398,9 +417,18 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
                 Some(a) => a.iter().map(|&a| norm_axis(node, a, t.rank())).collect::<Result<_>>()?,
                 None => (0..t.rank()).filter(|&i| t.dims()[i] == 1).collect(),
             };
-            let dims: Vec<usize> =
-                t.dims().iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
-            one(t.reshape(dims.as_slice())?)
+            let mut axes = axes;
+            axes.sort_unstable();
+            axes.dedup();
+            // One axis at a time from the back: a layout change, no copy of a strided view.
+            let mut y = t.clone();
+            for &a in axes.iter().rev() {
+                if y.dims()[a] != 1 {
+                    return Err(node_err(node, format!("cannot squeeze axis {a} of size {}", y.dims()[a])));
+                }
+                y = y.squeeze(a)?;
+            }
+            one(y)
         }
         "Unsqueeze" => {
             let t = x()?;
@@ -408,11 +436,15 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
             let out_rank = t.rank() + axes.len();
             let mut ax: Vec<usize> = axes.iter().map(|&a| norm_axis(node, a, out_rank)).collect::<Result<_>>()?;
             ax.sort_unstable();
-            let mut dims = t.dims().to_vec();
-            for a in ax {
-                dims.insert(a.min(dims.len()), 1);
+            ax.dedup();
+            if ax.len() != axes.len() {
+                return Err(node_err(node, format!("repeated axes {axes:?}")));
             }
-            one(t.reshape(dims.as_slice())?)
+            let mut y = t.clone();
+            for a in ax {
+                y = y.unsqueeze(a.min(y.rank()))?;
+            }
+            one(y)
         }
         "Concat" => {
             let ts: Vec<&Tensor> = ins.iter().flatten().collect();
@@ -497,7 +529,15 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
             let s = broadcast_shape(node, t.dims(), &spec)?;
             one(t.broadcast_as(s.as_slice())?.contiguous()?)
         }
-        "MatMul" => one(matmul(x()?, input(node, ins, 1)?)?),
+        "MatMul" => {
+            let (a, b) = (x()?, input(node, ins, 1)?);
+            if kernels::usable(&[a, b]) {
+                if let Some(t) = kernels::matmul(a, b)? {
+                    return one(t);
+                }
+            }
+            one(matmul(a, b)?)
+        }
         "Gemm" => {
             let (mut a, mut b) = (x()?.clone(), input(node, ins, 1)?.clone());
             if at.int("transA", 0) == 1 {
@@ -506,7 +546,10 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
             if at.int("transB", 0) == 1 {
                 b = b.t()?;
             }
-            let mut y = matmul(&a, &b)?;
+            let mut y = match kernels::usable(&[&a, &b]) {
+                true => kernels::matmul(&a, &b)?.map_or_else(|| matmul(&a, &b), Ok)?,
+                false => matmul(&a, &b)?,
+            };
             let alpha = at.float("alpha", 1.0) as f64;
             if alpha != 1.0 {
                 y = (y * alpha)?;
@@ -528,7 +571,9 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
                 let y = candle_nn::ops::softmax_last_dim(&t.reshape((outer, inner))?)?;
                 return one(y.reshape(t.dims())?);
             }
-            if axis + 1 == t.rank() {
+            if axis + 1 == t.rank() && kernels::usable(&[t]) {
+                one(kernels::softmax_last(t)?)
+            } else if axis + 1 == t.rank() {
                 one(candle_nn::ops::softmax_last_dim(&t.contiguous()?)?)
             } else {
                 one(candle_nn::ops::softmax(t, axis)?)
@@ -540,6 +585,9 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
             let eps = at.float("epsilon", 1e-5) as f64;
             let scale = input(node, ins, 1)?;
             let inner: usize = t.dims()[axis..].iter().product();
+            if kernels::usable(&[t, scale]) && opt_input(ins, 2).is_none_or(|b| kernels::usable(&[b])) {
+                return one(kernels::layer_norm(t, inner, scale, opt_input(ins, 2), eps as f32)?);
+            }
             let x2 = t.contiguous()?.reshape(((t.elem_count() / inner.max(1)), inner))?;
             let scale = scale.flatten_all()?.broadcast_as(inner)?.contiguous()?;
             let bias = match opt_input(ins, 2) {

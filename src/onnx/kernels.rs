@@ -1,0 +1,970 @@
+//! CPU f32 kernels for the importer's hot ops: matrix products through the `gemm` crate with our own
+//! batching and strides (no copies of transposed views), broadcasting elementwise arithmetic, erf,
+//! softmax, layer norm and convolution as im2col + gemm, all spread over rayon's threads.
+//!
+//! candle-core's CPU kernels are single-threaded outside gemm and run batched matmuls one small gemm at a
+//! time (see FACTS.md: 5-100x behind ONNX Runtime per op). These kernels are used only for inference: when
+//! any input is tracked for gradients (fine-tuning), the caller keeps candle's differentiable ops.
+
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+use crate::error::Result;
+
+/// Elements per parallel task for elementwise work (small enough to split, big enough to amortise).
+const CHUNK: usize = 1 << 15;
+
+/// Makes glibc keep freed memory for reuse instead of returning large blocks to the kernel at once.
+///
+/// Every op output is a fresh buffer of up to ~40 MB; by default glibc serves those with `mmap` and
+/// unmaps them on free, so each op pays a page fault per 4 KiB touched. On this project's VM that made an
+/// elementwise Add over [25088, 384] 4x slower (27 ms vs 7 ms). The cost: the process keeps its peak heap.
+/// The `automm` binary calls this at start; library users may call it once before running graphs.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before heavy allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// True when every tensor is a CPU f32 tensor that no gradient needs: our kernels may run.
+pub fn usable(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
+}
+
+/// Runs `f` on a tensor's f32 storage and layout.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32], &Layout) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Some(f(v, layout)),
+        _ => None,
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of `t` (copied first only when `t` is a strided view).
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let r = with_f32(&t, |v, l| {
+        let (a, b) = l.contiguous_offsets().unwrap_or((0, v.len()));
+        f(&v[a..b])
+    });
+    r.ok_or_else(|| candle_core::Error::Msg("expected a CPU f32 tensor".into()).into())
+}
+
+fn tensor(v: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_storage_op(v, dims))
+}
+
+trait FromVec {
+    fn from_storage_op(v: Vec<f32>, dims: &[usize]) -> Tensor;
+}
+
+impl FromVec for Tensor {
+    fn from_storage_op(v: Vec<f32>, dims: &[usize]) -> Tensor {
+        Tensor::from_storage(Storage::Cpu(CpuStorage::F32(v)), dims, candle_core::op::BackpropOp::none(), false)
+    }
+}
+
+/// Batched matrix product with NumPy broadcasting over leading dims, reading strided views in place.
+/// Returns None for shapes it does not handle (rank < 2), leaving them to candle.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    matmul_bias(a, b, None)
+}
+
+/// [`matmul`] plus a bias of one value per output column, added by the gemm itself (the output starts as
+/// the bias rows and the product accumulates into it): MatMul followed by Add, fused.
+pub fn matmul_bias(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    if a.rank() < 2 || b.rank() < 2 {
+        return Ok(None);
+    }
+    let (ra, rb) = (a.rank(), b.rank());
+    let (m, k) = (a.dims()[ra - 2], a.dims()[ra - 1]);
+    let (k2, n) = (b.dims()[rb - 2], b.dims()[rb - 1]);
+    if k != k2 {
+        return Err(
+            candle_core::Error::Msg(format!("matmul: {:?} x {:?}: inner dims differ", a.dims(), b.dims())).into()
+        );
+    }
+    let rank = ra.max(rb);
+    // Batch dims, right-aligned, with each operand's stride (0 where it broadcasts).
+    let mut bdims = vec![1usize; rank - 2];
+    let mut sa = vec![0isize; rank - 2];
+    let mut sb = vec![0isize; rank - 2];
+    for i in 0..rank - 2 {
+        let da = (i + ra >= rank).then(|| (a.dims()[i + ra - rank], a.layout().stride()[i + ra - rank]));
+        let db = (i + rb >= rank).then(|| (b.dims()[i + rb - rank], b.layout().stride()[i + rb - rank]));
+        let (xa, xb) = (da.map_or(1, |d| d.0), db.map_or(1, |d| d.0));
+        if xa != xb && xa != 1 && xb != 1 {
+            return Err(candle_core::Error::Msg(format!(
+                "matmul: batch dims of {:?} and {:?} differ",
+                a.dims(),
+                b.dims()
+            ))
+            .into());
+        }
+        bdims[i] = xa.max(xb);
+        sa[i] = if xa == 1 { 0 } else { da.map_or(0, |d| d.1 as isize) };
+        sb[i] = if xb == 1 { 0 } else { db.map_or(0, |d| d.1 as isize) };
+    }
+    let batch: usize = bdims.iter().product();
+    let (a_rs, a_cs) = (a.layout().stride()[ra - 2] as isize, a.layout().stride()[ra - 1] as isize);
+    let (b_rs, b_cs) = (b.layout().stride()[rb - 2] as isize, b.layout().stride()[rb - 1] as isize);
+    let offsets = |strides: &[isize], start: usize| -> Vec<isize> {
+        let mut out = Vec::with_capacity(batch);
+        let mut idx = vec![0usize; bdims.len()];
+        for _ in 0..batch {
+            out.push(start as isize + idx.iter().zip(strides).map(|(&i, &s)| i as isize * s).sum::<isize>());
+            for d in (0..idx.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < bdims[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        out
+    };
+    let mut out_dims = bdims.clone();
+    out_dims.extend([m, n]);
+    let bias = match bias {
+        Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    if bias.as_ref().is_some_and(|v| v.len() != n) {
+        return Ok(None);
+    }
+    let mut out = match &bias {
+        Some(v) => v.iter().copied().cycle().take(batch * m * n).collect(),
+        None => vec![0f32; batch * m * n],
+    };
+    let read_dst = bias.is_some();
+    let threads = rayon::current_num_threads();
+    let r = with_f32(a, |av, al| {
+        with_f32(b, |bv, bl| {
+            let oa = offsets(&sa, al.start_offset());
+            let ob = offsets(&sb, bl.start_offset());
+            let (ap, bp) = (av.as_ptr() as usize, bv.as_ptr() as usize);
+            // Rows of a batch fold into one tall product when b is shared and a's rows are evenly spaced.
+            let b_shared = sb.iter().all(|&s| s == 0);
+            let foldable = b_shared && batch > 1 && {
+                let mut expect = a_rs * m as isize;
+                let mut ok = true;
+                for i in (0..bdims.len()).rev() {
+                    if bdims[i] > 1 {
+                        ok &= sa[i] == expect;
+                        expect *= bdims[i] as isize;
+                    }
+                }
+                ok
+            };
+            let gemm_one = |dst: *mut f32, rows: usize, a_off: isize, b_off: isize, par: Parallelism| unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    k,
+                    dst,
+                    1,
+                    n as isize,
+                    read_dst,
+                    (ap as *const f32).offset(a_off),
+                    a_cs,
+                    a_rs,
+                    (bp as *const f32).offset(b_off),
+                    b_cs,
+                    b_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            };
+            if foldable || batch == 1 {
+                let rows = batch * m;
+                gemm_one(out.as_mut_ptr(), rows, oa[0], ob[0], Parallelism::Rayon(threads));
+            } else if batch >= 2 * threads {
+                out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {
+                    gemm_one(o.as_mut_ptr(), m, oa[i], ob[i], Parallelism::None);
+                });
+            } else {
+                for (i, o) in out.chunks_mut(m * n).enumerate() {
+                    gemm_one(o.as_mut_ptr(), m, oa[i], ob[i], Parallelism::Rayon(threads));
+                }
+            }
+        })
+    });
+    match r {
+        Some(Some(())) => Ok(Some(tensor(out, &out_dims)?)),
+        _ => Ok(None),
+    }
+}
+
+/// A binary arithmetic op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binary {
+    /// a + b
+    Add,
+    /// a - b
+    Sub,
+    /// a * b
+    Mul,
+    /// a / b
+    Div,
+}
+
+impl Binary {
+    /// From an ONNX op type.
+    pub fn from_op(op: &str) -> Option<Binary> {
+        Some(match op {
+            "Add" => Binary::Add,
+            "Sub" => Binary::Sub,
+            "Mul" => Binary::Mul,
+            "Div" => Binary::Div,
+            _ => return None,
+        })
+    }
+}
+
+/// How the smaller operand of a binary op maps onto the larger: `[outer, len, inner]` with the small one
+/// varying only along `len` (a bias over the last dims, a per-channel scale, a scalar).
+fn broadcast_run(big: &[usize], small: &[usize]) -> Option<(usize, usize)> {
+    if small.len() > big.len() {
+        return None;
+    }
+    let pad = big.len() - small.len();
+    let s: Vec<usize> = std::iter::repeat_n(1, pad).chain(small.iter().copied()).collect();
+    let varying: Vec<usize> = (0..big.len()).filter(|&i| s[i] != 1).collect();
+    let Some((&first, &last)) = varying.first().zip(varying.last()) else {
+        return Some((1, big.iter().product()));
+    };
+    if (first..=last).any(|i| s[i] != big[i]) {
+        return None;
+    }
+    let len: usize = big[first..=last].iter().product();
+    let inner: usize = big[last + 1..].iter().product();
+    Some((len, inner))
+}
+
+/// `a op b` with broadcasting when one side is whole and the other varies along one run of dims.
+/// Returns None for other layouts, leaving them to candle.
+pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let (big, small, swapped) = if a.elem_count() >= b.elem_count() { (a, b, false) } else { (b, a, true) };
+    let Some((len, inner)) = broadcast_run(big.dims(), small.dims()) else { return Ok(None) };
+    let n = big.elem_count();
+    let out = with_data(big, |x| {
+        with_data(small, |y| match (op, swapped) {
+            (Binary::Add, _) => binary_into(|p, q| p + q, x, y, len, inner, n),
+            (Binary::Mul, _) => binary_into(|p, q| p * q, x, y, len, inner, n),
+            (Binary::Sub, false) => binary_into(|p, q| p - q, x, y, len, inner, n),
+            (Binary::Sub, true) => binary_into(|p, q| q - p, x, y, len, inner, n),
+            (Binary::Div, false) => binary_into(|p, q| p / q, x, y, len, inner, n),
+            (Binary::Div, true) => binary_into(|p, q| q / p, x, y, len, inner, n),
+        })
+    })??;
+    Ok(Some(tensor(out, big.dims())?))
+}
+
+/// A vector of `n` floats built in parallel: `fill(start, chunk)` must write every element of its chunk
+/// (`start` = the chunk's first index). Chunks are multiples of `align` elements. The buffer is never
+/// zeroed first: for memory-bound ops that pass costs as much as the op.
+fn par_build(n: usize, align: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let align = align.max(1);
+    let chunk = (CHUNK / align).max(1) * align;
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n].par_chunks_mut(chunk).enumerate().for_each(|(i, c)| fill(i * chunk, c));
+    // SAFETY: every chunk of the first n elements was written by `fill`.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Compiles `$body` (a call of an `#[inline(always)]` generic) for AVX-512, AVX2+FMA and the baseline,
+/// and runs the widest the CPU has, so the loops inside vectorise without a `-C target-cpu` build.
+macro_rules! simd_dispatch {
+    ($name:ident, <$($g:ident: $b:path),*>, ($($arg:ident: $ty:ty),*), $body:expr) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name<$($g: $b),*>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn wide<$($g: $b),*>($($arg: $ty),*) {
+                    $body
+                }
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn mid<$($g: $b),*>($($arg: $ty),*) {
+                    $body
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { wide($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { mid($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
+fn binary_into<F: Fn(f32, f32) -> f32 + Copy + Sync>(
+    f: F,
+    x: &[f32],
+    y: &[f32],
+    len: usize,
+    inner: usize,
+    n: usize,
+) -> Vec<f32> {
+    if len == n {
+        // Same shape: plain elementwise, split anywhere.
+        return par_build(n, 1, |s, o| binary_chunk(f, o, &x[s..s + o.len()], &y[s..s + o.len()], o.len(), 1, 0));
+    }
+    let align = if inner == 1 { len } else { inner };
+    par_build(n, align, |start, o| binary_chunk(f, o, &x[start..start + o.len()], y, len, inner, start))
+}
+
+#[inline(always)]
+fn binary_chunk_body<F: Fn(f32, f32) -> f32 + Copy>(
+    f: F,
+    o: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    y: &[f32],
+    len: usize,
+    inner: usize,
+    start: usize,
+) {
+    if inner == 1 {
+        // Rows of `len` against the whole small operand.
+        for (orow, xrow) in o.chunks_mut(len).zip(x.chunks(len)) {
+            for ((d, &p), &q) in orow.iter_mut().zip(xrow).zip(y) {
+                d.write(f(p, q));
+            }
+        }
+    } else {
+        // Blocks of `inner` against one scalar each.
+        let first = start / inner;
+        for (j, (ob, xb)) in o.chunks_mut(inner).zip(x.chunks(inner)).enumerate() {
+            let q = y[(first + j) % len];
+            for (d, &p) in ob.iter_mut().zip(xb) {
+                d.write(f(p, q));
+            }
+        }
+    }
+}
+
+simd_dispatch!(
+    binary_chunk,
+    <F: BinaryFn>,
+    (f: F, o: &mut [MaybeUninit<f32>], x: &[f32], y: &[f32], len: usize, inner: usize, start: usize),
+    binary_chunk_body(f, o, x, y, len, inner, start)
+);
+
+/// The closures a binary kernel is instantiated with.
+trait BinaryFn: Fn(f32, f32) -> f32 + Copy {}
+impl<T: Fn(f32, f32) -> f32 + Copy> BinaryFn for T {}
+
+/// `e^x` for f32 without libm calls, so loops over it vectorise (relative error about 2e-7).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
+    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+}
+
+/// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, 5e-7 in f32), vectorisable.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let ax = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * ax);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp(-ax * ax);
+    y.copysign(x)
+}
+
+/// The exact (erf) GELU.
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// A unary elementwise op.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    /// erf
+    Erf,
+    /// e^x
+    Exp,
+    /// max(x, 0)
+    Relu,
+    /// 1 / (1 + e^-x)
+    Sigmoid,
+    /// x * (1 + erf(x / sqrt 2)) / 2, the exact GELU
+    Gelu,
+    /// min(max(x, lo), hi)
+    Clip(f32, f32),
+}
+
+/// Applies `op` to every element.
+pub fn unary(op: Unary, t: &Tensor) -> Result<Tensor> {
+    let n = t.elem_count();
+    let out = with_data(t, |x| match op {
+        // One instantiation per op so each loop body is branch-free and vectorises.
+        Unary::Erf => par_build(n, 1, |s, o| map_chunk(erf, o, &x[s..s + o.len()])),
+        Unary::Exp => par_build(n, 1, |s, o| map_chunk(exp, o, &x[s..s + o.len()])),
+        Unary::Relu => par_build(n, 1, |s, o| map_chunk(|v: f32| v.max(0.0), o, &x[s..s + o.len()])),
+        Unary::Sigmoid => par_build(n, 1, |s, o| map_chunk(|v: f32| 1.0 / (1.0 + exp(-v)), o, &x[s..s + o.len()])),
+        Unary::Gelu => par_build(n, 1, |s, o| map_chunk(gelu, o, &x[s..s + o.len()])),
+        Unary::Clip(lo, hi) => par_build(n, 1, |s, o| map_chunk(|v: f32| v.max(lo).min(hi), o, &x[s..s + o.len()])),
+    })?;
+    tensor(out, t.dims())
+}
+
+#[inline(always)]
+fn map_chunk_body<F: Fn(f32) -> f32 + Copy>(f: F, o: &mut [MaybeUninit<f32>], x: &[f32]) {
+    for (d, &v) in o.iter_mut().zip(x) {
+        d.write(f(v));
+    }
+}
+
+simd_dispatch!(map_chunk, <F: UnaryFn>, (f: F, o: &mut [MaybeUninit<f32>], x: &[f32]), map_chunk_body(f, o, x));
+
+/// The closures a unary kernel is instantiated with.
+trait UnaryFn: Fn(f32) -> f32 + Copy {}
+impl<T: Fn(f32) -> f32 + Copy> UnaryFn for T {}
+
+/// Softmax over the last dim.
+pub fn softmax_last(t: &Tensor) -> Result<Tensor> {
+    let d = t.dims().last().copied().unwrap_or(1).max(1);
+    let out = with_data(t, |x| par_build(t.elem_count(), d, |s, o| softmax_chunk(o, &x[s..s + o.len()], d)))?;
+    tensor(out, t.dims())
+}
+
+/// Sum with 16 independent accumulators, so the loop vectorises (a single f32 accumulator is a serial
+/// dependency the compiler may not reorder).
+#[inline(always)]
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn lane_max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    acc.iter().chain(chunks.remainder()).copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[inline(always)]
+fn softmax_body(o: &mut [MaybeUninit<f32>], x: &[f32], d: usize) {
+    let mut e = vec![0f32; d];
+    for (orow, xrow) in o.chunks_mut(d).zip(x.chunks(d)) {
+        let m = lane_max(xrow);
+        for (ei, &v) in e.iter_mut().zip(xrow) {
+            *ei = exp(v - m);
+        }
+        let inv = 1.0 / lane_sum(&e);
+        for (o, &ei) in orow.iter_mut().zip(&e) {
+            o.write(ei * inv);
+        }
+    }
+}
+
+simd_dispatch!(softmax_chunk, <>, (o: &mut [MaybeUninit<f32>], x: &[f32], d: usize), softmax_body(o, x, d));
+
+/// Layer norm over the last `inner` elements of each row, with scale and bias of length `inner`.
+pub fn layer_norm(t: &Tensor, inner: usize, scale: &Tensor, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+    let g = scale.flatten_all()?.to_vec1::<f32>()?;
+    let b = match bias {
+        Some(b) => b.flatten_all()?.to_vec1::<f32>()?,
+        None => vec![0.0; inner],
+    };
+    if g.len() != inner || b.len() != inner {
+        return Err(candle_core::Error::Msg(format!(
+            "layer norm: scale/bias of {}/{} values for rows of {inner}",
+            g.len(),
+            b.len()
+        ))
+        .into());
+    }
+    let out = with_data(t, |x| {
+        par_build(t.elem_count(), inner, |s, o| layer_norm_chunk(o, &x[s..s + o.len()], &g, &b, inner, eps))
+    })?;
+    tensor(out, t.dims())
+}
+
+#[inline(always)]
+fn layer_norm_body(o: &mut [MaybeUninit<f32>], x: &[f32], g: &[f32], b: &[f32], inner: usize, eps: f32) {
+    for (orow, xrow) in o.chunks_mut(inner).zip(x.chunks(inner)) {
+        let mean = lane_sum(xrow) / inner as f32;
+        let mut sq = [0f32; 16];
+        let mut chunks = xrow.chunks_exact(16);
+        for c in &mut chunks {
+            for (a, &v) in sq.iter_mut().zip(c) {
+                *a += (v - mean) * (v - mean);
+            }
+        }
+        let rest: f32 = chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum();
+        let var = (sq.iter().sum::<f32>() + rest) / inner as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((d, &v), &gi), &bi) in orow.iter_mut().zip(xrow).zip(g).zip(b) {
+            d.write((v - mean) * inv * gi + bi);
+        }
+    }
+}
+
+simd_dispatch!(
+    layer_norm_chunk,
+    <>,
+    (o: &mut [MaybeUninit<f32>], x: &[f32], g: &[f32], b: &[f32], inner: usize, eps: f32),
+    layer_norm_body(o, x, g, b, inner, eps)
+);
+
+/// Geometry of a 2-D convolution.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGeom {
+    /// Kernel height and width.
+    pub k: (usize, usize),
+    /// Strides.
+    pub s: (usize, usize),
+    /// Dilations.
+    pub d: (usize, usize),
+    /// Padding top, left, bottom, right.
+    pub pads: [usize; 4],
+}
+
+impl ConvGeom {
+    /// Output height and width for an input of `h` x `w`.
+    pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let span = |inp: usize, p0: usize, p1: usize, k: usize, s: usize, d: usize| {
+            (inp + p0 + p1).saturating_sub((k - 1) * d + 1) / s + 1
+        };
+        (
+            span(h, self.pads[0], self.pads[2], self.k.0, self.s.0, self.d.0),
+            span(w, self.pads[1], self.pads[3], self.k.1, self.s.1, self.d.1),
+        )
+    }
+}
+
+/// A dense (group 1) convolution NCHW as one gemm per image: `W[M, C*kh*kw] x cols[C*kh*kw, oh*ow]`, the
+/// columns gathered from the image (skipped for 1x1 stride-1 unpadded kernels), plus the bias.
+/// `act` = Some((lo, hi)) clamps the output (a fused Relu/Clip).
+pub fn conv_dense(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    g: ConvGeom,
+    act: Option<(f32, f32)>,
+) -> Result<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
+    let m = w.dims()[0];
+    let (oh, ow) = g.out_size(h, wd);
+    let kk = c * g.k.0 * g.k.1;
+    let ws = w.flatten_all()?.to_vec1::<f32>()?;
+    let bs = match bias {
+        Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let direct = g.k == (1, 1) && g.s == (1, 1) && g.pads == [0; 4];
+    let plane = oh * ow;
+    let mut out = vec![0f32; n * m * plane];
+    let threads = rayon::current_num_threads();
+    // Images in parallel when there are enough of them; otherwise each gemm uses every thread.
+    let per_image = n >= threads;
+    let run_image = |xs: &[f32], i: usize, o: &mut [f32]| {
+        if let Some(b) = &bs {
+            for (ch, row) in o.chunks_mut(plane).enumerate() {
+                row.fill(b[ch]);
+            }
+        }
+        let img = &xs[i * c * h * wd..(i + 1) * c * h * wd];
+        let cols_owned;
+        let cols: &[f32] = if direct {
+            img
+        } else {
+            cols_owned = im2col(img, c, h, wd, oh, ow, g);
+            &cols_owned
+        };
+        let par = if per_image { Parallelism::None } else { Parallelism::Rayon(threads) };
+        // SAFETY: o is [m, plane], ws [m, kk], cols [kk, plane], all row-major and in bounds.
+        unsafe {
+            gemm::gemm(
+                m,
+                plane,
+                kk,
+                o.as_mut_ptr(),
+                1,
+                plane as isize,
+                bs.is_some(),
+                ws.as_ptr(),
+                1,
+                kk as isize,
+                cols.as_ptr(),
+                1,
+                plane as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+        if let Some((lo, hi)) = act {
+            // While this image's output is still warm in cache.
+            clamp_slice(o, lo, hi);
+        }
+    };
+    with_data(x, |xs| {
+        if per_image {
+            out.par_chunks_mut(m * plane).enumerate().for_each(|(i, o)| run_image(xs, i, o));
+        } else {
+            out.chunks_mut(m * plane).enumerate().for_each(|(i, o)| run_image(xs, i, o));
+        }
+    })?;
+    tensor(out, &[n, m, oh, ow])
+}
+
+/// A depthwise convolution NCHW (one `kh x kw` filter per channel), one (image, channel) plane per task.
+///
+/// Each plane is copied once, zero-padded and split into `sy x sx` phase planes (`Q_ab[r][c] =
+/// P[r*sy + a][c*sx + b]`); every tap is then one long contiguous multiply-add over a phase plane, computed
+/// on a grid as wide as the phase plane (the extra columns are dropped). Row-by-row loops are too short to
+/// vectorise on the 14- and 7-wide planes of a MobileNet/EfficientNet tail.
+/// `act` = Some((lo, hi)) clamps the output (a fused Relu/Clip).
+pub fn conv_depthwise(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    g: ConvGeom,
+    act: Option<(f32, f32)>,
+) -> Result<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
+    let (oh, ow) = g.out_size(h, wd);
+    let ws = w.flatten_all()?.to_vec1::<f32>()?;
+    let bs = match bias {
+        Some(b) => b.flatten_all()?.to_vec1::<f32>()?,
+        None => vec![0.0; c],
+    };
+    let (kh, kw) = g.k;
+    if ws.len() != c * kh * kw || bs.len() != c {
+        return Err(candle_core::Error::Msg(format!("depthwise conv: weight {:?} for {c} channels", w.dims())).into());
+    }
+    let out = with_data(x, |xs| {
+        par_build(n * c * oh * ow, oh * ow, |start, o| {
+            let mut scratch = Vec::new();
+            for (p, plane) in o.chunks_mut(oh * ow).enumerate() {
+                let idx = start / (oh * ow) + p;
+                let ch = idx % c;
+                let src = &xs[idx * h * wd..(idx + 1) * h * wd];
+                let k = &ws[ch * kh * kw..(ch + 1) * kh * kw];
+                depthwise_plane(plane, &mut scratch, src, k, bs[ch], (h, wd), (oh, ow), g, act);
+            }
+        })
+    })?;
+    tensor(out, &[n, c, oh, ow])
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn depthwise_plane_body(
+    o: &mut [MaybeUninit<f32>],
+    scratch: &mut Vec<f32>,
+    src: &[f32],
+    k: &[f32],
+    bias: f32,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+    g: ConvGeom,
+    act: Option<(f32, f32)>,
+) {
+    let (kh, kw) = g.k;
+    let (sy, sx) = g.s;
+    let (dy, dx) = g.d;
+    let (hp, wp) = (h + g.pads[0] + g.pads[2], w + g.pads[1] + g.pads[3]);
+    // Phase planes, each hq x wq, plus room for the widest tap offset past the last row.
+    let (hq, wq) = (hp.div_ceil(sy), wp.div_ceil(sx));
+    let (qi_max, qj_max) = (((kh - 1) * dy) / sy, ((kw - 1) * dx) / sx);
+    let qlen = (hq.max(oh + qi_max) + 1) * wq + qj_max;
+    let grid = oh * wq;
+    scratch.clear();
+    scratch.resize(sy * sx * qlen + grid, 0.0);
+    let (phases, acc) = scratch.split_at_mut(sy * sx * qlen);
+    for r in 0..h {
+        let pr = r + g.pads[0];
+        let (a, qr) = (pr % sy, pr / sy);
+        for (cc, &v) in src[r * w..(r + 1) * w].iter().enumerate() {
+            let pc = cc + g.pads[1];
+            let (b, qc) = (pc % sx, pc / sx);
+            phases[(a * sx + b) * qlen + qr * wq + qc] = v;
+        }
+    }
+    acc.fill(bias);
+    for i in 0..kh {
+        let (qi, a) = ((i * dy) / sy, (i * dy) % sy);
+        for j in 0..kw {
+            let (qj, b) = ((j * dx) / sx, (j * dx) % sx);
+            let wij = k[i * kw + j];
+            let base = (a * sx + b) * qlen + qi * wq + qj;
+            for (d, &v) in acc.iter_mut().zip(&phases[base..base + grid]) {
+                *d += wij * v;
+            }
+        }
+    }
+    let (lo, hi) = act.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    for (orow, arow) in o.chunks_mut(ow).zip(acc.chunks(wq)) {
+        for (d, &v) in orow.iter_mut().zip(arow) {
+            d.write(v.max(lo).min(hi));
+        }
+    }
+}
+
+simd_dispatch!(
+    depthwise_plane,
+    <>,
+    (
+        o: &mut [MaybeUninit<f32>],
+        scratch: &mut Vec<f32>,
+        src: &[f32],
+        k: &[f32],
+        bias: f32,
+        hw: (usize, usize),
+        ohw: (usize, usize),
+        g: ConvGeom,
+        act: Option<(f32, f32)>
+    ),
+    depthwise_plane_body(o, scratch, src, k, bias, hw, ohw, g, act)
+);
+
+#[inline(always)]
+fn clamp_body(o: &mut [f32], lo: f32, hi: f32) {
+    o.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+}
+
+simd_dispatch!(clamp_slice, <>, (o: &mut [f32], lo: f32, hi: f32), clamp_body(o, lo, hi));
+
+/// Gathers the input patches of one image into `[C*kh*kw, oh*ow]` (zeros where padding).
+fn im2col(img: &[f32], c: usize, h: usize, w: usize, oh: usize, ow: usize, g: ConvGeom) -> Vec<f32> {
+    let (kh, kw) = g.k;
+    let mut cols = vec![0f32; c * kh * kw * oh * ow];
+    for ch in 0..c {
+        let src = &img[ch * h * w..(ch + 1) * h * w];
+        for i in 0..kh {
+            for j in 0..kw {
+                let row = (ch * kh + i) * kw + j;
+                let dst = &mut cols[row * oh * ow..(row + 1) * oh * ow];
+                for oy in 0..oh {
+                    let iy = (oy * g.s.0 + i * g.d.0) as isize - g.pads[0] as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    let srow = &src[iy as usize * w..(iy as usize + 1) * w];
+                    for ox in 0..ow {
+                        let ix = (ox * g.s.1 + j * g.d.1) as isize - g.pads[1] as isize;
+                        if ix >= 0 && ix < w as isize {
+                            dst[oy * ow + ox] = srow[ix as usize];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cols
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(v: Vec<f32>, dims: &[usize]) -> Tensor {
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= tol, "max diff {d} > {tol}");
+    }
+
+    fn seq(n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * scale).collect()
+    }
+
+    #[test]
+    fn exp_and_erf_match_libm() {
+        for i in -2000..2000 {
+            let x = i as f32 / 100.0;
+            let e = exp(x);
+            assert!(((e - x.exp()) / x.exp()).abs() < 5e-7, "exp({x}) = {e}");
+            let r = erf(x);
+            let want = libm_erf(x as f64);
+            assert!((r as f64 - want).abs() < 5e-7, "erf({x}) = {r}, want {want}");
+        }
+        assert_eq!(exp(-1000.0), exp(-87.0));
+    }
+
+    /// erf by its Taylor/continued-fraction-free series in f64, for the check above.
+    fn libm_erf(x: f64) -> f64 {
+        // erf(x) = 2/sqrt(pi) * sum_n (-1)^n x^(2n+1) / (n! (2n+1)) converges slowly for large |x|; use
+        // erfc's asymptotic tail there.
+        if x.abs() > 3.0 {
+            let y = x.abs();
+            let mut term = 1.0;
+            let mut sum = 1.0;
+            for n in 1..8 {
+                term *= -((2 * n - 1) as f64) / (2.0 * y * y);
+                sum += term;
+            }
+            let erfc = (-y * y).exp() / (y * std::f64::consts::PI.sqrt()) * sum;
+            return (1.0 - erfc).copysign(x);
+        }
+        let mut sum = 0.0;
+        let mut term = x;
+        for n in 0..200 {
+            sum += term / (2 * n + 1) as f64;
+            term *= -x * x / (n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn matmul_matches_candle_for_broadcasts_and_views() {
+        let a = t(seq(2 * 3 * 5 * 4, 1.0), &[2, 3, 5, 4]);
+        let b = t(seq(3 * 4 * 6, 0.5), &[3, 4, 6]);
+        close(&matmul(&a, &b).unwrap().unwrap(), &a.broadcast_matmul(&b).unwrap(), 1e-5);
+        // A transposed view on the right, as attention's q @ k^T reads it.
+        let k = t(seq(2 * 3 * 6 * 4, 1.0), &[2, 3, 6, 4]);
+        let kt = k.transpose(2, 3).unwrap();
+        close(&matmul(&a, &kt).unwrap().unwrap(), &a.matmul(&kt.contiguous().unwrap()).unwrap(), 1e-5);
+        // A 2-D right side folds the batch into rows; a strided left side does not.
+        let w = t(seq(4 * 7, 1.0), &[4, 7]);
+        close(&matmul(&a, &w).unwrap().unwrap(), &a.broadcast_matmul(&w).unwrap(), 1e-5);
+        let at = t(seq(2 * 3 * 4 * 5, 1.0), &[2, 3, 4, 5]).transpose(2, 3).unwrap();
+        close(&matmul(&at, &w).unwrap().unwrap(), &at.contiguous().unwrap().broadcast_matmul(&w).unwrap(), 1e-5);
+        // Many batches (the parallel-over-batch path).
+        let a = t(seq(64 * 3 * 5, 1.0), &[64, 3, 5]);
+        let b = t(seq(64 * 5 * 2, 1.0), &[64, 5, 2]);
+        close(&matmul(&a, &b).unwrap().unwrap(), &a.matmul(&b).unwrap(), 1e-5);
+        assert!(matmul(&t(vec![1.0; 3], &[3]), &b).unwrap().is_none());
+    }
+
+    #[test]
+    fn binary_broadcasts_match_candle() {
+        let a = t(seq(2 * 3 * 4 * 5, 1.0), &[2, 3, 4, 5]);
+        for (bd, name) in [
+            (vec![5], "bias over the last dim"),
+            (vec![3, 1, 1], "per channel"),
+            (vec![1], "scalar"),
+            (vec![2, 3, 4, 5], "same shape"),
+            (vec![4, 5], "last two dims"),
+        ] {
+            let b = t(seq(bd.iter().product(), 0.7).iter().map(|v| v + 2.0).collect(), &bd);
+            for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {
+                let want = match op {
+                    Binary::Add => a.broadcast_add(&b),
+                    Binary::Sub => a.broadcast_sub(&b),
+                    Binary::Mul => a.broadcast_mul(&b),
+                    Binary::Div => a.broadcast_div(&b),
+                }
+                .unwrap();
+                let got = binary(op, &a, &b).unwrap().unwrap_or_else(|| panic!("{name}: not handled"));
+                close(&got, &want, 1e-6);
+                // Swapped operands (the small one on the left).
+                let want = match op {
+                    Binary::Add => b.broadcast_add(&a),
+                    Binary::Sub => b.broadcast_sub(&a),
+                    Binary::Mul => b.broadcast_mul(&a),
+                    Binary::Div => b.broadcast_div(&a),
+                }
+                .unwrap();
+                close(&binary(op, &b, &a).unwrap().unwrap(), &want, 1e-5);
+            }
+        }
+        // Both sides broadcasting ([3,1] with [1,4]) is left to candle.
+        assert!(binary(Binary::Add, &t(vec![1.0; 3], &[3, 1]), &t(vec![1.0; 4], &[1, 4])).unwrap().is_none());
+    }
+
+    #[test]
+    fn softmax_layer_norm_and_unary_match_candle() {
+        let x = t(seq(6 * 49, 8.0), &[6, 49]);
+        close(&softmax_last(&x).unwrap(), &candle_nn::ops::softmax_last_dim(&x).unwrap(), 1e-6);
+        let g = t(seq(49, 1.0), &[49]);
+        let b = t(seq(49, 0.3), &[49]);
+        close(
+            &layer_norm(&x, 49, &g, Some(&b), 1e-5).unwrap(),
+            &candle_nn::ops::layer_norm(&x, &g, &b, 1e-5).unwrap(),
+            1e-5,
+        );
+        close(&unary(Unary::Relu, &x).unwrap(), &x.relu().unwrap(), 0.0);
+        close(&unary(Unary::Clip(0.0, 6.0), &x).unwrap(), &x.clamp(0f32, 6f32).unwrap(), 0.0);
+        close(&unary(Unary::Sigmoid, &x).unwrap(), &candle_nn::ops::sigmoid(&x).unwrap(), 1e-6);
+        close(&unary(Unary::Erf, &x).unwrap(), &x.erf().unwrap(), 5e-7);
+        close(&unary(Unary::Gelu, &x).unwrap(), &x.gelu_erf().unwrap(), 5e-6);
+        let w = t(seq(49 * 5, 1.0), &[49, 5]);
+        let bias = t(seq(5, 3.0), &[5]);
+        close(
+            &matmul_bias(&x, &w, Some(&bias)).unwrap().unwrap(),
+            &x.matmul(&w).unwrap().broadcast_add(&bias).unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn dense_conv_matches_candle() {
+        let x = t(seq(2 * 3 * 9 * 8, 1.0), &[2, 3, 9, 8]);
+        let w = t(seq(4 * 3 * 3 * 3, 0.5), &[4, 3, 3, 3]);
+        let b = t(vec![0.1, -0.2, 0.3, 0.0], &[4]);
+        for (s, p) in [(1, 0), (1, 1), (2, 1)] {
+            let g = ConvGeom { k: (3, 3), s: (s, s), d: (1, 1), pads: [p; 4] };
+            let want = x.conv2d(&w, p, s, 1, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap();
+            close(&conv_dense(&x, &w, Some(&b), g, None).unwrap(), &want, 1e-5);
+        }
+        // Depthwise: strides 1 and 2, odd and even sizes, asymmetric padding.
+        let xd = t(seq(2 * 3 * 9 * 8, 1.0), &[2, 3, 9, 8]);
+        for (k, s, pads) in
+            [(3, 1, [1, 1, 1, 1]), (3, 2, [1, 1, 1, 1]), (5, 2, [1, 2, 2, 1]), (5, 1, [2, 2, 2, 2]), (3, 2, [0; 4])]
+        {
+            let wd = t(seq(3 * k * k, 0.5), &[3, 1, k, k]);
+            let g = ConvGeom { k: (k, k), s: (s, s), d: (1, 1), pads };
+            let xp = xd.pad_with_zeros(2, pads[0], pads[2]).unwrap().pad_with_zeros(3, pads[1], pads[3]).unwrap();
+            let want = xp
+                .conv2d(&wd, 0, s, 1, 3)
+                .unwrap()
+                .broadcast_add(&b.narrow(0, 0, 3).unwrap().reshape((1, 3, 1, 1)).unwrap())
+                .unwrap();
+            let got = conv_depthwise(&xd, &wd, Some(&b.narrow(0, 0, 3).unwrap()), g, None).unwrap();
+            close(&got, &want, 1e-5);
+        }
+        let w1 = t(seq(5 * 3, 0.5), &[5, 3, 1, 1]);
+        let g = ConvGeom { k: (1, 1), s: (1, 1), d: (1, 1), pads: [0; 4] };
+        close(&conv_dense(&x, &w1, None, g, None).unwrap(), &x.conv2d(&w1, 0, 1, 1, 1).unwrap(), 1e-5);
+        let want = x.conv2d(&w1, 0, 1, 1, 1).unwrap().clamp(0f32, 0.5f32).unwrap();
+        close(&conv_dense(&x, &w1, None, g, Some((0.0, 0.5))).unwrap(), &want, 1e-5);
+    }
+}

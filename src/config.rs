@@ -106,6 +106,49 @@ pub struct HyperParams {
     pub num_gpus: i64,
     /// `env.seed`.
     pub seed: u64,
+    /// `optimization.efficient_finetune` (alias `optim.peft`): which backbone initializers train besides
+    /// the head.
+    #[serde(default)]
+    pub efficient_finetune: EfficientFinetune,
+    /// `model.backbone.trainable_layers`: initializer-name prefixes that train (e.g. `b15` or
+    /// `layers.3`), in addition to `efficient_finetune`.
+    #[serde(default)]
+    pub trainable_layers: Vec<String>,
+    /// `model.timm_image.train_transforms`: augmentations of training images (none by default).
+    #[serde(default)]
+    pub train_transforms: Vec<Transform>,
+}
+
+/// AutoMM's parameter-efficient fine-tuning choices that automm implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EfficientFinetune {
+    /// The backbone stays frozen (only the head trains).
+    #[default]
+    None,
+    /// Biases train (BitFit).
+    BitFit,
+    /// Normalisation scales and shifts plus biases train.
+    NormFit,
+}
+
+/// A training-time image transform (timm/torchvision names as AutoMM spells them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    /// `random_resize_crop`: a crop of 8-100% of the area, aspect 3/4-4/3, resized to the input size.
+    RandomResizeCrop,
+    /// `random_horizontal_flip`: mirror with probability 0.5.
+    RandomHorizontalFlip,
+    /// `color_jitter`: brightness, contrast and saturation each scaled by a factor in [0.6, 1.4].
+    ColorJitter,
+}
+
+impl HyperParams {
+    /// True when part of the backbone trains (the backbone then runs every epoch).
+    pub fn finetunes_backbone(&self) -> bool {
+        self.efficient_finetune != EfficientFinetune::None || !self.trainable_layers.is_empty()
+    }
 }
 
 impl Default for HyperParams {
@@ -129,6 +172,9 @@ impl Default for HyperParams {
             batch_size: 32,
             num_gpus: -1,
             seed: 0,
+            efficient_finetune: EfficientFinetune::None,
+            trainable_layers: Vec::new(),
+            train_transforms: Vec::new(),
         }
     }
 }
@@ -150,6 +196,9 @@ const KEYS: &[(&str, &[&str])] = &[
     ("env.batch_size", &[]),
     ("env.num_gpus", &[]),
     ("env.seed", &[]),
+    ("optimization.efficient_finetune", &["optim.peft"]),
+    ("model.backbone.trainable_layers", &[]),
+    ("model.timm_image.train_transforms", &[]),
 ];
 
 /// AutoMM keys automm accepts but does not act on, with what they would do.
@@ -163,8 +212,6 @@ const ACCEPTED_UNSUPPORTED: &[(&str, &str)] = &[
     ("model.fusion_mlp.", "configure late fusion of several towers; automm has one tower"),
     ("model.", "configure an AutoMM model tower; automm trains a linear head on an ONNX backbone"),
     ("data.", "configure AutoMM's data processors; automm reads images and labels as given by --image-column/--label"),
-    ("optimization.efficient_finetune", "fine-tune part of the backbone (bit_fit, norm_fit, lora); automm trains the head only, backbone frozen"),
-    ("optim.peft", "fine-tune part of the backbone (bit_fit, norm_fit, lora); automm trains the head only, backbone frozen"),
     ("optimization.optim_type", "pick the optimizer; automm always uses AdamW (AutoMM's default)"),
     ("optim.optim_type", "pick the optimizer; automm always uses AdamW (AutoMM's default)"),
     ("optimization.lr_decay", "layer-wise learning-rate decay through the backbone; the backbone is frozen in automm"),
@@ -342,6 +389,26 @@ fn as_str<'a>(key: &str, v: &'a Value) -> Result<&'a str> {
     }
 }
 
+/// A list of strings: a YAML sequence, or a comma-separated string (`b15,head` or `[b15, head]`).
+fn string_list(key: &str, v: &Value) -> Result<Vec<String>> {
+    let items: Vec<String> = match v {
+        Value::Null => Vec::new(),
+        Value::Sequence(seq) => {
+            seq.iter().map(|x| as_str(key, x).map(|s| s.trim().to_string())).collect::<Result<_>>()?
+        }
+        Value::String(s) => s
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .split(',')
+            .map(|p| p.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+        other => return Err(Error::config(key, format!("expected a list of names, got {}", describe(other)))),
+    };
+    Ok(items)
+}
+
 fn describe(v: &Value) -> String {
     serde_yaml::to_string(v).map(|s| format!("`{}`", s.trim())).unwrap_or_else(|_| "a value".into())
 }
@@ -500,6 +567,46 @@ fn apply(hp: &mut HyperParams, canon: &str, key: &str, v: &Value) -> Result<()> 
             hp.num_gpus = x as i64;
         }
         "env.seed" => hp.seed = as_usize(key, v)? as u64,
+        "optimization.efficient_finetune" => {
+            let s = match v {
+                Value::Null => "none".to_string(),
+                other => as_str(key, other)?.trim().to_ascii_lowercase(),
+            };
+            hp.efficient_finetune = match s.as_str() {
+                "none" | "null" | "" => EfficientFinetune::None,
+                "bit_fit" => EfficientFinetune::BitFit,
+                "norm_fit" => EfficientFinetune::NormFit,
+                other => {
+                    return Err(Error::config(
+                        key,
+                        format!("`{other}` is not implemented; expected `bit_fit`, `norm_fit` or null"),
+                    ))
+                }
+            }
+        }
+        "model.backbone.trainable_layers" => hp.trainable_layers = string_list(key, v)?,
+        "model.timm_image.train_transforms" => {
+            let mut out = Vec::new();
+            for name in string_list(key, v)? {
+                match name.as_str() {
+                    "random_resize_crop" | "random_resized_crop" => out.push(Transform::RandomResizeCrop),
+                    "random_horizontal_flip" => out.push(Transform::RandomHorizontalFlip),
+                    "color_jitter" => out.push(Transform::ColorJitter),
+                    // The deterministic resize + crop always runs; AutoMM lists them too.
+                    "resize_shorter_side" | "center_crop" | "resize_to_square" => {}
+                    other => {
+                        return Err(Error::config(
+                            key,
+                            format!(
+                                "unknown transform `{other}`; expected random_resize_crop, random_horizontal_flip, \
+                                 color_jitter, resize_shorter_side or center_crop"
+                            ),
+                        ))
+                    }
+                }
+            }
+            hp.train_transforms = out;
+        }
         _ => unreachable!("every canonical key is handled"),
     }
     Ok(())

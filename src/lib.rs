@@ -14,6 +14,7 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod export;
+pub mod finetune;
 pub mod infer;
 pub mod loss;
 pub mod metrics;

@@ -79,16 +79,12 @@ pub fn conv_act(
     if fast && depthwise {
         return kernels::conv_depthwise(x, w, b, geom, act);
     }
-    // candle's conv2d takes one symmetric padding for both dims; otherwise pad explicitly.
-    let (xp, p) = if pads.iter().all(|&p| p == pads[0]) {
-        (x.clone(), pads[0] as usize)
+    let y = if depthwise && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        // Differentiable and fast: candle would run one conv per channel, forward and backward.
+        x.contiguous()?.apply_op2(&w.contiguous()?, kernels::DepthwiseOp { g: geom })?
     } else {
-        (pad_spatial(x, &pads, 0.0)?, 0)
+        dense_candle(node, x, w, &pads, (sh, sw), (dh, dw), group)?
     };
-    if sh != sw || dh != dw {
-        return Err(node_err(node, "different strides or dilations per axis are not supported"));
-    }
-    let y = xp.contiguous()?.conv2d(&w.contiguous()?, p, sh, dh, group)?;
     let y = match b {
         Some(b) => y.broadcast_add(&b.reshape((1, m, 1, 1))?)?,
         None => y,
@@ -97,4 +93,26 @@ pub fn conv_act(
         Some((lo, hi)) => Ok(y.maximum(lo as f64)?.minimum(hi as f64)?),
         None => Ok(y),
     }
+}
+
+/// candle's own (differentiable) conv2d.
+fn dense_candle(
+    node: &NodeProto,
+    x: &Tensor,
+    w: &Tensor,
+    pads: &[i64],
+    (sh, sw): (usize, usize),
+    (dh, dw): (usize, usize),
+    group: usize,
+) -> Result<Tensor> {
+    // candle's conv2d takes one symmetric padding for both dims; otherwise pad explicitly.
+    let (xp, p) = if pads.iter().all(|&p| p == pads[0]) {
+        (x.clone(), pads[0] as usize)
+    } else {
+        (pad_spatial(x, pads, 0.0)?, 0)
+    };
+    if sh != sw || dh != dw {
+        return Err(node_err(node, "different strides or dilations per axis are not supported"));
+    }
+    Ok(xp.contiguous()?.conv2d(&w.contiguous()?, p, sh, dh, group)?)
 }

@@ -46,7 +46,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32], &Layout) -> R) -> Option<R> {
 }
 
 /// Runs `f` on the contiguous f32 data of `t` (copied first only when `t` is a strided view).
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let r = with_f32(&t, |v, l| {
         let (a, b) = l.contiguous_offsets().unwrap_or((0, v.len()));
@@ -55,7 +55,7 @@ fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     r.ok_or_else(|| candle_core::Error::Msg("expected a CPU f32 tensor".into()).into())
 }
 
-fn tensor(v: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
+pub(crate) fn tensor(v: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_storage_op(v, dims))
 }
 
@@ -272,7 +272,7 @@ pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
 /// A vector of `n` floats built in parallel: `fill(start, chunk)` must write every element of its chunk
 /// (`start` = the chunk's first index). Chunks are multiples of `align` elements. The buffer is never
 /// zeroed first: for memory-bound ops that pass costs as much as the op.
-fn par_build(n: usize, align: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+pub(crate) fn par_build(n: usize, align: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
     let align = align.max(1);
     let chunk = (CHUNK / align).max(1) * align;
     let mut v: Vec<f32> = Vec::with_capacity(n);
@@ -313,6 +313,9 @@ macro_rules! simd_dispatch {
         }
     };
 }
+
+mod depthwise;
+pub use depthwise::{conv_depthwise, DepthwiseOp};
 
 fn binary_into<F: Fn(f32, f32) -> f32 + Copy + Sync>(
     f: F,
@@ -650,117 +653,6 @@ pub fn conv_dense(
     tensor(out, &[n, m, oh, ow])
 }
 
-/// A depthwise convolution NCHW (one `kh x kw` filter per channel), one (image, channel) plane per task.
-///
-/// Each plane is copied once, zero-padded and split into `sy x sx` phase planes (`Q_ab[r][c] =
-/// P[r*sy + a][c*sx + b]`); every tap is then one long contiguous multiply-add over a phase plane, computed
-/// on a grid as wide as the phase plane (the extra columns are dropped). Row-by-row loops are too short to
-/// vectorise on the 14- and 7-wide planes of a MobileNet/EfficientNet tail.
-/// `act` = Some((lo, hi)) clamps the output (a fused Relu/Clip).
-pub fn conv_depthwise(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    g: ConvGeom,
-    act: Option<(f32, f32)>,
-) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (oh, ow) = g.out_size(h, wd);
-    let ws = w.flatten_all()?.to_vec1::<f32>()?;
-    let bs = match bias {
-        Some(b) => b.flatten_all()?.to_vec1::<f32>()?,
-        None => vec![0.0; c],
-    };
-    let (kh, kw) = g.k;
-    if ws.len() != c * kh * kw || bs.len() != c {
-        return Err(candle_core::Error::Msg(format!("depthwise conv: weight {:?} for {c} channels", w.dims())).into());
-    }
-    let out = with_data(x, |xs| {
-        par_build(n * c * oh * ow, oh * ow, |start, o| {
-            let mut scratch = Vec::new();
-            for (p, plane) in o.chunks_mut(oh * ow).enumerate() {
-                let idx = start / (oh * ow) + p;
-                let ch = idx % c;
-                let src = &xs[idx * h * wd..(idx + 1) * h * wd];
-                let k = &ws[ch * kh * kw..(ch + 1) * kh * kw];
-                depthwise_plane(plane, &mut scratch, src, k, bs[ch], (h, wd), (oh, ow), g, act);
-            }
-        })
-    })?;
-    tensor(out, &[n, c, oh, ow])
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn depthwise_plane_body(
-    o: &mut [MaybeUninit<f32>],
-    scratch: &mut Vec<f32>,
-    src: &[f32],
-    k: &[f32],
-    bias: f32,
-    (h, w): (usize, usize),
-    (oh, ow): (usize, usize),
-    g: ConvGeom,
-    act: Option<(f32, f32)>,
-) {
-    let (kh, kw) = g.k;
-    let (sy, sx) = g.s;
-    let (dy, dx) = g.d;
-    let (hp, wp) = (h + g.pads[0] + g.pads[2], w + g.pads[1] + g.pads[3]);
-    // Phase planes, each hq x wq, plus room for the widest tap offset past the last row.
-    let (hq, wq) = (hp.div_ceil(sy), wp.div_ceil(sx));
-    let (qi_max, qj_max) = (((kh - 1) * dy) / sy, ((kw - 1) * dx) / sx);
-    let qlen = (hq.max(oh + qi_max) + 1) * wq + qj_max;
-    let grid = oh * wq;
-    scratch.clear();
-    scratch.resize(sy * sx * qlen + grid, 0.0);
-    let (phases, acc) = scratch.split_at_mut(sy * sx * qlen);
-    for r in 0..h {
-        let pr = r + g.pads[0];
-        let (a, qr) = (pr % sy, pr / sy);
-        for (cc, &v) in src[r * w..(r + 1) * w].iter().enumerate() {
-            let pc = cc + g.pads[1];
-            let (b, qc) = (pc % sx, pc / sx);
-            phases[(a * sx + b) * qlen + qr * wq + qc] = v;
-        }
-    }
-    acc.fill(bias);
-    for i in 0..kh {
-        let (qi, a) = ((i * dy) / sy, (i * dy) % sy);
-        for j in 0..kw {
-            let (qj, b) = ((j * dx) / sx, (j * dx) % sx);
-            let wij = k[i * kw + j];
-            let base = (a * sx + b) * qlen + qi * wq + qj;
-            for (d, &v) in acc.iter_mut().zip(&phases[base..base + grid]) {
-                *d += wij * v;
-            }
-        }
-    }
-    let (lo, hi) = act.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
-    for (orow, arow) in o.chunks_mut(ow).zip(acc.chunks(wq)) {
-        for (d, &v) in orow.iter_mut().zip(arow) {
-            d.write(v.max(lo).min(hi));
-        }
-    }
-}
-
-simd_dispatch!(
-    depthwise_plane,
-    <>,
-    (
-        o: &mut [MaybeUninit<f32>],
-        scratch: &mut Vec<f32>,
-        src: &[f32],
-        k: &[f32],
-        bias: f32,
-        hw: (usize, usize),
-        ohw: (usize, usize),
-        g: ConvGeom,
-        act: Option<(f32, f32)>
-    ),
-    depthwise_plane_body(o, scratch, src, k, bias, hw, ohw, g, act)
-);
-
 #[inline(always)]
 fn clamp_body(o: &mut [f32], lo: f32, hi: f32) {
     o.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
@@ -944,22 +836,6 @@ mod tests {
             let g = ConvGeom { k: (3, 3), s: (s, s), d: (1, 1), pads: [p; 4] };
             let want = x.conv2d(&w, p, s, 1, 1).unwrap().broadcast_add(&b.reshape((1, 4, 1, 1)).unwrap()).unwrap();
             close(&conv_dense(&x, &w, Some(&b), g, None).unwrap(), &want, 1e-5);
-        }
-        // Depthwise: strides 1 and 2, odd and even sizes, asymmetric padding.
-        let xd = t(seq(2 * 3 * 9 * 8, 1.0), &[2, 3, 9, 8]);
-        for (k, s, pads) in
-            [(3, 1, [1, 1, 1, 1]), (3, 2, [1, 1, 1, 1]), (5, 2, [1, 2, 2, 1]), (5, 1, [2, 2, 2, 2]), (3, 2, [0; 4])]
-        {
-            let wd = t(seq(3 * k * k, 0.5), &[3, 1, k, k]);
-            let g = ConvGeom { k: (k, k), s: (s, s), d: (1, 1), pads };
-            let xp = xd.pad_with_zeros(2, pads[0], pads[2]).unwrap().pad_with_zeros(3, pads[1], pads[3]).unwrap();
-            let want = xp
-                .conv2d(&wd, 0, s, 1, 3)
-                .unwrap()
-                .broadcast_add(&b.narrow(0, 0, 3).unwrap().reshape((1, 3, 1, 1)).unwrap())
-                .unwrap();
-            let got = conv_depthwise(&xd, &wd, Some(&b.narrow(0, 0, 3).unwrap()), g, None).unwrap();
-            close(&got, &want, 1e-5);
         }
         let w1 = t(seq(5 * 3, 0.5), &[5, 3, 1, 1]);
         let g = ConvGeom { k: (1, 1), s: (1, 1), d: (1, 1), pads: [0; 4] };

@@ -77,7 +77,12 @@ struct Plan {
     fused: HashMap<usize, fuse::Fused>,
     /// For each step, the values whose last use it is.
     frees: Vec<Vec<String>>,
+    /// Whether trainable initializers are read as tracked `Var`s (else detached).
+    track: bool,
 }
+
+/// Input shapes, and whether trainable initializers are tracked.
+type PlanKey = (Vec<Vec<usize>>, bool);
 
 /// An imported ONNX graph, evaluated on a candle device.
 pub struct Graph {
@@ -88,7 +93,10 @@ pub struct Graph {
     outputs: Vec<String>,
     opset: i64,
     device: Device,
-    plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<Plan>>>,
+    /// Initializers being trained (their tensors in `initializers` are `Var`s): never constant-folded.
+    trainable: HashSet<String>,
+    /// Plans by input shapes and by whether gradients are tracked (fused kernels only when not).
+    plans: Mutex<HashMap<PlanKey, Arc<Plan>>>,
 }
 
 impl Graph {
@@ -135,8 +143,100 @@ impl Graph {
             outputs,
             opset,
             device: device.clone(),
+            trainable: HashSet::new(),
             plans: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Like [`Graph::from_model`], but with `inputs` (values computed inside the model, e.g. a frozen
+    /// prefix's outputs) fed by the caller instead of the model's own inputs; their shapes are not checked.
+    pub fn from_model_fed(
+        model: &ModelProto,
+        name: &str,
+        device: &Device,
+        inputs: &[String],
+        outputs: Vec<String>,
+    ) -> Result<Graph> {
+        let mut m = model.clone();
+        if let Some(mg) = m.graph.as_mut() {
+            // The fed values become the graph's inputs; nodes that computed them are pruned by the sort.
+            mg.input = inputs
+                .iter()
+                .map(|n| candle_onnx::onnx::ValueInfoProto { name: n.clone(), ..Default::default() })
+                .collect();
+            mg.node.retain(|n| !n.output.iter().any(|o| inputs.contains(o)));
+        }
+        Self::from_model(&m, name, device, Some(outputs))
+    }
+
+    /// The nodes this graph runs, in order.
+    pub fn nodes(&self) -> &[NodeProto] {
+        &self.nodes
+    }
+
+    /// Names of the initializers this graph reads.
+    pub fn initializer_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.initializers.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The current value of an initializer.
+    pub fn initializer(&self, name: &str) -> Option<&Tensor> {
+        self.initializers.get(name)
+    }
+
+    /// Makes the named initializers trainable: each becomes a `Var` (returned, in `names` order) that runs
+    /// read and gradients reach. Unknown names are an error naming them.
+    pub fn set_trainable(&mut self, names: &[String]) -> Result<Vec<candle_core::Var>> {
+        let missing: Vec<&String> = names.iter().filter(|n| !self.initializers.contains_key(*n)).collect();
+        if !missing.is_empty() {
+            return Err(Error::onnx(&self.name, format!("no initializer named {missing:?} in the graph")));
+        }
+        let mut vars = Vec::new();
+        for n in names {
+            let v = candle_core::Var::from_tensor(&self.initializers[n].to_dtype(candle_core::DType::F32)?)?;
+            self.initializers.insert(n.clone(), v.as_tensor().clone());
+            self.trainable.insert(n.clone());
+            vars.push(v);
+        }
+        if let Ok(mut p) = self.plans.lock() {
+            p.clear();
+        }
+        Ok(vars)
+    }
+
+    /// The values a frozen prefix hands to the trainable rest: computed from the graph inputs without any
+    /// trainable initializer, and read by a node that depends on one. Empty when nothing is trainable.
+    pub fn frontier(&self) -> Vec<String> {
+        let input_names: HashSet<&str> = self.inputs.iter().map(|i| i.name.as_str()).collect();
+        let mut dep_input: HashSet<&str> = input_names.clone();
+        let mut dep_train: HashSet<&str> = self.trainable.iter().map(String::as_str).collect();
+        let mut front: Vec<String> = Vec::new();
+        for n in &self.nodes {
+            let ins = n.input.iter().map(String::as_str).filter(|s| !s.is_empty());
+            let (mut d, mut t) = (false, false);
+            for i in ins.clone() {
+                d |= dep_input.contains(i);
+                t |= dep_train.contains(i);
+            }
+            if t {
+                for i in ins {
+                    if dep_input.contains(i) && !dep_train.contains(i) && !front.iter().any(|f| f == i) {
+                        front.push(i.to_string());
+                    }
+                }
+            }
+            for o in &n.output {
+                if d {
+                    dep_input.insert(o.as_str());
+                }
+                if t {
+                    dep_train.insert(o.as_str());
+                }
+            }
+        }
+        front
     }
 
     /// The graph inputs that are not initializers.
@@ -172,12 +272,22 @@ impl Graph {
                 });
             }
         }
-        let key: Vec<Vec<usize>> = feeds.iter().map(|(_, t)| t.dims().to_vec()).collect();
+        self.run_mode(feeds, !self.trainable.is_empty())
+    }
+
+    /// Runs with the trainable initializers' current values as constants (no gradients; the fast fused
+    /// kernels): validation and prediction during fine-tuning.
+    pub fn run_frozen(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+        self.run_mode(feeds, false)
+    }
+
+    fn run_mode(&self, feeds: &[(&str, Tensor)], track: bool) -> Result<Vec<Tensor>> {
+        let key = (feeds.iter().map(|(_, t)| t.dims().to_vec()).collect::<Vec<_>>(), track);
         let plan = self.plans.lock().map_err(|_| Error::onnx(&self.name, "plan cache poisoned"))?.get(&key).cloned();
         match plan {
             Some(p) => self.run_plan(&p, feeds),
             None => {
-                let (outs, plan) = self.build_plan(feeds)?;
+                let (outs, plan) = self.build_plan(feeds, track)?;
                 if let Ok(mut plans) = self.plans.lock() {
                     plans.insert(key, Arc::new(plan));
                 }
@@ -205,9 +315,11 @@ impl Graph {
     }
 
     /// Runs every node once, recording which values are input-independent.
-    fn build_plan(&self, feeds: &[(&str, Tensor)]) -> Result<(Vec<Tensor>, Plan)> {
-        let mut values: HashMap<String, Tensor> = self.initializers.clone();
-        let mut is_static: HashSet<String> = self.initializers.keys().cloned().collect();
+    fn build_plan(&self, feeds: &[(&str, Tensor)], track: bool) -> Result<(Vec<Tensor>, Plan)> {
+        let mut values: HashMap<String, Tensor> =
+            self.initializers.keys().filter_map(|k| self.init_value(k, track).map(|t| (k.clone(), t))).collect();
+        let mut is_static: HashSet<String> =
+            self.initializers.keys().filter(|k| !self.trainable.contains(*k)).cloned().collect();
         for (n, t) in feeds {
             values.insert(n.to_string(), t.clone());
         }
@@ -241,14 +353,14 @@ impl Graph {
             .map(|(k, t)| t.contiguous().map(|t| (k, t)))
             .collect::<candle_core::Result<_>>()?;
         // Fused kernels are inference-only: keep every node when gradients are tracked or off the CPU.
-        let tracked = feeds.iter().any(|(_, t)| t.track_op()) || self.initializers.values().any(|t| t.track_op());
+        let tracked = feeds.iter().any(|(_, t)| t.track_op()) || (track && !self.trainable.is_empty());
         let (steps, fused) = if self.device.is_cpu() && !tracked {
             fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset)
         } else {
             (steps, HashMap::new())
         };
         let frees = self.last_uses(&steps, &statics);
-        Ok((outs, Plan { statics, steps, fused, frees }))
+        Ok((outs, Plan { statics, steps, fused, frees, track }))
     }
 
     fn last_uses(&self, steps: &[usize], statics: &HashMap<String, Tensor>) -> Vec<Vec<String>> {
@@ -273,7 +385,7 @@ impl Graph {
     /// first: where the importer's time goes.
     pub fn profile(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<OpTime>> {
         self.run(feeds)?;
-        let key: Vec<Vec<usize>> = feeds.iter().map(|(_, t)| t.dims().to_vec()).collect();
+        let key = (feeds.iter().map(|(_, t)| t.dims().to_vec()).collect::<Vec<_>>(), !self.trainable.is_empty());
         let plan = self.plans.lock().map_err(|_| Error::onnx(&self.name, "plan cache poisoned"))?.get(&key).cloned();
         let plan = plan.ok_or_else(|| Error::onnx(&self.name, "no plan after a run"))?;
         let mut times: HashMap<String, OpTime> = HashMap::new();
@@ -296,7 +408,9 @@ impl Graph {
         let mut values: HashMap<String, Tensor> = feeds.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
         for (s, &i) in plan.steps.iter().enumerate() {
             let node = &self.nodes[i];
-            let ins = self.node_inputs(node, |n| values.get(n).or_else(|| plan.statics.get(n)).cloned())?;
+            let ins = self.node_inputs(node, |n| {
+                values.get(n).or_else(|| plan.statics.get(n)).cloned().or_else(|| self.init_value(n, plan.track))
+            })?;
             let t0 = std::time::Instant::now();
             let outs = match plan.fused.get(&i) {
                 None => ops::eval(node, &ins, self.opset, &self.device)?,
@@ -330,6 +444,12 @@ impl Graph {
             }
         }
         self.collect_outputs(&values)
+    }
+
+    /// An initializer's value; trainable ones detached unless `track`.
+    fn init_value(&self, name: &str, track: bool) -> Option<Tensor> {
+        let t = self.initializers.get(name)?;
+        Some(if !track && self.trainable.contains(name) { t.detach() } else { t.clone() })
     }
 
     /// Runs a fused step; returns the name and value of the pattern's last output.

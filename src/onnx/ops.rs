@@ -573,7 +573,7 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
             }
             if axis + 1 == t.rank() && kernels::usable(&[t]) {
                 one(kernels::softmax_last(t)?)
-            } else if axis + 1 == t.rank() {
+            } else if axis + 1 == t.rank() && !t.track_op() {
                 one(candle_nn::ops::softmax_last_dim(&t.contiguous()?)?)
             } else {
                 one(candle_nn::ops::softmax(t, axis)?)
@@ -589,6 +589,17 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
                 return one(kernels::layer_norm(t, inner, scale, opt_input(ins, 2), eps as f32)?);
             }
             let x2 = t.contiguous()?.reshape(((t.elem_count() / inner.max(1)), inner))?;
+            if [Some(t), Some(scale), opt_input(ins, 2)].iter().flatten().any(|v| v.track_op()) {
+                // candle-nn's layer_norm has no backward pass: compose it from differentiable ops.
+                let mean = x2.mean_keepdim(1)?;
+                let xc = x2.broadcast_sub(&mean)?;
+                let var = xc.sqr()?.mean_keepdim(1)?;
+                let mut y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(&scale.flatten_all()?)?;
+                if let Some(b) = opt_input(ins, 2) {
+                    y = y.broadcast_add(&b.flatten_all()?)?;
+                }
+                return one(y.reshape(t.dims())?);
+            }
             let scale = scale.flatten_all()?.broadcast_as(inner)?.contiguous()?;
             let bias = match opt_input(ins, 2) {
                 Some(b) => b.flatten_all()?.broadcast_as(inner)?.contiguous()?,

@@ -77,6 +77,19 @@ impl Backbone {
         Ok(b)
     }
 
+    /// The imported graph (up to the feature tensor).
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Replaces initializers by fine-tuned values (see [`crate::finetune`]).
+    pub fn apply_update(&mut self, update: &[(String, Tensor)]) -> Result<()> {
+        for (name, t) in update {
+            self.graph.set_initializer(name, t)?;
+        }
+        Ok(())
+    }
+
     /// Features `[N, D]` for a preprocessed batch `[N, 3, S, S]` (trailing 1-dims are flattened).
     pub fn features(&self, batch: &Tensor) -> Result<Tensor> {
         let out = self.graph.run(&[(self.info.input_name.as_str(), batch.clone())])?;

@@ -272,7 +272,14 @@ fn head_nodes(g: &mut GraphProto, head: &Head, features: &str) -> Result<()> {
 }
 
 /// Builds the export in memory.
-pub fn build(cfg: &ModelConfig, head: &Head, kind: ExportKind, opset: Option<i64>) -> Result<ModelProto> {
+/// `update` holds fine-tuned backbone initializers, written over the backbone's own values.
+pub fn build(
+    cfg: &ModelConfig,
+    head: &Head,
+    update: &[(String, candle_core::Tensor)],
+    kind: ExportKind,
+    opset: Option<i64>,
+) -> Result<ModelProto> {
     let d = cfg.backbone.feature_dim;
     let s = cfg.preprocess.size as usize;
     if kind == ExportKind::HeadOnly {
@@ -287,7 +294,24 @@ pub fn build(cfg: &ModelConfig, head: &Head, kind: ExportKind, opset: Option<i64
         return Ok(model_proto(g, opset, metadata(cfg, kind, "features")?));
     }
     let bpath = &cfg.backbone.path;
-    let src = read_model(bpath)?;
+    let mut src = read_model(bpath)?;
+    if let Some(g) = src.graph.as_mut() {
+        for (name, t) in update {
+            let slot = g.initializer.iter_mut().find(|i| &i.name == name).ok_or_else(|| {
+                Error::onnx(
+                    bpath.display().to_string(),
+                    format!("fine-tuned initializer `{name}` is not in the backbone"),
+                )
+            })?;
+            if slot.dims.iter().map(|&d| d as usize).collect::<Vec<_>>() != t.dims() {
+                return Err(Error::Shape {
+                    name: name.clone(),
+                    msg: format!("backbone has {:?}, the fine-tuned value {:?}", slot.dims, t.dims()),
+                });
+            }
+            *slot = f32_to_proto(name, t)?;
+        }
+    }
     let from = opset_of(&src);
     let g0 = src.graph.as_ref().ok_or_else(|| Error::onnx(bpath.display().to_string(), "no graph"))?;
     let inits: HashSet<&str> = g0.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -422,7 +446,8 @@ pub fn export(model: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
         }
     }
     let head = Head::load(&md.head(), cfg.classes.len(), cfg.backbone.feature_dim, &candle_core::Device::Cpu)?;
-    let proto = build(&cfg, &head, opts.kind, opts.opset)?;
+    let update = md.read_backbone_update(&cfg, &candle_core::Device::Cpu)?;
+    let proto = build(&cfg, &head, &update, opts.kind, opts.opset)?;
     let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tmp = tempfile::Builder::new().suffix(".onnx").tempfile_in(dir).map_err(|e| Error::io(dir, e))?;

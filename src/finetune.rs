@@ -30,6 +30,8 @@ use crate::train::{predict_features, EpochRecord, Event};
 
 /// Batch size of the frozen prefix and of validation passes.
 const EVAL_BATCH: usize = 8;
+/// Images per forward/backward pass; a batch's gradients are summed over its micro-batches.
+const MICRO_BATCH: usize = 8;
 
 /// Initializers of `graph` that train: biases for `bit_fit`; normalisation scales/shifts and biases for
 /// `norm_fit`; plus every float initializer whose name starts with one of `prefixes`. Sorted by name.
@@ -274,6 +276,10 @@ pub fn fit(
     let bs = hp.batch_size.min(n).max(1);
     let steps_per_epoch = n.div_ceil(bs);
     let total = steps_per_epoch * hp.max_epochs;
+    let mean_reduced = match hp.loss_function {
+        LossKind::FocalLoss => hp.focal_reduction == Reduction::Mean,
+        LossKind::CrossEntropy => true,
+    };
     let mut order: Vec<usize> = (0..n).collect();
     let mut history = Vec::new();
     // (score, validation loss, epoch, head, backbone values) of the best epoch so far.
@@ -288,36 +294,53 @@ pub fn fit(
         for (bi, chunk) in order.chunks(bs).enumerate() {
             lr = hp.lr_at(step, total);
             opt.set_learning_rate(lr);
-            let idx = Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(), chunk.len(), &device)?;
-            let front = match &train_front {
-                Some(cached) => {
-                    cached.iter().map(|t| t.index_select(&idx, 0)).collect::<candle_core::Result<Vec<_>>>()?
+            // Micro-batches bound the activation memory; their gradients add up to the batch's.
+            let mut acc: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
+            let mut batch_loss = 0.0;
+            for mb in chunk.chunks(MICRO_BATCH) {
+                let idx = Tensor::from_vec(mb.iter().map(|&i| i as u32).collect::<Vec<_>>(), mb.len(), &device)?;
+                let front = match &train_front {
+                    Some(cached) => {
+                        cached.iter().map(|t| t.index_select(&idx, 0)).collect::<candle_core::Result<Vec<_>>>()?
+                    }
+                    None => {
+                        let refs: Vec<_> = mb.iter().map(|&i| (train.files[i].0.as_path(), train.files[i].1)).collect();
+                        let seeds: Vec<u64> = mb.iter().map(|&i| augment::sample_seed(hp.seed, epoch, i)).collect();
+                        let x = augment::files_to_batch(pre, &refs, &hp.train_transforms, &seeds)?;
+                        tb.front(&Tensor::from_vec(x, (mb.len(), 3, s, s), &device)?)?
+                    }
+                };
+                let feats = tb.features(&front, true)?;
+                let logits = feats.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?;
+                let yb = y_all.index_select(&idx, 0)?;
+                let loss = match hp.loss_function {
+                    LossKind::FocalLoss => {
+                        focal_loss(&logits, &yb, alpha_t.as_ref(), hp.focal_gamma, hp.focal_reduction)?
+                    }
+                    LossKind::CrossEntropy => cross_entropy(&logits, &yb, hp.label_smoothing, Reduction::Mean)?,
+                };
+                let loss = if mean_reduced { (loss * (mb.len() as f64 / chunk.len() as f64))? } else { loss };
+                batch_loss += loss.to_scalar::<f32>()? as f64;
+                let grads = loss.backward()?;
+                for (slot, v) in acc.iter_mut().zip(opt.vars()) {
+                    if let Some(g) = grads.get(v) {
+                        *slot = Some(match slot.take() {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        });
+                    }
                 }
-                None => {
-                    let refs: Vec<_> = chunk.iter().map(|&i| (train.files[i].0.as_path(), train.files[i].1)).collect();
-                    let seeds: Vec<u64> = chunk.iter().map(|&i| augment::sample_seed(hp.seed, epoch, i)).collect();
-                    let x = augment::files_to_batch(pre, &refs, &hp.train_transforms, &seeds)?;
-                    tb.front(&Tensor::from_vec(x, (chunk.len(), 3, s, s), &device)?)?
-                }
-            };
-            let feats = tb.features(&front, true)?;
-            let logits = feats.matmul(&w.as_tensor().t()?)?.broadcast_add(b.as_tensor())?;
-            let yb = y_all.index_select(&idx, 0)?;
-            let loss = match hp.loss_function {
-                LossKind::FocalLoss => focal_loss(&logits, &yb, alpha_t.as_ref(), hp.focal_gamma, hp.focal_reduction)?,
-                LossKind::CrossEntropy => cross_entropy(&logits, &yb, hp.label_smoothing, Reduction::Mean)?,
-            };
-            let lv = loss.to_scalar::<f32>()? as f64;
-            if !lv.is_finite() {
+            }
+            if !batch_loss.is_finite() {
                 return Err(Error::Train(format!(
-                    "fine-tuning diverged: the loss became {lv} at epoch {epoch}, batch {} (learning rate {lr:.3e}); \
-                     lower optimization.learning_rate (now {})",
+                    "fine-tuning diverged: the loss became {batch_loss} at epoch {epoch}, batch {} (learning rate \
+                     {lr:.3e}); lower optimization.learning_rate (now {})",
                     bi + 1,
                     hp.learning_rate
                 )));
             }
-            loss_sum += lv;
-            opt.backward_step(&loss)?;
+            loss_sum += batch_loss;
+            opt.step(&acc)?;
             step += 1;
             pb.inc(1);
         }

@@ -111,6 +111,10 @@ pub struct ModelConfig {
     /// The training table (absolute path), used by `automm export --verify`.
     #[serde(default)]
     pub train_data: PathBuf,
+    /// Backbone initializers changed by fine-tuning (their values are in `backbone_update.safetensors`);
+    /// empty when the backbone stayed frozen.
+    #[serde(default)]
+    pub finetuned: Vec<String>,
 }
 
 /// A trained linear head: `logits = features @ weight^T + bias`.
@@ -177,6 +181,59 @@ impl ModelDir {
     pub fn head(&self) -> PathBuf {
         self.root.join("head.safetensors")
     }
+    /// `backbone_update.safetensors`: fine-tuned backbone initializers.
+    pub fn backbone_update(&self) -> PathBuf {
+        self.root.join("backbone_update.safetensors")
+    }
+
+    /// The fine-tuned backbone initializers `config.finetuned` names (empty for a frozen backbone).
+    pub fn read_backbone_update(&self, config: &ModelConfig, device: &Device) -> Result<Vec<(String, Tensor)>> {
+        if config.finetuned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let p = self.backbone_update();
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::Model { path: p.clone(), msg: format!("not a readable safetensors file: {e}") })?;
+        config
+            .finetuned
+            .iter()
+            .map(|name| {
+                let v = st.tensor(name).map_err(|_| Error::Model {
+                    path: p.clone(),
+                    msg: format!("tensor `{name}` (listed in config.json `finetuned`) is missing"),
+                })?;
+                if v.dtype() != safetensors::Dtype::F32 || v.data().len() != 4 * v.shape().iter().product::<usize>() {
+                    return Err(Error::Model { path: p.clone(), msg: format!("tensor `{name}` is not float32") });
+                }
+                let data: Vec<f32> =
+                    v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                Ok((name.clone(), Tensor::from_vec(data, v.shape(), device)?))
+            })
+            .collect()
+    }
+
+    /// Writes fine-tuned backbone initializers (atomically).
+    pub fn write_backbone_update(&self, update: &[(String, Tensor)]) -> Result<()> {
+        let data: Vec<(String, Vec<u8>, Vec<usize>)> = update
+            .iter()
+            .map(|(n, t)| {
+                let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                Ok((n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.dims().to_vec()))
+            })
+            .collect::<Result<_>>()?;
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+            .iter()
+            .map(|(n, b, d)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, d.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| Error::Train(format!("cannot serialise `{n}`: {e}")))
+            })
+            .collect::<Result<_>>()?;
+        let bytes = safetensors::serialize(views, None).map_err(|e| Error::Train(e.to_string()))?;
+        write_atomic(&self.backbone_update(), &bytes)
+    }
+
     /// `metrics.json`.
     pub fn metrics(&self) -> PathBuf {
         self.root.join("metrics.json")

@@ -91,12 +91,24 @@ impl AdamW {
     /// Back-propagates `loss` and takes one step.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
         let grads = loss.backward()?;
+        let g: Vec<Option<Tensor>> = self.vars.iter().map(|v| grads.get(v).cloned()).collect();
+        self.step(&g)
+    }
+
+    /// The variables, in the order [`AdamW::step`] takes gradients.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// One step with gradients given per variable (None: no gradient reached it), e.g. accumulated over
+    /// micro-batches.
+    pub fn step(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         let c = self.cfg;
         self.state.step += 1;
         let t = self.state.step as i32;
         let (scale_m, scale_v) = (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t)));
         for (i, theta) in self.vars.iter().enumerate() {
-            let Some(g) = grads.get(theta) else { continue };
+            let Some(g) = grads.get(i).and_then(|g| g.as_ref()) else { continue };
             let m = ((&self.state.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.state.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let decayed = (theta.as_tensor() * (1.0 - c.lr * c.weight_decay))?;

@@ -59,12 +59,13 @@ impl Predictor {
                 ),
             });
         }
-        let backbone = Backbone::load(
+        let mut backbone = Backbone::load(
             bpath,
             device,
             Some(&config.backbone.feature_tensor),
             config.preprocess.normalization.clone(),
         )?;
+        backbone.apply_update(&md.read_backbone_update(&config, device)?)?;
         let head = Head::load(&md.head(), config.classes.len(), config.backbone.feature_dim, device)?;
         Ok(Predictor { config, backbone, head, batch_size: 8 })
     }

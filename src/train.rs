@@ -19,9 +19,11 @@ use crate::checkpoint::{feature_key, Best, Checkpoint, Progress, TrainState};
 use crate::config::{HyperParams, HyperParamsBuilder, LossKind};
 use crate::data::{holdout_fraction, stratified_split, ClassList, Normalization, Table};
 use crate::error::{Error, Result};
+use crate::finetune::{self, select_trainable, Split, TunedBackbone};
 use crate::loss::{cross_entropy, focal_loss, Reduction};
 use crate::metrics::{self, Report};
 use crate::model::{write_atomic, Head, ModelConfig, ModelDir, VERSION};
+use crate::onnx::read_model;
 use crate::optim::{AdamW, AdamWConfig};
 
 /// What to train: data, backbone, hyperparameters and where to keep the run (saved as the checkpoint's
@@ -257,41 +259,83 @@ fn run(
     let fb = 8;
     let train_files = files(&table, &train_rows);
     let val_files = files(val_table.as_ref().unwrap_or(&table), &val_rows);
-    let key = feature_key(&backbone.info, &backbone.preprocess, &train_files, &val_files)?;
-    let (x_train, x_val) = match ck.read_features(&key, &device)? {
-        Some(cached) => {
-            tracing::info!("reusing the features cached in {}", ck.features_file().display());
-            on_event(&Event::Phase("features (cached)".into()));
-            cached
-        }
-        None => {
-            let x_train = backbone.features_of_files(&train_files, fb, "features", req.quiet)?;
-            let x_val = backbone.features_of_files(&val_files, fb, "val features", req.quiet)?;
-            ck.write_features(&key, &x_train, &x_val)?;
-            (x_train, x_val)
-        }
+    // Fine-tuning runs the backbone every epoch; head-only training computes features once.
+    let (head, best_epoch, history, report, feature_seconds, train_seconds, update) = if hp.finetunes_backbone() {
+        on_event(&Event::Phase("fine-tune".into()));
+        let model = read_model(&req.backbone)?;
+        let trainable = select_trainable(backbone.graph(), hp.efficient_finetune, &hp.trainable_layers);
+        let count: usize =
+            trainable.iter().filter_map(|n| backbone.graph().initializer(n)).map(|t| t.elem_count()).sum();
+        tracing::info!("fine-tuning {} backbone initializers ({count} values) with the head", trainable.len());
+        let tb = TunedBackbone::new(
+            &model,
+            &req.backbone.display().to_string(),
+            &device,
+            &backbone.info.input_name,
+            &backbone.info.feature_tensor,
+            &trainable,
+            backbone.preprocess.size as usize,
+        )?;
+        let fit = finetune::fit(
+            &tb,
+            &backbone.preprocess,
+            Split { files: &train_files, targets: &train_targets },
+            Split { files: &val_files, targets: &val_targets },
+            &classes.names,
+            hp,
+            alpha.as_deref(),
+            req.quiet,
+            &mut on_event,
+        )?;
+        let total = t0.elapsed().as_secs_f64();
+        (
+            fit.head,
+            fit.best_epoch,
+            fit.history,
+            fit.report,
+            fit.prefix_seconds,
+            total - fit.prefix_seconds,
+            fit.backbone,
+        )
+    } else {
+        let key = feature_key(&backbone.info, &backbone.preprocess, &train_files, &val_files)?;
+        let (x_train, x_val) = match ck.read_features(&key, &device)? {
+            Some(cached) => {
+                tracing::info!("reusing the features cached in {}", ck.features_file().display());
+                on_event(&Event::Phase("features (cached)".into()));
+                cached
+            }
+            None => {
+                let x_train = backbone.features_of_files(&train_files, fb, "features", req.quiet)?;
+                let x_val = backbone.features_of_files(&val_files, fb, "val features", req.quiet)?;
+                ck.write_features(&key, &x_train, &x_val)?;
+                (x_train, x_val)
+            }
+        };
+        let feature_seconds = t0.elapsed().as_secs_f64();
+        on_event(&Event::Phase("train".into()));
+        let t1 = Instant::now();
+        let fit = fit_head(
+            &x_train,
+            &train_targets,
+            &x_val,
+            &val_targets,
+            &classes.names,
+            hp,
+            alpha.as_deref(),
+            FitContext { quiet: req.quiet, checkpoint: Some(ck), resume: state, cancel: req.cancel.as_deref() },
+            &mut on_event,
+        )?;
+        (fit.head, fit.best_epoch, fit.history, fit.report, feature_seconds, t1.elapsed().as_secs_f64(), Vec::new())
     };
-    let feature_seconds = t0.elapsed().as_secs_f64();
-
-    on_event(&Event::Phase("train".into()));
-    let t1 = Instant::now();
-    let fit = fit_head(
-        &x_train,
-        &train_targets,
-        &x_val,
-        &val_targets,
-        &classes.names,
-        hp,
-        alpha.as_deref(),
-        FitContext { quiet: req.quiet, checkpoint: Some(ck), resume: state, cancel: req.cancel.as_deref() },
-        &mut on_event,
-    )?;
-    let train_seconds = t1.elapsed().as_secs_f64();
 
     on_event(&Event::Phase("save".into()));
     let dir = ModelDir::new(&req.output);
     std::fs::create_dir_all(&req.output).map_err(|e| Error::io(&req.output, e))?;
-    fit.head.save(&dir.head())?;
+    head.save(&dir.head())?;
+    if !update.is_empty() {
+        dir.write_backbone_update(&update)?;
+    }
     let config = ModelConfig {
         automm_version: VERSION.to_string(),
         classes: classes.names.clone(),
@@ -302,13 +346,14 @@ fn run(
         label_column: req.label.clone(),
         image_column: table.image_column.clone(),
         train_data: std::fs::canonicalize(&req.train_data).unwrap_or_else(|_| req.train_data.clone()),
+        finetuned: update.iter().map(|(n, _)| n.clone()).collect(),
     };
     dir.write_config(&config)?;
     let summary = TrainSummary {
-        best_epoch: fit.best_epoch,
+        best_epoch,
         val_metric: hp.val_metric.name().to_string(),
-        history: fit.history,
-        validation: fit.report,
+        history,
+        validation: report,
         num_train: train_rows.len(),
         num_val: val_rows.len(),
         feature_seconds,

@@ -79,9 +79,12 @@ pub fn conv_act(
     if fast && depthwise {
         return kernels::conv_depthwise(x, w, b, geom, act);
     }
-    let y = if depthwise && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == candle_core::DType::F32;
+    let y = if depthwise && cpu_f32 {
         // Differentiable and fast: candle would run one conv per channel, forward and backward.
         x.contiguous()?.apply_op2(&w.contiguous()?, kernels::DepthwiseOp { g: geom })?
+    } else if cpu_f32 && group == 1 && (kh, kw) == (1, 1) && (sh, sw) == (1, 1) && pads.iter().all(|&p| p == 0) {
+        x.contiguous()?.apply_op2(&w.contiguous()?, kernels::PointwiseOp)?
     } else {
         dense_candle(node, x, w, &pads, (sh, sw), (dh, dw), group)?
     };
@@ -90,6 +93,7 @@ pub fn conv_act(
         None => y,
     };
     match act {
+        Some((lo, hi)) if cpu_f32 => Ok(y.contiguous()?.apply_op1(kernels::ClampOp { lo, hi })?),
         Some((lo, hi)) => Ok(y.maximum(lo as f64)?.minimum(hi as f64)?),
         None => Ok(y),
     }

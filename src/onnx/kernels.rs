@@ -27,7 +27,8 @@ pub fn keep_freed_memory() {
     // SAFETY: mallopt only changes allocator parameters; it is called before heavy allocation.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // -1 (SIZE_MAX once glibc widens it) turns trimming off; i32::MAX still trimmed multi-GB peaks.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
 }
 
@@ -315,7 +316,9 @@ macro_rules! simd_dispatch {
 }
 
 mod depthwise;
+mod pointwise;
 pub use depthwise::{conv_depthwise, DepthwiseOp};
+pub use pointwise::PointwiseOp;
 
 fn binary_into<F: Fn(f32, f32) -> f32 + Copy + Sync>(
     f: F,
@@ -651,6 +654,44 @@ pub fn conv_dense(
         }
     })?;
     tensor(out, &[n, m, oh, ow])
+}
+
+/// Clip/Relu6 as a candle op with a one-pass backward (`grad * (lo < x < hi)`); candle's
+/// maximum/minimum backward builds several full-size masks per op.
+pub struct ClampOp {
+    /// Lower bound.
+    pub lo: f32,
+    /// Upper bound.
+    pub hi: f32,
+}
+
+impl candle_core::CustomOp1 for ClampOp {
+    fn name(&self) -> &'static str {
+        "clamp"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let x = match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("clamp: expected a contiguous f32 tensor"),
+        };
+        let (lo, hi) = (self.lo, self.hi);
+        let out = par_build(x.len(), 1, |s, o| map_chunk(|v: f32| v.max(lo).min(hi), o, &x[s..s + o.len()]));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (lo, hi) = (self.lo, self.hi);
+        let out = par_build(x.len(), 1, |s, o| {
+            let n = o.len();
+            for ((d, &v), &gv) in o.iter_mut().zip(&x[s..s + n]).zip(&g[s..s + n]) {
+                d.write(if v > lo && v < hi { gv } else { 0.0 });
+            }
+        });
+        Ok(Some(Tensor::from_vec(out, arg.dims(), arg.device())?))
+    }
 }
 
 #[inline(always)]

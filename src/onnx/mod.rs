@@ -186,6 +186,26 @@ impl Graph {
         self.initializers.get(name)
     }
 
+    /// Replaces an initializer's value (e.g. a fine-tuned one); its shape must not change.
+    pub fn set_initializer(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        let old = self
+            .initializers
+            .get(name)
+            .ok_or_else(|| Error::onnx(&self.name, format!("no initializer named `{name}` in the graph")))?;
+        if old.dims() != value.dims() {
+            return Err(Error::Shape {
+                name: name.to_string(),
+                msg: format!("the graph's initializer is {:?}, the new value {:?}", old.dims(), value.dims()),
+            });
+        }
+        let v = value.to_dtype(old.dtype())?.to_device(&self.device)?;
+        self.initializers.insert(name.to_string(), v);
+        if let Ok(mut p) = self.plans.lock() {
+            p.clear();
+        }
+        Ok(())
+    }
+
     /// Makes the named initializers trainable: each becomes a `Var` (returned, in `names` order) that runs
     /// read and gradients reach. Unknown names are an error naming them.
     pub fn set_trainable(&mut self, names: &[String]) -> Result<Vec<candle_core::Var>> {

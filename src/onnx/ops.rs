@@ -320,6 +320,10 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
                 let (lo, hi) = (lo.unwrap_or(f64::NEG_INFINITY) as f32, hi.unwrap_or(f64::INFINITY) as f32);
                 return one(kernels::unary(kernels::Unary::Clip(lo, hi), t)?);
             }
+            if t.device().is_cpu() && t.dtype() == DType::F32 {
+                let (lo, hi) = (lo.unwrap_or(f64::NEG_INFINITY) as f32, hi.unwrap_or(f64::INFINITY) as f32);
+                return one(t.contiguous()?.apply_op1(kernels::ClampOp { lo, hi })?);
+            }
             let mut t = t.clone();
             if let Some(lo) = lo {
                 t = t.maximum(lo)?;

@@ -67,9 +67,20 @@ impl Phases {
 
     fn gather(&self, src: &[f32], phases: &mut [f32]) {
         phases.fill(0.0);
+        let sx = self.g.s.1;
         for r in 0..self.h {
-            for c in 0..self.w {
-                phases[self.at(r, c)] = src[r * self.w + c];
+            let row = &src[r * self.w..(r + 1) * self.w];
+            if sx == 1 {
+                let at = self.at(r, 0);
+                phases[at..at + self.w].copy_from_slice(row);
+                continue;
+            }
+            // One strided run per column phase (no division per pixel).
+            for c0 in 0..sx.min(self.w) {
+                let at = self.at(r, c0);
+                for (k, &v) in row[c0..].iter().step_by(sx).enumerate() {
+                    phases[at + k] = v;
+                }
             }
         }
     }

@@ -408,6 +408,30 @@ pub enum OnnxCommand {
         #[arg(long)]
         profile: bool,
     },
+    /// Gradients of sum(features * weights) w.r.t. the initializers fine-tuning would train, as .npz
+    /// (one array per initializer): to compare with PyTorch (models/check_finetune_grads.py).
+    Grads {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Input batch (.npy, float32).
+        #[arg(long)]
+        input: PathBuf,
+        /// Weights of the features (.npy, same shape as the features).
+        #[arg(long)]
+        weights: PathBuf,
+        /// `bit_fit` or `norm_fit`.
+        #[arg(long, default_value = "norm_fit")]
+        finetune: String,
+        /// Initializer-name prefixes that train too.
+        #[arg(long, value_delimiter = ',')]
+        layers: Vec<String>,
+        /// Feature tensor (default: the detected one).
+        #[arg(long)]
+        tensor: Option<String>,
+        /// Output .npz.
+        #[arg(long)]
+        output: PathBuf,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -529,6 +553,42 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Client(c) => tokio::runtime::Runtime::new()?.block_on(cmd_client(c)),
         Command::Onnx(OnnxCommand::Run { model, input, output, tensor, engine }) => {
             onnx_run(&model, &input, &output, tensor, engine)
+        }
+        Command::Onnx(OnnxCommand::Grads { model, input, weights, finetune, layers, tensor, output }) => {
+            let (hp, _) = automm::config::HyperParamsBuilder::new()
+                .set("optimization.efficient_finetune", serde_yaml::Value::String(finetune))
+                .build()?;
+            let proto = automm::onnx::read_model(&model)?;
+            let feature = match tensor {
+                Some(t) => t,
+                None => automm::onnx::detect_feature_tensor(&proto)?,
+            };
+            let dev = candle_core::Device::Cpu;
+            let name = model.display().to_string();
+            let g = automm::onnx::Graph::from_model(&proto, &name, &dev, Some(vec![feature.clone()]))?;
+            let trainable = automm::finetune::select_trainable(&g, hp.efficient_finetune, &layers);
+            let x = automm::onnx::read_npy(&input)?;
+            let r = automm::onnx::read_npy(&weights)?;
+            let input_name = g.inputs().first().map(|i| i.name.clone()).unwrap_or_default();
+            let size = x.dims().get(2).copied().unwrap_or(224);
+            let tb =
+                automm::finetune::TunedBackbone::new(&proto, &name, &dev, &input_name, &feature, &trainable, size)?;
+            let t0 = std::time::Instant::now();
+            let f = tb.features(&tb.front(&x)?, true)?;
+            let grads = f.mul(&r.reshape(f.dims())?)?.sum_all()?.backward()?;
+            let mut out: Vec<(String, candle_core::Tensor)> = Vec::new();
+            for (n, v) in &tb.vars {
+                let g = grads.get(v).cloned().unwrap_or(v.as_tensor().zeros_like()?);
+                out.push((n.clone(), g));
+            }
+            candle_core::Tensor::write_npz(&out.iter().map(|(n, t)| (n.as_str(), t)).collect::<Vec<_>>(), &output)?;
+            println!(
+                "{} initializers, forward+backward {:.1}s, wrote {}",
+                out.len(),
+                t0.elapsed().as_secs_f64(),
+                output.display()
+            );
+            Ok(())
         }
         Command::Onnx(OnnxCommand::Compare { model, input, batch, tensor, runs, threads, json, profile }) => {
             let x = match &input {

@@ -1,5 +1,6 @@
-//! Efficient fine-tuning: the initializers bit_fit / norm_fit / trainable_layers pick, and gradients
-//! through the imported graph checked against central finite differences.
+//! Efficient fine-tuning: the initializers bit_fit / norm_fit / trainable_layers pick, gradients through
+//! the imported graph checked against central finite differences, and whole runs through the binary
+//! (augmentation, determinism, the tuned values in predictions and in the exported ONNX).
 
 use std::path::Path;
 
@@ -130,4 +131,127 @@ fn selection_follows_the_graph() {
     );
     assert!(bit.contains(&"layers.0.blocks.0.attn.qkv.bias".to_string()));
     assert!(bit.iter().all(|n| norm.contains(n)));
+}
+
+mod common;
+
+/// Trains the CNN fixture on generated images through the binary with `hp` settings.
+fn train_cli(dir: &Path, name: &str, train: &Path, hp: &[&str]) -> std::path::PathBuf {
+    let out = dir.join(name);
+    let mut cmd = common::bin();
+    cmd.args(["train", "--quiet", "--label", "label", "--train-data"])
+        .arg(train)
+        .arg("--backbone")
+        .arg(common::fixture("cnn_fixture.onnx"))
+        .arg("--output")
+        .arg(&out)
+        .args(["--hp", "optimization.max_epochs=2", "--hp", "env.batch_size=8"]);
+    for kv in hp {
+        cmd.args(["--hp", kv]);
+    }
+    let st = cmd.output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    out
+}
+
+#[test]
+fn bit_fit_with_augmentation_trains_saves_predicts_and_exports_the_tuned_backbone() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = automm::synth::make_dataset(dir.path(), "train", &[12, 8, 6, 4], 40, 3).unwrap();
+    let test = automm::synth::make_dataset(dir.path(), "test", &[3, 3, 3, 3], 40, 4).unwrap();
+    let hp = [
+        "optimization.efficient_finetune=bit_fit",
+        "model.timm_image.train_transforms=[random_resize_crop, random_horizontal_flip, color_jitter]",
+    ];
+    let model = train_cli(dir.path(), "a", &train, &hp);
+    let md = automm::model::ModelDir::new(&model);
+    let cfg = md.read_config().unwrap();
+    let src = read_model(&common::fixture("cnn_fixture.onnx")).unwrap();
+    let feature = detect_feature_tensor(&src).unwrap();
+    let g = Graph::from_model(&src, "fixture", &Device::Cpu, Some(vec![feature])).unwrap();
+    assert_eq!(cfg.finetuned, select_trainable(&g, EfficientFinetune::BitFit, &[]));
+    let update = md.read_backbone_update(&cfg, &Device::Cpu).unwrap();
+    // Every tuned bias moved away from the backbone's value.
+    for (name, t) in &update {
+        let d =
+            (t - g.initializer(name).unwrap()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d > 0.0, "`{name}` did not change");
+    }
+    // The same seed gives the same run, augmentation included.
+    let again = train_cli(dir.path(), "b", &train, &hp);
+    for f in ["head.safetensors", "backbone_update.safetensors"] {
+        assert_eq!(std::fs::read(model.join(f)).unwrap(), std::fs::read(again.join(f)).unwrap(), "{f} differs");
+    }
+    // The predictor uses the tuned values: its features differ from the frozen backbone's.
+    let p = automm::predict::Predictor::load(&model, &Device::Cpu).unwrap();
+    let table = automm::data::Table::load(&test, None, None).unwrap();
+    let tuned = p.features(&table, true).unwrap();
+    let mut frozen = automm::backbone::Backbone::load(
+        &common::fixture("cnn_fixture.onnx"),
+        &Device::Cpu,
+        Some(&cfg.backbone.feature_tensor),
+        cfg.preprocess.normalization.clone(),
+    )
+    .unwrap();
+    let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
+    let before = frozen.features_of_files(&files, 8, "x", true).unwrap();
+    assert!((&tuned - &before).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 1e-4);
+    frozen.apply_update(&update).unwrap();
+    let after = frozen.features_of_files(&files, 8, "x", true).unwrap();
+    assert_eq!(
+        after.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        tuned.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    // The merged export carries the tuned initializers and matches the folder (verified on candle, and
+    // on ONNX Runtime when present).
+    let out = dir.path().join("tuned.onnx");
+    let opts = automm::export::ExportOptions {
+        kind: automm::export::ExportKind::Merged,
+        opset: None,
+        verify: true,
+        verify_data: Some(test.clone()),
+        verify_images: 12,
+    };
+    let r = automm::export::export(&model, &out, &opts).unwrap();
+    let v = r.verification.unwrap();
+    assert!(v.passed && v.max_abs_diff <= 1e-4, "{v:?}");
+    let proto = read_model(&out).unwrap();
+    for (name, t) in &update {
+        let init = proto.graph.as_ref().unwrap().initializer.iter().find(|i| &i.name == name).unwrap();
+        let got = automm::onnx::tensor::from_proto(init, &Device::Cpu).unwrap();
+        assert_eq!(got.to_vec1::<f32>().unwrap(), t.to_vec1::<f32>().unwrap(), "`{name}` in the export");
+    }
+    let want = p.predict_table(&table, true).unwrap();
+    let mut engines = vec![automm::infer::EngineKind::Candle];
+    if common::ort_available() {
+        engines.push(automm::infer::EngineKind::Ort);
+    }
+    for engine in engines {
+        let m = automm::infer::exported::ExportedModel::open(&out, Some(engine), 0).unwrap();
+        let got = m.predict_files(&files, 5, true).unwrap();
+        let diff = got.probs.iter().zip(&want.probs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{engine:?} on the export vs the folder: {diff}");
+        assert_eq!(got.preds, want.preds);
+    }
+}
+
+#[test]
+fn trainable_layers_train_the_last_stage_through_a_cached_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = automm::synth::make_dataset(dir.path(), "train", &[10, 6], 40, 5).unwrap();
+    let model = train_cli(dir.path(), "run", &train, &["model.backbone.trainable_layers=pw2"]);
+    let cfg = automm::model::ModelDir::new(&model).read_config().unwrap();
+    assert_eq!(cfg.finetuned, vec!["pw2_B".to_string(), "pw2_W".to_string()]);
+    let e = common::bin()
+        .args(["train", "--quiet", "--label", "label", "--train-data"])
+        .arg(&train)
+        .arg("--backbone")
+        .arg(common::fixture("cnn_fixture.onnx"))
+        .arg("--output")
+        .arg(dir.path().join("bad"))
+        .args(["--hp", "optimization.efficient_finetune=lora"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && err.contains("optimization.efficient_finetune") && err.contains("bit_fit"), "{err}");
 }

@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--features", action="store_true", help="export the pooled feature graph (no classifier)")
     ap.add_argument("--num-classes", type=int, default=5, help="classifier width of the fixture")
     ap.add_argument("--opset", type=int, default=17)
+    ap.add_argument("--dynamo", action="store_true",
+                    help="use PyTorch's newer exporter (torch.export, opset 18; needs onnxscript)")
     ap.add_argument("--reference", action="store_true", help="also write <output>.input.npy and ORT outputs")
     args = ap.parse_args()
 
@@ -54,10 +56,23 @@ def main():
     x = torch.randn(2, 3, size, size)
     out_name = "features" if args.features else "logits"
     tmp = args.output + ".tmp"
-    torch.onnx.export(
-        model, x, tmp, opset_version=args.opset, dynamo=False, input_names=["input"], output_names=[out_name],
-        dynamic_axes={"input": {0: "batch"}, out_name: {0: "batch"}},
-    )
+    if args.dynamo:
+        import onnx
+
+        torch.onnx.export(
+            model, (x,), tmp, dynamo=True, opset_version=max(args.opset, 18), input_names=["input"],
+            output_names=[out_name], dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        )
+        # One self-contained file: the dynamo exporter writes weights to a side file.
+        m = onnx.load(tmp)
+        onnx.save(m, tmp, save_as_external_data=False)
+        if os.path.exists(tmp + ".data"):
+            os.remove(tmp + ".data")
+    else:
+        torch.onnx.export(
+            model, x, tmp, opset_version=args.opset, dynamo=False, input_names=["input"],
+            output_names=[out_name], dynamic_axes={"input": {0: "batch"}, out_name: {0: "batch"}},
+        )
     os.replace(tmp, args.output)
     print(f"wrote {args.output} ({os.path.getsize(args.output)} bytes)")
 

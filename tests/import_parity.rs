@@ -111,3 +111,59 @@ fn wrong_input_shape_names_the_tensor_and_expected_shape() {
     let e = g.run(&[("input", x)]).unwrap_err().to_string();
     assert!(e.contains("`input`") && e.contains("[N, 3, 33, 33]"), "{e}");
 }
+
+#[test]
+fn dynamo_opset18_swin_fixture_matches_onnx_runtime() {
+    // PyTorch's newer exporter: ReduceMean with axes as an input, multi-axis Unsqueeze, Gemm without bias.
+    check_parity("swin_dynamo_fixture.onnx");
+}
+
+#[test]
+fn unfolded_batch_norm_after_conv_matches_the_formula() {
+    use automm::onnx::tensor::f32_to_proto;
+    let dev = Device::Cpu;
+    let seq =
+        |n: usize, s: f32, o: f32| (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * s + o).collect::<Vec<_>>();
+    let w = Tensor::from_vec(seq(4 * 3 * 3 * 3, 0.5, 0.0), (4, 3, 3, 3), &dev).unwrap();
+    let scale = Tensor::from_vec(seq(4, 0.5, 1.0), 4, &dev).unwrap();
+    let bias = Tensor::from_vec(seq(4, 0.3, 0.1), 4, &dev).unwrap();
+    let mean = Tensor::from_vec(seq(4, 0.2, 0.0), 4, &dev).unwrap();
+    let var = Tensor::from_vec(seq(4, 0.4, 1.0), 4, &dev).unwrap();
+    let mut conv = node("Conv", "conv", &["x", "w"], &["c"]);
+    conv.attribute.push(candle_onnx::onnx::AttributeProto {
+        name: "pads".into(),
+        ints: vec![1, 1, 1, 1],
+        r#type: 7,
+        ..Default::default()
+    });
+    let mut bn = node("BatchNormalization", "bn", &["c", "scale", "bias", "mean", "var"], &["b"]);
+    bn.attribute.push(candle_onnx::onnx::AttributeProto {
+        name: "epsilon".into(),
+        f: 1e-3,
+        r#type: 1,
+        ..Default::default()
+    });
+    let relu = node("Relu", "relu", &["b"], &["y"]);
+    let mut m = model(vec![conv, bn, relu]);
+    let g = m.graph.as_mut().unwrap();
+    for (n, t) in [("w", &w), ("scale", &scale), ("bias", &bias), ("mean", &mean), ("var", &var)] {
+        g.initializer.push(f32_to_proto(n, t).unwrap());
+    }
+    let graph = Graph::from_model(&m, "bn", &dev, None).unwrap();
+    let x = Tensor::from_vec(seq(2 * 3 * 6 * 5, 1.0, 0.0), (2, 3, 6, 5), &dev).unwrap();
+    let y = graph.run(&[("x", x.clone())]).unwrap().remove(0);
+    let c = x.conv2d(&w, 1, 1, 1, 1).unwrap();
+    let r = |t: &Tensor| t.reshape((1, 4, 1, 1)).unwrap();
+    let want = c
+        .broadcast_sub(&r(&mean))
+        .unwrap()
+        .broadcast_div(&r(&(var + 1e-3).unwrap().sqrt().unwrap()))
+        .unwrap()
+        .broadcast_mul(&r(&scale))
+        .unwrap()
+        .broadcast_add(&r(&bias))
+        .unwrap()
+        .relu()
+        .unwrap();
+    assert!(max_abs_diff(&y, &want) <= 1e-5);
+}

@@ -344,9 +344,18 @@ impl Graph {
             values.insert(n.to_string(), t.clone());
         }
         let mut steps = Vec::new();
+        // Input-dependent values are freed after their last reader, as in planned runs (statics are kept:
+        // the plan may need them).
+        let mut last: HashMap<&str, usize> = HashMap::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            for n in &node.input {
+                last.insert(n.as_str(), i);
+            }
+        }
         for (i, node) in self.nodes.iter().enumerate() {
             let ins = self.node_inputs(node, |n| values.get(n).cloned())?;
             let outs = ops::eval(node, &ins, self.opset, &self.device)?;
+            drop(ins);
             let stat = matches!(node.op_type.as_str(), "Shape" | "Size")
                 || node.input.iter().filter(|n| !n.is_empty()).all(|n| is_static.contains(n));
             if !stat {
@@ -358,6 +367,11 @@ impl Graph {
                         is_static.insert(name.clone());
                     }
                     values.insert(name.clone(), t);
+                }
+            }
+            for n in &node.input {
+                if last.get(n.as_str()) == Some(&i) && !is_static.contains(n) && !self.outputs.contains(n) {
+                    values.remove(n);
                 }
             }
         }

@@ -16,6 +16,53 @@ use crate::error::Result;
 /// Elements per parallel task for elementwise work (small enough to split, big enough to amortise).
 const CHUNK: usize = 1 << 15;
 
+/// `dst[m, n] (+)= a[m, k] * b[k, n]` with explicit row/column strides; `accumulate` adds to `dst`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    a: &[f32],
+    (a_rs, a_cs): (isize, isize),
+    b: &[f32],
+    (b_rs, b_cs): (isize, isize),
+    accumulate: bool,
+    par: Parallelism,
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: callers pass slices holding the whole strided matrices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// The contiguous f32 data behind a custom op's input (`what` names the op in the error).
+pub(crate) fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{what}: expected a contiguous f32 tensor"),
+    }
+}
+
 /// Makes glibc keep freed memory for reuse instead of returning large blocks to the kernel at once.
 ///
 /// Every op output is a fresh buffer of up to ~40 MB; by default glibc serves those with `mmap` and
@@ -617,30 +664,7 @@ pub fn conv_dense(
             &cols_owned
         };
         let par = if per_image { Parallelism::None } else { Parallelism::Rayon(threads) };
-        // SAFETY: o is [m, plane], ws [m, kk], cols [kk, plane], all row-major and in bounds.
-        unsafe {
-            gemm::gemm(
-                m,
-                plane,
-                kk,
-                o.as_mut_ptr(),
-                1,
-                plane as isize,
-                bs.is_some(),
-                ws.as_ptr(),
-                1,
-                kk as isize,
-                cols.as_ptr(),
-                1,
-                plane as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            )
-        }
+        sgemm((m, plane, kk), o, &ws, (kk as isize, 1), cols, (plane as isize, 1), bs.is_some(), par);
         if let Some((lo, hi)) = act {
             // While this image's output is still warm in cache.
             clamp_slice(o, lo, hi);
@@ -671,10 +695,7 @@ impl candle_core::CustomOp1 for ClampOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        let x = match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
-            _ => candle_core::bail!("clamp: expected a contiguous f32 tensor"),
-        };
+        let x = cpu_slice(s, l, "clamp")?;
         let (lo, hi) = (self.lo, self.hi);
         let out = par_build(x.len(), 1, |s, o| map_chunk(|v: f32| v.max(lo).min(hi), o, &x[s..s + o.len()]));
         Ok((CpuStorage::F32(out), l.shape().clone()))

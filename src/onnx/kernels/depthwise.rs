@@ -14,7 +14,7 @@ use std::mem::MaybeUninit;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{par_build, tensor, with_data, ConvGeom};
+use super::{cpu_slice, par_build, tensor, with_data, ConvGeom};
 use crate::error::Result;
 
 /// Phase-plane geometry of one input plane.
@@ -224,17 +224,6 @@ pub struct DepthwiseOp {
     pub g: ConvGeom,
 }
 
-fn contiguous(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
-    let v = match s {
-        CpuStorage::F32(v) => v,
-        _ => candle_core::bail!("depthwise conv: expected f32"),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(v[a..b].to_vec()),
-        None => candle_core::bail!("depthwise conv: expected contiguous inputs"),
-    }
-}
-
 impl CustomOp2 for DepthwiseOp {
     fn name(&self) -> &'static str {
         "depthwise-conv2d"
@@ -248,13 +237,13 @@ impl CustomOp2 for DepthwiseOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
-        let xs = contiguous(s1, l1)?;
-        let ws = contiguous(s2, l2)?;
+        let xs = cpu_slice(s1, l1, "depthwise conv")?;
+        let ws = cpu_slice(s2, l2, "depthwise conv")?;
         if ws.len() != c * self.g.k.0 * self.g.k.1 {
             candle_core::bail!("depthwise conv: weight {:?} for {c} channels", l2.dims());
         }
         let (oh, ow) = self.g.out_size(h, w);
-        let out = forward(&xs, (n, c, h, w), &ws, &vec![0.0; c], self.g);
+        let out = forward(xs, (n, c, h, w), ws, &vec![0.0; c], self.g);
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
 

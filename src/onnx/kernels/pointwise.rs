@@ -6,54 +6,10 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// `dst[m, n] (+)= a[m, k] * b[k, n]` with explicit row/column strides; `accumulate` adds to `dst`.
-#[allow(clippy::too_many_arguments)]
-fn sgemm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    a: &[f32],
-    (a_rs, a_cs): (isize, isize),
-    b: &[f32],
-    (b_rs, b_cs): (isize, isize),
-    accumulate: bool,
-    par: Parallelism,
-) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: callers pass slices holding the whole strided matrices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
+use super::{cpu_slice, sgemm};
 
 /// The differentiable 1x1 convolution (no bias; candle adds it so its gradient comes for free).
 pub struct PointwiseOp;
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("pointwise conv: expected contiguous f32 inputs"),
-    }
-}
 
 impl CustomOp2 for PointwiseOp {
     fn name(&self) -> &'static str {
@@ -72,7 +28,7 @@ impl CustomOp2 for PointwiseOp {
         if l2.shape().elem_count() != m * c {
             candle_core::bail!("pointwise conv: weight {:?} for {c} channels", l2.dims());
         }
-        let (x, wt) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (x, wt) = (cpu_slice(s1, l1, "pointwise conv")?, cpu_slice(s2, l2, "pointwise conv")?);
         let p = h * w;
         let mut out = vec![0f32; n * m * p];
         out.par_chunks_mut(m * p).enumerate().for_each(|(i, o)| {

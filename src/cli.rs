@@ -685,9 +685,19 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         let mark = if h.epoch == summary.best_epoch { " *" } else { "" };
         println!("{:>5}  {:>10.4}  {:>8.4}{mark}", h.epoch, h.train_loss, h.val_score);
     }
+    let (pre, main) = if summary.finetuned.is_empty() {
+        ("features", "head")
+    } else {
+        ("image cache/frozen prefix", "fine-tuning backbone + head")
+    };
     println!(
-        "\n{} training rows, {} validation rows ({}); features {:.1}s, head {:.1}s\n",
-        summary.num_train, summary.num_val, summary.validation_source, summary.feature_seconds, summary.train_seconds
+        "\n{} training rows, {} validation rows ({}); {pre} {:.1}s, {main} {:.1}s ({:.1}s per epoch)\n",
+        summary.num_train,
+        summary.num_val,
+        summary.validation_source,
+        summary.feature_seconds,
+        summary.train_seconds,
+        summary.seconds_per_epoch
     );
     print!("{}", metrics::summary_table(&summary.validation));
     println!("\nmodel folder: {}", output.display());

@@ -111,6 +111,12 @@ pub struct TrainSummary {
     pub train_seconds: f64,
     /// Where the validation rows came from.
     pub validation_source: String,
+    /// Backbone initializers trained with the head (empty: frozen backbone).
+    #[serde(default)]
+    pub finetuned: Vec<String>,
+    /// Seconds per epoch (training and validation).
+    #[serde(default)]
+    pub seconds_per_epoch: f64,
 }
 
 /// Progress events (for the CLI and, later, gRPC `Fit` streaming).
@@ -349,6 +355,7 @@ fn run(
         finetuned: update.iter().map(|(n, _)| n.clone()).collect(),
     };
     dir.write_config(&config)?;
+    let history_len = history.len();
     let summary = TrainSummary {
         best_epoch,
         val_metric: hp.val_metric.name().to_string(),
@@ -359,6 +366,8 @@ fn run(
         feature_seconds,
         train_seconds,
         validation_source: val_source,
+        finetuned: config.finetuned.clone(),
+        seconds_per_epoch: train_seconds / history_len.max(1) as f64,
     };
     let json = serde_json::to_string_pretty(&summary).map_err(|e| Error::Train(e.to_string()))?;
     write_atomic(&dir.metrics(), json.as_bytes())?;

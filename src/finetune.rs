@@ -243,6 +243,7 @@ pub fn fit(
     hp: &HyperParams,
     alpha: Option<&[f64]>,
     quiet: bool,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
     on_event: &mut impl FnMut(&Event),
 ) -> Result<FinetuneFit> {
     let device = tb.suffix.device().clone();
@@ -354,6 +355,12 @@ pub fn fit(
         pb.set_message(format!("loss {:.4} {} {:.3}", rec.train_loss, hp.val_metric.name(), score));
         history.push(rec.clone());
         on_event(&Event::Epoch(rec));
+        if cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst)) && epoch < hp.max_epochs {
+            return Err(Error::Train(format!(
+                "fine-tuning was cancelled after epoch {epoch}; fine-tuning runs are not checkpointed, so nothing \
+                 was kept"
+            )));
+        }
         if best.as_ref().is_none_or(|(bs, bl, ..)| score > *bs || (score == *bs && val_loss < *bl)) {
             best = Some((score, val_loss, epoch, head, tb.snapshot()?));
             since_best = 0;

@@ -291,6 +291,7 @@ fn run(
             hp,
             alpha.as_deref(),
             req.quiet,
+            req.cancel.as_deref(),
             &mut on_event,
         )?;
         let total = t0.elapsed().as_secs_f64();

@@ -195,7 +195,6 @@ pub fn matmul_bias(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Opti
         with_f32(b, |bv, bl| {
             let oa = offsets(&sa, al.start_offset());
             let ob = offsets(&sb, bl.start_offset());
-            let (ap, bp) = (av.as_ptr() as usize, bv.as_ptr() as usize);
             // Rows of a batch fold into one tall product when b is shared and a's rows are evenly spaced.
             let b_shared = sb.iter().all(|&s| s == 0);
             let foldable = b_shared && batch > 1 && {
@@ -209,39 +208,20 @@ pub fn matmul_bias(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Opti
                 }
                 ok
             };
-            let gemm_one = |dst: *mut f32, rows: usize, a_off: isize, b_off: isize, par: Parallelism| unsafe {
-                gemm::gemm(
-                    rows,
-                    n,
-                    k,
-                    dst,
-                    1,
-                    n as isize,
-                    read_dst,
-                    (ap as *const f32).offset(a_off),
-                    a_cs,
-                    a_rs,
-                    (bp as *const f32).offset(b_off),
-                    b_cs,
-                    b_rs,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                )
+            // Strides are non-negative (candle views), so each matrix lies inside the slice from its offset.
+            let gemm_one = |dst: &mut [f32], rows: usize, a_off: isize, b_off: isize, par: Parallelism| {
+                let (a0, b0) = (&av[a_off as usize..], &bv[b_off as usize..]);
+                sgemm((rows, n, k), dst, a0, (a_rs, a_cs), b0, (b_rs, b_cs), read_dst, par)
             };
             if foldable || batch == 1 {
-                let rows = batch * m;
-                gemm_one(out.as_mut_ptr(), rows, oa[0], ob[0], Parallelism::Rayon(threads));
+                gemm_one(&mut out, batch * m, oa[0], ob[0], Parallelism::Rayon(threads));
             } else if batch >= 2 * threads {
                 out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {
-                    gemm_one(o.as_mut_ptr(), m, oa[i], ob[i], Parallelism::None);
+                    gemm_one(o, m, oa[i], ob[i], Parallelism::None);
                 });
             } else {
                 for (i, o) in out.chunks_mut(m * n).enumerate() {
-                    gemm_one(o.as_mut_ptr(), m, oa[i], ob[i], Parallelism::Rayon(threads));
+                    gemm_one(o, m, oa[i], ob[i], Parallelism::Rayon(threads));
                 }
             }
         })

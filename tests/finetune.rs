@@ -15,7 +15,14 @@ fn fixture(name: &str) -> String {
 
 /// Autograd gradients of sum(features * r) w.r.t. every trainable initializer vs central differences
 /// (float32, step `h`), on a few elements of each.
-fn check_gradients(model_file: &str, mode: EfficientFinetune, prefixes: &[String], h: f32) -> usize {
+/// `cached_prefix`: whether the graph must split into a frozen, cached prefix and a trainable rest.
+fn check_gradients(
+    model_file: &str,
+    mode: EfficientFinetune,
+    prefixes: &[String],
+    h: f32,
+    cached_prefix: bool,
+) -> usize {
     let path = fixture(model_file);
     let model = read_model(Path::new(&path)).unwrap();
     let feature = detect_feature_tensor(&model).unwrap();
@@ -26,6 +33,7 @@ fn check_gradients(model_file: &str, mode: EfficientFinetune, prefixes: &[String
     let x = read_npy(Path::new(&format!("{path}.input.npy"))).unwrap();
     let size = x.dims()[2];
     let tb = TunedBackbone::new(&model, &path, &Device::Cpu, &input, &feature, &trainable, size).unwrap();
+    assert_eq!(tb.has_prefix(), cached_prefix, "{model_file}: frozen prefix");
     let front = tb.front(&x).unwrap();
     let f = tb.features(&front, true).unwrap();
     let n: usize = f.elem_count();
@@ -91,21 +99,21 @@ fn check_gradients(model_file: &str, mode: EfficientFinetune, prefixes: &[String
 fn bit_fit_gradients_match_finite_differences_through_a_cnn() {
     // Depthwise and dense convs, Clip, residual Add, GlobalAveragePool. A small step: ReLU6 kinks sit
     // among pre-activations of ~0.01.
-    let n = check_gradients("cnn_fixture.onnx", EfficientFinetune::BitFit, &[], 1e-3);
+    let n = check_gradients("cnn_fixture.onnx", EfficientFinetune::BitFit, &[], 1e-3, false);
     assert!(n >= 15, "only {n} elements checked");
 }
 
 #[test]
 fn norm_fit_gradients_match_finite_differences_through_a_swin() {
     // LayerNorm scales/shifts and biases of attention, MLP and patch merging.
-    let n = check_gradients("swin_fixture.onnx", EfficientFinetune::NormFit, &[], 1e-2);
+    let n = check_gradients("swin_fixture.onnx", EfficientFinetune::NormFit, &[], 1e-2, false);
     assert!(n >= 30, "only {n} elements checked");
 }
 
 #[test]
 fn trainable_layers_gradients_with_a_cached_prefix() {
     // The last conv stage trains; everything before it is a frozen, cached prefix.
-    let n = check_gradients("cnn_fixture.onnx", EfficientFinetune::None, &["pw2".to_string()], 1e-3);
+    let n = check_gradients("cnn_fixture.onnx", EfficientFinetune::None, &["pw2".to_string()], 1e-3, true);
     assert!(n >= 3);
 }
 

@@ -103,18 +103,9 @@ pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R>
     r.ok_or_else(|| candle_core::Error::Msg("expected a CPU f32 tensor".into()).into())
 }
 
+/// A CPU tensor owning `v` (moved, not copied; the length is checked against `dims`).
 pub(crate) fn tensor(v: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
-    Ok(Tensor::from_storage_op(v, dims))
-}
-
-trait FromVec {
-    fn from_storage_op(v: Vec<f32>, dims: &[usize]) -> Tensor;
-}
-
-impl FromVec for Tensor {
-    fn from_storage_op(v: Vec<f32>, dims: &[usize]) -> Tensor {
-        Tensor::from_storage(Storage::Cpu(CpuStorage::F32(v)), dims, candle_core::op::BackpropOp::none(), false)
-    }
+    Ok(Tensor::from_vec(v, dims, &candle_core::Device::Cpu)?)
 }
 
 /// Batched matrix product with NumPy broadcasting over leading dims, reading strided views in place.

@@ -619,7 +619,13 @@ pub fn run(cli: Cli) -> Result<()> {
             if profile {
                 let g = automm::onnx::Graph::load(&model, &candle_core::Device::Cpu, tensor.clone().map(|t| vec![t]))?;
                 let name = g.inputs().first().map(|i| i.name.clone()).unwrap_or_default();
-                let times = g.profile(&[(name.as_str(), x.clone())])?;
+                let feeds = [(name.as_str(), x.clone())];
+                let times = g.profile(&feeds)?;
+                let st = g.plan_stats(&feeds)?;
+                println!(
+                    "plan: {} nodes -> {} steps per run ({} fused, {} channel-blocked)",
+                    st.nodes, st.steps, st.fused, st.blocked
+                );
                 let total: f64 = times.iter().map(|t| t.seconds).sum();
                 println!("{:<22} {:>6} {:>10} {:>7}", "op", "nodes", "ms", "share");
                 for t in &times {

@@ -41,6 +41,17 @@ fn efficientnet_pattern_cnn_matches_onnx_runtime() {
     check_parity("cnn_fixture.onnx");
 }
 
+/// The parity above runs the channel-blocked kernels only if the plan chose them: every conv (the dense
+/// stem included, its readers being blocked), and the residual Add; the pool reads blocked data, the
+/// classifier does not.
+#[test]
+fn cnn_fixture_plan_keeps_the_conv_chain_channel_blocked() {
+    let g = Graph::load(&fixture("cnn_fixture.onnx"), &Device::Cpu, None).unwrap();
+    let x = read_npy(&fixture("cnn_fixture.onnx.input.npy")).unwrap();
+    let st = g.plan_stats(&[("input", x)]).unwrap();
+    assert_eq!((st.blocked, st.fused), (6, 4), "{st:?}");
+}
+
 #[test]
 fn feature_tensor_is_the_classifier_input() {
     let m = read_model(&fixture("cnn_fixture.onnx")).unwrap();
@@ -166,4 +177,57 @@ fn unfolded_batch_norm_after_conv_matches_the_formula() {
         .relu()
         .unwrap();
     assert!(max_abs_diff(&y, &want) <= 1e-5);
+}
+
+/// A graph mixing blocked and NCHW readers: a 1x1 conv + Relu (blocked), read by a padded dense 3x3 conv
+/// and a residual Add (neither has a blocked kernel: they get NCHW), a strided depthwise conv (blocked), a
+/// padded 1x1 conv (no blocked kernel, but its only reader, the pool, reads blocked data), Flatten. The
+/// planned run must equal the first, unplanned one (plain NCHW ops).
+#[test]
+fn mixed_blocked_and_nchw_readers_match_the_unplanned_run() {
+    use automm::onnx::tensor::f32_to_proto;
+    use candle_onnx::onnx::AttributeProto;
+    let dev = Device::Cpu;
+    let seq =
+        |n: usize, s: f32, o: f32| (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * s + o).collect::<Vec<_>>();
+    let ints =
+        |name: &str, v: &[i64]| AttributeProto { name: name.into(), ints: v.to_vec(), r#type: 7, ..Default::default() };
+    let int = |name: &str, v: i64| AttributeProto { name: name.into(), i: v, r#type: 2, ..Default::default() };
+    let mut dense = node("Conv", "dense", &["r", "w2"], &["c"]);
+    dense.attribute.push(ints("pads", &[1, 1, 1, 1]));
+    let mut dw = node("Conv", "dw", &["s", "w3", "b3"], &["d"]);
+    dw.attribute.extend([ints("pads", &[1, 1, 1, 1]), ints("strides", &[2, 2]), int("group", 16)]);
+    let mut padded = node("Conv", "padded", &["d", "w4"], &["p"]);
+    padded.attribute.push(ints("pads", &[1, 1, 1, 1]));
+    let mut m = model(vec![
+        node("Conv", "pw", &["x", "w1", "b1"], &["a"]),
+        node("Relu", "relu", &["a"], &["r"]),
+        dense,
+        node("Add", "res", &["c", "r"], &["s"]),
+        dw,
+        padded,
+        node("GlobalAveragePool", "gap", &["p"], &["g"]),
+        node("Flatten", "flat", &["g"], &["y"]),
+    ]);
+    let gr = m.graph.as_mut().unwrap();
+    for (name, dims) in [
+        ("w1", vec![16, 8, 1, 1]),
+        ("b1", vec![16]),
+        ("w2", vec![16, 16, 3, 3]),
+        ("w3", vec![16, 1, 3, 3]),
+        ("b3", vec![16]),
+        ("w4", vec![8, 16, 1, 1]),
+    ] {
+        let t = Tensor::from_vec(seq(dims.iter().product(), 0.4, 0.05), dims, &dev).unwrap();
+        gr.initializer.push(f32_to_proto(name, &t).unwrap());
+    }
+    let graph = Graph::from_model(&m, "mixed", &dev, None).unwrap();
+    let x = Tensor::from_vec(seq(2 * 8 * 7 * 6, 1.0, 0.0), (2, 8, 7, 6), &dev).unwrap();
+    let feeds = [("x", x)];
+    let first = graph.run(&feeds).unwrap().remove(0);
+    let st = graph.plan_stats(&feeds).unwrap();
+    assert_eq!(st.blocked, 3, "{st:?}");
+    let planned = graph.run(&feeds).unwrap().remove(0);
+    assert_eq!(planned.dims(), &[2, 8]);
+    assert!(max_abs_diff(&planned, &first) <= 1e-5, "{}", max_abs_diff(&planned, &first));
 }

@@ -69,7 +69,11 @@ pub fn with_output(model: &Path, tensor: &str, dir: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Runs `model` on `input` with candle and ORT (`runs` timed runs each after one warm-up) and compares
+/// Untimed running at the start of each engine's block (milliseconds).
+const WARM_MS: u128 = 200;
+
+/// Runs `model` on `input` with candle and ORT (two rounds of warm-up then `runs` timed runs per engine;
+/// medians) and compares
 /// `tensor` (default: the first graph output).
 pub fn compare(model: &Path, input: &Tensor, tensor: Option<&str>, runs: usize, threads: usize) -> Result<Comparison> {
     let proto = read_model(model)?;
@@ -86,34 +90,42 @@ pub fn compare(model: &Path, input: &Tensor, tensor: Option<&str>, runs: usize, 
     let in_name =
         graph.inputs().first().ok_or_else(|| Error::onnx(model.display().to_string(), "no inputs"))?.name.clone();
     let n = input.dims().first().copied().unwrap_or(1).max(1) as f64;
-    let mut times = Vec::new();
-    let mut y = None;
-    for i in 0..=runs.max(1) {
-        let t0 = Instant::now();
-        let out = graph.run(&[(in_name.as_str(), input.clone())])?.remove(0);
-        if i > 0 {
-            times.push(t0.elapsed().as_secs_f64() * 1000.0 / n);
-        }
-        y = Some(out);
-    }
-    let y = y.ok_or_else(|| Error::Runtime("no run".into()))?;
-    let candle_ms = median(times);
+    let feeds = [(in_name.as_str(), input.clone())];
+    // Plans (and starts the thread pool) before ORT's library is loaded.
+    graph.run(&feeds)?;
     let tmp = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let ort_model = with_output(model, &tensor, tmp.path())?;
     let sess = ort::OrtSession::open(&ort_model, threads)?;
     let data: Vec<f32> = input.flatten_all()?.to_vec1()?;
-    let mut times = Vec::new();
-    let mut ort_out = None;
-    for i in 0..=runs.max(1) {
+    let ort_feeds = [(in_name.as_str(), input.dims(), data.as_slice())];
+    // Two rounds of (candle block, ORT block), so drift on a shared machine hits both engines. Each block
+    // starts with untimed runs lasting at least WARM_MS: ORT's pool threads keep spinning for tens of
+    // milliseconds after its last run and would slow the candle runs right after it.
+    let (mut candle_times, mut ort_times) = (Vec::new(), Vec::new());
+    let (mut y, mut ort_out) = (None, None);
+    for _ in 0..2 {
         let t0 = Instant::now();
-        let out = sess.run_f32(&[(in_name.as_str(), input.dims(), &data)])?;
-        if i > 0 {
-            times.push(t0.elapsed().as_secs_f64() * 1000.0 / n);
+        while t0.elapsed().as_millis() < WARM_MS {
+            graph.run(&feeds)?;
         }
-        ort_out = out.into_iter().next();
+        for _ in 0..runs.max(1) {
+            let t0 = Instant::now();
+            y = Some(graph.run(&feeds)?.remove(0));
+            candle_times.push(t0.elapsed().as_secs_f64() * 1000.0 / n);
+        }
+        let t0 = Instant::now();
+        while t0.elapsed().as_millis() < WARM_MS {
+            sess.run_f32(&ort_feeds)?;
+        }
+        for _ in 0..runs.max(1) {
+            let t0 = Instant::now();
+            ort_out = sess.run_f32(&ort_feeds)?.into_iter().next();
+            ort_times.push(t0.elapsed().as_secs_f64() * 1000.0 / n);
+        }
     }
+    let y = y.ok_or_else(|| Error::Runtime("no run".into()))?;
     let (oshape, odata) = ort_out.ok_or_else(|| Error::Runtime("ORT returned no output".into()))?;
-    let ort_ms = median(times);
+    let (candle_ms, ort_ms) = (median(candle_times), median(ort_times));
     let yv: Vec<f32> = y.flatten_all()?.to_vec1()?;
     if y.dims() != oshape.as_slice() {
         return Err(Error::Shape { name: tensor, msg: format!("candle gives {:?}, ORT gives {oshape:?}", y.dims()) });

@@ -14,30 +14,18 @@ pub fn conv(node: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Res
     conv_act(node, x, w, b, None)
 }
 
-/// ONNX Conv followed by a clamp to `act` = (lo, hi) (a fused Relu/Clip; only on the fast CPU path, where
-/// the plan fuses it).
-pub fn conv_act(
-    node: &NodeProto,
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    act: Option<(f32, f32)>,
-) -> Result<Tensor> {
+/// The geometry of an ONNX Conv node for an input of `x` dims and weight `w` dims: kernel, strides,
+/// dilations, resolved padding, and the group count.
+pub fn geometry(node: &NodeProto, x: &[usize], w: &[usize]) -> Result<(kernels::ConvGeom, usize)> {
     let at = Attrs(node);
-    if x.rank() != 4 || w.rank() != 4 {
-        return Err(node_err(
-            node,
-            format!("only 2-D convolution is supported; input {:?}, weight {:?}", x.dims(), w.dims()),
-        ));
+    if x.len() != 4 || w.len() != 4 {
+        return Err(node_err(node, format!("only 2-D convolution is supported; input {x:?}, weight {w:?}")));
     }
-    let (_, c, h, wd) = x.dims4()?;
-    let (m, cg, kh, kw) = w.dims4()?;
+    let (c, h, wd) = (x[1], x[2], x[3]);
+    let (m, cg, kh, kw) = (w[0], w[1], w[2], w[3]);
     let group = at.int("group", 1).max(1) as usize;
     if cg * group != c || m % group != 0 {
-        return Err(node_err(
-            node,
-            format!("weight {:?} with group {group} does not fit input {:?}", w.dims(), x.dims()),
-        ));
+        return Err(node_err(node, format!("weight {w:?} with group {group} does not fit input {x:?}")));
     }
     let strides = at.ints("strides").unwrap_or(vec![1, 1]);
     let dil = at.ints("dilations").unwrap_or(vec![1, 1]);
@@ -69,10 +57,25 @@ pub fn conv_act(
     if pads.len() != 4 || pads.iter().any(|&p| p < 0) {
         return Err(node_err(node, format!("pads {pads:?}: expected 4 non-negative values")));
     }
+    let p = |i: usize| pads[i] as usize;
+    Ok((kernels::ConvGeom { k: (kh, kw), s: (sh, sw), d: (dh, dw), pads: [p(0), p(1), p(2), p(3)] }, group))
+}
+
+/// ONNX Conv followed by a clamp to `act` = (lo, hi) (a fused Relu/Clip; only on the fast CPU path, where
+/// the plan fuses it).
+pub fn conv_act(
+    node: &NodeProto,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Option<(f32, f32)>,
+) -> Result<Tensor> {
+    let (geom, group) = geometry(node, x.dims(), w.dims())?;
+    let (c, m, cg) = (x.dims()[1], w.dims()[0], w.dims()[1]);
+    let ((kh, kw), (sh, sw), (dh, dw)) = (geom.k, geom.s, geom.d);
+    let pads: Vec<i64> = geom.pads.iter().map(|&p| p as i64).collect();
     let depthwise = group == c && group == m && cg == 1;
     let fast = kernels::usable(&[x, w]) && b.is_none_or(|b| kernels::usable(&[b]));
-    let p = |i: usize| pads[i] as usize;
-    let geom = kernels::ConvGeom { k: (kh, kw), s: (sh, sw), d: (dh, dw), pads: [p(0), p(1), p(2), p(3)] };
     if fast && group == 1 {
         return kernels::conv_dense(x, w, b, geom, act);
     }

@@ -334,6 +334,7 @@ macro_rules! simd_dispatch {
 }
 
 mod depthwise;
+pub mod nchwc;
 mod pointwise;
 pub use depthwise::{conv_depthwise, DepthwiseOp};
 pub use pointwise::PointwiseOp;

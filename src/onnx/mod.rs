@@ -9,6 +9,7 @@
 mod conv;
 mod fuse;
 pub mod kernels;
+mod layout;
 pub mod ops;
 pub mod tensor;
 
@@ -69,6 +70,19 @@ pub struct OpTime {
     pub seconds: f64,
 }
 
+/// What planning made of a graph for one input shape.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlanStats {
+    /// Nodes in the graph.
+    pub nodes: usize,
+    /// Steps run per call (fused patterns count once); the rest was folded into constants or fused.
+    pub steps: usize,
+    /// Steps running a fused pattern.
+    pub fused: usize,
+    /// Steps whose output stays channel-blocked (NCHWc).
+    pub blocked: usize,
+}
+
 /// Values computed once for an input shape, and the nodes left to run.
 struct Plan {
     statics: HashMap<String, Tensor>,
@@ -79,6 +93,8 @@ struct Plan {
     frees: Vec<Vec<String>>,
     /// Whether trainable initializers are read as tracked `Var`s (else detached).
     track: bool,
+    /// Steps and values kept channel-blocked (CPU inference plans only).
+    blocked: layout::Blocked,
 }
 
 /// Input shapes, and whether trainable initializers are tracked.
@@ -388,13 +404,15 @@ impl Graph {
             .collect::<candle_core::Result<_>>()?;
         // Fused kernels are inference-only: keep every node when gradients are tracked or off the CPU.
         let tracked = feeds.iter().any(|(_, t)| t.track_op()) || (track && !self.trainable.is_empty());
-        let (steps, fused) = if self.device.is_cpu() && !tracked {
-            fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset)
+        let (steps, fused, blocked) = if self.device.is_cpu() && !tracked {
+            let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset);
+            let blocked = layout::plan(&self.nodes, &steps, &fused, &statics, &self.outputs);
+            (steps, fused, blocked)
         } else {
-            (steps, HashMap::new())
+            (steps, HashMap::new(), layout::Blocked::default())
         };
         let frees = self.last_uses(&steps, &statics);
-        Ok((outs, Plan { statics, steps, fused, frees, track }))
+        Ok((outs, Plan { statics, steps, fused, frees, track, blocked }))
     }
 
     fn last_uses(&self, steps: &[usize], statics: &HashMap<String, Tensor>) -> Vec<Vec<String>> {
@@ -415,13 +433,34 @@ impl Graph {
         frees
     }
 
+    /// Plans for `feeds` (running the graph once if no plan exists yet) and says what the plan does.
+    pub fn plan_stats(&self, feeds: &[(&str, Tensor)]) -> Result<PlanStats> {
+        let plan = self.plan_for(feeds)?;
+        Ok(PlanStats {
+            nodes: self.nodes.len(),
+            steps: plan.steps.len(),
+            fused: plan.fused.len(),
+            blocked: plan.blocked.steps.len(),
+        })
+    }
+
+    /// The inference plan for `feeds`, built by a first run when missing.
+    fn plan_for(&self, feeds: &[(&str, Tensor)]) -> Result<Arc<Plan>> {
+        let key = (feeds.iter().map(|(_, t)| t.dims().to_vec()).collect::<Vec<_>>(), false);
+        let cached = |g: &Graph| {
+            g.plans.lock().map_err(|_| Error::onnx(&g.name, "plan cache poisoned")).map(|p| p.get(&key).cloned())
+        };
+        if let Some(p) = cached(self)? {
+            return Ok(p);
+        }
+        self.run_frozen(feeds)?;
+        cached(self)?.ok_or_else(|| Error::onnx(&self.name, "no plan after a run"))
+    }
+
     /// Runs the graph once (planning first if needed) and returns the time spent per op type, slowest
     /// first: where the importer's time goes.
     pub fn profile(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<OpTime>> {
-        self.run(feeds)?;
-        let key = (feeds.iter().map(|(_, t)| t.dims().to_vec()).collect::<Vec<_>>(), !self.trainable.is_empty());
-        let plan = self.plans.lock().map_err(|_| Error::onnx(&self.name, "plan cache poisoned"))?.get(&key).cloned();
-        let plan = plan.ok_or_else(|| Error::onnx(&self.name, "no plan after a run"))?;
+        let plan = self.plan_for(feeds)?;
         let mut times: HashMap<String, OpTime> = HashMap::new();
         self.run_plan_timed(&plan, feeds, Some(&mut times))?;
         let mut v: Vec<OpTime> = times.into_values().collect();
@@ -442,11 +481,32 @@ impl Graph {
         let mut values: HashMap<String, Tensor> = feeds.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
         for (s, &i) in plan.steps.iter().enumerate() {
             let node = &self.nodes[i];
-            let ins = self.node_inputs(node, |n| {
+            let mut ins = self.node_inputs(node, |n| {
                 values.get(n).or_else(|| plan.statics.get(n)).cloned().or_else(|| self.init_value(n, plan.track))
             })?;
             let t0 = std::time::Instant::now();
+            let blocked_step = plan.blocked.steps.contains(&i);
+            let reads_blocked = !blocked_step && node.input.iter().any(|n| plan.blocked.values.contains(n));
+            let pool = reads_blocked && node.op_type == "GlobalAveragePool" && !plan.fused.contains_key(&i);
+            if reads_blocked && !pool {
+                // Readers without a blocked kernel get NCHW.
+                for (t, n) in ins.iter_mut().zip(&node.input) {
+                    if let (Some(v), true) = (t.as_ref(), plan.blocked.values.contains(n)) {
+                        *t = Some(layout::from_blocked(v)?);
+                    }
+                }
+            }
             let outs = match plan.fused.get(&i) {
+                _ if pool => {
+                    let x = ins[0].as_ref().ok_or_else(|| ops::node_err(node, "input 0 is missing"))?;
+                    vec![layout::global_avg_pool(x)?]
+                }
+                _ if blocked_step => {
+                    let fused = plan.fused.get(&i);
+                    let (name, t) = plan.blocked.run(self, i, node, fused, &ins, &plan.statics)?;
+                    values.insert(name, t);
+                    Vec::new()
+                }
                 None => ops::eval(node, &ins, self.opset, &self.device)?,
                 Some(f) => {
                     let (name, t) = self.run_fused(node, f, &ins, plan)?;
@@ -455,11 +515,8 @@ impl Graph {
                 }
             };
             if let Some(times) = times.as_deref_mut() {
-                let e = times.entry(node.op_type.clone()).or_insert_with(|| OpTime {
-                    op: node.op_type.clone(),
-                    count: 0,
-                    seconds: 0.0,
-                });
+                let label = profile_label(node, &ins);
+                let e = times.entry(label.clone()).or_insert_with(|| OpTime { op: label, count: 0, seconds: 0.0 });
                 e.count += 1;
                 e.seconds += t0.elapsed().as_secs_f64();
             }
@@ -682,4 +739,21 @@ pub fn read_npy(path: &Path) -> Result<Tensor> {
         .map_err(|e| Error::Shape { name: path.display().to_string(), msg: format!("not a readable .npy array: {e}") })?
         .to_dtype(candle_core::DType::F32)
         .map_err(Error::from)
+}
+
+/// The profile's row for a node: its op type, with convolutions split by kind (1x1, depthwise, kernel
+/// size and stride) since they cost very differently.
+fn profile_label(node: &NodeProto, ins: &[Option<Tensor>]) -> String {
+    let w = ins.get(1).and_then(|w| w.as_ref());
+    match (node.op_type.as_str(), w) {
+        ("Conv", Some(w)) if w.rank() == 4 => {
+            let d = w.dims();
+            let at = ops::Attrs(node);
+            let group = at.int("group", 1);
+            let stride = at.ints("strides").and_then(|s| s.first().copied()).unwrap_or(1);
+            let kind = if group > 1 && d[1] == 1 { "dw " } else { "" };
+            format!("Conv {kind}{}x{} s{stride}", d[2], d[3])
+        }
+        _ => node.op_type.clone(),
+    }
 }

@@ -1,0 +1,665 @@
+//! Convolutions on channel-blocked activations ("NCHWc": `[n, c/8, h, w, 8]`, eight channels side by side
+//! per pixel), the layout ONNX Runtime switches MobileNet/EfficientNet-style graphs to.
+//!
+//! In NCHW a 1x1 conv is a gemm whose inner dimension (input channels) is small in the early blocks, and a
+//! depthwise conv works on short planes that do not vectorise well. With eight channels per pixel both
+//! become register tiles: a 1x1 conv keeps `6 pixels x 16 output channels` in twelve AVX registers and
+//! broadcasts one input value per multiply-add row, a depthwise conv multiplies whole 8-channel pixel
+//! vectors by 8-channel tap vectors with no gather, for any stride. Bias, Relu/Clip and the layout are
+//! handled as the tile is stored, so each activation is written once.
+//!
+//! The tiles use AVX2+FMA intrinsics when the CPU has them and a scalar loop with the same arithmetic
+//! otherwise (tested against each other).
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use super::ConvGeom;
+
+/// Channels per block.
+pub const LANES: usize = 8;
+/// Pixels per 1x1-conv tile.
+const PW_PIXELS: usize = 6;
+/// Output channel blocks per 1x1-conv tile.
+const PW_BLOCKS: usize = 2;
+
+/// A raw output pointer shared by parallel tasks that write disjoint parts.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint element ranges (each caller documents why) and the buffer outlives them.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The element at `i` (a method, so closures capture the whole `Out`, not its raw field).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `len` floats that `fill` writes in full through the `Out` it gets (the buffer start).
+fn build(len: usize, fill: impl FnOnce(Out)) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    fill(Out(v.spare_capacity_mut().as_mut_ptr() as *mut f32));
+    // SAFETY: callers write all `len` elements before returning from `fill`.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// NCHW `[n, c, hw]` to blocked `[n, c/8, hw, 8]` (`c` a multiple of 8).
+pub fn block(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    assert!(c.is_multiple_of(LANES) && x.len() == n * c * hw);
+    let mut out: Vec<f32> = Vec::with_capacity(x.len());
+    out.spare_capacity_mut().par_chunks_mut(hw * LANES).enumerate().for_each(|(plane, o)| {
+        let src = &x[plane * LANES * hw..(plane + 1) * LANES * hw];
+        for (p, px) in o.chunks_mut(LANES).enumerate() {
+            for (l, d) in px.iter_mut().enumerate() {
+                d.write(src[l * hw + p]);
+            }
+        }
+    });
+    // SAFETY: every (plane, pixel, lane) was written above.
+    unsafe { out.set_len(x.len()) };
+    out
+}
+
+/// Blocked `[n, c/8, hw, 8]` back to NCHW `[n, c, hw]`.
+pub fn unblock(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    assert!(c.is_multiple_of(LANES) && x.len() == n * c * hw);
+    let mut out: Vec<f32> = Vec::with_capacity(x.len());
+    out.spare_capacity_mut().par_chunks_mut(hw * LANES).enumerate().for_each(|(plane, o)| {
+        let src = &x[plane * LANES * hw..(plane + 1) * LANES * hw];
+        for (l, row) in o.chunks_mut(hw).enumerate() {
+            for (p, d) in row.iter_mut().enumerate() {
+                d.write(src[p * LANES + l]);
+            }
+        }
+    });
+    // SAFETY: every (plane, lane, pixel) was written above.
+    unsafe { out.set_len(x.len()) };
+    out
+}
+
+/// 1x1 weights `[m, c]` packed for [`pointwise`]: `[m/8][c][8]`.
+pub fn pack_pointwise(w: &[f32], m: usize, c: usize) -> Vec<f32> {
+    assert!(m.is_multiple_of(LANES) && w.len() == m * c);
+    let mut out = vec![0f32; m * c];
+    for ob in 0..m / LANES {
+        for k in 0..c {
+            for l in 0..LANES {
+                out[(ob * c + k) * LANES + l] = w[(ob * LANES + l) * c + k];
+            }
+        }
+    }
+    out
+}
+
+/// Depthwise weights `[c, taps]` packed for [`depthwise`]: `[c/8][taps][8]`.
+pub fn pack_depthwise(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
+    assert!(c.is_multiple_of(LANES) && w.len() == c * taps);
+    let mut out = vec![0f32; c * taps];
+    for cb in 0..c / LANES {
+        for t in 0..taps {
+            for l in 0..LANES {
+                out[(cb * taps + t) * LANES + l] = w[(cb * LANES + l) * taps + t];
+            }
+        }
+    }
+    out
+}
+
+/// One 1x1-conv tile: `R` pixels x `OB` output channel blocks, summed over every input channel.
+#[derive(Clone, Copy)]
+struct PwTile {
+    /// Input at (block 0, first pixel); blocks `x_stride` apart.
+    x: *const f32,
+    x_stride: usize,
+    cblocks: usize,
+    /// Packed weights at the first output block; blocks `w_stride` apart.
+    w: *const f32,
+    w_stride: usize,
+    bias: *const f32,
+    /// Output at (first output block, first pixel); blocks `out_stride` apart.
+    out: *mut f32,
+    out_stride: usize,
+    lo: f32,
+    hi: f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{DwRow, PwTile, LANES};
+
+    /// Clamp that keeps NaN (the operand order of max/min picks the second operand on NaN).
+    #[inline(always)]
+    unsafe fn clamp(v: __m256, lo: __m256, hi: __m256) -> __m256 {
+        _mm256_min_ps(hi, _mm256_max_ps(lo, v))
+    }
+
+    #[allow(clippy::needless_range_loop)] // acc is indexed [o][r] inside an r loop: clearer than zips
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pw_tile<const R: usize, const OB: usize>(t: PwTile) {
+        let mut acc = [[_mm256_setzero_ps(); R]; OB];
+        for (o, row) in acc.iter_mut().enumerate() {
+            let b = _mm256_loadu_ps(t.bias.add(o * LANES));
+            row.iter_mut().for_each(|a| *a = b);
+        }
+        for cb in 0..t.cblocks {
+            let xp = t.x.add(cb * t.x_stride);
+            let wp = t.w.add(cb * LANES * LANES);
+            for k in 0..LANES {
+                let mut wv = [_mm256_setzero_ps(); OB];
+                for (o, v) in wv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(wp.add(o * t.w_stride + k * LANES));
+                }
+                for r in 0..R {
+                    let xv = _mm256_broadcast_ss(&*xp.add(r * LANES + k));
+                    for o in 0..OB {
+                        acc[o][r] = _mm256_fmadd_ps(wv[o], xv, acc[o][r]);
+                    }
+                }
+            }
+        }
+        let (lo, hi) = (_mm256_set1_ps(t.lo), _mm256_set1_ps(t.hi));
+        for (o, row) in acc.iter().enumerate() {
+            for (r, &a) in row.iter().enumerate() {
+                _mm256_storeu_ps(t.out.add(o * t.out_stride + r * LANES), clamp(a, lo, hi));
+            }
+        }
+    }
+
+    /// `R` consecutive output pixels of one depthwise row; `CHECK` tests each tap column against the
+    /// input width (border pixels), otherwise every tap is known to be inside.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dw_pixels<const R: usize, const CHECK: bool>(d: &DwRow, ox0: usize) {
+        let mut acc = [_mm256_loadu_ps(d.bias); R];
+        for &(i, row) in &d.rows[..d.nrows] {
+            for j in 0..d.kw {
+                let wv = _mm256_loadu_ps(d.w.add((i * d.kw + j) * LANES));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let ix = ((ox0 + r) * d.sx + j * d.dx) as isize - d.pl as isize;
+                    if CHECK && (ix < 0 || ix >= d.width as isize) {
+                        continue;
+                    }
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(row.offset(ix * LANES as isize)), wv, *a);
+                }
+            }
+        }
+        let (lo, hi) = (_mm256_set1_ps(d.lo), _mm256_set1_ps(d.hi));
+        for (r, &a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(d.out.add((ox0 + r) * LANES), clamp(a, lo, hi));
+        }
+    }
+}
+
+/// The portable form of a 1x1 tile (same sums in the same order, without fused multiply-adds).
+unsafe fn pw_tile_scalar(t: PwTile, r_n: usize, ob_n: usize) {
+    for o in 0..ob_n {
+        for r in 0..r_n {
+            let mut acc = [0f32; LANES];
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a = *t.bias.add(o * LANES + l);
+            }
+            for cb in 0..t.cblocks {
+                for k in 0..LANES {
+                    let xv = *t.x.add(cb * t.x_stride + r * LANES + k);
+                    let wp = t.w.add(o * t.w_stride + (cb * LANES + k) * LANES);
+                    for (l, a) in acc.iter_mut().enumerate() {
+                        *a += *wp.add(l) * xv;
+                    }
+                }
+            }
+            for (l, a) in acc.iter().enumerate() {
+                *t.out.add(o * t.out_stride + r * LANES + l) = clamp1(*a, t.lo, t.hi);
+            }
+        }
+    }
+}
+
+/// Clamp that keeps NaN, as the vector form does.
+#[inline(always)]
+fn clamp1(v: f32, lo: f32, hi: f32) -> f32 {
+    if v < lo {
+        lo
+    } else if v > hi {
+        hi
+    } else {
+        v
+    }
+}
+
+/// Whether the AVX2+FMA tiles run (checked once per call of the drivers below).
+fn use_avx2(portable: bool) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !portable && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = portable;
+        false
+    }
+}
+
+/// Runs one tile of `r` pixels x `ob` blocks (`r` <= 6, `ob` <= 2).
+///
+/// # Safety
+/// The tile's pointers must cover `r` pixels x `ob` blocks of input, weights and output.
+unsafe fn pw_run(t: PwTile, r: usize, ob: usize, simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        use avx2::pw_tile as k;
+        return match (r, ob) {
+            (6, 2) => k::<6, 2>(t),
+            (5, 2) => k::<5, 2>(t),
+            (4, 2) => k::<4, 2>(t),
+            (3, 2) => k::<3, 2>(t),
+            (2, 2) => k::<2, 2>(t),
+            (1, 2) => k::<1, 2>(t),
+            (6, _) => k::<6, 1>(t),
+            (5, _) => k::<5, 1>(t),
+            (4, _) => k::<4, 1>(t),
+            (3, _) => k::<3, 1>(t),
+            (2, _) => k::<2, 1>(t),
+            _ => k::<1, 1>(t),
+        };
+    }
+    let _ = simd;
+    pw_tile_scalar(t, r, ob)
+}
+
+/// Pixels in the next 1x1 tile when `left` remain: full tiles, but a short tail (1 or 2 pixels, whose
+/// few accumulators would wait on latency) is merged with the tile before it and split in two.
+fn pixel_tile(left: usize) -> usize {
+    match left {
+        7 | 8 => left / 2,
+        _ => left.min(PW_PIXELS),
+    }
+}
+
+/// Bounds applied as outputs are stored (a fused Relu/Clip; (-inf, inf) for none).
+#[derive(Clone, Copy, Debug)]
+pub struct Act {
+    /// Lower bound.
+    pub lo: f32,
+    /// Upper bound.
+    pub hi: f32,
+}
+
+impl Act {
+    /// No clamping.
+    pub const NONE: Act = Act { lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+}
+
+/// A 1x1 stride-1 convolution on blocked input `x` (`[n, c/8, hw, 8]`) with packed weights `w`
+/// ([`pack_pointwise`] of `[m, c]`) and `bias` (`m`), returning blocked `[n, m/8, hw, 8]`.
+/// `portable` forces the scalar tiles (tests).
+#[allow(clippy::too_many_arguments)]
+pub fn pointwise(
+    x: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    w: &[f32],
+    bias: &[f32],
+    m: usize,
+    act: Act,
+    portable: bool,
+) -> Vec<f32> {
+    assert!(c.is_multiple_of(LANES) && m.is_multiple_of(LANES));
+    assert!(x.len() == n * c * hw && w.len() == m * c && bias.len() == m);
+    if n * hw == 0 {
+        return Vec::new();
+    }
+    let simd = use_avx2(portable);
+    let (cb, mb) = (c / LANES, m / LANES);
+    // A chunk of pixels whose input (all channels) stays in L2 while every output block is computed.
+    let chunk = ((64 * 1024 / c.max(1)) / PW_PIXELS).max(1) * PW_PIXELS;
+    let chunks = hw.div_ceil(chunk);
+    // Split the output channels too when images x chunks would leave threads idle.
+    let want = 4 * rayon::current_num_threads();
+    let groups = want.div_ceil(n * chunks).clamp(1, mb.div_ceil(PW_BLOCKS));
+    let per_group = mb.div_ceil(groups).div_ceil(PW_BLOCKS) * PW_BLOCKS;
+    let groups = mb.div_ceil(per_group);
+    build(n * m * hw, |out| {
+        (0..n * chunks * groups).into_par_iter().for_each(|task| {
+            let (img, rest) = (task / (chunks * groups), task % (chunks * groups));
+            let (ch, g) = (rest / groups, rest % groups);
+            let (p0, p1) = (ch * chunk, ((ch + 1) * chunk).min(hw));
+            let (o0, o1) = (g * per_group, ((g + 1) * per_group).min(mb));
+            let xi = x[img * c * hw..].as_ptr();
+            for ob in (o0..o1).step_by(PW_BLOCKS) {
+                let obn = PW_BLOCKS.min(o1 - ob);
+                let mut p = p0;
+                while p < p1 {
+                    let r = pixel_tile(p1 - p);
+                    // SAFETY: (img, blocks ob..ob+obn, pixels p..p+r) lie inside `x`, `w`, `bias` and the
+                    // output; tasks cover disjoint (img, pixel chunk, block group) parts of the output,
+                    // and together all of it.
+                    unsafe {
+                        let t = PwTile {
+                            x: xi.add(p * LANES),
+                            x_stride: hw * LANES,
+                            cblocks: cb,
+                            w: w.as_ptr().add(ob * c * LANES),
+                            w_stride: c * LANES,
+                            bias: bias.as_ptr().add(ob * LANES),
+                            out: out.at((img * mb + ob) * hw * LANES + p * LANES),
+                            out_stride: hw * LANES,
+                            lo: act.lo,
+                            hi: act.hi,
+                        };
+                        pw_run(t, r, obn, simd);
+                    }
+                    p += r;
+                }
+            }
+        });
+    })
+}
+
+/// One output row of a depthwise plane: the input rows its taps read (tap row index, row start).
+struct DwRow {
+    rows: [(usize, *const f32); 16],
+    nrows: usize,
+    kw: usize,
+    width: usize,
+    sx: usize,
+    dx: usize,
+    pl: usize,
+    w: *const f32,
+    bias: *const f32,
+    out: *mut f32,
+    lo: f32,
+    hi: f32,
+}
+
+/// The portable form of [`avx2::dw_pixels`] (`check` tests tap columns against the input width).
+unsafe fn dw_pixels_scalar(d: &DwRow, ox0: usize, r_n: usize) {
+    for r in 0..r_n {
+        let mut acc = [0f32; LANES];
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = *d.bias.add(l);
+        }
+        for &(i, row) in &d.rows[..d.nrows] {
+            for j in 0..d.kw {
+                let ix = ((ox0 + r) * d.sx + j * d.dx) as isize - d.pl as isize;
+                if ix < 0 || ix >= d.width as isize {
+                    continue;
+                }
+                let xp = row.offset(ix * LANES as isize);
+                let wp = d.w.add((i * d.kw + j) * LANES);
+                for (l, a) in acc.iter_mut().enumerate() {
+                    *a += *xp.add(l) * *wp.add(l);
+                }
+            }
+        }
+        for (l, a) in acc.iter().enumerate() {
+            *d.out.add((ox0 + r) * LANES + l) = clamp1(*a, d.lo, d.hi);
+        }
+    }
+}
+
+/// A depthwise convolution on blocked input `x` (`[n, c/8, h, w, 8]`) with packed weights `k`
+/// ([`pack_depthwise`]) and `bias` (`c`), returning blocked `[n, c/8, oh, ow, 8]`. Kernels up to 16 rows.
+#[allow(clippy::too_many_arguments)]
+pub fn depthwise(
+    x: &[f32],
+    (n, c, h, wd): (usize, usize, usize, usize),
+    k: &[f32],
+    bias: &[f32],
+    g: ConvGeom,
+    act: Act,
+    portable: bool,
+) -> Vec<f32> {
+    let (kh, kw) = g.k;
+    assert!(
+        c.is_multiple_of(LANES) && kh <= 16 && x.len() == n * c * h * wd && k.len() == c * kh * kw && bias.len() == c
+    );
+    let simd = use_avx2(portable);
+    let (oh, ow) = g.out_size(h, wd);
+    let (sx, dx, pl) = (g.s.1, g.d.1, g.pads[1]);
+    // Output columns whose taps all fall inside the input width.
+    let first = pl.div_ceil(sx).min(ow);
+    let last = if wd + pl > (kw - 1) * dx { ((wd + pl - (kw - 1) * dx - 1) / sx + 1).min(ow) } else { 0 };
+    let (first, last) = if last > first { (first, last) } else { (ow, ow) };
+    let planes = n * c / LANES;
+    let mut out: Vec<f32> = Vec::with_capacity(planes * oh * ow * LANES);
+    out.spare_capacity_mut().par_chunks_mut(oh * ow * LANES).enumerate().for_each(|(plane, o)| {
+        let cb = plane % (c / LANES);
+        let src = &x[plane * h * wd * LANES..(plane + 1) * h * wd * LANES];
+        let o: &mut [MaybeUninit<f32>] = o;
+        for oy in 0..oh {
+            let mut rows = [(0usize, std::ptr::null::<f32>()); 16];
+            let mut nrows = 0;
+            for i in 0..kh {
+                let iy = (oy * g.s.0 + i * g.d.0) as isize - g.pads[0] as isize;
+                if iy >= 0 && (iy as usize) < h {
+                    rows[nrows] = (i, src[iy as usize * wd * LANES..].as_ptr());
+                    nrows += 1;
+                }
+            }
+            let d = DwRow {
+                rows,
+                nrows,
+                kw,
+                width: wd,
+                sx,
+                dx,
+                pl,
+                w: k[cb * kh * kw * LANES..].as_ptr(),
+                bias: bias[cb * LANES..].as_ptr(),
+                out: o[oy * ow * LANES..].as_mut_ptr() as *mut f32,
+                lo: act.lo,
+                hi: act.hi,
+            };
+            // SAFETY: every tap read is inside `src` (rows checked above, columns checked on the borders
+            // and known inside for first..last); writes are the pixels of this output row.
+            unsafe { dw_row(&d, ow, first, last, simd) };
+        }
+    });
+    // SAFETY: each plane's rows were all written (every output column of every row).
+    unsafe { out.set_len(planes * oh * ow * LANES) };
+    out
+}
+
+/// Every pixel of one depthwise output row: checked tiles on the borders, unchecked ones inside.
+unsafe fn dw_row(d: &DwRow, ow: usize, first: usize, last: usize, simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        dw_span(d, 0, first, true);
+        dw_span(d, first, last, false);
+        dw_span(d, last, ow, true);
+        return;
+    }
+    let _ = (first, last, simd);
+    dw_pixels_scalar(d, 0, ow);
+}
+
+/// Output pixels `from..to` of a row in tiles of 8, 4, 2 and 1: several independent accumulators even on
+/// narrow rows (one accumulator per pixel would wait on each multiply-add's latency).
+#[cfg(target_arch = "x86_64")]
+unsafe fn dw_span(d: &DwRow, from: usize, to: usize, check: bool) {
+    use avx2::dw_pixels as k;
+    let mut ox = from;
+    while ox < to {
+        let r = match to - ox {
+            8.. => 8,
+            4..=7 => 4,
+            2 | 3 => 2,
+            _ => 1,
+        };
+        match (r, check) {
+            (8, false) => k::<8, false>(d, ox),
+            (8, true) => k::<8, true>(d, ox),
+            (4, false) => k::<4, false>(d, ox),
+            (4, true) => k::<4, true>(d, ox),
+            (2, false) => k::<2, false>(d, ox),
+            (2, true) => k::<2, true>(d, ox),
+            (_, false) => k::<1, false>(d, ox),
+            (_, true) => k::<1, true>(d, ox),
+        }
+        ox += r;
+    }
+}
+
+/// Mean over the pixels of blocked `[n, c/8, hw, 8]`: NCHW `[n, c]` (GlobalAveragePool).
+pub fn global_avg_pool(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    assert!(c.is_multiple_of(LANES) && x.len() == n * c * hw);
+    let mut out = vec![0f32; n * c];
+    out.par_chunks_mut(LANES).enumerate().for_each(|(plane, o)| {
+        let mut acc = [0f32; LANES];
+        for px in x[plane * hw * LANES..(plane + 1) * hw * LANES].chunks_exact(LANES) {
+            for (a, v) in acc.iter_mut().zip(px) {
+                *a += v;
+            }
+        }
+        for (d, a) in o.iter_mut().zip(acc) {
+            *d = a / hw as f32;
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * scale).collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn block_round_trips() {
+        let x = seq(2 * 16 * 15, 1.0);
+        let b = block(&x, 2, 16, 15);
+        // Channel 9 of image 1, pixel 4: block 1, lane 1.
+        assert_eq!(b[((2 + 1) * 15 + 4) * LANES + 1], x[(16 + 9) * 15 + 4]);
+        assert_eq!(unblock(&b, 2, 16, 15), x);
+    }
+
+    /// Direct sums in NCHW, for reference.
+    fn pointwise_ref(x: &[f32], (n, c, hw): (usize, usize, usize), w: &[f32], b: &[f32], m: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n * m * hw];
+        for i in 0..n {
+            for o in 0..m {
+                for p in 0..hw {
+                    let s: f64 = (0..c).map(|k| w[o * c + k] as f64 * x[(i * c + k) * hw + p] as f64).sum();
+                    out[(i * m + o) * hw + p] = (s + b[o] as f64) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn pointwise_matches_direct_sums_on_every_tile_shape() {
+        // 3 output blocks (a 2-block and a 1-block tile), 13 pixels (6+6+1), both code paths.
+        for &(n, c, m, hw) in &[(2usize, 16usize, 24usize, 13usize), (1, 8, 8, 5), (3, 24, 40, 49)] {
+            let x = seq(n * c * hw, 1.0);
+            let w = seq(m * c, 0.3);
+            let b = seq(m, 0.5);
+            let want = pointwise_ref(&x, (n, c, hw), &w, &b, m);
+            for portable in [false, true] {
+                let got =
+                    pointwise(&block(&x, n, c, hw), (n, c, hw), &pack_pointwise(&w, m, c), &b, m, Act::NONE, portable);
+                assert!(max_diff(&unblock(&got, n, m, hw), &want) < 1e-4, "n {n} c {c} m {m} hw {hw}");
+                let relu6 = pointwise(
+                    &block(&x, n, c, hw),
+                    (n, c, hw),
+                    &pack_pointwise(&w, m, c),
+                    &b,
+                    m,
+                    Act { lo: 0.0, hi: 6.0 },
+                    portable,
+                );
+                let clamped: Vec<f32> = want.iter().map(|v| v.clamp(0.0, 6.0)).collect();
+                assert!(max_diff(&unblock(&relu6, n, m, hw), &clamped) < 1e-4);
+            }
+        }
+    }
+
+    /// Direct sums of a depthwise conv in NCHW.
+    fn depthwise_ref(
+        x: &[f32],
+        (n, c, h, w): (usize, usize, usize, usize),
+        k: &[f32],
+        b: &[f32],
+        g: ConvGeom,
+    ) -> Vec<f32> {
+        let (oh, ow) = g.out_size(h, w);
+        let mut out = vec![0f32; n * c * oh * ow];
+        for p in 0..n * c {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut s = b[p % c];
+                    for i in 0..g.k.0 {
+                        for j in 0..g.k.1 {
+                            let iy = (oy * g.s.0 + i * g.d.0) as isize - g.pads[0] as isize;
+                            let ix = (ox * g.s.1 + j * g.d.1) as isize - g.pads[1] as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                s += k[(p % c) * g.k.0 * g.k.1 + i * g.k.1 + j]
+                                    * x[(p * h + iy as usize) * w + ix as usize];
+                            }
+                        }
+                    }
+                    out[(p * oh + oy) * ow + ox] = s;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn depthwise_matches_direct_sums_for_strides_pads_and_dilations() {
+        let (n, c) = (2, 16);
+        for &(h, w, k, s, d, pads) in &[
+            (9usize, 8usize, 3usize, 1usize, 1usize, [1usize, 1, 1, 1]),
+            (9, 8, 3, 2, 1, [1, 1, 1, 1]),
+            (12, 21, 5, 2, 1, [1, 2, 2, 1]),
+            (14, 14, 5, 1, 1, [2, 2, 2, 2]),
+            (9, 11, 3, 2, 1, [0; 4]),
+            (10, 10, 3, 1, 2, [2, 2, 2, 2]),
+            (3, 3, 5, 1, 1, [2, 2, 2, 2]),
+        ] {
+            let g = ConvGeom { k: (k, k), s: (s, s), d: (d, d), pads };
+            let x = seq(n * c * h * w, 1.0);
+            let kw = seq(c * k * k, 0.4);
+            let b = seq(c, 0.2);
+            let want = depthwise_ref(&x, (n, c, h, w), &kw, &b, g);
+            let (oh, ow) = g.out_size(h, w);
+            for portable in [false, true] {
+                let got = depthwise(
+                    &block(&x, n, c, h * w),
+                    (n, c, h, w),
+                    &pack_depthwise(&kw, c, k * k),
+                    &b,
+                    g,
+                    Act::NONE,
+                    portable,
+                );
+                let got = unblock(&got, n, c, oh * ow);
+                assert!(
+                    max_diff(&got, &want) < 1e-4,
+                    "h {h} w {w} k {k} s {s} d {d} pads {pads:?} portable {portable}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn global_avg_pool_is_the_plane_mean() {
+        let x = seq(2 * 16 * 7, 1.0);
+        let got = global_avg_pool(&block(&x, 2, 16, 7), 2, 16, 7);
+        for (p, v) in got.iter().enumerate() {
+            let mean = x[p * 7..(p + 1) * 7].iter().sum::<f32>() / 7.0;
+            assert!((v - mean).abs() < 1e-6);
+        }
+    }
+}

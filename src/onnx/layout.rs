@@ -1,0 +1,243 @@
+//! Channel-blocked activations in CPU inference plans: which steps keep their output as NCHWc
+//! (`[n, c/8, h, w, 8]`, see `kernels::nchwc`), and how those steps run.
+//!
+//! A chain of 1x1 and depthwise convolutions (MobileNet/EfficientNet blocks) stays blocked from the first
+//! conv to the global pool, with residual Adds and Relu/Clip running on the blocked data as they are
+//! (elementwise, same layout on both sides). Any other reader of a blocked value gets it back as NCHW, so
+//! a plan is correct whatever the graph; blocking only changes speed. Plans that track gradients never
+//! block (the blocked kernels have no backward pass).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Tensor};
+use candle_onnx::onnx::NodeProto;
+
+use super::fuse::Fused;
+use super::kernels::{self, nchwc};
+use super::ops::{node_err, Attrs};
+use super::{conv, ops};
+use crate::error::Result;
+
+const LANES: usize = nchwc::LANES;
+
+/// The blocked part of a plan.
+#[derive(Default)]
+pub(crate) struct Blocked {
+    /// Steps (node indices) whose result is stored blocked.
+    pub steps: HashSet<usize>,
+    /// Values stored blocked.
+    pub values: HashSet<String>,
+    /// Packed weights of convs whose weight is a plan constant, by node index.
+    packed: Mutex<HashMap<usize, Arc<Vec<f32>>>>,
+}
+
+/// The value a step produces (the last node's output for a fused pattern).
+fn step_output(node: &NodeProto, fused: Option<&Fused>) -> Option<String> {
+    match fused {
+        Some(Fused::ConvAct { out, .. }) => Some(out.clone()),
+        Some(_) => None,
+        None => node.output.first().cloned(),
+    }
+}
+
+/// Whether a Conv node, by its static weight and attributes, has a blocked kernel: a 1x1 stride-1
+/// unpadded conv or a depthwise conv, with input and output channels in whole blocks.
+fn native(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
+    let Some(w) = node.input.get(1).and_then(|n| statics.get(n)) else { return false };
+    if node.op_type != "Conv" || w.rank() != 4 || w.dtype() != DType::F32 {
+        return false;
+    }
+    let (m, cg, kh, kw) = (w.dims()[0], w.dims()[1], w.dims()[2], w.dims()[3]);
+    let at = Attrs(node);
+    let group = at.int("group", 1).max(1) as usize;
+    let ones = |v: Option<Vec<i64>>| v.is_none_or(|v| v.iter().all(|&x| x == 1));
+    let pointwise = (kh, kw) == (1, 1)
+        && group == 1
+        && ones(at.ints("strides"))
+        && at.ints("pads").is_none_or(|p| p.iter().all(|&x| x == 0));
+    let depthwise = cg == 1 && group == m && kh <= 16;
+    (pointwise || depthwise) && m.is_multiple_of(LANES) && (cg * group).is_multiple_of(LANES)
+}
+
+/// Chooses the blocked steps among `steps` (in order). A native conv is blocked; another conv with whole
+/// output blocks is blocked when every reader of its output is a native conv or a global pool (it is
+/// re-laid once); Add/Relu/Clip are blocked when all their data inputs are. Graph outputs stay NCHW.
+pub(crate) fn plan(
+    nodes: &[NodeProto],
+    steps: &[usize],
+    fused: &HashMap<usize, Fused>,
+    statics: &HashMap<String, Tensor>,
+    outputs: &[String],
+) -> Blocked {
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for &i in steps {
+        for v in &nodes[i].input {
+            readers.entry(v.as_str()).or_default().push(i);
+        }
+    }
+    let reads_blocked = |j: usize| native(&nodes[j], statics) || nodes[j].op_type == "GlobalAveragePool";
+    let mut b = Blocked::default();
+    for &i in steps {
+        let n = &nodes[i];
+        let Some(out) = step_output(n, fused.get(&i)) else { continue };
+        if outputs.contains(&out) {
+            continue;
+        }
+        let data_inputs = || n.input.iter().filter(|v| !v.is_empty() && !statics.contains_key(*v));
+        let block = match n.op_type.as_str() {
+            "Conv" if native(n, statics) => true,
+            "Conv" => {
+                let w = n.input.get(1).and_then(|v| statics.get(v));
+                w.is_some_and(|w| w.rank() == 4 && w.dims()[0] % LANES == 0 && w.dtype() == DType::F32)
+                    && readers.get(out.as_str()).is_some_and(|r| r.iter().all(|&j| reads_blocked(j)))
+            }
+            "Add" | "Relu" | "Clip" => {
+                fused.get(&i).is_none()
+                    && data_inputs().count() > 0
+                    && data_inputs().all(|v| b.values.contains(v))
+                    // Clip's bounds must be scalars (they are; blocked data would not broadcast otherwise).
+                    && n.input.iter().skip(1).all(|v| v.is_empty() || statics.get(v).is_none_or(|t| t.elem_count() == 1))
+                    && (n.op_type != "Add" || data_inputs().count() == 2)
+            }
+            _ => false,
+        };
+        if block {
+            b.steps.insert(i);
+            b.values.insert(out);
+        }
+    }
+    b
+}
+
+/// `[n, c, h, w]` as blocked `[n, c/8, h, w, 8]`.
+pub(crate) fn to_blocked(t: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = t.dims4()?;
+    if kernels::usable(&[t]) {
+        let v = kernels::with_data(t, |x| nchwc::block(x, n, c, h * w))?;
+        return kernels::tensor(v, &[n, c / LANES, h, w, LANES]);
+    }
+    Ok(t.reshape((n, c / LANES, LANES, h, w))?.permute((0, 1, 3, 4, 2))?.contiguous()?)
+}
+
+/// Blocked `[n, c/8, h, w, 8]` back to `[n, c, h, w]`.
+pub(crate) fn from_blocked(t: &Tensor) -> Result<Tensor> {
+    let d = t.dims();
+    if d.len() != 5 || d[4] != LANES {
+        return Err(candle_core::Error::Msg(format!("expected a blocked [n, c/8, h, w, 8] tensor, found {d:?}")).into());
+    }
+    let (n, c, h, w) = (d[0], d[1] * LANES, d[2], d[3]);
+    if kernels::usable(&[t]) {
+        let v = kernels::with_data(t, |x| nchwc::unblock(x, n, c, h * w))?;
+        return kernels::tensor(v, &[n, c, h, w]);
+    }
+    Ok(t.permute((0, 1, 4, 2, 3))?.reshape((n, c, h, w))?)
+}
+
+/// GlobalAveragePool of a blocked value: NCHW `[n, c, 1, 1]`.
+pub(crate) fn global_avg_pool(t: &Tensor) -> Result<Tensor> {
+    let d = t.dims();
+    let (n, c, hw) = (d[0], d[1] * LANES, d[2] * d[3]);
+    if kernels::usable(&[t]) {
+        let v = kernels::with_data(t, |x| nchwc::global_avg_pool(x, n, c, hw))?;
+        return kernels::tensor(v, &[n, c, 1, 1]);
+    }
+    ops_gap(&from_blocked(t)?)
+}
+
+fn ops_gap(t: &Tensor) -> Result<Tensor> {
+    let (n, c) = (t.dims()[0], t.dims()[1]);
+    Ok(t.reshape((n, c, ()))?.mean_keepdim(2)?.reshape((n, c, 1, 1))?)
+}
+
+impl Blocked {
+    /// Runs blocked step `i` (`node`, fused as `fused`) on `ins`, whose blocked inputs are those named in
+    /// `self.values`; returns the output's name and its blocked value.
+    pub(crate) fn run(
+        &self,
+        graph: &super::Graph,
+        i: usize,
+        node: &NodeProto,
+        fused: Option<&Fused>,
+        ins: &[Option<Tensor>],
+        statics: &HashMap<String, Tensor>,
+    ) -> Result<(String, Tensor)> {
+        let out = step_output(node, fused).ok_or_else(|| node_err(node, "blocked step without an output"))?;
+        if node.op_type != "Conv" {
+            // Elementwise on identical layouts: the ordinary op on the blocked tensors.
+            let y = ops::eval(node, ins, graph.opset, &graph.device)?.into_iter().next();
+            return Ok((out, y.ok_or_else(|| node_err(node, "no output"))?));
+        }
+        let arg =
+            |k: usize| ins.get(k).cloned().flatten().ok_or_else(|| node_err(node, format!("input {k} is missing")));
+        let (x, w) = (arg(0)?, arg(1)?);
+        let b = ins.get(2).cloned().flatten();
+        let act = match fused {
+            Some(Fused::ConvAct { lo, hi, .. }) => Some((*lo, *hi)),
+            _ => None,
+        };
+        let x_blocked = self.values.contains(&node.input[0]);
+        let x_dims = if x_blocked {
+            let d = x.dims();
+            vec![d[0], d[1] * LANES, d[2], d[3]]
+        } else {
+            x.dims().to_vec()
+        };
+        let (g, group) = conv::geometry(node, &x_dims, w.dims())?;
+        let (c, m) = (x_dims[1], w.dims()[0]);
+        let pointwise = g.k == (1, 1) && g.s == (1, 1) && g.pads == [0; 4] && group == 1;
+        let depthwise = group == c && group == m && w.dims()[1] == 1 && g.k.0 <= 16;
+        let fast = kernels::usable(&[&x, &w]) && b.as_ref().is_none_or(|b| kernels::usable(&[b]));
+        if !(fast && (pointwise || depthwise) && c.is_multiple_of(LANES) && m.is_multiple_of(LANES)) {
+            let x = if x_blocked { from_blocked(&x)? } else { x };
+            return Ok((out, to_blocked(&conv::conv_act(node, &x, &w, b.as_ref(), act)?)?));
+        }
+        let xb = if x_blocked { x } else { to_blocked(&x)? };
+        let packed = self.packed_weights(i, node, &w, statics, |ws| {
+            if pointwise {
+                nchwc::pack_pointwise(ws, m, c)
+            } else {
+                nchwc::pack_depthwise(ws, c, g.k.0 * g.k.1)
+            }
+        })?;
+        let bias = match &b {
+            Some(b) => b.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0.0; m],
+        };
+        let act = act.map(|(lo, hi)| nchwc::Act { lo, hi }).unwrap_or(nchwc::Act::NONE);
+        let (n, h, wd) = (x_dims[0], x_dims[2], x_dims[3]);
+        let (oh, ow) = g.out_size(h, wd);
+        let y = kernels::with_data(&xb, |xs| {
+            if pointwise {
+                nchwc::pointwise(xs, (n, c, h * wd), &packed, &bias, m, act, false)
+            } else {
+                nchwc::depthwise(xs, (n, c, h, wd), &packed, &bias, g, act, false)
+            }
+        })?;
+        Ok((out, kernels::tensor(y, &[n, m / LANES, oh, ow, LANES])?))
+    }
+
+    /// The packed form of conv `i`'s weight `w`, cached when the weight is a plan constant.
+    fn packed_weights(
+        &self,
+        i: usize,
+        node: &NodeProto,
+        w: &Tensor,
+        statics: &HashMap<String, Tensor>,
+        pack: impl FnOnce(&[f32]) -> Vec<f32>,
+    ) -> Result<Arc<Vec<f32>>> {
+        let constant = statics.contains_key(&node.input[1]);
+        if constant {
+            if let Some(p) = self.packed.lock().ok().and_then(|m| m.get(&i).cloned()) {
+                return Ok(p);
+            }
+        }
+        let p = Arc::new(kernels::with_data(w, pack)?);
+        if constant {
+            if let Ok(mut m) = self.packed.lock() {
+                m.insert(i, p.clone());
+            }
+        }
+        Ok(p)
+    }
+}

@@ -623,8 +623,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 let times = g.profile(&feeds)?;
                 let st = g.plan_stats(&feeds)?;
                 println!(
-                    "plan: {} nodes -> {} steps per run ({} fused, {} channel-blocked)",
-                    st.nodes, st.steps, st.fused, st.blocked
+                    "plan: {} nodes -> {} steps per run ({} fused, {} with GELU inside a MatMul, {} channel-blocked)",
+                    st.nodes, st.steps, st.fused, st.matmul_gelu, st.blocked
                 );
                 let total: f64 = times.iter().map(|t| t.seconds).sum();
                 println!("{:<22} {:>6} {:>10} {:>7}", "op", "nodes", "ms", "share");

@@ -36,6 +36,16 @@ fn swin_fixture_matches_onnx_runtime() {
     check_parity("swin_fixture.onnx");
 }
 
+/// The parity above covers GELU computed inside the MatMul+bias before it only if the plan absorbed it:
+/// one per block (the fixture has six).
+#[test]
+fn swin_fixture_plan_runs_gelu_inside_the_mlp_matmul() {
+    let g = Graph::load(&fixture("swin_fixture.onnx"), &Device::Cpu, None).unwrap();
+    let x = read_npy(&fixture("swin_fixture.onnx.input.npy")).unwrap();
+    let st = g.plan_stats(&[("input", x)]).unwrap();
+    assert_eq!(st.matmul_gelu, 6, "{st:?}");
+}
+
 #[test]
 fn efficientnet_pattern_cnn_matches_onnx_runtime() {
     check_parity("cnn_fixture.onnx");

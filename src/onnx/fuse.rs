@@ -15,8 +15,8 @@ use super::ops::Attrs;
 pub(crate) enum Fused {
     /// The Conv node, then clamp to [lo, hi]; the result is `out`.
     ConvAct { lo: f32, hi: f32, out: String },
-    /// The MatMul node plus the static row `bias`; the result is `out`.
-    MatMulBias { bias: String, out: String },
+    /// The MatMul node plus the static row `bias`, then GELU when `gelu`; the result is `out`.
+    MatMulBias { bias: String, out: String, gelu: bool },
     /// GELU of `input` (the step's Div node and the four after it); the result is `out`.
     Gelu { input: String, out: String },
 }
@@ -60,6 +60,7 @@ pub(crate) fn fuse(
     };
     let mut removed: HashSet<usize> = HashSet::new();
     let mut fused = HashMap::new();
+    let mut gelu_chains: HashMap<usize, [usize; 4]> = HashMap::new();
     for &i in steps {
         if removed.contains(&i) {
             continue;
@@ -103,7 +104,7 @@ pub(crate) fn fuse(
                     .is_some_and(|b| b.dims().iter().rev().skip(1).all(|&d| d == 1) && Some(b.elem_count()) == cols);
                 if is_row {
                     removed.insert(j);
-                    fused.insert(i, Fused::MatMulBias { bias, out: a.output[0].clone() });
+                    fused.insert(i, Fused::MatMulBias { bias, out: a.output[0].clone(), gelu: false });
                 }
             }
             "Div" => {
@@ -129,11 +130,31 @@ pub(crate) fn fuse(
                 })();
                 if let Some(chain) = chain {
                     removed.extend(chain);
+                    gelu_chains.insert(i, chain);
                     fused.insert(i, Fused::Gelu { input: x.clone(), out: nodes[chain[3]].output[0].clone() });
                 }
             }
             _ => {}
         }
+    }
+    // A GELU whose input is a MatMul+bias read by nothing else runs inside that product (on each block of
+    // rows as it is finished, while still in cache).
+    let mut absorbed = Vec::new();
+    for (&i, f) in fused.iter_mut() {
+        let Fused::MatMulBias { out, gelu, .. } = f else { continue };
+        let readers = consumers.get(out.as_str()).map(Vec::as_slice).unwrap_or_default();
+        let Some(&j) = readers.first() else { continue };
+        let Some(chain) = gelu_chains.get(&j) else { continue };
+        if outputs.contains(out) || !readers.iter().all(|r| *r == j || chain.contains(r)) {
+            continue;
+        }
+        *out = nodes[chain[3]].output[0].clone();
+        *gelu = true;
+        absorbed.push((i, j));
+    }
+    for (_, j) in absorbed {
+        fused.remove(&j);
+        removed.insert(j);
     }
     (steps.iter().copied().filter(|i| !removed.contains(i)).collect(), fused)
 }

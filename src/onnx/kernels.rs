@@ -336,6 +336,7 @@ macro_rules! simd_dispatch {
 mod depthwise;
 pub mod nchwc;
 mod pointwise;
+pub mod sgemm;
 pub use depthwise::{conv_depthwise, DepthwiseOp};
 pub use pointwise::PointwiseOp;
 
@@ -402,13 +403,16 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer.
+    const C: [f32; 7] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let shifted = x * LOG2E + MAGIC;
+    let n = shifted - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    f32::from_bits(((n as i32 + 127) << 23) as u32) * p
+    let p = 1.0 + r * (C[6] + r * (C[5] + r * (C[4] + r * (C[3] + r * (C[2] + r * (C[1] + r * C[0]))))));
+    // The integer n sits in the low mantissa bits of `shifted`: integer arithmetic on the bits (a float to
+    // int cast would not vectorise: Rust's saturating cast is scalar code per lane).
+    let ni = (shifted.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    f32::from_bits((ni.wrapping_add(127) << 23) as u32) * p
 }
 
 /// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, 5e-7 in f32), vectorisable.
@@ -457,6 +461,18 @@ pub fn unary(op: Unary, t: &Tensor) -> Result<Tensor> {
         Unary::Clip(lo, hi) => par_build(n, 1, |s, o| map_chunk(|v: f32| v.max(lo).min(hi), o, &x[s..s + o.len()])),
     })?;
     tensor(out, t.dims())
+}
+
+#[inline(always)]
+fn gelu_body(o: &mut [f32]) {
+    o.iter_mut().for_each(|v| *v = gelu(*v));
+}
+
+simd_dispatch!(gelu_slice, <>, (o: &mut [f32]), gelu_body(o));
+
+/// GELU of every element of `o`, in place, on this thread (an epilogue for a block just computed).
+pub fn gelu_in_place(o: &mut [f32]) {
+    gelu_slice(o)
 }
 
 #[inline(always)]

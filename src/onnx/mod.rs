@@ -81,6 +81,8 @@ pub struct PlanStats {
     pub fused: usize,
     /// Steps whose output stays channel-blocked (NCHWc).
     pub blocked: usize,
+    /// MatMul+bias steps that also apply a GELU (the exporter's five-node erf GELU absorbed).
+    pub matmul_gelu: usize,
 }
 
 /// Values computed once for an input shape, and the nodes left to run.
@@ -95,6 +97,8 @@ struct Plan {
     track: bool,
     /// Steps and values kept channel-blocked (CPU inference plans only).
     blocked: layout::Blocked,
+    /// Packed constant matrices of MatMul steps, by node index (filled on first use).
+    packed_matrices: Mutex<HashMap<usize, Arc<kernels::sgemm::PackedB>>>,
 }
 
 /// Input shapes, and whether trainable initializers are tracked.
@@ -412,7 +416,7 @@ impl Graph {
             (steps, HashMap::new(), layout::Blocked::default())
         };
         let frees = self.last_uses(&steps, &statics);
-        Ok((outs, Plan { statics, steps, fused, frees, track, blocked }))
+        Ok((outs, Plan { statics, steps, fused, frees, track, blocked, packed_matrices: Mutex::default() }))
     }
 
     fn last_uses(&self, steps: &[usize], statics: &HashMap<String, Tensor>) -> Vec<Vec<String>> {
@@ -441,6 +445,11 @@ impl Graph {
             steps: plan.steps.len(),
             fused: plan.fused.len(),
             blocked: plan.blocked.steps.len(),
+            matmul_gelu: plan
+                .fused
+                .values()
+                .filter(|f| matches!(f, fuse::Fused::MatMulBias { gelu: true, .. }))
+                .count(),
         })
     }
 
@@ -507,9 +516,13 @@ impl Graph {
                     values.insert(name, t);
                     Vec::new()
                 }
+                None if node.op_type == "MatMul" => match self.matmul_const(plan, i, node, &ins, None, false)? {
+                    Some(y) => vec![y],
+                    None => ops::eval(node, &ins, self.opset, &self.device)?,
+                },
                 None => ops::eval(node, &ins, self.opset, &self.device)?,
                 Some(f) => {
-                    let (name, t) = self.run_fused(node, f, &ins, plan)?;
+                    let (name, t) = self.run_fused(i, node, f, &ins, plan)?;
                     values.insert(name, t);
                     Vec::new()
                 }
@@ -546,6 +559,7 @@ impl Graph {
     /// Runs a fused step; returns the name and value of the pattern's last output.
     fn run_fused(
         &self,
+        i: usize,
         node: &NodeProto,
         f: &fuse::Fused,
         ins: &[Option<Tensor>],
@@ -559,12 +573,20 @@ impl Graph {
                 let b = ins.get(2).cloned().flatten();
                 (out.clone(), conv::conv_act(node, &arg(0)?, &arg(1)?, b.as_ref(), Some((*lo, *hi)))?)
             }
-            fuse::Fused::MatMulBias { bias, out } => {
+            fuse::Fused::MatMulBias { bias, out, gelu } => {
                 let (a, b) = (arg(0)?, arg(1)?);
                 let bias = plan.statics.get(bias).ok_or_else(|| ops::node_err(node, "fused bias missing"))?;
+                if let Some(y) = self.matmul_const(plan, i, node, ins, Some(bias), *gelu)? {
+                    return Ok((out.clone(), y));
+                }
                 let y = match kernels::matmul_bias(&a, &b, Some(bias))? {
                     Some(y) => y,
                     None => ops::matmul(&a, &b)?.broadcast_add(bias)?,
+                };
+                let y = match (*gelu, kernels::usable(&[&y])) {
+                    (true, true) => kernels::unary(kernels::Unary::Gelu, &y)?,
+                    (true, false) => y.gelu_erf()?,
+                    (false, _) => y,
                 };
                 (out.clone(), y)
             }
@@ -574,6 +596,60 @@ impl Graph {
                 (out.clone(), y)
             }
         })
+    }
+
+    /// `a @ w (+ bias) (then GELU)` through the packed-matrix tiles when `w` (MatMul step `i`'s second input) is a
+    /// plan constant 2-D f32 matrix and the CPU has the tiles; None otherwise (the caller's general path).
+    fn matmul_const(
+        &self,
+        plan: &Plan,
+        i: usize,
+        node: &NodeProto,
+        ins: &[Option<Tensor>],
+        bias: Option<&Tensor>,
+        gelu: bool,
+    ) -> Result<Option<Tensor>> {
+        use kernels::sgemm;
+        let (Some(Some(a)), Some(w)) = (ins.first(), node.input.get(1).and_then(|n| plan.statics.get(n))) else {
+            return Ok(None);
+        };
+        let ok = sgemm::available()
+            && w.rank() == 2
+            && w.dims()[0] > 0
+            && a.rank() >= 2
+            && a.dims().last() == Some(&w.dims()[0])
+            && kernels::usable(&[a, w])
+            && bias.is_none_or(|b| kernels::usable(&[b]) && b.elem_count() == w.dims()[1]);
+        if !ok {
+            return Ok(None);
+        }
+        let cached = self.lock_packed(plan)?.get(&i).cloned();
+        let packed = match cached {
+            Some(p) => p,
+            None => {
+                let (k, n) = (w.dims()[0], w.dims()[1]);
+                let p = Arc::new(kernels::with_data(w, |ws| sgemm::PackedB::new(ws, k, n))?);
+                self.lock_packed(plan)?.insert(i, p.clone());
+                p
+            }
+        };
+        let bias_v = bias.map(|b| b.flatten_all().and_then(|b| b.to_vec1::<f32>())).transpose()?;
+        let after = |rows: &mut [f32]| {
+            if gelu {
+                kernels::gelu_in_place(rows)
+            }
+        };
+        let y = kernels::with_data(a, |av| sgemm::matmul_packed(av, &packed, bias_v.as_deref(), &after))?;
+        let mut dims = a.dims().to_vec();
+        *dims.last_mut().unwrap_or(&mut 0) = packed.n();
+        Ok(Some(kernels::tensor(y, &dims)?))
+    }
+
+    fn lock_packed<'a>(
+        &self,
+        plan: &'a Plan,
+    ) -> Result<std::sync::MutexGuard<'a, HashMap<usize, Arc<kernels::sgemm::PackedB>>>> {
+        plan.packed_matrices.lock().map_err(|_| Error::onnx(&self.name, "packed matrix cache poisoned"))
     }
 
     fn collect_outputs(&self, values: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {
@@ -742,7 +818,8 @@ pub fn read_npy(path: &Path) -> Result<Tensor> {
 }
 
 /// The profile's row for a node: its op type, with convolutions split by kind (1x1, depthwise, kernel
-/// size and stride) since they cost very differently.
+/// size and stride) and matrix products by operand (one matrix, or batches of them), since they cost very
+/// differently.
 fn profile_label(node: &NodeProto, ins: &[Option<Tensor>]) -> String {
     let w = ins.get(1).and_then(|w| w.as_ref());
     match (node.op_type.as_str(), w) {
@@ -754,6 +831,8 @@ fn profile_label(node: &NodeProto, ins: &[Option<Tensor>]) -> String {
             let kind = if group > 1 && d[1] == 1 { "dw " } else { "" };
             format!("Conv {kind}{}x{} s{stride}", d[2], d[3])
         }
+        ("MatMul", Some(b)) if b.rank() == 2 => "MatMul by a matrix".into(),
+        ("MatMul", Some(_)) => "MatMul batched".into(),
         _ => node.op_type.clone(),
     }
 }

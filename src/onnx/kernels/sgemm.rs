@@ -1,0 +1,264 @@
+//! Products by a constant matrix (`x[rows, k] @ w[k, n] (+ bias)`: the linear layers of a transformer)
+//! with the weight packed once per plan into 16-column panels and AVX2 register tiles of 6 rows x 16
+//! columns. On this project's 2-core machine the `gemm` crate reaches 50-110 GFLOP/s on Swin's linear
+//! shapes; these tiles reach about 170 (`docs/benchmarks.md`).
+//!
+//! Blocking: each task owns a run of output rows; for each slice of `k` (at most [`KC`]) and each panel, the
+//! panel's `KC x 16` weights stay in L1 while the task's rows stream past them from L2.
+
+use rayon::prelude::*;
+
+/// Columns per panel.
+const NR: usize = 16;
+/// Rows per tile.
+const MR: usize = 6;
+/// Inner-dimension slice: a panel slice is `KC * 16` floats (16 KiB).
+const KC: usize = 384;
+/// Rows per parallel task (a multiple of MR).
+const MC: usize = 72;
+
+/// A `[k, n]` matrix packed as `ceil(n/16)` panels of `[k][16]` (the last one zero-padded).
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs row-major `w` (`[k, n]`).
+    pub fn new(w: &[f32], k: usize, n: usize) -> PackedB {
+        assert_eq!(w.len(), k * n);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        for (p, panel) in data.chunks_mut(k * NR).enumerate() {
+            let (c0, c1) = (p * NR, ((p + 1) * NR).min(n));
+            for (kk, row) in panel.chunks_mut(NR).enumerate() {
+                row[..c1 - c0].copy_from_slice(&w[kk * n + c0..kk * n + c1]);
+            }
+        }
+        PackedB { k, n, data }
+    }
+
+    /// Rows (the inner dimension).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// Whether [`matmul_packed`] runs its own tiles here (AVX2+FMA); callers use another path otherwise.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `a[rows, k] @ b (+ bias per column)`, row-major `[rows, n]`. `after(rows_out)` runs on each task's
+/// finished rows while they are still in cache (a fused activation). Panics if [`available`] is false.
+pub fn matmul_packed(a: &[f32], b: &PackedB, bias: Option<&[f32]>, after: &(dyn Fn(&mut [f32]) + Sync)) -> Vec<f32> {
+    assert!(available(), "sgemm tiles need AVX2 and FMA");
+    let (k, n) = (b.k, b.n);
+    assert!(k > 0 && a.len().is_multiple_of(k) && bias.is_none_or(|v| v.len() == n));
+    let rows = a.len() / k;
+    let mut out: Vec<f32> = Vec::with_capacity(rows * n);
+    if n == 0 {
+        return out;
+    }
+    out.spare_capacity_mut()[..rows * n].par_chunks_mut(MC * n).enumerate().for_each_init(
+        Vec::new,
+        |packed, (t, o)| {
+            let r0 = t * MC;
+            let nrows = o.len() / n;
+            // SAFETY: the CPU has AVX2+FMA (asserted above); `a` holds rows r0..r0+nrows of k floats and `o`
+            // those rows of n outputs. The first k slice writes every output before any is read back, so
+            // the chunk is initialised when `after` sees it.
+            unsafe {
+                let p = o.as_mut_ptr() as *mut f32;
+                rows_task(&a[r0 * k..(r0 + nrows) * k], nrows, b, bias, p, packed);
+                after(std::slice::from_raw_parts_mut(p, o.len()));
+            }
+        },
+    );
+    // SAFETY: every chunk was written in full above.
+    unsafe { out.set_len(rows * n) };
+    out
+}
+
+/// All of `nrows` rows: per k slice, the rows are packed into `[k][6]` micro-panels (each tile then reads
+/// its six rows from one contiguous run instead of six strided ones), then every panel of `b` passes
+/// over them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_task(a: &[f32], nrows: usize, b: &PackedB, bias: Option<&[f32]>, o: *mut f32, packed: &mut Vec<f32>) {
+    let (k, n) = (b.k, b.n);
+    let mut k0 = 0;
+    while k0 < k {
+        let kn = KC.min(k - k0);
+        pack_rows(a, nrows, k, k0, kn, packed);
+        for p in 0..n.div_ceil(NR) {
+            let panel = b.data.as_ptr().add(p * k * NR + k0 * NR);
+            let c0 = p * NR;
+            let width = NR.min(n - c0);
+            let mut r = 0;
+            while r < nrows {
+                let mr = MR.min(nrows - r);
+                let t = Tile {
+                    a: packed.as_ptr().add(r * kn),
+                    b: panel,
+                    kn,
+                    c: o.add(r * n + c0),
+                    ldc: n,
+                    width,
+                    bias: if k0 == 0 { bias.map(|v| v.as_ptr().add(c0)) } else { None },
+                    first: k0 == 0,
+                };
+                match mr {
+                    6 => tile::<6>(t),
+                    5 => tile::<5>(t),
+                    4 => tile::<4>(t),
+                    3 => tile::<3>(t),
+                    2 => tile::<2>(t),
+                    _ => tile::<1>(t),
+                }
+                r += mr;
+            }
+        }
+        k0 += kn;
+    }
+}
+
+/// Columns `k0..k0+kn` of the rows, as `[kn][mr]` micro-panels of up to 6 rows, one after another (the
+/// panel of rows r..r+mr starts at `r * kn`).
+fn pack_rows(a: &[f32], nrows: usize, k: usize, k0: usize, kn: usize, packed: &mut Vec<f32>) {
+    packed.clear();
+    packed.resize(nrows * kn, 0.0);
+    let mut r = 0;
+    while r < nrows {
+        let mr = MR.min(nrows - r);
+        let dst = &mut packed[r * kn..(r + mr) * kn];
+        for i in 0..mr {
+            let src = &a[(r + i) * k + k0..(r + i) * k + k0 + kn];
+            for (kk, &v) in src.iter().enumerate() {
+                dst[kk * mr + i] = v;
+            }
+        }
+        r += mr;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn rows_task(_: &[f32], _: usize, _: &PackedB, _: Option<&[f32]>, _: *mut f32, _: &mut Vec<f32>) {
+    unreachable!("sgemm tiles need x86_64")
+}
+
+/// One `R x 16` tile over one k slice.
+#[derive(Clone, Copy)]
+struct Tile {
+    /// The rows' micro-panel (`[kn][R]`).
+    a: *const f32,
+    b: *const f32,
+    kn: usize,
+    c: *mut f32,
+    ldc: usize,
+    /// Valid columns (16 except in the last panel).
+    width: usize,
+    /// Bias at the tile's first column (first k slice only).
+    bias: Option<*const f32>,
+    /// First k slice: start from the bias (or zero) instead of the stored partial sums.
+    first: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // acc[r][..] inside an r loop reads more clearly than zips here
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile<const R: usize>(t: Tile) {
+    use std::arch::x86_64::*;
+    let full = t.width == NR;
+    // Partial sums of a narrow last panel go through a 16-wide scratch tile.
+    let mut scratch = [0f32; MR * NR];
+    let (c, ldc) = if full { (t.c, t.ldc) } else { (scratch.as_mut_ptr(), NR) };
+    if !full && !t.first {
+        for r in 0..R {
+            std::ptr::copy_nonoverlapping(t.c.add(r * t.ldc), c.add(r * ldc), t.width);
+        }
+    }
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    if t.first {
+        if let Some(bp) = t.bias {
+            let mut bv = [0f32; NR];
+            std::ptr::copy_nonoverlapping(bp, bv.as_mut_ptr(), t.width);
+            let (b0, b1) = (_mm256_loadu_ps(bv.as_ptr()), _mm256_loadu_ps(bv.as_ptr().add(8)));
+            for r in 0..R {
+                acc[r] = [b0, b1];
+            }
+        }
+    } else {
+        for r in 0..R {
+            acc[r] = [_mm256_loadu_ps(c.add(r * ldc)), _mm256_loadu_ps(c.add(r * ldc + 8))];
+        }
+    }
+    for kk in 0..t.kn {
+        let b0 = _mm256_loadu_ps(t.b.add(kk * NR));
+        let b1 = _mm256_loadu_ps(t.b.add(kk * NR + 8));
+        for r in 0..R {
+            let av = _mm256_broadcast_ss(&*t.a.add(kk * R + r));
+            acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+        }
+    }
+    for r in 0..R {
+        _mm256_storeu_ps(c.add(r * ldc), acc[r][0]);
+        _mm256_storeu_ps(c.add(r * ldc + 8), acc[r][1]);
+    }
+    if !full {
+        for r in 0..R {
+            std::ptr::copy_nonoverlapping(c.add(r * ldc), t.c.add(r * t.ldc), t.width);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile<const R: usize>(_: Tile) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * scale).collect()
+    }
+
+    #[test]
+    fn matches_direct_sums_with_row_column_and_k_tails() {
+        if !available() {
+            eprintln!("skipped: no AVX2+FMA here, the sgemm tiles are not used on this CPU");
+            return;
+        }
+        // Rows across task and tile tails, columns across a narrow last panel, k across slices.
+        for &(rows, k, n) in &[(1usize, 3usize, 16usize), (13, 40, 37), (80, 300, 48), (151, 520, 20)] {
+            let a = seq(rows * k, 1.0);
+            let w = seq(k * n, 0.2);
+            let bias = seq(n, 0.5);
+            let b = PackedB::new(&w, k, n);
+            let got = matmul_packed(&a, &b, Some(&bias), &|_| {});
+            let plain = matmul_packed(&a, &b, None, &|o| o.iter_mut().for_each(|v| *v *= 2.0));
+            for r in 0..rows {
+                for c in 0..n {
+                    let s: f64 = (0..k).map(|i| a[r * k + i] as f64 * w[i * n + c] as f64).sum();
+                    let (g, p) = (got[r * n + c] as f64, plain[r * n + c] as f64);
+                    assert!((g - s - bias[c] as f64).abs() < 1e-3, "rows {rows} k {k} n {n} at ({r}, {c})");
+                    assert!((p - 2.0 * s).abs() < 2e-3, "without bias, doubled after");
+                }
+            }
+        }
+    }
+}

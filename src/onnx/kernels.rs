@@ -95,12 +95,60 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32], &Layout) -> R) -> Option<R> {
 
 /// Runs `f` on the contiguous f32 data of `t` (copied first only when `t` is a strided view).
 pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
+    let t = contiguous(t)?;
     let r = with_f32(&t, |v, l| {
         let (a, b) = l.contiguous_offsets().unwrap_or((0, v.len()));
         f(&v[a..b])
     });
     r.ok_or_else(|| candle_core::Error::Msg("expected a CPU f32 tensor".into()).into())
+}
+
+/// `t` laid out contiguously: itself when it already is, else a copy, made in parallel for CPU f32 views
+/// (candle copies strided views on one thread; Swin's window shuffles make about 130 such copies a run).
+pub fn contiguous(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() || !usable(&[t]) || t.rank() == 0 {
+        return Ok(t.contiguous()?);
+    }
+    let dims = t.dims().to_vec();
+    let strides = t.layout().stride().to_vec();
+    let start = t.layout().start_offset();
+    let (rank, inner) = (dims.len(), dims[dims.len() - 1]);
+    let inner_stride = strides[rank - 1];
+    let n = t.elem_count();
+    let out = with_f32(t, |v, _| {
+        // Whole innermost rows per chunk: each starts from its own multi-index.
+        par_build(n, inner.max(1), |s, o| {
+            let mut idx = vec![0usize; rank];
+            let mut rem = s / inner.max(1);
+            for d in (0..rank - 1).rev() {
+                idx[d] = rem % dims[d];
+                rem /= dims[d];
+            }
+            for row in o.chunks_mut(inner.max(1)) {
+                let base = start + (0..rank - 1).map(|d| idx[d] * strides[d]).sum::<usize>();
+                if inner_stride == 1 {
+                    for (d, &x) in row.iter_mut().zip(&v[base..base + inner]) {
+                        d.write(x);
+                    }
+                } else {
+                    for (j, d) in row.iter_mut().enumerate() {
+                        d.write(v[base + j * inner_stride]);
+                    }
+                }
+                for d in (0..rank - 1).rev() {
+                    idx[d] += 1;
+                    if idx[d] < dims[d] {
+                        break;
+                    }
+                    idx[d] = 0;
+                }
+            }
+        })
+    });
+    match out {
+        Some(v) => tensor(v, &dims),
+        None => Ok(t.contiguous()?),
+    }
 }
 
 /// A CPU tensor owning `v` (moved, not copied; the length is checked against `dims`).
@@ -793,6 +841,22 @@ mod tests {
             term *= -x * x / (n + 1) as f64;
         }
         sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn contiguous_copies_permuted_and_narrowed_views() {
+        let x = t(seq(2 * 3 * 4 * 5, 1.0), &[2, 3, 4, 5]);
+        for v in [
+            x.permute((0, 2, 1, 3)).unwrap(),
+            x.permute((3, 1, 0, 2)).unwrap(),
+            x.narrow(2, 1, 2).unwrap().transpose(0, 3).unwrap(),
+        ] {
+            let got = contiguous(&v).unwrap();
+            assert!(got.is_contiguous());
+            assert_eq!(got.dims(), v.dims());
+            let want = v.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        }
     }
 
     #[test]

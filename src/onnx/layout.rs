@@ -188,6 +188,22 @@ impl Blocked {
         let pointwise = g.k == (1, 1) && g.s == (1, 1) && g.pads == [0; 4] && group == 1;
         let depthwise = group == c && group == m && w.dims()[1] == 1 && g.k.0 <= 16;
         let fast = kernels::usable(&[&x, &w]) && b.as_ref().is_none_or(|b| kernels::usable(&[b]));
+        let bias = match &b {
+            Some(b) if fast => b.flatten_all()?.to_vec1::<f32>()?,
+            _ => vec![0.0; m],
+        };
+        let nact = act.map(|(lo, hi)| nchwc::Act { lo, hi }).unwrap_or(nchwc::Act::NONE);
+        let (n, h, wd) = (x_dims[0], x_dims[2], x_dims[3]);
+        let (oh, ow) = g.out_size(h, wd);
+        if fast && group == 1 && !pointwise && m.is_multiple_of(LANES) && g.k.0 <= 16 {
+            // A dense conv (a stem) reads NCHW and writes blocked directly.
+            let x = if x_blocked { from_blocked(&x)? } else { x };
+            let packed = self.packed_weights(i, node, &w, statics, |ws| nchwc::pack_pointwise(ws, m, ws.len() / m))?;
+            let y = kernels::with_data(&x, |xs| {
+                nchwc::dense_to_blocked(xs, (n, c, h, wd), &packed, &bias, m, g, nact, false)
+            })?;
+            return Ok((out, kernels::tensor(y, &[n, m / LANES, oh, ow, LANES])?));
+        }
         if !(fast && (pointwise || depthwise) && c.is_multiple_of(LANES) && m.is_multiple_of(LANES)) {
             let x = if x_blocked { from_blocked(&x)? } else { x };
             return Ok((out, to_blocked(&conv::conv_act(node, &x, &w, b.as_ref(), act)?)?));
@@ -200,18 +216,11 @@ impl Blocked {
                 nchwc::pack_depthwise(ws, c, g.k.0 * g.k.1)
             }
         })?;
-        let bias = match &b {
-            Some(b) => b.flatten_all()?.to_vec1::<f32>()?,
-            None => vec![0.0; m],
-        };
-        let act = act.map(|(lo, hi)| nchwc::Act { lo, hi }).unwrap_or(nchwc::Act::NONE);
-        let (n, h, wd) = (x_dims[0], x_dims[2], x_dims[3]);
-        let (oh, ow) = g.out_size(h, wd);
         let y = kernels::with_data(&xb, |xs| {
             if pointwise {
-                nchwc::pointwise(xs, (n, c, h * wd), &packed, &bias, m, act, false)
+                nchwc::pointwise(xs, (n, c, h * wd), &packed, &bias, m, nact, false)
             } else {
-                nchwc::depthwise(xs, (n, c, h, wd), &packed, &bias, g, act, false)
+                nchwc::depthwise(xs, (n, c, h, wd), &packed, &bias, g, nact, false)
             }
         })?;
         Ok((out, kernels::tensor(y, &[n, m / LANES, oh, ow, LANES])?))

@@ -400,7 +400,9 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
             let t = x()?;
             let spec = to_i64s(input(node, ins, 1)?)?;
             let allowzero = at.int("allowzero", 0) == 1;
-            one(t.reshape(reshape_dims(node, t.dims(), &spec, allowzero)?.as_slice())?)
+            let dims = reshape_dims(node, t.dims(), &spec, allowzero)?;
+            // A strided view is copied by our parallel copy (candle's reshape would copy on one thread).
+            one(kernels::contiguous(t)?.reshape(dims.as_slice())?)
         }
         "Flatten" => {
             let t = x()?;

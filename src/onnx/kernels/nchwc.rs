@@ -131,7 +131,7 @@ struct PwTile {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{DwRow, PwTile, LANES};
+    use super::{DenseRow, DwRow, PwTile, LANES};
 
     /// Clamp that keeps NaN (the operand order of max/min picks the second operand on NaN).
     #[inline(always)]
@@ -191,6 +191,50 @@ mod avx2 {
         let (lo, hi) = (_mm256_set1_ps(d.lo), _mm256_set1_ps(d.hi));
         for (r, &a) in acc.iter().enumerate() {
             _mm256_storeu_ps(d.out.add((ox0 + r) * LANES), clamp(a, lo, hi));
+        }
+    }
+
+    /// `R` output pixels x `OB` output blocks of a dense conv row from NCHW input (one broadcast input
+    /// value per tap and pixel, one weight vector per tap and block); `CHECK` as in [`dw_pixels`].
+    #[allow(clippy::needless_range_loop)] // acc[o][r] inside r and o loops reads more clearly than zips
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dense_pixels<const R: usize, const OB: usize, const CHECK: bool>(
+        d: &DenseRow,
+        ox0: usize,
+        ob0: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); R]; OB];
+        for o in 0..OB {
+            let b = _mm256_loadu_ps(d.bias.add((ob0 + o) * LANES));
+            acc[o] = [b; R];
+        }
+        for ch in 0..d.c {
+            for &(i, row) in &d.rows[..d.nrows] {
+                let rowp = row.add(ch * d.plane);
+                for j in 0..d.kw {
+                    let tap = (ch * d.kh + i) * d.kw + j;
+                    let mut wv = [_mm256_setzero_ps(); OB];
+                    for o in 0..OB {
+                        wv[o] = _mm256_loadu_ps(d.w.add(((ob0 + o) * d.taps + tap) * LANES));
+                    }
+                    for r in 0..R {
+                        let ix = ((ox0 + r) * d.sx + j * d.dx) as isize - d.pl as isize;
+                        if CHECK && (ix < 0 || ix >= d.width as isize) {
+                            continue;
+                        }
+                        let xv = _mm256_broadcast_ss(&*rowp.offset(ix));
+                        for o in 0..OB {
+                            acc[o][r] = _mm256_fmadd_ps(wv[o], xv, acc[o][r]);
+                        }
+                    }
+                }
+            }
+        }
+        let (lo, hi) = (_mm256_set1_ps(d.lo), _mm256_set1_ps(d.hi));
+        for o in 0..OB {
+            for r in 0..R {
+                _mm256_storeu_ps(d.out.add((ob0 + o) * d.block_stride + (ox0 + r) * LANES), clamp(acc[o][r], lo, hi));
+            }
         }
     }
 }
@@ -504,6 +548,156 @@ unsafe fn dw_span(d: &DwRow, from: usize, to: usize, check: bool) {
     }
 }
 
+/// One output row of a dense conv from NCHW input: the input rows its taps read (tap row, row start in
+/// channel 0; channel `ch` is `ch * plane` further).
+struct DenseRow {
+    rows: [(usize, *const f32); 16],
+    nrows: usize,
+    c: usize,
+    plane: usize,
+    kh: usize,
+    kw: usize,
+    taps: usize,
+    width: usize,
+    sx: usize,
+    dx: usize,
+    pl: usize,
+    w: *const f32,
+    bias: *const f32,
+    /// Output row start in block 0; blocks `block_stride` apart.
+    out: *mut f32,
+    block_stride: usize,
+    lo: f32,
+    hi: f32,
+}
+
+/// The portable form of [`avx2::dense_pixels`] (all pixels of a row, every output block).
+unsafe fn dense_row_scalar(d: &DenseRow, ow: usize, blocks: usize) {
+    for ob in 0..blocks {
+        for ox in 0..ow {
+            let mut acc = [0f32; LANES];
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a = *d.bias.add(ob * LANES + l);
+            }
+            for ch in 0..d.c {
+                for &(i, row) in &d.rows[..d.nrows] {
+                    for j in 0..d.kw {
+                        let ix = (ox * d.sx + j * d.dx) as isize - d.pl as isize;
+                        if ix < 0 || ix >= d.width as isize {
+                            continue;
+                        }
+                        let xv = *row.add(ch * d.plane).offset(ix);
+                        let wp = d.w.add((ob * d.taps + (ch * d.kh + i) * d.kw + j) * LANES);
+                        for (l, a) in acc.iter_mut().enumerate() {
+                            *a += *wp.add(l) * xv;
+                        }
+                    }
+                }
+            }
+            for (l, a) in acc.iter().enumerate() {
+                *d.out.add(ob * d.block_stride + ox * LANES + l) = clamp1(*a, d.lo, d.hi);
+            }
+        }
+    }
+}
+
+/// A dense (group 1) convolution of NCHW input `x` (`[n, c, h, w]`, any `c`: a 3-channel stem) straight
+/// into blocked `[n, m/8, oh, ow, 8]`, weights packed by [`pack_pointwise`] of `[m, c*kh*kw]`.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_to_blocked(
+    x: &[f32],
+    (n, c, h, wd): (usize, usize, usize, usize),
+    wp: &[f32],
+    bias: &[f32],
+    m: usize,
+    g: ConvGeom,
+    act: Act,
+    portable: bool,
+) -> Vec<f32> {
+    let (kh, kw) = g.k;
+    let taps = c * kh * kw;
+    assert!(m.is_multiple_of(LANES) && kh <= 16 && x.len() == n * c * h * wd && wp.len() == m * taps);
+    assert!(bias.len() == m);
+    let simd = use_avx2(portable);
+    let (oh, ow) = g.out_size(h, wd);
+    let (sx, dx, pl) = (g.s.1, g.d.1, g.pads[1]);
+    let first = pl.div_ceil(sx).min(ow);
+    let last = if wd + pl > (kw - 1) * dx { ((wd + pl - (kw - 1) * dx - 1) / sx + 1).min(ow) } else { 0 };
+    let (first, last) = if last > first { (first, last) } else { (ow, ow) };
+    let blocks = m / LANES;
+    build(n * m * oh * ow, |out| {
+        (0..n * oh).into_par_iter().for_each(|task| {
+            let (img, oy) = (task / oh, task % oh);
+            let src = &x[img * c * h * wd..(img + 1) * c * h * wd];
+            let mut rows = [(0usize, std::ptr::null::<f32>()); 16];
+            let mut nrows = 0;
+            for i in 0..kh {
+                let iy = (oy * g.s.0 + i * g.d.0) as isize - g.pads[0] as isize;
+                if iy >= 0 && (iy as usize) < h {
+                    rows[nrows] = (i, src[iy as usize * wd..].as_ptr());
+                    nrows += 1;
+                }
+            }
+            let d = DenseRow {
+                rows,
+                nrows,
+                c,
+                plane: h * wd,
+                kh,
+                kw,
+                taps,
+                width: wd,
+                sx,
+                dx,
+                pl,
+                w: wp.as_ptr(),
+                bias: bias.as_ptr(),
+                out: out.at(img * m * oh * ow + oy * ow * LANES),
+                block_stride: oh * ow * LANES,
+                lo: act.lo,
+                hi: act.hi,
+            };
+            // SAFETY: tap rows are checked above, tap columns on the borders (CHECK) or known inside
+            // (first..last); each task writes its own output row in every block.
+            unsafe { dense_row(&d, ow, first, last, blocks, simd) };
+        });
+    })
+}
+
+/// Every pixel and block of one dense output row.
+unsafe fn dense_row(d: &DenseRow, ow: usize, first: usize, last: usize, blocks: usize, simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        use avx2::dense_pixels as k;
+        let mut ob = 0;
+        while ob < blocks {
+            let two = blocks - ob >= 2;
+            for ox in (0..first).chain(last..ow) {
+                if two {
+                    k::<1, 2, true>(d, ox, ob)
+                } else {
+                    k::<1, 1, true>(d, ox, ob)
+                }
+            }
+            let mut ox = first;
+            while ox < last {
+                let r = if last - ox >= 6 { 6 } else { 1 };
+                match (r, two) {
+                    (6, true) => k::<6, 2, false>(d, ox, ob),
+                    (6, false) => k::<6, 1, false>(d, ox, ob),
+                    (_, true) => k::<1, 2, false>(d, ox, ob),
+                    (_, false) => k::<1, 1, false>(d, ox, ob),
+                }
+                ox += r;
+            }
+            ob += if two { 2 } else { 1 };
+        }
+        return;
+    }
+    let _ = (first, last, simd);
+    dense_row_scalar(d, ow, blocks)
+}
+
 /// Mean over the pixels of blocked `[n, c/8, hw, 8]`: NCHW `[n, c]` (GlobalAveragePool).
 pub fn global_avg_pool(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
     assert!(c.is_multiple_of(LANES) && x.len() == n * c * hw);
@@ -649,6 +843,66 @@ mod tests {
                     max_diff(&got, &want) < 1e-4,
                     "h {h} w {w} k {k} s {s} d {d} pads {pads:?} portable {portable}"
                 );
+            }
+        }
+    }
+
+    /// Direct sums of a dense conv in NCHW.
+    fn dense_ref(
+        x: &[f32],
+        (n, c, h, w): (usize, usize, usize, usize),
+        k: &[f32],
+        b: &[f32],
+        m: usize,
+        g: ConvGeom,
+    ) -> Vec<f32> {
+        let (oh, ow) = g.out_size(h, w);
+        let mut out = vec![0f32; n * m * oh * ow];
+        for img in 0..n {
+            for o in 0..m {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut s = b[o];
+                        for ch in 0..c {
+                            for i in 0..g.k.0 {
+                                for j in 0..g.k.1 {
+                                    let iy = (oy * g.s.0 + i * g.d.0) as isize - g.pads[0] as isize;
+                                    let ix = (ox * g.s.1 + j * g.d.1) as isize - g.pads[1] as isize;
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                        let kv = k[((o * c + ch) * g.k.0 + i) * g.k.1 + j];
+                                        s += kv * x[((img * c + ch) * h + iy as usize) * w + ix as usize];
+                                    }
+                                }
+                            }
+                        }
+                        out[((img * m + o) * oh + oy) * ow + ox] = s;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn dense_to_blocked_matches_direct_sums() {
+        // 3 output blocks (a 2-block and a 1-block pass), rows wider than a 6-pixel tile, stride 2.
+        for &(c, h, w, k, s, pads) in &[
+            (3usize, 13usize, 17usize, 3usize, 2usize, [0usize, 1, 1, 1]),
+            (3, 9, 9, 3, 1, [1, 1, 1, 1]),
+            (5, 8, 20, 5, 2, [2, 2, 2, 2]),
+        ] {
+            let (n, m) = (2, 24);
+            let g = ConvGeom { k: (k, k), s: (s, s), d: (1, 1), pads };
+            let x = seq(n * c * h * w, 1.0);
+            let kv = seq(m * c * k * k, 0.3);
+            let b = seq(m, 0.2);
+            let want = dense_ref(&x, (n, c, h, w), &kv, &b, m, g);
+            let (oh, ow) = g.out_size(h, w);
+            for portable in [false, true] {
+                let packed = pack_pointwise(&kv, m, c * k * k);
+                let got = dense_to_blocked(&x, (n, c, h, w), &packed, &b, m, g, Act::NONE, portable);
+                let got = unblock(&got, n, m, oh * ow);
+                assert!(max_diff(&got, &want) < 1e-4, "c {c} h {h} w {w} k {k} s {s} portable {portable}");
             }
         }
     }

@@ -62,49 +62,81 @@ pub fn available() -> bool {
     }
 }
 
-/// `a[rows, k] @ b (+ bias per column)`, row-major `[rows, n]`. `after(rows_out)` runs on each task's
-/// finished rows while they are still in cache (a fused activation). Panics if [`available`] is false.
+/// The output buffer shared by tasks writing disjoint (row chunk, panel range) blocks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint blocks of the buffer (see `matmul_packed`), which outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The element at `i` (a method, so closures capture the whole wrapper).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `a[rows, k] @ b (+ bias per column)`, row-major `[rows, n]`. `after(segment)` runs on each finished
+/// row segment of a task while it is still in cache (a fused activation). Panics if [`available`] is false.
+///
+/// Tasks are chunks of [`MC`] rows; when there are too few rows to keep every thread busy (one image in
+/// Swin's last stages: 49 rows), the column panels are split among tasks as well, so each thread streams
+/// only its share of `b`.
 pub fn matmul_packed(a: &[f32], b: &PackedB, bias: Option<&[f32]>, after: &(dyn Fn(&mut [f32]) + Sync)) -> Vec<f32> {
     assert!(available(), "sgemm tiles need AVX2 and FMA");
     let (k, n) = (b.k, b.n);
     assert!(k > 0 && a.len().is_multiple_of(k) && bias.is_none_or(|v| v.len() == n));
     let rows = a.len() / k;
     let mut out: Vec<f32> = Vec::with_capacity(rows * n);
-    if n == 0 {
+    if n == 0 || rows == 0 {
         return out;
     }
-    out.spare_capacity_mut()[..rows * n].par_chunks_mut(MC * n).enumerate().for_each_init(
-        Vec::new,
-        |packed, (t, o)| {
-            let r0 = t * MC;
-            let nrows = o.len() / n;
-            // SAFETY: the CPU has AVX2+FMA (asserted above); `a` holds rows r0..r0+nrows of k floats and `o`
-            // those rows of n outputs. The first k slice writes every output before any is read back, so
-            // the chunk is initialised when `after` sees it.
-            unsafe {
-                let p = o.as_mut_ptr() as *mut f32;
-                rows_task(&a[r0 * k..(r0 + nrows) * k], nrows, b, bias, p, packed);
-                after(std::slice::from_raw_parts_mut(p, o.len()));
+    let chunks = rows.div_ceil(MC);
+    let panels = n.div_ceil(NR);
+    let want = 4 * rayon::current_num_threads();
+    let per = panels.div_ceil(want.div_ceil(chunks).clamp(1, panels));
+    let groups = panels.div_ceil(per);
+    let o = OutPtr(out.spare_capacity_mut().as_mut_ptr() as *mut f32);
+    (0..chunks * groups).into_par_iter().for_each_init(Vec::new, |packed, t| {
+        let (r0, p0) = ((t / groups) * MC, (t % groups) * per);
+        let nrows = MC.min(rows - r0);
+        let p1 = (p0 + per).min(panels);
+        let (c0, c1) = (p0 * NR, (p1 * NR).min(n));
+        // SAFETY: the CPU has AVX2+FMA (asserted above); `a` holds rows r0..r0+nrows of k floats; this task
+        // alone writes rows r0..r0+nrows x columns c0..c1 of the output (the tasks tile it exactly), all in
+        // the first k slice before reading any back, so each segment is initialised when `after` sees it.
+        unsafe {
+            rows_task(&a[r0 * k..(r0 + nrows) * k], nrows, b, bias, o.at(r0 * n), (p0, p1), packed);
+            for r in 0..nrows {
+                after(std::slice::from_raw_parts_mut(o.at((r0 + r) * n + c0), c1 - c0));
             }
-        },
-    );
-    // SAFETY: every chunk was written in full above.
+        }
+    });
+    // SAFETY: the tasks wrote every (row, column).
     unsafe { out.set_len(rows * n) };
     out
 }
 
-/// All of `nrows` rows: per k slice, the rows are packed into `[k][6]` micro-panels (each tile then reads
-/// its six rows from one contiguous run instead of six strided ones), then every panel of `b` passes
-/// over them.
+/// All of `nrows` rows times panels `p0..p1` of `b`, into `o` (row stride n): per k slice, the rows are
+/// packed into `[k][6]` micro-panels (each tile then reads its six rows from one contiguous run instead of
+/// six strided ones), then each panel passes over them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_task(a: &[f32], nrows: usize, b: &PackedB, bias: Option<&[f32]>, o: *mut f32, packed: &mut Vec<f32>) {
+unsafe fn rows_task(
+    a: &[f32],
+    nrows: usize,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    o: *mut f32,
+    (p0, p1): (usize, usize),
+    packed: &mut Vec<f32>,
+) {
     let (k, n) = (b.k, b.n);
     let mut k0 = 0;
     while k0 < k {
         let kn = KC.min(k - k0);
         pack_rows(a, nrows, k, k0, kn, packed);
-        for p in 0..n.div_ceil(NR) {
+        for p in p0..p1 {
             let panel = b.data.as_ptr().add(p * k * NR + k0 * NR);
             let c0 = p * NR;
             let width = NR.min(n - c0);
@@ -156,7 +188,16 @@ fn pack_rows(a: &[f32], nrows: usize, k: usize, k0: usize, kn: usize, packed: &m
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn rows_task(_: &[f32], _: usize, _: &PackedB, _: Option<&[f32]>, _: *mut f32, _: &mut Vec<f32>) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_task(
+    _: &[f32],
+    _: usize,
+    _: &PackedB,
+    _: Option<&[f32]>,
+    _: *mut f32,
+    _: (usize, usize),
+    _: &mut Vec<f32>,
+) {
     unreachable!("sgemm tiles need x86_64")
 }
 

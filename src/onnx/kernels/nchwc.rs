@@ -445,6 +445,33 @@ unsafe fn dw_pixels_scalar(d: &DwRow, ox0: usize, r_n: usize) {
     }
 }
 
+/// Output columns `first..last` whose taps all fall inside an input row of `wd` (the rest are borders);
+/// `(ow, ow)` when there are none.
+fn interior(g: ConvGeom, wd: usize, ow: usize) -> (usize, usize) {
+    let ((_, kw), (_, sx), (_, dx), pl) = (g.k, g.s, g.d, g.pads[1]);
+    let first = pl.div_ceil(sx).min(ow);
+    let last = if wd + pl > (kw - 1) * dx { ((wd + pl - (kw - 1) * dx - 1) / sx + 1).min(ow) } else { 0 };
+    if last > first {
+        (first, last)
+    } else {
+        (ow, ow)
+    }
+}
+
+/// The kernel rows that output row `oy` reads inside an input of `h` rows: (tap row, `row(input row)`).
+fn tap_rows(g: ConvGeom, oy: usize, h: usize, row: impl Fn(usize) -> *const f32) -> ([(usize, *const f32); 16], usize) {
+    let mut rows = [(0usize, std::ptr::null::<f32>()); 16];
+    let mut nrows = 0;
+    for i in 0..g.k.0 {
+        let iy = (oy * g.s.0 + i * g.d.0) as isize - g.pads[0] as isize;
+        if iy >= 0 && (iy as usize) < h {
+            rows[nrows] = (i, row(iy as usize));
+            nrows += 1;
+        }
+    }
+    (rows, nrows)
+}
+
 /// A depthwise convolution on blocked input `x` (`[n, c/8, h, w, 8]`) with packed weights `k`
 /// ([`pack_depthwise`]) and `bias` (`c`), returning blocked `[n, c/8, oh, ow, 8]`. Kernels up to 16 rows.
 #[allow(clippy::too_many_arguments)]
@@ -465,9 +492,7 @@ pub fn depthwise(
     let (oh, ow) = g.out_size(h, wd);
     let (sx, dx, pl) = (g.s.1, g.d.1, g.pads[1]);
     // Output columns whose taps all fall inside the input width.
-    let first = pl.div_ceil(sx).min(ow);
-    let last = if wd + pl > (kw - 1) * dx { ((wd + pl - (kw - 1) * dx - 1) / sx + 1).min(ow) } else { 0 };
-    let (first, last) = if last > first { (first, last) } else { (ow, ow) };
+    let (first, last) = interior(g, wd, ow);
     let planes = n * c / LANES;
     let mut out: Vec<f32> = Vec::with_capacity(planes * oh * ow * LANES);
     out.spare_capacity_mut().par_chunks_mut(oh * ow * LANES).enumerate().for_each(|(plane, o)| {
@@ -475,15 +500,7 @@ pub fn depthwise(
         let src = &x[plane * h * wd * LANES..(plane + 1) * h * wd * LANES];
         let o: &mut [MaybeUninit<f32>] = o;
         for oy in 0..oh {
-            let mut rows = [(0usize, std::ptr::null::<f32>()); 16];
-            let mut nrows = 0;
-            for i in 0..kh {
-                let iy = (oy * g.s.0 + i * g.d.0) as isize - g.pads[0] as isize;
-                if iy >= 0 && (iy as usize) < h {
-                    rows[nrows] = (i, src[iy as usize * wd * LANES..].as_ptr());
-                    nrows += 1;
-                }
-            }
+            let (rows, nrows) = tap_rows(g, oy, h, |iy| src[iy * wd * LANES..].as_ptr());
             let d = DwRow {
                 rows,
                 nrows,
@@ -621,23 +638,13 @@ pub fn dense_to_blocked(
     let simd = use_avx2(portable);
     let (oh, ow) = g.out_size(h, wd);
     let (sx, dx, pl) = (g.s.1, g.d.1, g.pads[1]);
-    let first = pl.div_ceil(sx).min(ow);
-    let last = if wd + pl > (kw - 1) * dx { ((wd + pl - (kw - 1) * dx - 1) / sx + 1).min(ow) } else { 0 };
-    let (first, last) = if last > first { (first, last) } else { (ow, ow) };
+    let (first, last) = interior(g, wd, ow);
     let blocks = m / LANES;
     build(n * m * oh * ow, |out| {
         (0..n * oh).into_par_iter().for_each(|task| {
             let (img, oy) = (task / oh, task % oh);
             let src = &x[img * c * h * wd..(img + 1) * c * h * wd];
-            let mut rows = [(0usize, std::ptr::null::<f32>()); 16];
-            let mut nrows = 0;
-            for i in 0..kh {
-                let iy = (oy * g.s.0 + i * g.d.0) as isize - g.pads[0] as isize;
-                if iy >= 0 && (iy as usize) < h {
-                    rows[nrows] = (i, src[iy as usize * wd..].as_ptr());
-                    nrows += 1;
-                }
-            }
+            let (rows, nrows) = tap_rows(g, oy, h, |iy| src[iy * wd..].as_ptr());
             let d = DenseRow {
                 rows,
                 nrows,

@@ -47,66 +47,46 @@ fn build(len: usize, fill: impl FnOnce(Out)) -> Vec<f32> {
     v
 }
 
-/// NCHW `[n, c, hw]` to blocked `[n, c/8, hw, 8]` (`c` a multiple of 8).
-pub fn block(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
-    assert!(c.is_multiple_of(LANES) && x.len() == n * c * hw);
+/// Each `[rows, cols]` plane of `x` (planes one after another) transposed to `[cols, rows]`, in parallel.
+fn transpose_planes(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let plane = rows * cols;
     let mut out: Vec<f32> = Vec::with_capacity(x.len());
-    out.spare_capacity_mut().par_chunks_mut(hw * LANES).enumerate().for_each(|(plane, o)| {
-        let src = &x[plane * LANES * hw..(plane + 1) * LANES * hw];
-        for (p, px) in o.chunks_mut(LANES).enumerate() {
-            for (l, d) in px.iter_mut().enumerate() {
-                d.write(src[l * hw + p]);
+    if plane == 0 {
+        return out;
+    }
+    out.spare_capacity_mut()[..x.len()].par_chunks_mut(plane).enumerate().for_each(|(p, o)| {
+        let src = &x[p * plane..(p + 1) * plane];
+        for (j, col) in o.chunks_mut(rows).enumerate() {
+            for (i, d) in col.iter_mut().enumerate() {
+                d.write(src[i * cols + j]);
             }
         }
     });
-    // SAFETY: every (plane, pixel, lane) was written above.
+    // SAFETY: every element of every plane was written above (x.len() is a whole number of planes).
     unsafe { out.set_len(x.len()) };
     out
+}
+
+/// NCHW `[n, c, hw]` to blocked `[n, c/8, hw, 8]` (`c` a multiple of 8).
+pub fn block(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    assert!(c.is_multiple_of(LANES) && x.len() == n * c * hw);
+    transpose_planes(x, LANES, hw)
 }
 
 /// Blocked `[n, c/8, hw, 8]` back to NCHW `[n, c, hw]`.
 pub fn unblock(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
     assert!(c.is_multiple_of(LANES) && x.len() == n * c * hw);
-    let mut out: Vec<f32> = Vec::with_capacity(x.len());
-    out.spare_capacity_mut().par_chunks_mut(hw * LANES).enumerate().for_each(|(plane, o)| {
-        let src = &x[plane * LANES * hw..(plane + 1) * LANES * hw];
-        for (l, row) in o.chunks_mut(hw).enumerate() {
-            for (p, d) in row.iter_mut().enumerate() {
-                d.write(src[p * LANES + l]);
-            }
-        }
-    });
-    // SAFETY: every (plane, lane, pixel) was written above.
-    unsafe { out.set_len(x.len()) };
-    out
+    transpose_planes(x, hw, LANES)
 }
 
-/// 1x1 weights `[m, c]` packed for [`pointwise`]: `[m/8][c][8]`.
+/// 1x1 weights `[m, c]` packed for [`pointwise`]: `[m/8][c][8]` (the weight blocked like an activation).
 pub fn pack_pointwise(w: &[f32], m: usize, c: usize) -> Vec<f32> {
-    assert!(m.is_multiple_of(LANES) && w.len() == m * c);
-    let mut out = vec![0f32; m * c];
-    for ob in 0..m / LANES {
-        for k in 0..c {
-            for l in 0..LANES {
-                out[(ob * c + k) * LANES + l] = w[(ob * LANES + l) * c + k];
-            }
-        }
-    }
-    out
+    block(w, 1, m, c)
 }
 
 /// Depthwise weights `[c, taps]` packed for [`depthwise`]: `[c/8][taps][8]`.
 pub fn pack_depthwise(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
-    assert!(c.is_multiple_of(LANES) && w.len() == c * taps);
-    let mut out = vec![0f32; c * taps];
-    for cb in 0..c / LANES {
-        for t in 0..taps {
-            for l in 0..LANES {
-                out[(cb * taps + t) * LANES + l] = w[(cb * LANES + l) * taps + t];
-            }
-        }
-    }
-    out
+    block(w, 1, c, taps)
 }
 
 /// One 1x1-conv tile: `R` pixels x `OB` output channel blocks, summed over every input channel.

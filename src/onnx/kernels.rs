@@ -336,6 +336,30 @@ pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(tensor(out, big.dims())?))
 }
 
+/// A raw output pointer shared by parallel tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct Out(*mut f32);
+// SAFETY: tasks write disjoint element ranges (each caller documents why) and the buffer outlives them.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The element at `i` (a method, so closures capture the whole `Out`, not its raw field).
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `len` floats that `fill` writes in full through the `Out` it gets (the buffer start), never zeroed
+/// first: for kernels whose tasks write scattered blocks (par_build's contiguous chunks do not fit).
+pub(crate) fn build(len: usize, fill: impl FnOnce(Out)) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    fill(Out(v.spare_capacity_mut().as_mut_ptr() as *mut f32));
+    // SAFETY: callers write all `len` elements before returning from `fill`.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// A vector of `n` floats built in parallel: `fill(start, chunk)` must write every element of its chunk
 /// (`start` = the chunk's first index). Chunks are multiples of `align` elements. The buffer is never
 /// zeroed first: for memory-bound ops that pass costs as much as the op.

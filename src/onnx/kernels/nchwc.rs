@@ -15,7 +15,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::ConvGeom;
+use super::{build, ConvGeom};
 
 /// Channels per block.
 pub const LANES: usize = 8;
@@ -23,29 +23,6 @@ pub const LANES: usize = 8;
 const PW_PIXELS: usize = 6;
 /// Output channel blocks per 1x1-conv tile.
 const PW_BLOCKS: usize = 2;
-
-/// A raw output pointer shared by parallel tasks that write disjoint parts.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint element ranges (each caller documents why) and the buffer outlives them.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The element at `i` (a method, so closures capture the whole `Out`, not its raw field).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
-/// `len` floats that `fill` writes in full through the `Out` it gets (the buffer start).
-fn build(len: usize, fill: impl FnOnce(Out)) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(len);
-    fill(Out(v.spare_capacity_mut().as_mut_ptr() as *mut f32));
-    // SAFETY: callers write all `len` elements before returning from `fill`.
-    unsafe { v.set_len(len) };
-    v
-}
 
 /// Each `[rows, cols]` plane of `x` (planes one after another) transposed to `[cols, rows]`, in parallel.
 fn transpose_planes(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {

@@ -8,6 +8,8 @@
 
 use rayon::prelude::*;
 
+use super::build;
+
 /// Columns per panel.
 const NR: usize = 16;
 /// Rows per tile.
@@ -62,20 +64,6 @@ pub fn available() -> bool {
     }
 }
 
-/// The output buffer shared by tasks writing disjoint (row chunk, panel range) blocks.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint blocks of the buffer (see `matmul_packed`), which outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The element at `i` (a method, so closures capture the whole wrapper).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// `a[rows, k] @ b (+ bias per column)`, row-major `[rows, n]`. `after(segment)` runs on each finished
 /// row segment of a task while it is still in cache (a fused activation). Panics if [`available`] is false.
 ///
@@ -87,34 +75,32 @@ pub fn matmul_packed(a: &[f32], b: &PackedB, bias: Option<&[f32]>, after: &(dyn 
     let (k, n) = (b.k, b.n);
     assert!(k > 0 && a.len().is_multiple_of(k) && bias.is_none_or(|v| v.len() == n));
     let rows = a.len() / k;
-    let mut out: Vec<f32> = Vec::with_capacity(rows * n);
     if n == 0 || rows == 0 {
-        return out;
+        return Vec::new();
     }
     let chunks = rows.div_ceil(MC);
     let panels = n.div_ceil(NR);
     let want = 4 * rayon::current_num_threads();
     let per = panels.div_ceil(want.div_ceil(chunks).clamp(1, panels));
     let groups = panels.div_ceil(per);
-    let o = OutPtr(out.spare_capacity_mut().as_mut_ptr() as *mut f32);
-    (0..chunks * groups).into_par_iter().for_each_init(Vec::new, |packed, t| {
-        let (r0, p0) = ((t / groups) * MC, (t % groups) * per);
-        let nrows = MC.min(rows - r0);
-        let p1 = (p0 + per).min(panels);
-        let (c0, c1) = (p0 * NR, (p1 * NR).min(n));
-        // SAFETY: the CPU has AVX2+FMA (asserted above); `a` holds rows r0..r0+nrows of k floats; this task
-        // alone writes rows r0..r0+nrows x columns c0..c1 of the output (the tasks tile it exactly), all in
-        // the first k slice before reading any back, so each segment is initialised when `after` sees it.
-        unsafe {
-            rows_task(&a[r0 * k..(r0 + nrows) * k], nrows, b, bias, o.at(r0 * n), (p0, p1), packed);
-            for r in 0..nrows {
-                after(std::slice::from_raw_parts_mut(o.at((r0 + r) * n + c0), c1 - c0));
+    build(rows * n, |o| {
+        (0..chunks * groups).into_par_iter().for_each_init(Vec::new, |packed, t| {
+            let (r0, p0) = ((t / groups) * MC, (t % groups) * per);
+            let nrows = MC.min(rows - r0);
+            let p1 = (p0 + per).min(panels);
+            let (c0, c1) = (p0 * NR, (p1 * NR).min(n));
+            // SAFETY: the CPU has AVX2+FMA (asserted above); `a` holds rows r0..r0+nrows of k floats; this
+            // task alone writes rows r0..r0+nrows x columns c0..c1 of the output (the tasks tile it exactly),
+            // all in the first k slice before reading any back, so each segment is initialised when `after`
+            // sees it.
+            unsafe {
+                rows_task(&a[r0 * k..(r0 + nrows) * k], nrows, b, bias, o.at(r0 * n), (p0, p1), packed);
+                for r in 0..nrows {
+                    after(std::slice::from_raw_parts_mut(o.at((r0 + r) * n + c0), c1 - c0));
+                }
             }
-        }
-    });
-    // SAFETY: the tasks wrote every (row, column).
-    unsafe { out.set_len(rows * n) };
-    out
+        });
+    })
 }
 
 /// All of `nrows` rows times panels `p0..p1` of `b`, into `o` (row stride n): per k slice, the rows are

@@ -25,7 +25,7 @@ fn models() -> Vec<PathBuf> {
 }
 
 fn bench(c: &mut Criterion) {
-    let ort_ok = automm::infer::ort::locate().is_ok();
+    let ort_ok = automm::deploy::engine::ort::locate().is_ok();
     for path in models() {
         let proto = read_model(&path).unwrap();
         let feature = detect_feature_tensor(&proto).unwrap();
@@ -43,8 +43,8 @@ fn bench(c: &mut Criterion) {
             });
             if ort_ok {
                 let dir = tempfile::tempdir().unwrap();
-                let m = automm::infer::with_output(&path, &feature, dir.path()).unwrap();
-                let s = automm::infer::ort::OrtSession::open(&m, 0).unwrap();
+                let m = automm::deploy::engine::with_output(&path, &feature, dir.path()).unwrap();
+                let s = automm::deploy::engine::ort::OrtSession::open(&m, 0).unwrap();
                 let data: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let dims = x.dims().to_vec();
                 group.bench_with_input(BenchmarkId::new("ort", batch), &data, |b, d| {

@@ -35,14 +35,14 @@ pub struct Client {
 }
 
 fn rpc_err(e: Status) -> Error {
-    Error::Runtime(format!("server answered {:?}: {}", e.code(), e.message()))
+    Error::Server(format!("server answered {:?}: {}", e.code(), e.message()))
 }
 
 impl Client {
     /// Connects to `url` (`http://host:port`, or `https://` for TLS with `ca_pem` as the trusted root),
     /// sending `token` as a bearer token when given.
     pub async fn connect(url: &str, token: Option<&str>, ca_pem: Option<&[u8]>) -> Result<Client> {
-        let bad = |e: String| Error::Runtime(format!("cannot connect to {url}: {e}"));
+        let bad = |e: String| Error::Server(format!("cannot connect to {url}: {e}"));
         let mut ep = Endpoint::from_shared(url.to_string()).map_err(|e| bad(e.to_string()))?.tcp_nodelay(true);
         if let Some(ca) = ca_pem {
             let tls = ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));

@@ -55,9 +55,32 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
-    /// The ONNX Runtime library cannot be found or loaded.
+    /// One node of an ONNX graph is malformed or unsupported.
+    #[error("ONNX model {model}: node `{node}` ({op}): {msg}")]
+    Node {
+        /// The model file or a description.
+        model: String,
+        /// The node's name (or its first output when unnamed).
+        node: String,
+        /// Its op type.
+        op: String,
+        /// What is wrong and what was expected.
+        msg: String,
+    },
+    /// ONNX Runtime cannot be found, loaded, or fails a session.
     #[error("{0}")]
     Runtime(String),
+    /// A value could not be encoded or drawn (JSON, safetensors, SVG).
+    #[error("encoding {what}: {msg}")]
+    Encode {
+        /// What was being written.
+        what: String,
+        /// The encoder's message.
+        msg: String,
+    },
+    /// The gRPC server cannot start or serve (bind, TLS, runtime), or a client cannot reach it.
+    #[error("server: {0}")]
+    Server(String),
     /// Training failed (NaN loss, bad data split, ...).
     #[error("training: {0}")]
     Train(String),
@@ -94,6 +117,10 @@ impl Error {
     /// A config error on `key`.
     pub fn config(key: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Config { key: key.into(), msg: msg.into() }
+    }
+    /// An encoding error while writing `what`.
+    pub fn encode(what: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Error::Encode { what: what.into(), msg: msg.to_string() }
     }
     /// An ONNX error on `model`.
     pub fn onnx(model: impl Into<String>, msg: impl Into<String>) -> Self {

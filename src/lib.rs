@@ -1,31 +1,35 @@
 //! automm: train-and-deploy image classification on imbalanced data.
 //!
-//! Data flows one way: a table of image paths and labels ([`data`]) -> preprocessed images -> backbone
-//! features from an imported ONNX graph ([`onnx`], [`backbone`]) -> a linear head trained with focal loss
-//! or cross-entropy ([`loss`], [`train`]) -> metrics ([`metrics`]), the model folder ([`model`]) and
-//! predictions ([`predict`]).
+//! The modules are the pipeline's stages, each importing only those before it
+//! (`scripts/check-modules.py` checks this):
+//!
+//! ```text
+//! util -> data -> onnx -> model -> train -> deploy -> serve -> client, app
+//! ```
+//!
+//! - [`util`]: atomic files, sha256, progress bars, the compute device, named enums.
+//! - [`data`]: tables of image paths and labels, image decoding/preprocessing, augmentation.
+//! - [`onnx`]: the ONNX engine (import into candle, our kernels, plans); imports only `util`/`error`.
+//! - [`model`]: the model folder, recorded hyperparameters, the head and its predictions, the frozen
+//!   backbone, metrics.
+//! - [`train`]: hyperparameter keys, losses, AdamW, the schedule, the one training loop over a feature
+//!   source (cached features or a backbone being fine-tuned), checkpoints, plots.
+//! - [`deploy`]: export to ONNX, verification, prediction, the engines (candle, ONNX Runtime); never
+//!   imports `train`.
+//! - [`serve`]: the gRPC server (its Fit job is the only caller of `train` above it).
+//! - [`client`]: the gRPC client; imports only the protocol.
+//! - [`app`]: the demo, generated data and benchmarks.
 
-pub mod backbone;
-pub mod bench;
-pub mod checkpoint;
+pub mod app;
 pub mod client;
-pub mod config;
 pub mod data;
-pub mod demo;
+pub mod deploy;
 pub mod error;
-pub mod export;
-pub mod finetune;
-pub mod infer;
-pub mod loss;
-pub mod metrics;
 pub mod model;
 pub mod onnx;
-pub mod optim;
-pub mod predict;
-pub mod server;
-pub mod synth;
+pub mod serve;
 pub mod train;
-pub mod verify;
+pub mod util;
 
 pub use error::{Error, Result};
 

@@ -1,9 +1,10 @@
 //! Hyperparameters under AutoMM's names: spellings, files, overrides and every error.
 
-use automm::config::{Alpha, HyperParamsBuilder, LossKind, LrSchedule, ValMetric};
-use automm::loss::Reduction;
+use automm::model::hparams::{Alpha, LossKind, LrSchedule, ValMetric};
+use automm::train::config::HyperParamsBuilder;
+use automm::train::loss::Reduction;
 
-fn build(kvs: &[&str]) -> automm::Result<automm::config::HyperParams> {
+fn build(kvs: &[&str]) -> automm::Result<automm::model::hparams::HyperParams> {
     let mut b = HyperParamsBuilder::new();
     for kv in kvs {
         b = b.set_str(kv)?;

@@ -7,14 +7,15 @@ use common::{bin, fixture, ort_available};
 
 use std::path::{Path, PathBuf};
 
-use automm::export::{ExportKind, ExportMeta, ExportOptions};
-use automm::infer::exported::ExportedModel;
-use automm::infer::EngineKind;
+use automm::deploy::export::ExportOptions;
+use automm::deploy::meta::{ExportKind, ExportMeta};
+use automm::deploy::engine::exported::ExportedModel;
+use automm::deploy::engine::EngineKind;
 
 /// Trains a small model on generated images; returns (model folder, test table).
 fn trained(dir: &Path) -> (PathBuf, PathBuf) {
-    let train = automm::synth::make_dataset(dir, "train", &[16, 8, 6, 4], 40, 3).unwrap();
-    let test = automm::synth::make_dataset(dir, "test", &[3, 3, 3, 3], 40, 4).unwrap();
+    let train = automm::app::synth::make_dataset(dir, "train", &[16, 8, 6, 4], 40, 3).unwrap();
+    let test = automm::app::synth::make_dataset(dir, "test", &[3, 3, 3, 3], 40, 4).unwrap();
     let out = dir.join("run");
     let st = bin()
         .args(["train", "--quiet", "--label", "label", "--train-data"])
@@ -40,13 +41,13 @@ fn exports_match_the_model_folder_on_every_engine() {
     let (model, test) = trained(dir.path());
     let engines: Vec<EngineKind> =
         if ort_available() { vec![EngineKind::Ort, EngineKind::Candle] } else { vec![EngineKind::Candle] };
-    let p = automm::predict::Predictor::load(&model, &candle_core::Device::Cpu).unwrap();
+    let p = automm::deploy::predict::Predictor::load(&model, &candle_core::Device::Cpu).unwrap();
     let table = automm::data::Table::load(&test, None, None).unwrap();
     let want = p.predict_table(&table, true).unwrap();
     let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
     for kind in [ExportKind::Merged, ExportKind::WithPreprocessing, ExportKind::HeadOnly] {
         let out = dir.path().join(format!("{}.onnx", kind.name()));
-        let r = automm::export::export(&model, &out, &opts(kind, true)).unwrap();
+        let r = automm::deploy::export::export(&model, &out, &opts(kind, true)).unwrap();
         let v = r.verification.unwrap();
         assert!(v.passed && v.max_abs_diff <= 1e-4 && v.labels_equal, "{kind:?}: {v:?}");
         // Metadata round-trips.
@@ -82,7 +83,7 @@ fn predict_on_an_exported_file_writes_the_same_csv_columns() {
     let dir = tempfile::tempdir().unwrap();
     let (model, test) = trained(dir.path());
     let onnx = dir.path().join("m.onnx");
-    automm::export::export(&model, &onnx, &opts(ExportKind::Merged, false)).unwrap();
+    automm::deploy::export::export(&model, &onnx, &opts(ExportKind::Merged, false)).unwrap();
     let mut csvs = Vec::new();
     for (m, engine) in [(&model, "candle"), (&onnx, "candle")] {
         let out = dir.path().join(format!("p{}.csv", csvs.len()));
@@ -109,23 +110,23 @@ fn opset_and_folder_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = trained(dir.path());
     let out = dir.path().join("x.onnx");
-    let e = automm::export::export(&model, &out, &ExportOptions { opset: Some(11), ..opts(ExportKind::Merged, false) })
+    let e = automm::deploy::export::export(&model, &out, &ExportOptions { opset: Some(11), ..opts(ExportKind::Merged, false) })
         .unwrap_err()
         .to_string();
     assert!(e.contains("--opset") && e.contains("13"), "{e}");
     assert!(!out.exists(), "nothing may be written on failure");
     // The fixture (opset 13) has no op that changed meaning up to 17: relabelling works and still verifies.
-    let r = automm::export::export(&model, &out, &ExportOptions { opset: Some(17), ..opts(ExportKind::Merged, true) })
+    let r = automm::deploy::export::export(&model, &out, &ExportOptions { opset: Some(17), ..opts(ExportKind::Merged, true) })
         .unwrap();
     assert!(r.verification.unwrap().passed);
     let proto = automm::onnx::read_model(&out).unwrap();
     assert_eq!(automm::onnx::opset_of(&proto), 17);
     // A folder that is not a model.
-    let e = automm::export::export(dir.path(), &out, &opts(ExportKind::Merged, false)).unwrap_err().to_string();
+    let e = automm::deploy::export::export(dir.path(), &out, &opts(ExportKind::Merged, false)).unwrap_err().to_string();
     assert!(e.contains("no config.json"), "{e}");
     // A corrupt head.
     std::fs::write(model.join("head.safetensors"), b"junk").unwrap();
-    let e = automm::export::export(&model, &out, &opts(ExportKind::Merged, false)).unwrap_err().to_string();
+    let e = automm::deploy::export::export(&model, &out, &opts(ExportKind::Merged, false)).unwrap_err().to_string();
     assert!(e.contains("head.safetensors") && e.contains("safetensors"), "{e}");
     // A non-automm ONNX given to predict.
     let e = ExportedModel::open(&fixture("cnn_fixture.onnx"), Some(EngineKind::Candle), 0).err().unwrap().to_string();

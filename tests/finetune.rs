@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use automm::config::EfficientFinetune;
-use automm::finetune::{select_trainable, TunedBackbone};
+use automm::model::hparams::EfficientFinetune;
+use automm::train::finetune::{select_trainable, TunedBackbone};
 use automm::onnx::{detect_feature_tensor, read_model, read_npy, Graph};
 use candle_core::{Device, Tensor};
 
@@ -165,8 +165,8 @@ fn train_cli(dir: &Path, name: &str, train: &Path, hp: &[&str]) -> std::path::Pa
 #[test]
 fn bit_fit_with_augmentation_trains_saves_predicts_and_exports_the_tuned_backbone() {
     let dir = tempfile::tempdir().unwrap();
-    let train = automm::synth::make_dataset(dir.path(), "train", &[12, 8, 6, 4], 40, 3).unwrap();
-    let test = automm::synth::make_dataset(dir.path(), "test", &[3, 3, 3, 3], 40, 4).unwrap();
+    let train = automm::app::synth::make_dataset(dir.path(), "train", &[12, 8, 6, 4], 40, 3).unwrap();
+    let test = automm::app::synth::make_dataset(dir.path(), "test", &[3, 3, 3, 3], 40, 4).unwrap();
     let hp = [
         "optimization.efficient_finetune=bit_fit",
         "model.timm_image.train_transforms=[random_resize_crop, random_horizontal_flip, color_jitter]",
@@ -191,10 +191,10 @@ fn bit_fit_with_augmentation_trains_saves_predicts_and_exports_the_tuned_backbon
         assert_eq!(std::fs::read(model.join(f)).unwrap(), std::fs::read(again.join(f)).unwrap(), "{f} differs");
     }
     // The predictor uses the tuned values: its features differ from the frozen backbone's.
-    let p = automm::predict::Predictor::load(&model, &Device::Cpu).unwrap();
+    let p = automm::deploy::predict::Predictor::load(&model, &Device::Cpu).unwrap();
     let table = automm::data::Table::load(&test, None, None).unwrap();
     let tuned = p.features(&table, true).unwrap();
-    let mut frozen = automm::backbone::Backbone::load(
+    let mut frozen = automm::model::backbone::Backbone::load(
         &common::fixture("cnn_fixture.onnx"),
         &Device::Cpu,
         Some(&cfg.backbone.feature_tensor),
@@ -213,14 +213,14 @@ fn bit_fit_with_augmentation_trains_saves_predicts_and_exports_the_tuned_backbon
     // The merged export carries the tuned initializers and matches the folder (verified on candle, and
     // on ONNX Runtime when present).
     let out = dir.path().join("tuned.onnx");
-    let opts = automm::export::ExportOptions {
-        kind: automm::export::ExportKind::Merged,
+    let opts = automm::deploy::export::ExportOptions {
+        kind: automm::deploy::meta::ExportKind::Merged,
         opset: None,
         verify: true,
         verify_data: Some(test.clone()),
         verify_images: 12,
     };
-    let r = automm::export::export(&model, &out, &opts).unwrap();
+    let r = automm::deploy::export::export(&model, &out, &opts).unwrap();
     let v = r.verification.unwrap();
     assert!(v.passed && v.max_abs_diff <= 1e-4, "{v:?}");
     let proto = read_model(&out).unwrap();
@@ -230,12 +230,12 @@ fn bit_fit_with_augmentation_trains_saves_predicts_and_exports_the_tuned_backbon
         assert_eq!(got.to_vec1::<f32>().unwrap(), t.to_vec1::<f32>().unwrap(), "`{name}` in the export");
     }
     let want = p.predict_table(&table, true).unwrap();
-    let mut engines = vec![automm::infer::EngineKind::Candle];
+    let mut engines = vec![automm::deploy::engine::EngineKind::Candle];
     if common::ort_available() {
-        engines.push(automm::infer::EngineKind::Ort);
+        engines.push(automm::deploy::engine::EngineKind::Ort);
     }
     for engine in engines {
-        let m = automm::infer::exported::ExportedModel::open(&out, Some(engine), 0).unwrap();
+        let m = automm::deploy::engine::exported::ExportedModel::open(&out, Some(engine), 0).unwrap();
         let got = m.predict_files(&files, 5, true).unwrap();
         let diff = got.probs.iter().zip(&want.probs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-4, "{engine:?} on the export vs the folder: {diff}");
@@ -246,7 +246,7 @@ fn bit_fit_with_augmentation_trains_saves_predicts_and_exports_the_tuned_backbon
 #[test]
 fn trainable_layers_train_the_last_stage_through_a_cached_prefix() {
     let dir = tempfile::tempdir().unwrap();
-    let train = automm::synth::make_dataset(dir.path(), "train", &[10, 6], 40, 5).unwrap();
+    let train = automm::app::synth::make_dataset(dir.path(), "train", &[10, 6], 40, 5).unwrap();
     let model = train_cli(dir.path(), "run", &train, &["model.backbone.trainable_layers=pw2"]);
     let cfg = automm::model::ModelDir::new(&model).read_config().unwrap();
     assert_eq!(cfg.finetuned, vec!["pw2_B".to_string(), "pw2_W".to_string()]);

@@ -1,7 +1,7 @@
 //! Focal loss against AutoGluon's formula computed by PyTorch in float64 (tests/fixtures/focal_loss_golden.json:
 //! every case of ../shared/golden/focal_loss.json with batch <= 16 plus every large-logit case).
 
-use automm::loss::{focal_loss, Reduction};
+use automm::train::loss::{focal_loss, Reduction};
 use candle_core::{Device, Tensor, Var};
 use serde::Deserialize;
 
@@ -90,7 +90,7 @@ fn focal_loss_matches_pytorch_golden_values() {
 
 #[test]
 fn auto_alpha_trains_the_tutorial_weights() {
-    let a = automm::loss::auto_alpha(&[200, 66, 22, 7]).unwrap();
+    let a = automm::train::loss::auto_alpha(&[200, 66, 22, 7]).unwrap();
     let w: Vec<f64> = [200.0, 66.0, 22.0, 7.0].iter().map(|n| 295.0 / n).collect();
     let s: f64 = w.iter().sum();
     for (x, y) in a.iter().zip(&w) {

@@ -80,13 +80,13 @@ fn image_bombs_and_broken_images_are_named_errors() {
 #[test]
 fn a_truncated_image_in_a_training_table_names_file_and_row() {
     let dir = tempfile::tempdir().unwrap();
-    let csv = automm::synth::make_dataset(dir.path(), "train", &[6, 6], 40, 1).unwrap();
+    let csv = automm::app::synth::make_dataset(dir.path(), "train", &[6, 6], 40, 1).unwrap();
     let t = Table::load(&csv, Some("label"), None).unwrap();
     let victim = t.rows[4].image.clone();
     let bytes = std::fs::read(&victim).unwrap();
     std::fs::write(&victim, &bytes[..bytes.len() / 3]).unwrap();
     let (hp, _) =
-        automm::config::HyperParamsBuilder::new().set_str("optimization.max_epochs=1").unwrap().build().unwrap();
+        automm::train::config::HyperParamsBuilder::new().set_str("optimization.max_epochs=1").unwrap().build().unwrap();
     let req = common::train_request(csv, dir.path().join("out"), hp);
     let e = automm::train::train(&req, |_| {}).unwrap_err().to_string();
     assert!(e.contains(&victim.display().to_string()) && e.contains("row 5"), "{e}");

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use automm::checkpoint::Checkpoint;
+use automm::train::checkpoint::Checkpoint;
 use automm::train::{resume, train, Event, ResumeOptions, TrainRequest};
 
 fn backbone() -> PathBuf {
@@ -20,9 +20,9 @@ fn backbone() -> PathBuf {
 fn request(dir: &Path, out: &str, hp: &[&str]) -> TrainRequest {
     let train_data = dir.join("train.csv");
     if !train_data.exists() {
-        automm::synth::make_dataset(dir, "train", &[24, 12, 8, 4], 48, 1).unwrap();
+        automm::app::synth::make_dataset(dir, "train", &[24, 12, 8, 4], 48, 1).unwrap();
     }
-    let mut b = automm::config::HyperParamsBuilder::new();
+    let mut b = automm::train::config::HyperParamsBuilder::new();
     for kv in
         ["optimization.loss_function=focal_loss", "optimization.focal_loss.alpha=auto", "env.seed=11"].iter().chain(hp)
     {
@@ -91,7 +91,7 @@ fn diverging_learning_rate_stops_naming_epoch_and_batch_and_keeps_the_checkpoint
     let before = std::fs::read(ck.state_file()).unwrap();
     // Continue with a learning rate that overflows the weights at once.
     let opts = ResumeOptions {
-        overrides: automm::config::HyperParamsBuilder::new()
+        overrides: automm::train::config::HyperParamsBuilder::new()
             .set_str("optimization.learning_rate=1e38")
             .unwrap()
             .set_str("optimization.lr_schedule=constant")
@@ -114,7 +114,7 @@ fn diverging_learning_rate_stops_naming_epoch_and_batch_and_keeps_the_checkpoint
 #[test]
 fn kill_9_at_random_moments_then_resume_equals_uninterrupted() {
     let dir = tempfile::tempdir().unwrap();
-    automm::synth::make_dataset(dir.path(), "train", &[24, 12, 8, 4], 48, 1).unwrap();
+    automm::app::synth::make_dataset(dir.path(), "train", &[24, 12, 8, 4], 48, 1).unwrap();
     let args = |out: &Path| {
         let mut c = bin();
         c.args(["train", "--quiet", "--label", "label", "--train-data"])

@@ -11,28 +11,28 @@ use std::time::Duration;
 
 use automm::client::Client;
 use automm::proto::PredictRequest;
-use automm::server::batcher::BatchConfig;
-use automm::server::{spawn, ServeConfig};
+use automm::serve::batcher::BatchConfig;
+use automm::serve::{spawn, ServeConfig};
 use tonic::Code;
 
 /// Trains and exports a small model; returns (model folder, exported onnx, test table, data dir).
 fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let train = automm::synth::make_dataset(dir, "train", &[12, 8, 6, 4], 40, 5).unwrap();
-    let test = automm::synth::make_dataset(dir, "test", &[3, 3, 3, 3], 40, 6).unwrap();
+    let train = automm::app::synth::make_dataset(dir, "train", &[12, 8, 6, 4], 40, 5).unwrap();
+    let test = automm::app::synth::make_dataset(dir, "test", &[3, 3, 3, 3], 40, 6).unwrap();
     let (hp, _) =
-        automm::config::HyperParamsBuilder::new().set_str("optimization.max_epochs=2").unwrap().build().unwrap();
+        automm::train::config::HyperParamsBuilder::new().set_str("optimization.max_epochs=2").unwrap().build().unwrap();
     let folder = dir.join("run");
     let req = common::train_request(train, folder.clone(), hp);
     automm::train::train(&req, |_| {}).unwrap();
     let onnx = dir.join("model.onnx");
-    let opts = automm::export::ExportOptions {
-        kind: automm::export::ExportKind::Merged,
+    let opts = automm::deploy::export::ExportOptions {
+        kind: automm::deploy::meta::ExportKind::Merged,
         opset: None,
         verify: false,
         verify_data: None,
         verify_images: 0,
     };
-    automm::export::export(&folder, &onnx, &opts).unwrap();
+    automm::deploy::export::export(&folder, &onnx, &opts).unwrap();
     (folder, onnx, test)
 }
 
@@ -47,7 +47,7 @@ fn config(onnx: &Path, dir: &Path) -> ServeConfig {
     c
 }
 
-struct Server(automm::server::Spawned);
+struct Server(automm::serve::Spawned);
 
 async fn start(cfg: ServeConfig) -> Server {
     Server(
@@ -76,7 +76,7 @@ impl Server {
 }
 
 fn metric(text: &str, name: &str) -> f64 {
-    automm::server::metrics::parse_metric(text, name).unwrap_or_else(|| panic!("{name} missing in {text}"))
+    automm::serve::metrics::parse_metric(text, name).unwrap_or_else(|| panic!("{name} missing in {text}"))
 }
 
 fn images(test: &Path) -> Vec<Vec<u8>> {
@@ -97,7 +97,7 @@ async fn predict_matches_local_batches_and_reports_metrics() {
 
     // Bytes: equal to the model folder's own predictions.
     let local = {
-        let p = automm::predict::Predictor::load(&folder, &candle_core::Device::Cpu).unwrap();
+        let p = automm::deploy::predict::Predictor::load(&folder, &candle_core::Device::Cpu).unwrap();
         p.predict_table(&automm::data::Table::load(&test, None, None).unwrap(), true).unwrap()
     };
     let imgs = images(&test);
@@ -370,7 +370,7 @@ async fn shutdown_drains_requests_in_flight() {
 fn mixed_soak_against_a_server_process() {
     let dir = tempfile::tempdir().unwrap();
     let (_, onnx, _) = model(dir.path());
-    let r = automm::bench::mixed_soak(Path::new(env!("CARGO_BIN_EXE_automm")), &onnx, 4, 3.0, 1.0).unwrap();
+    let r = automm::app::bench::mixed_soak(Path::new(env!("CARGO_BIN_EXE_automm")), &onnx, 4, 3.0, 1.0).unwrap();
     assert!(r.passed(), "{r:#?}");
     assert!(r.good.sent > 0 && r.bad_image.sent > 0, "{r:#?}");
     assert_eq!(r.bad_image.outcomes.get("InvalidArgument"), Some(&r.bad_image.sent));

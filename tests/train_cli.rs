@@ -21,8 +21,8 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
 }
 
 fn data(dir: &Path) -> (PathBuf, PathBuf) {
-    let train = automm::synth::make_dataset(dir, "train", &[24, 12, 8, 4], 48, 1).unwrap();
-    let test = automm::synth::make_dataset(dir, "test", &[6, 6, 6, 6], 48, 2).unwrap();
+    let train = automm::app::synth::make_dataset(dir, "train", &[24, 12, 8, 4], 48, 1).unwrap();
+    let test = automm::app::synth::make_dataset(dir, "test", &[6, 6, 6, 6], 48, 2).unwrap();
     (train, test)
 }
 
@@ -105,7 +105,7 @@ fn library_training_is_deterministic_with_a_seed() {
     let dir = tempfile::tempdir().unwrap();
     let (train, _) = data(dir.path());
     let mk = |out: &str| {
-        let (hp, _) = automm::config::HyperParamsBuilder::new()
+        let (hp, _) = automm::train::config::HyperParamsBuilder::new()
             .set_str("optimization.max_epochs=2")
             .unwrap()
             .set_str("env.seed=5")

@@ -8,5 +8,5 @@ use automm::data::{Normalization, Preprocess};
 
 fuzz_target!(|data: &[u8]| {
     let pp = Preprocess::new(16, Normalization::imagenet());
-    let _ = automm::server::request::decode_and_prepare(data, 16, &pp);
+    let _ = automm::serve::request::decode_and_prepare(data, 16, &pp);
 });

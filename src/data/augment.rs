@@ -2,17 +2,26 @@
 //! horizontal flip and colour jitter, the torchvision/timm transforms AutoMM lists. Each image draws from
 //! its own ChaCha8 stream (run seed, epoch, sample), so a run is reproducible whatever the thread count.
 
-use std::path::Path;
-
 use image::imageops::FilterType;
 use image::{DynamicImage, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::image::{decode_bytes, Preprocess};
-use crate::config::Transform;
-use crate::error::{Error, Result};
+use super::image::{ImageRef, Preprocess};
+use crate::error::Result;
+
+crate::named_enum! {
+    /// A training-time image transform (timm/torchvision names as AutoMM spells them).
+    pub enum Transform("transform") {
+        /// `random_resize_crop`: a crop of 8-100% of the area, aspect 3/4-4/3, resized to the input size.
+        RandomResizeCrop = "random_resize_crop" | "random_resized_crop",
+        /// `random_horizontal_flip`: mirror with probability 0.5.
+        RandomHorizontalFlip = "random_horizontal_flip",
+        /// `color_jitter`: brightness, contrast and saturation each scaled by a factor in [0.6, 1.4].
+        ColorJitter = "color_jitter",
+    }
+}
 
 /// The seed of sample `index` in `epoch` of a run seeded `seed`.
 pub fn sample_seed(seed: u64, epoch: usize, index: usize) -> u64 {
@@ -95,22 +104,12 @@ fn color_jitter(img: &mut RgbImage, rng: &mut ChaCha8Rng) {
 
 /// Reads, decodes, augments and normalises files in parallel into `[N, 3, S, S]` (flattened, in order);
 /// `seeds[i]` drives file i's transforms.
-pub fn files_to_batch(
-    pre: &Preprocess,
-    files: &[(&Path, Option<usize>)],
-    transforms: &[Transform],
-    seeds: &[u64],
-) -> Result<Vec<f32>> {
+pub fn files_to_batch(pre: &Preprocess, files: &[ImageRef], transforms: &[Transform], seeds: &[u64]) -> Result<Vec<f32>> {
     let parts: Result<Vec<Vec<f32>>> = files
         .par_iter()
         .zip(seeds)
-        .map(|((p, row), &seed)| {
-            let bytes = std::fs::read(p).map_err(|e| Error::Image {
-                path: p.to_path_buf(),
-                row: *row,
-                msg: format!("cannot read: {e}"),
-            })?;
-            let img = decode_bytes(&bytes, p, *row)?;
+        .map(|(f, &seed)| {
+            let img = f.decode()?;
             let mut v = Vec::with_capacity(pre.numel());
             pre.to_chw(&augment(pre, &img, transforms, seed), &mut v);
             Ok(v)

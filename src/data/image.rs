@@ -140,22 +140,38 @@ impl Preprocess {
 
     /// Reads, decodes and preprocesses one file. `row` is for the error message.
     pub fn file_to_chw(&self, path: &Path, row: Option<usize>) -> Result<Vec<f32>> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Image {
-            path: path.into(),
-            row,
-            msg: format!("cannot read: {e}"),
-        })?;
-        let img = decode_bytes(&bytes, path, row)?;
+        let img = ImageRef { path: path.to_path_buf(), row }.decode()?;
         let mut v = Vec::with_capacity(self.numel());
         self.to_chw(&self.resize_crop(&img), &mut v);
         Ok(v)
     }
 
     /// Preprocesses many files in parallel; the result is `[N, 3, size, size]` flattened, in order.
-    /// `rows` gives each file's table row for error messages.
-    pub fn files_to_batch(&self, files: &[(&Path, Option<usize>)]) -> Result<Vec<f32>> {
-        let parts: Result<Vec<Vec<f32>>> = files.par_iter().map(|(p, r)| self.file_to_chw(p, *r)).collect();
+    pub fn files_to_batch(&self, files: &[ImageRef]) -> Result<Vec<f32>> {
+        let parts: Result<Vec<Vec<f32>>> = files.par_iter().map(|f| self.file_to_chw(&f.path, f.row)).collect();
         Ok(parts?.concat())
+    }
+}
+
+/// An image file and the 1-based data row of the table that named it (for error messages), when it
+/// came from a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Its table row, when known.
+    pub row: Option<usize>,
+}
+
+impl ImageRef {
+    /// Reads and decodes the file (under the decoder limits); errors name the file and row.
+    pub fn decode(&self) -> Result<DynamicImage> {
+        let bytes = std::fs::read(&self.path).map_err(|e| Error::Image {
+            path: self.path.clone(),
+            row: self.row,
+            msg: format!("cannot read: {e}"),
+        })?;
+        decode_bytes(&bytes, &self.path, self.row)
     }
 }
 

@@ -5,5 +5,5 @@ pub mod augment;
 pub mod image;
 pub mod table;
 
-pub use self::image::{Normalization, Preprocess};
+pub use self::image::{ImageRef, Normalization, Preprocess};
 pub use self::table::{holdout_fraction, stratified_split, ClassList, Table};

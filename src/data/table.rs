@@ -8,6 +8,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::data::ImageRef;
 use crate::error::{Error, Result};
 
 /// Column names tried, in order, when `--image-column` is not given.
@@ -236,6 +237,16 @@ impl Table {
             rows.push(Row { row, image, label });
         }
         Ok(Table { path: path.to_path_buf(), image_column, label_column, rows, frame })
+    }
+
+    /// The images of rows `idx` (indices into [`rows`](Self::rows)), with their table rows.
+    pub fn image_refs(&self, idx: &[usize]) -> Vec<ImageRef> {
+        idx.iter().map(|&i| ImageRef { path: self.rows[i].image.clone(), row: Some(self.rows[i].row) }).collect()
+    }
+
+    /// The images of every row.
+    pub fn all_image_refs(&self) -> Vec<ImageRef> {
+        self.image_refs(&(0..self.rows.len()).collect::<Vec<_>>())
     }
 
     /// Checks every image file exists; the error names the first missing one's row and path.

@@ -17,7 +17,7 @@ pub fn fixture(name: &str) -> PathBuf {
 /// True when ONNX Runtime can be found. CI sets AUTOMM_REQUIRE_ORT=1, and there a missing library fails
 /// the test instead; elsewhere the caller's ORT part is reported as not run.
 pub fn ort_available() -> bool {
-    match automm::infer::ort::locate() {
+    match automm::deploy::engine::ort::locate() {
         Ok(_) => true,
         Err(e) => {
             assert!(std::env::var("AUTOMM_REQUIRE_ORT").is_err(), "AUTOMM_REQUIRE_ORT is set but: {e}");
@@ -32,7 +32,7 @@ pub fn ort_available() -> bool {
 pub fn train_request(
     train_data: PathBuf,
     output: PathBuf,
-    hp: automm::config::HyperParams,
+    hp: automm::model::hparams::HyperParams,
 ) -> automm::train::TrainRequest {
     automm::train::TrainRequest {
         train_data,

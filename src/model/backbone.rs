@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::data::{Normalization, Preprocess};
+use crate::data::{ImageRef, Normalization, Preprocess};
 use crate::error::{Error, Result};
-use crate::model::{sha256_file, BackboneInfo};
+use crate::model::BackboneInfo;
+use crate::util::fs::sha256_file;
 use crate::onnx::{detect_feature_tensor, read_model, Graph};
+use crate::util::progress::progress;
 
 /// Input side used when the ONNX input's spatial dims are symbolic.
 pub const DEFAULT_INPUT_SIZE: u32 = 224;
@@ -99,10 +100,10 @@ impl Backbone {
     }
 
     /// Features for image files, `batch` at a time, with a progress bar (hidden when `quiet`).
-    /// Rows are `(path, table row)`. Returns `[N, D]` on the backbone's device.
+    /// Returns `[N, D]` on the backbone's device.
     pub fn features_of_files(
         &self,
-        files: &[(PathBuf, Option<usize>)],
+        files: &[ImageRef],
         batch: usize,
         label: &str,
         quiet: bool,
@@ -112,8 +113,7 @@ impl Backbone {
         let mut parts = Vec::new();
         let t0 = Instant::now();
         for chunk in files.chunks(batch.max(1)) {
-            let refs: Vec<(&Path, Option<usize>)> = chunk.iter().map(|(p, r)| (p.as_path(), *r)).collect();
-            let data = self.preprocess.files_to_batch(&refs)?;
+            let data = self.preprocess.files_to_batch(chunk)?;
             let x = Tensor::from_vec(data, (chunk.len(), 3, s, s), self.graph.device())?;
             parts.push(self.features(&x)?);
             pb.inc(chunk.len() as u64);
@@ -125,19 +125,4 @@ impl Backbone {
         }
         Ok(Tensor::cat(&parts, 0)?)
     }
-}
-
-/// A progress bar with rate and ETA (hidden when `quiet` or not a terminal).
-pub fn progress(len: u64, label: &str, quiet: bool) -> ProgressBar {
-    if quiet {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.set_message(label.to_string());
-    pb
 }

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::infer::ort::OrtSession;
+use crate::deploy::engine::ort::OrtSession;
 use crate::proto::PredictRequest;
-use crate::server::batcher::BatchConfig;
-use crate::server::{spawn, ServeConfig};
+use crate::serve::batcher::BatchConfig;
+use crate::serve::{spawn, ServeConfig};
 
 /// One row of the benchmark table.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -88,7 +88,7 @@ fn raw_ips(session: &OrtSession, input: &str, size: usize, batch: usize, seconds
 /// Fetches the Prometheus text from `addr`.
 pub async fn scrape(addr: std::net::SocketAddr) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let err = |e: std::io::Error| Error::Runtime(format!("metrics at {addr}: {e}"));
+    let err = |e: std::io::Error| Error::Server(format!("metrics at {addr}: {e}"));
     let mut s = tokio::net::TcpStream::connect(addr).await.map_err(err)?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.map_err(err)?;
     let mut out = String::new();
@@ -99,8 +99,8 @@ pub async fn scrape(addr: std::net::SocketAddr) -> Result<String> {
 /// One metric's value from the endpoint at `addr`.
 pub async fn metric(addr: std::net::SocketAddr, name: &str) -> Result<f64> {
     let text = scrape(addr).await?;
-    crate::server::metrics::parse_metric(&text, name)
-        .ok_or_else(|| Error::Runtime(format!("metric {name} missing at {addr}")))
+    crate::serve::prometheus::parse_metric(&text, name)
+        .ok_or_else(|| Error::Server(format!("metric {name} missing at {addr}")))
 }
 
 /// Runs the load benchmark on an exported merged model. With `server_bin`, the server is that binary's
@@ -113,14 +113,14 @@ pub fn serve_load(
     batch: BatchConfig,
     server_bin: Option<&Path>,
 ) -> Result<(Vec<LoadRow>, Option<Soak>)> {
-    let meta = crate::export::ExportMeta::read(&crate::onnx::read_model(model)?, &model.display().to_string())?;
+    let meta = crate::deploy::meta::ExportMeta::read(&crate::onnx::read_model(model)?, &model.display().to_string())?;
     let size = meta.preprocess.size as usize;
     let raw = OrtSession::open(model, 0)?;
-    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Runtime(e.to_string()))?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Server(e.to_string()))?;
     let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let mut cfg = ServeConfig::local(model, work.path());
     cfg.batch = batch;
-    cfg.engine = Some(crate::infer::EngineKind::Ort);
+    cfg.engine = Some(crate::deploy::engine::EngineKind::Ort);
     cfg.metrics_listen = Some(([127, 0, 0, 1], 0).into());
     rt.block_on(async move {
         let (inproc, child) = match server_bin {
@@ -146,7 +146,7 @@ pub fn serve_load(
         };
         let (url, maddr) = match (&inproc, &child) {
             (Some(s), _) => {
-                (s.url(), s.running.metrics_addr.ok_or_else(|| Error::Runtime("no metrics address".into()))?)
+                (s.url(), s.running.metrics_addr.ok_or_else(|| Error::Server("no metrics address".into()))?)
             }
             (_, Some(c)) => (c.url.clone(), c.metrics),
             _ => unreachable!("one of the two is set"),
@@ -177,7 +177,7 @@ pub fn serve_load(
                 let t0 = Instant::now();
                 let (mut lat, mut errs) = (Vec::new(), 0);
                 for t in tasks {
-                    let (l, e) = t.await.map_err(|e| Error::Runtime(e.to_string()))??;
+                    let (l, e) = t.await.map_err(|e| Error::Server(e.to_string()))??;
                     lat.extend(l);
                     errs += e;
                 }
@@ -216,7 +216,7 @@ pub fn serve_load(
             s.stop().await?;
         }
         if let Some(c) = child {
-            tokio::task::spawn_blocking(move || c.stop()).await.map_err(|e| Error::Runtime(e.to_string()))??;
+            tokio::task::spawn_blocking(move || c.stop()).await.map_err(|e| Error::Server(e.to_string()))??;
         }
         Ok((rows, soak))
     })
@@ -262,10 +262,10 @@ impl ChildServer {
                 }
             }
             if let Ok(Some(status)) = me.child.try_wait() {
-                return Err(Error::Runtime(format!("`{} serve` exited ({status}) before it was ready", bin.display())));
+                return Err(Error::Server(format!("`{} serve` exited ({status}) before it was ready", bin.display())));
             }
             if t0.elapsed() > Duration::from_secs(120) {
-                return Err(Error::Runtime(format!("the server at {} did not become ready in 120 s", me.url)));
+                return Err(Error::Server(format!("the server at {} did not become ready in 120 s", me.url)));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -287,7 +287,7 @@ impl ChildServer {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let t0 = Instant::now();
         loop {
-            if let Some(st) = self.child.try_wait().map_err(|e| Error::Runtime(e.to_string()))? {
+            if let Some(st) = self.child.try_wait().map_err(|e| Error::Server(e.to_string()))? {
                 return Ok(st.success());
             }
             if t0.elapsed() > Duration::from_secs(60) {
@@ -360,9 +360,9 @@ impl MixedSoak {
 pub fn mixed_soak(bin: &Path, model: &Path, clients: usize, seconds: f64, sample_seconds: f64) -> Result<MixedSoak> {
     use rand::{Rng, SeedableRng};
     use tonic::Code;
-    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Runtime(e.to_string()))?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Server(e.to_string()))?;
     let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    let csv = crate::synth::make_dataset(work.path(), "soak", &[3, 3, 3, 3], 96, 9)?;
+    let csv = crate::app::synth::make_dataset(work.path(), "soak", &[3, 3, 3, 3], 96, 9)?;
     let table = crate::data::Table::load(&csv, None, None)?;
     let images: Vec<Vec<u8>> = table
         .rows
@@ -473,7 +473,7 @@ pub fn mixed_soak(bin: &Path, model: &Path, clients: usize, seconds: f64, sample
         let mut all: [KindTally; 4] = Default::default();
         let mut examples = Vec::new();
         for task in tasks {
-            let (t, ex) = task.await.map_err(|e| Error::Runtime(e.to_string()))??;
+            let (t, ex) = task.await.map_err(|e| Error::Server(e.to_string()))??;
             for (a, b) in all.iter_mut().zip(t) {
                 a.sent += b.sent;
                 a.unexpected += b.unexpected;
@@ -491,7 +491,7 @@ pub fn mixed_soak(bin: &Path, model: &Path, clients: usize, seconds: f64, sample
         let server_failure = server.metric("automm_request_failure_total").await?;
         drop(probe);
         let clean_exit =
-            tokio::task::spawn_blocking(move || server.stop()).await.map_err(|e| Error::Runtime(e.to_string()))??;
+            tokio::task::spawn_blocking(move || server.stop()).await.map_err(|e| Error::Server(e.to_string()))??;
         let [good, bad_image, deadline, disconnect] = all;
         examples.truncate(10);
         Ok(MixedSoak {

@@ -7,43 +7,9 @@
 //! into NaN.
 
 use candle_core::{DType, Tensor, D};
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
-
-/// How per-sample losses are combined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reduction {
-    /// Plain mean over samples.
-    Mean,
-    /// Sum over samples.
-    Sum,
-    /// Per-sample values, shape `[N]`.
-    None,
-}
-
-impl std::str::FromStr for Reduction {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "mean" => Ok(Reduction::Mean),
-            "sum" => Ok(Reduction::Sum),
-            "none" => Ok(Reduction::None),
-            other => Err(format!("unknown reduction `{other}`; expected `mean`, `sum` or `none`")),
-        }
-    }
-}
-
-impl std::fmt::Display for Reduction {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Reduction::Mean => "mean",
-            Reduction::Sum => "sum",
-            Reduction::None => "none",
-        })
-    }
-}
+pub use crate::model::hparams::Reduction;
+use crate::model::hparams::Alpha;
 
 /// Checks `logits` is `[N, C]` and `target` is `[N]`; returns `(N, C)`.
 fn check_shapes(logits: &Tensor, target: &Tensor) -> Result<(usize, usize)> {
@@ -151,6 +117,25 @@ pub fn auto_alpha(counts: &[usize]) -> Result<Vec<f64>> {
     let w: Vec<f64> = counts.iter().map(|&n| total as f64 / n as f64).collect();
     let s: f64 = w.iter().sum();
     Ok(w.into_iter().map(|x| x / s).collect())
+}
+
+/// The per-class weights `alpha` stands for on these classes and per-class training counts (None:
+/// unweighted), checking a given list has one weight per class.
+pub fn resolve_alpha(alpha: &Alpha, classes: &[String], counts: &[usize]) -> Result<Option<Vec<f64>>> {
+    match alpha {
+        Alpha::None => Ok(None),
+        Alpha::Auto => auto_alpha(counts).map(Some),
+        Alpha::List(v) if v.len() != classes.len() => Err(Error::config(
+            "optimization.focal_loss.alpha",
+            format!(
+                "has {} weights but the training data has {} classes; give one weight per class in this order: {:?}",
+                v.len(),
+                classes.len(),
+                classes
+            ),
+        )),
+        Alpha::List(v) => Ok(Some(v.clone())),
+    }
 }
 
 #[cfg(test)]

@@ -74,6 +74,6 @@ pub fn make_dataset(dir: &Path, name: &str, counts: &[usize], size: u32, seed: u
         }
     }
     let out = dir.join(format!("{name}.csv"));
-    crate::model::write_atomic(&out, csv.as_bytes())?;
+    crate::util::fs::write_atomic(&out, csv.as_bytes())?;
     Ok(out)
 }

@@ -6,12 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::config::HyperParamsBuilder;
+use crate::train::config::HyperParamsBuilder;
 use crate::data::{ClassList, Normalization, Table};
 use crate::error::{Error, Result};
-use crate::export::{ExportKind, ExportOptions};
-use crate::metrics::Report;
-use crate::predict::Predictor;
+use crate::deploy::export::ExportOptions;
+use crate::deploy::meta::ExportKind;
+use crate::model::metrics::{Metric, Report};
+use crate::deploy::predict::Predictor;
 use crate::train::{train, TrainRequest};
 
 /// What the demo runs on.
@@ -96,7 +97,7 @@ fn write_split(table: &Table, rows: &[usize], path: &Path) -> Result<()> {
         let img = std::fs::canonicalize(&r.image).unwrap_or_else(|_| r.image.clone());
         csv.push_str(&format!("{},{}\n", img.display(), r.label.as_deref().unwrap_or("")));
     }
-    crate::model::write_atomic(path, csv.as_bytes())
+    crate::util::fs::write_atomic(path, csv.as_bytes())
 }
 
 /// Runs the demo; `say` receives progress lines.
@@ -125,8 +126,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
                 opts.test_counts,
                 data_dir.display()
             ));
-            let a = crate::synth::make_dataset(&data_dir, "train", &opts.train_counts, opts.image_size, 1)?;
-            let b = crate::synth::make_dataset(&data_dir, "test", &opts.test_counts, opts.image_size, 2)?;
+            let a = crate::app::synth::make_dataset(&data_dir, "train", &opts.train_counts, opts.image_size, 1)?;
+            let b = crate::app::synth::make_dataset(&data_dir, "test", &opts.test_counts, opts.image_size, 2)?;
             (a, b, "label".to_string())
         }
     };
@@ -190,7 +191,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
     let exported = dir.join("focal.onnx");
     let opts_e =
         ExportOptions { kind: ExportKind::Merged, opset: None, verify: true, verify_data: None, verify_images: 8 };
-    crate::export::export(&focal_dir, &exported, &opts_e)?;
+    crate::deploy::export::export(&focal_dir, &exported, &opts_e)?;
 
     say("serving it on a free local port and predicting the test images through the gRPC client");
     let local = Predictor::load(&focal_dir, &candle_core::Device::Cpu)?.predict_table(&test, true)?;
@@ -229,9 +230,9 @@ type Served = ((Vec<f32>, Vec<u32>), String);
 
 /// Starts the server in-process on 127.0.0.1:0, predicts `images` through the client, stops it.
 fn serve_and_predict(model: &Path, dir: &Path, images: Vec<Vec<u8>>) -> Result<Served> {
-    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Runtime(format!("tokio: {e}")))?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Server(format!("tokio: {e}")))?;
     rt.block_on(async move {
-        let server = crate::server::spawn(crate::server::ServeConfig::local(model, &dir.join("serve"))).await?;
+        let server = crate::serve::spawn(crate::serve::ServeConfig::local(model, &dir.join("serve"))).await?;
         let client = crate::client::Client::connect(&server.url(), None, None).await?;
         let engine = client.model_info().await?.engine;
         let (mut probs, mut preds) = (Vec::new(), Vec::new());
@@ -251,8 +252,9 @@ pub fn comparison_table(r: &DemoReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "{:<28} {:>14} {:>14}", "", "cross-entropy", "focal loss");
-    for m in ["accuracy", "balanced_accuracy", "f1_macro"] {
-        let _ = writeln!(s, "{m:<28} {:>14.3} {:>14.3}", r.cross_entropy.get(m), r.focal.get(m));
+    for m in [Metric::Accuracy, Metric::BalancedAccuracy, Metric::F1Macro] {
+        let score = |r: &Report| r.get(m).unwrap_or(f64::NAN);
+        let _ = writeln!(s, "{:<28} {:>14.3} {:>14.3}", m.name(), score(&r.cross_entropy), score(&r.focal));
     }
     for (i, c) in r.focal.classes.iter().enumerate() {
         let mark = if *c == r.minority { " (minority)" } else { "" };

@@ -16,21 +16,21 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::onnx::{read_model, Graph};
 
-/// Which engine runs a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineKind {
-    /// Our importer on candle.
-    Candle,
-    /// ONNX Runtime.
-    Ort,
+crate::named_enum! {
+    /// Which engine runs a model.
+    pub enum EngineKind("engine") {
+        /// Our importer on candle.
+        Candle = "candle",
+        /// ONNX Runtime.
+        Ort = "ort" | "onnxruntime",
+    }
 }
 
 /// One engine's figures in a comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineTiming {
-    /// Engine name.
-    pub engine: String,
+    /// The engine.
+    pub engine: EngineKind,
     /// Median milliseconds per image over the timed runs.
     pub ms_per_image: f64,
 }
@@ -65,7 +65,7 @@ pub fn with_output(model: &Path, tensor: &str, dir: &Path) -> Result<PathBuf> {
         g.output = vec![ValueInfoProto { name: tensor.to_string(), ..Default::default() }];
     }
     let out = dir.join("model_with_output.onnx");
-    crate::model::write_atomic(&out, &m.encode_to_vec())?;
+    crate::util::fs::write_atomic(&out, &m.encode_to_vec())?;
     Ok(out)
 }
 
@@ -138,8 +138,8 @@ pub fn compare(model: &Path, input: &Tensor, tensor: Option<&str>, runs: usize, 
         output_shape: oshape,
         max_abs_diff,
         timings: vec![
-            EngineTiming { engine: "candle".into(), ms_per_image: candle_ms },
-            EngineTiming { engine: "ort".into(), ms_per_image: ort_ms },
+            EngineTiming { engine: EngineKind::Candle, ms_per_image: candle_ms },
+            EngineTiming { engine: EngineKind::Ort, ms_per_image: ort_ms },
         ],
     })
 }

@@ -7,11 +7,12 @@ use candle_core::{Device, Tensor};
 
 use super::ort::{Feed, OrtSession};
 use super::EngineKind;
-use crate::backbone::progress;
+use crate::data::ImageRef;
+use crate::util::progress::progress;
 use crate::error::{Error, Result};
-use crate::export::{ExportKind, ExportMeta, PROBABILITIES};
+use crate::deploy::meta::{ExportKind, ExportMeta, PROBABILITIES};
 use crate::onnx::{read_model, Graph};
-use crate::predict::Predictions;
+use crate::model::Predictions;
 
 enum Runner {
     Ort(OrtSession),
@@ -72,7 +73,7 @@ impl ExportedModel {
     }
 
     /// Probabilities `[N, C]` (row-major) for image files, `batch` at a time.
-    pub fn predict_files(&self, files: &[(PathBuf, Option<usize>)], batch: usize, quiet: bool) -> Result<Predictions> {
+    pub fn predict_files(&self, files: &[ImageRef], batch: usize, quiet: bool) -> Result<Predictions> {
         let pp = &self.meta.preprocess;
         let s = pp.size as usize;
         let k = self.meta.classes.len();
@@ -81,22 +82,11 @@ impl ExportedModel {
         for chunk in files.chunks(batch.max(1)) {
             let n = chunk.len();
             let feed = if self.meta.kind == ExportKind::WithPreprocessing {
-                let parts: Result<Vec<Vec<u8>>> = chunk
-                    .iter()
-                    .map(|(p, r)| {
-                        let bytes = std::fs::read(p).map_err(|e| Error::Image {
-                            path: p.clone(),
-                            row: *r,
-                            msg: format!("cannot read: {e}"),
-                        })?;
-                        let img = crate::data::image::decode_bytes(&bytes, p, *r)?;
-                        Ok(pp.resize_crop(&img).into_raw())
-                    })
-                    .collect();
+                let parts: Result<Vec<Vec<u8>>> =
+                    chunk.iter().map(|f| Ok(pp.resize_crop(&f.decode()?).into_raw())).collect();
                 Feed::U8(vec![n, s, s, 3], parts?.concat())
             } else {
-                let refs: Vec<(&Path, Option<usize>)> = chunk.iter().map(|(p, r)| (p.as_path(), *r)).collect();
-                Feed::F32(vec![n, 3, s, s], pp.files_to_batch(&refs)?)
+                Feed::F32(vec![n, 3, s, s], pp.files_to_batch(chunk)?)
             };
             probs.extend(self.run(feed)?);
             pb.inc(n as u64);

@@ -6,14 +6,16 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use automm::config::HyperParamsBuilder;
+use automm::train::config::HyperParamsBuilder;
 use automm::data::{Normalization, Table};
-use automm::export::{ExportKind, ExportOptions};
-use automm::infer::exported::ExportedModel;
-use automm::infer::EngineKind;
-use automm::metrics;
-use automm::predict::{write_predictions, Predictor};
-use automm::train::{resume, select_device, train, Event, ResumeOptions, TrainRequest};
+use automm::deploy::export::ExportOptions;
+use automm::deploy::meta::ExportKind;
+use automm::deploy::engine::exported::ExportedModel;
+use automm::deploy::engine::EngineKind;
+use automm::model::metrics;
+use automm::deploy::predict::{write_predictions, Predictor};
+use automm::train::{resume, train, Event, ResumeOptions, TrainRequest};
+use automm::util::device::select_device;
 
 /// automm: train and deploy image classifiers on imbalanced data.
 #[derive(Parser, Debug)]
@@ -458,7 +460,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .map(|c| c.trim().parse())
                 .collect::<std::result::Result<_, _>>()
                 .context("--clients: comma-separated numbers")?;
-            let batch = automm::server::batcher::BatchConfig {
+            let batch = automm::serve::batcher::BatchConfig {
                 max_batch_size,
                 max_queue_delay: std::time::Duration::from_micros(max_queue_delay_us),
                 max_queue_size: 4096,
@@ -474,7 +476,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 // The soak runs once, after the last repetition.
                 let soak_now = if run == repeat.max(1) { soak_seconds } else { 0.0 };
                 let (rows, s) =
-                    automm::bench::serve_load(&model, &clients, seconds, soak_now, batch, child.as_deref())?;
+                    automm::app::bench::serve_load(&model, &clients, seconds, soak_now, batch, child.as_deref())?;
                 soak = s;
                 for r in &rows {
                     ratios.entry(r.clients).or_default().push(r.server_ips / r.raw_ips);
@@ -517,7 +519,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Soak { model, clients, seconds, sample_seconds, json }) => {
-            let r = automm::bench::mixed_soak(&std::env::current_exe()?, &model, clients, seconds, sample_seconds)?;
+            let r = automm::app::bench::mixed_soak(&std::env::current_exe()?, &model, clients, seconds, sample_seconds)?;
             println!("{:<11} {:>8} {:>10}  outcomes", "kind", "sent", "unexpected");
             for (name, t) in [
                 ("good", &r.good),
@@ -542,7 +544,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("unexpected: {e}");
             }
             if let Some(p) = json {
-                automm::model::write_atomic(&p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+                automm::util::fs::write_atomic(&p, serde_json::to_string_pretty(&r)?.as_bytes())?;
             }
             if !r.passed() {
                 anyhow::bail!("soak FAILED (see above)");
@@ -555,7 +557,7 @@ pub fn run(cli: Cli) -> Result<()> {
             onnx_run(&model, &input, &output, tensor, engine)
         }
         Command::Onnx(OnnxCommand::Grads { model, input, weights, finetune, layers, tensor, output }) => {
-            let (hp, _) = automm::config::HyperParamsBuilder::new()
+            let (hp, _) = automm::train::config::HyperParamsBuilder::new()
                 .set("optimization.efficient_finetune", serde_yaml::Value::String(finetune))
                 .build()?;
             let proto = automm::onnx::read_model(&model)?;
@@ -566,13 +568,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let dev = candle_core::Device::Cpu;
             let name = model.display().to_string();
             let g = automm::onnx::Graph::from_model(&proto, &name, &dev, Some(vec![feature.clone()]))?;
-            let trainable = automm::finetune::select_trainable(&g, hp.efficient_finetune, &layers);
+            let trainable = automm::train::finetune::select_trainable(&g, hp.efficient_finetune, &layers);
             let x = automm::onnx::read_npy(&input)?;
             let r = automm::onnx::read_npy(&weights)?;
             let input_name = g.inputs().first().map(|i| i.name.clone()).unwrap_or_default();
             let size = x.dims().get(2).copied().unwrap_or(224);
             let tb =
-                automm::finetune::TunedBackbone::new(&proto, &name, &dev, &input_name, &feature, &trainable, size)?;
+                automm::train::finetune::TunedBackbone::new(&proto, &name, &dev, &input_name, &feature, &trainable, size)?;
             let t0 = std::time::Instant::now();
             let f = tb.features(&tb.front(&x)?, true)?;
             let grads = f.mul(&r.reshape(f.dims())?)?.sum_all()?.backward()?;
@@ -599,7 +601,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some("features") => Some(automm::onnx::detect_feature_tensor(&automm::onnx::read_model(&model)?)?),
                 other => other.map(str::to_string),
             };
-            let c = automm::infer::compare(&model, &x, tensor.as_deref(), runs, threads)?;
+            let c = automm::deploy::engine::compare(&model, &x, tensor.as_deref(), runs, threads)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
             } else {
@@ -712,13 +714,13 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
 
 fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
     let names: Vec<String> = a.metrics.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-    metrics::check_names(&names)?;
+    let names = metrics::parse_names("--metrics", &names)?;
     let p = Predictor::load(&a.model, &select_device(0))?;
     let table = Table::load_with_hint(&a.data, Some(&p.config.label_column), &p.config.image_column)?;
     let r = p.evaluate(&table, a.quiet)?;
     if a.json {
         let mut m: serde_json::Map<String, serde_json::Value> =
-            names.iter().map(|n| (n.clone(), serde_json::json!(r.get(n)))).collect();
+            names.iter().map(|n| (n.name().to_string(), serde_json::json!(r.get(*n)))).collect();
         let recall: serde_json::Map<String, serde_json::Value> =
             r.classes.iter().zip(&r.per_class_recall).map(|(c, v)| (c.clone(), serde_json::json!(v))).collect();
         m.insert("per_class_recall".into(), recall.into());
@@ -726,7 +728,10 @@ fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&m)?);
     } else {
         for n in &names {
-            println!("{n:<18} {:.4}", r.get(n));
+            match r.get(*n) {
+                Some(v) => println!("{:<18} {v:.4}", n.name()),
+                None => println!("{:<18} n/a", n.name()),
+            }
         }
         println!();
         print!("{}", metrics::summary_table(&r));
@@ -741,7 +746,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
         let m = ExportedModel::open_with(&a.model, a.engine, a.threads, a.num_gpus != 0, true)?;
         let table = Table::load(&a.data, None, None)?;
         table.check_files()?;
-        let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
+        let files = table.all_image_refs();
         let preds = m.predict_files(&files, a.batch_size, a.quiet)?;
         write_predictions(&table, &m.meta.classes, &preds, &a.output)?;
         (table.rows.len(), m.engine)
@@ -751,7 +756,7 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
         let onnx = tmp.path().join("model.onnx");
         let opts =
             ExportOptions { kind: ExportKind::Merged, opset: None, verify: false, verify_data: None, verify_images: 0 };
-        automm::export::export(&a.model, &onnx, &opts)?;
+        automm::deploy::export::export(&a.model, &onnx, &opts)?;
         return cmd_predict(PredictArgs { model: onnx, ..a });
     } else {
         let mut p = Predictor::load(&a.model, &select_device(0))?;
@@ -786,7 +791,7 @@ fn cmd_export(a: ExportArgs) -> Result<()> {
         verify_data: a.verify_data,
         verify_images: a.verify_images,
     };
-    let r = automm::export::export(&a.model, &a.output, &opts)?;
+    let r = automm::deploy::export::export(&a.model, &a.output, &opts)?;
     println!("wrote {} ({}, {:.1} MB)", r.path.display(), kind.name(), r.bytes as f64 / 1e6);
     if let Some(v) = r.verification {
         println!(
@@ -805,18 +810,18 @@ fn cmd_doctor() -> Result<()> {
     println!("automm {}", env!("CARGO_PKG_VERSION"));
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("threads: {threads} available; rayon pool {}", rayon::current_num_threads());
-    match automm::infer::ort::locate() {
+    match automm::deploy::engine::ort::locate() {
         Ok(loc) => {
             println!("ONNX Runtime: {} (found via {})", loc.path.display(), loc.source);
-            match automm::infer::ort::loaded() {
+            match automm::deploy::engine::ort::loaded() {
                 Ok((_, info)) => println!("  {info}"),
                 Err(e) => println!("  cannot load it: {e}"),
             }
         }
         Err(e) => println!("ONNX Runtime: not found. {e}"),
     }
-    println!("CUDA (candle): {}", automm::train::cuda_status());
-    println!("CUDA (ONNX Runtime): {}", automm::infer::ort::cuda_status());
+    println!("CUDA (candle): {}", automm::util::device::cuda_status());
+    println!("CUDA (ONNX Runtime): {}", automm::deploy::engine::ort::cuda_status());
     Ok(())
 }
 
@@ -857,10 +862,10 @@ fn onnx_run(
         EngineKind::Ort => {
             let tmp = tempfile::tempdir()?;
             let path = match &tensor {
-                Some(t) => automm::infer::with_output(model, t, tmp.path())?,
+                Some(t) => automm::deploy::engine::with_output(model, t, tmp.path())?,
                 None => model.to_path_buf(),
             };
-            let s = automm::infer::ort::OrtSession::open(&path, 0)?;
+            let s = automm::deploy::engine::ort::OrtSession::open(&path, 0)?;
             let name = s.inputs.first().context("the model has no inputs")?.clone();
             let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let (shape, v) = s.run_f32(&[(name.as_str(), x.dims(), &data)])?.into_iter().next().context("no output")?;
@@ -881,11 +886,11 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    let cfg = automm::server::ServeConfig {
+    let cfg = automm::serve::ServeConfig {
         model: a.model,
         listen: a.listen,
         metrics_listen: a.metrics_listen,
-        batch: automm::server::batcher::BatchConfig {
+        batch: automm::serve::batcher::BatchConfig {
             max_batch_size: a.max_batch_size.max(1),
             max_queue_delay: std::time::Duration::from_micros(a.max_queue_delay_us),
             max_queue_size: a.max_queue_size.max(1),
@@ -905,7 +910,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             if let Ok(r) = rx.await {
-                let r: automm::server::Running = r;
+                let r: automm::serve::Running = r;
                 eprintln!(
                     "automm serving on {}{}",
                     r.addr,
@@ -913,7 +918,7 @@ fn cmd_serve(a: ServeArgs) -> Result<()> {
                 );
             }
         });
-        automm::server::serve(cfg, shutdown_signal(), Some(tx)).await
+        automm::serve::serve(cfg, shutdown_signal(), Some(tx)).await
     })?;
     eprintln!("automm: stopped after draining the queue");
     Ok(())
@@ -974,7 +979,7 @@ async fn cmd_client(c: ClientCommand) -> Result<()> {
             let info = client.model_info().await?;
             let table = Table::load(&data, None, None)?;
             table.check_files()?;
-            let pb = automm::backbone::progress(table.rows.len() as u64, "predict", false);
+            let pb = automm::util::progress::progress(table.rows.len() as u64, "predict", false);
             let k = info.classes.len();
             let (mut probs, mut preds) = (Vec::new(), Vec::new());
             for chunk in table.rows.chunks(batch_size.max(1)) {
@@ -993,7 +998,7 @@ async fn cmd_client(c: ClientCommand) -> Result<()> {
                 pb.inc(chunk.len() as u64);
             }
             pb.finish_and_clear();
-            write_predictions(&table, &info.classes, &automm::predict::Predictions { probs, preds }, &output)?;
+            write_predictions(&table, &info.classes, &automm::model::Predictions { probs, preds }, &output)?;
             println!("wrote {} predictions to {} (model version {})", table.rows.len(), output.display(), info.version);
         }
         ClientCommand::Fit { server, train_data, label, tuning_data, hp } => {
@@ -1036,7 +1041,7 @@ async fn cmd_client(c: ClientCommand) -> Result<()> {
 }
 
 fn cmd_demo(a: DemoArgs) -> Result<()> {
-    let opts = automm::demo::DemoOptions {
+    let opts = automm::app::demo::DemoOptions {
         work_dir: a.work_dir,
         backbone: a.backbone,
         normalization: a.normalization.as_deref().map(Normalization::parse).transpose()?,
@@ -1045,9 +1050,9 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         quiet: a.quiet,
         ..Default::default()
     };
-    let r = automm::demo::run(&opts, |line| eprintln!("==> {line}"))?;
+    let r = automm::app::demo::run(&opts, |line| eprintln!("==> {line}"))?;
     println!("\nTest-set results (backbone {}):\n", r.backbone.display());
-    print!("{}", automm::demo::comparison_table(&r));
+    print!("{}", automm::app::demo::comparison_table(&r));
     let i = r.focal.classes.iter().position(|c| *c == r.minority).unwrap_or(0);
     let (ce, fo) = (r.cross_entropy.per_class_recall[i], r.focal.per_class_recall[i]);
     println!(

@@ -7,12 +7,12 @@ use std::path::Path;
 use candle_core::Device;
 use polars::prelude::*;
 
-use crate::backbone::Backbone;
+use crate::model::{Backbone, Predictions};
 use crate::data::Table;
 use crate::error::{Error, Result};
-use crate::metrics::{self, Report};
-use crate::model::{sha256_file, Head, ModelConfig, ModelDir};
-use crate::train::predict_features;
+use crate::model::metrics::{self, Report};
+use crate::model::{Head, ModelConfig, ModelDir};
+use crate::util::fs::sha256_file;
 
 /// A loaded model folder ready to predict on the candle engine.
 pub struct Predictor {
@@ -22,14 +22,6 @@ pub struct Predictor {
     head: Head,
     /// Images per backbone batch.
     pub batch_size: usize,
-}
-
-/// Probabilities and predictions for a table.
-pub struct Predictions {
-    /// Row-major `[N, C]`.
-    pub probs: Vec<f32>,
-    /// Predicted class index per row.
-    pub preds: Vec<u32>,
 }
 
 impl Predictor {
@@ -73,15 +65,13 @@ impl Predictor {
     /// Backbone features `[N, D]` of every row of `table`.
     pub fn features(&self, table: &Table, quiet: bool) -> Result<candle_core::Tensor> {
         table.check_files()?;
-        let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
-        self.backbone.features_of_files(&files, self.batch_size, "predict", quiet)
+        self.backbone.features_of_files(&table.all_image_refs(), self.batch_size, "predict", quiet)
     }
 
     /// Predicts every row of `table`.
     pub fn predict_table(&self, table: &Table, quiet: bool) -> Result<Predictions> {
         let x = self.features(table, quiet)?;
-        let (probs, preds) = predict_features(&self.head, &x)?;
-        Ok(Predictions { probs, preds })
+        self.head.predict(&x)
     }
 
     /// Scores `table` (which must have the label column).
@@ -106,5 +96,5 @@ pub fn write_predictions(table: &Table, classes: &[String], p: &Predictions, out
     }
     let mut buf = Vec::new();
     CsvWriter::new(&mut buf).include_header(true).finish(&mut df).map_err(err)?;
-    crate::model::write_atomic(out, &buf)
+    crate::util::fs::write_atomic(out, &buf)
 }

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tonic::Status;
 
-use super::metrics::Metrics;
+use super::prometheus::Metrics;
 use super::ServingModel;
-use crate::infer::ort::Feed;
+use crate::deploy::engine::ort::Feed;
 
 /// Batching limits.
 #[derive(Debug, Clone, Copy)]

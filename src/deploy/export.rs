@@ -14,108 +14,14 @@ use candle_onnx::onnx::{
     ValueInfoProto,
 };
 use prost::Message;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::config::LossKind;
-use crate::data::Preprocess;
 use crate::error::{Error, Result};
-use crate::model::{sha256_file, Head, ModelConfig, ModelDir, VERSION};
+use crate::deploy::meta::{keys, ExportKind, LOGITS, PROBABILITIES};
+use crate::model::hparams::LossKind;
+use crate::model::{Head, ModelConfig, ModelDir, VERSION};
+use crate::util::fs::{sha256_file, stage_atomic};
 use crate::onnx::{opset_of, read_model, tensor::f32_to_proto};
-
-/// What to export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExportKind {
-    /// Backbone + head: input image tensor `[N, 3, S, S]` float32 (preprocessed).
-    Merged,
-    /// Head only: input `features` `[N, D]`.
-    HeadOnly,
-    /// Backbone + head with preprocessing inside: input `images` uint8 `[N, S, S, 3]`.
-    WithPreprocessing,
-}
-
-impl ExportKind {
-    /// Name stored in metadata.
-    pub fn name(&self) -> &'static str {
-        match self {
-            ExportKind::Merged => "merged",
-            ExportKind::HeadOnly => "head_only",
-            ExportKind::WithPreprocessing => "with_preprocessing",
-        }
-    }
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "merged" => Some(ExportKind::Merged),
-            "head_only" => Some(ExportKind::HeadOnly),
-            "with_preprocessing" => Some(ExportKind::WithPreprocessing),
-            _ => None,
-        }
-    }
-}
-
-/// Metadata keys written into `metadata_props`.
-pub mod keys {
-    /// JSON list of class labels in class order.
-    pub const CLASSES: &str = "automm.classes";
-    /// JSON of [`crate::data::Preprocess`].
-    pub const PREPROCESS: &str = "automm.preprocess";
-    /// JSON of the resolved hyperparameters.
-    pub const HYPERPARAMETERS: &str = "automm.hyperparameters";
-    /// Human-readable loss.
-    pub const LOSS: &str = "automm.loss";
-    /// automm version.
-    pub const VERSION: &str = "automm.version";
-    /// sha256 of the source backbone ONNX.
-    pub const BACKBONE_SHA256: &str = "automm.backbone_sha256";
-    /// merged | head_only | with_preprocessing.
-    pub const KIND: &str = "automm.kind";
-    /// The graph input.
-    pub const INPUT: &str = "automm.input";
-}
-
-/// Output names of every exported model.
-pub const LOGITS: &str = "logits";
-/// Softmax of the logits.
-pub const PROBABILITIES: &str = "probabilities";
-
-/// What an exported model says about itself (read back from metadata).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ExportMeta {
-    /// Class labels.
-    pub classes: Vec<String>,
-    /// Preprocessing.
-    pub preprocess: Preprocess,
-    /// Kind.
-    pub kind: ExportKind,
-    /// The input's name.
-    pub input: String,
-    /// automm version that wrote it.
-    pub version: String,
-    /// Backbone sha256.
-    pub backbone_sha256: String,
-}
-
-impl ExportMeta {
-    /// Reads automm's metadata from a model; the error names the missing key.
-    pub fn read(model: &ModelProto, what: &str) -> Result<ExportMeta> {
-        let get = |k: &str| {
-            model.metadata_props.iter().find(|p| p.key == k).map(|p| p.value.clone()).ok_or_else(|| {
-                Error::onnx(what, format!("metadata `{k}` is missing; was this file written by `automm export`?"))
-            })
-        };
-        let json_err = |k: &str, e: serde_json::Error| Error::onnx(what, format!("metadata `{k}` is not valid: {e}"));
-        let kind_s = get(keys::KIND)?;
-        Ok(ExportMeta {
-            classes: serde_json::from_str(&get(keys::CLASSES)?).map_err(|e| json_err(keys::CLASSES, e))?,
-            preprocess: serde_json::from_str(&get(keys::PREPROCESS)?).map_err(|e| json_err(keys::PREPROCESS, e))?,
-            kind: ExportKind::parse(&kind_s)
-                .ok_or_else(|| Error::onnx(what, format!("metadata `{}` has unknown value `{kind_s}`", keys::KIND)))?,
-            input: get(keys::INPUT)?,
-            version: get(keys::VERSION)?,
-            backbone_sha256: get(keys::BACKBONE_SHA256)?,
-        })
-    }
-}
 
 fn attr_int(name: &str, v: i64) -> AttributeProto {
     AttributeProto { name: name.into(), i: v, r#type: AttributeType::Int as i32, ..Default::default() }
@@ -232,7 +138,7 @@ mod erased {
     }
     impl<T: serde::Serialize> Json for T {
         fn json(&self) -> Result<String> {
-            serde_json::to_string(self).map_err(|e| Error::Train(format!("metadata: {e}")))
+            serde_json::to_string(self).map_err(|e| Error::encode("export metadata", e))
         }
     }
 }
@@ -426,7 +332,7 @@ pub struct ExportReport {
     /// Its size in bytes.
     pub bytes: u64,
     /// Verification result, when asked for.
-    pub verification: Option<crate::verify::Verification>,
+    pub verification: Option<crate::deploy::verify::Verification>,
 }
 
 /// Exports the model folder `model` to `output` as `opts` say; atomic, and verified before it lands.
@@ -448,13 +354,9 @@ pub fn export(model: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
     let head = Head::load(&md.head(), cfg.classes.len(), cfg.backbone.feature_dim, &candle_core::Device::Cpu)?;
     let update = md.read_backbone_update(&cfg, &candle_core::Device::Cpu)?;
     let proto = build(&cfg, &head, &update, opts.kind, opts.opset)?;
-    let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut tmp = tempfile::Builder::new().suffix(".onnx").tempfile_in(dir).map_err(|e| Error::io(dir, e))?;
-    std::io::Write::write_all(&mut tmp, &proto.encode_to_vec()).map_err(|e| Error::io(output, e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(output, e))?;
+    let staged = stage_atomic(output, &proto.encode_to_vec())?;
     let verification = if opts.verify {
-        let v = crate::verify::verify(model, tmp.path(), opts.verify_data.as_deref(), opts.verify_images)?;
+        let v = crate::deploy::verify::verify(model, staged.temp_path(), opts.verify_data.as_deref(), opts.verify_images)?;
         if !v.passed {
             return Err(Error::Model {
                 path: output.to_path_buf(),
@@ -465,7 +367,7 @@ pub fn export(model: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
     } else {
         None
     };
-    crate::model::persist(tmp, output)?;
+    staged.commit()?;
     let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     Ok(ExportReport { path: output.to_path_buf(), bytes, verification })
 }

@@ -3,13 +3,14 @@
 //! server reflection, optional TLS and bearer-token auth, and a Prometheus metrics endpoint.
 
 pub mod batcher;
-pub mod metrics;
+mod fit_job;
+pub mod prometheus;
 pub mod request;
 
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -18,15 +19,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use self::batcher::{BatchConfig, Batcher, Job};
-use self::metrics::Metrics;
+use self::prometheus::Metrics;
 use crate::data::Preprocess;
 use crate::error::{Error, Result};
-use crate::export::{ExportKind, ExportOptions};
-use crate::infer::exported::ExportedModel;
-use crate::infer::EngineKind;
+use crate::deploy::engine::exported::ExportedModel;
+use crate::deploy::engine::EngineKind;
+use crate::deploy::export::ExportOptions;
+use crate::deploy::meta::ExportKind;
 use crate::proto::inference_server::{Inference, InferenceServer};
 use crate::proto::{
-    fit_event, EpochEvent, FitEvent, FitRequest, FitResult, GetModelRequest, ModelInfo, PredictRequest,
+    FitEvent, FitRequest, GetModelRequest, ModelInfo, PredictRequest,
     PredictResponse, Prediction,
 };
 
@@ -146,7 +148,7 @@ impl Spawned {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        self.done.await.map_err(|e| Error::Runtime(format!("server task: {e}")))?
+        self.done.await.map_err(|e| Error::Server(format!("server task: {e}")))?
     }
 }
 
@@ -165,9 +167,9 @@ pub async fn spawn(cfg: ServeConfig) -> Result<Spawned> {
         Ok(running) => Ok(Spawned { running, stop: Some(stop_tx), done }),
         Err(_) => Err(done
             .await
-            .map_err(|e| Error::Runtime(e.to_string()))?
+            .map_err(|e| Error::Server(e.to_string()))?
             .err()
-            .unwrap_or_else(|| Error::Runtime("the server stopped before listening".into()))),
+            .unwrap_or_else(|| Error::Server("the server stopped before listening".into()))),
     }
 }
 
@@ -331,7 +333,7 @@ impl Inference for Service {
             preprocessing_json: serde_json::to_string(&m.preprocess).unwrap_or_default(),
             version: m.version.clone(),
             metrics_json: m.metrics_json.clone(),
-            engine: format!("{:?}", m.model.engine).to_lowercase(),
+            engine: m.model.engine.to_string(),
             max_batch_size: self.state.cfg.batch.max_batch_size as i32,
         }))
     }
@@ -370,7 +372,7 @@ impl Inference for Service {
             .await
             .map_err(|e| Status::internal(format!("table check: {e}")))??;
         }
-        let mut b = crate::config::HyperParamsBuilder::new();
+        let mut b = crate::train::config::HyperParamsBuilder::new();
         for (k, v) in &r.hyperparameters {
             b = b.set_str(&format!("{k}={v}")).map_err(to_status)?;
         }
@@ -392,65 +394,11 @@ impl Inference for Service {
             // Set when the caller goes away: training stops after the next epoch's checkpoint.
             cancel: Some(Arc::new(AtomicBool::new(false))),
         };
-        let cancel = req.cancel.clone().unwrap_or_default();
         let (tx, rx) = mpsc::channel(64);
-        let state = self.state.clone();
+        let job = fit_job::FitJob { req, run_dir, number: n, current, state: self.state.clone() };
         tokio::task::spawn_blocking(move || {
             let _guard = guard;
-            let send = |e: fit_event::Event| {
-                if tx.blocking_send(Ok(FitEvent { event: Some(e) })).is_err() && !cancel.swap(true, SeqCst) {
-                    tracing::warn!("Fit caller disconnected; stopping the run after the current epoch");
-                }
-            };
-            let result = (|| -> Result<FitResult> {
-                let summary = crate::train::train(&req, |ev| match ev {
-                    crate::train::Event::Phase(p) => send(fit_event::Event::Phase(p.clone())),
-                    crate::train::Event::Epoch(e) => send(fit_event::Event::Epoch(EpochEvent {
-                        epoch: e.epoch as i32,
-                        train_loss: e.train_loss,
-                        val_score: e.val_score,
-                        val_metric: req.hp.val_metric.name().into(),
-                    })),
-                })?;
-                send(fit_event::Event::Phase("export".into()));
-                let onnx = run_dir.join("model.onnx");
-                let opts = ExportOptions {
-                    kind: ExportKind::Merged,
-                    opset: None,
-                    verify: true,
-                    verify_data: None,
-                    verify_images: 8,
-                };
-                let report = crate::export::export(&run_dir, &onnx, &opts)?;
-                send(fit_event::Event::Phase("swap".into()));
-                let version = format!("fit-{n}-{}", &crate::model::sha256_file(&onnx)?[..12]);
-                let metrics_json = serde_json::to_string(&summary.validation.scores).unwrap_or_default();
-                let engine = Some(current.model.engine);
-                let new = ServingModel::open(
-                    &report.path,
-                    engine,
-                    state.cfg.threads,
-                    state.cfg.num_gpus != 0,
-                    version.clone(),
-                    metrics_json,
-                )?;
-                state.swap(new);
-                Ok(FitResult {
-                    model_version: version,
-                    metrics: summary.validation.scores.clone().into_iter().collect(),
-                    best_epoch: summary.best_epoch as i32,
-                })
-            })();
-            match result {
-                Ok(res) => {
-                    state.metrics.fit_success.fetch_add(1, Relaxed);
-                    send(fit_event::Event::Result(res));
-                }
-                Err(e) => {
-                    state.metrics.fit_failure.fetch_add(1, Relaxed);
-                    let _ = tx.blocking_send(Err(to_status(e)));
-                }
-            }
+            job.run(tx)
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -462,12 +410,12 @@ fn initial_model(cfg: &ServeConfig) -> Result<ServingModel> {
         let out = cfg.work_dir.join("served.onnx");
         let opts =
             ExportOptions { kind: ExportKind::Merged, opset: None, verify: false, verify_data: None, verify_images: 0 };
-        crate::export::export(&cfg.model, &out, &opts)?;
+        crate::deploy::export::export(&cfg.model, &out, &opts)?;
         out
     } else {
         cfg.model.clone()
     };
-    let version = format!("1-{}", &crate::model::sha256_file(&path)?[..12]);
+    let version = format!("1-{}", &crate::util::fs::sha256_file(&path)?[..12]);
     let metrics_json = if cfg.model.is_dir() {
         std::fs::read_to_string(cfg.model.join("metrics.json")).unwrap_or_default()
     } else {
@@ -538,7 +486,7 @@ pub async fn serve(
     std::fs::create_dir_all(&cfg.work_dir).map_err(|e| Error::io(&cfg.work_dir, e))?;
     let model = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || initial_model(&cfg)).await.map_err(|e| Error::Runtime(e.to_string()))??
+        tokio::task::spawn_blocking(move || initial_model(&cfg)).await.map_err(|e| Error::Server(e.to_string()))??
     };
     tracing::info!("serving {} (version {}, {:?} engine)", cfg.model.display(), model.version, model.model.engine);
     let metrics = Arc::new(Metrics::default());
@@ -552,15 +500,15 @@ pub async fn serve(
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .map_err(|e| Error::Runtime(format!("cannot listen on {}: {e}", cfg.listen)))?;
-    let addr = listener.local_addr().map_err(|e| Error::Runtime(e.to_string()))?;
+        .map_err(|e| Error::Server(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let addr = listener.local_addr().map_err(|e| Error::Server(e.to_string()))?;
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let metrics_addr = match cfg.metrics_listen {
         Some(a) => {
             let l = tokio::net::TcpListener::bind(a)
                 .await
-                .map_err(|e| Error::Runtime(format!("cannot listen on {a}: {e}")))?;
-            let maddr = l.local_addr().map_err(|e| Error::Runtime(e.to_string()))?;
+                .map_err(|e| Error::Server(format!("cannot listen on {a}: {e}")))?;
+            let maddr = l.local_addr().map_err(|e| Error::Server(e.to_string()))?;
             let st = state.clone();
             let app = axum::Router::new().route(
                 "/metrics",
@@ -588,7 +536,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| Error::Runtime(format!("reflection: {e}")))?;
+        .map_err(|e| Error::Server(format!("reflection: {e}")))?;
     let auth = AuthCheck { want: cfg.auth_token.as_deref().map(|t| digest(t.as_bytes())) };
     let svc = tonic::service::interceptor::InterceptedService::new(
         InferenceServer::new(Service { state: state.clone() })
@@ -602,7 +550,7 @@ pub async fn serve(
         let c = std::fs::read(cert).map_err(|e| Error::io(cert, e))?;
         let k = std::fs::read(key).map_err(|e| Error::io(key, e))?;
         let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(c, k));
-        builder = builder.tls_config(tls).map_err(|e| Error::Runtime(format!("TLS: {e}")))?;
+        builder = builder.tls_config(tls).map_err(|e| Error::Server(format!("TLS: {e}")))?;
     }
     if let Some(tx) = ready {
         let _ = tx.send(Running { addr, metrics_addr, state: state.clone() });
@@ -626,5 +574,5 @@ pub async fn serve(
         b.shutdown();
     }
     let _ = stop_tx.send(());
-    result.map_err(|e| Error::Runtime(format!("gRPC server: {e}")))
+    result.map_err(|e| Error::Server(format!("gRPC server: {e}")))
 }

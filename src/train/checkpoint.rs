@@ -13,10 +13,11 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::data::Preprocess;
+use crate::data::{ImageRef, Preprocess};
 use crate::error::{Error, Result};
-use crate::model::{write_atomic, BackboneInfo, Head};
-use crate::optim::AdamWState;
+use crate::model::{BackboneInfo, Head};
+use crate::util::fs::write_atomic;
+use crate::train::optim::AdamWState;
 use crate::train::{EpochRecord, TrainRequest};
 
 /// Name of the checkpoint folder inside a model folder.
@@ -26,6 +27,9 @@ pub const FORMAT: u32 = 1;
 const META_PROGRESS: &str = "automm.progress";
 const META_FORMAT: &str = "automm.format";
 const META_KEY: &str = "automm.feature_key";
+/// Tensor-name prefixes of the tuned backbone initializers (current and best-epoch values).
+const BACKBONE: &str = "backbone.";
+const BEST_BACKBONE: &str = "best_backbone.";
 
 /// The best epoch so far (floats kept as bit patterns so that NaN/inf survive the JSON round trip).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,10 +70,14 @@ pub struct TrainState {
     pub progress: Progress,
     /// The head as trained so far.
     pub head: Head,
-    /// AdamW's step count and moments for (weight, bias).
+    /// The trained backbone initializers' current values (empty: a frozen backbone).
+    pub backbone: Vec<(String, Tensor)>,
+    /// AdamW's step count and moments for (weight, bias, then the backbone initializers).
     pub optimizer: AdamWState,
     /// The head of the best epoch so far.
     pub best_head: Option<Head>,
+    /// The backbone values of the best epoch so far.
+    pub best_backbone: Vec<(String, Tensor)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -124,9 +132,8 @@ impl Checkpoint {
 
     /// Saves the request that started the run.
     pub fn write_run(&self, req: &TrainRequest) -> Result<()> {
-        let json = serde_json::to_string_pretty(&RunFile { format: FORMAT, request: req.clone() })
-            .map_err(|e| Error::Train(e.to_string()))?;
-        write_atomic(&self.run_file(), json.as_bytes())
+        let json = crate::util::fs::to_json(&RunFile { format: FORMAT, request: req.clone() }, "run.json")?;
+        write_atomic(&self.run_file(), &json)
     }
 
     /// Reads the request of an interrupted run.
@@ -206,11 +213,11 @@ fn serialize(tensors: Vec<(String, Tensor)>, meta: HashMap<String, String>) -> R
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
         .collect::<Result<Vec<(String, Tensor)>>>()?;
-    safetensors::serialize(cpu, Some(meta)).map_err(|e| Error::Train(format!("serialising a checkpoint: {e}")))
+    safetensors::serialize(cpu, Some(meta)).map_err(|e| Error::encode("a checkpoint", e))
 }
 
 fn encode_state(s: &TrainState) -> Result<Vec<u8>> {
-    let progress = serde_json::to_string(&s.progress).map_err(|e| Error::Train(e.to_string()))?;
+    let progress = serde_json::to_string(&s.progress).map_err(|e| Error::encode("checkpoint progress", e))?;
     let meta = HashMap::from([(META_PROGRESS.to_string(), progress), (META_FORMAT.to_string(), FORMAT.to_string())]);
     let mut tensors =
         vec![("head.weight".to_string(), s.head.weight.clone()), ("head.bias".into(), s.head.bias.clone())];
@@ -222,6 +229,9 @@ fn encode_state(s: &TrainState) -> Result<Vec<u8>> {
     if let Some(b) = &s.best_head {
         tensors.push(("best.weight".into(), b.weight.clone()));
         tensors.push(("best.bias".into(), b.bias.clone()));
+    }
+    for (prefix, values) in [(BACKBONE, &s.backbone), (BEST_BACKBONE, &s.best_backbone)] {
+        tensors.extend(values.iter().map(|(n, t)| (format!("{prefix}{n}"), t.clone())));
     }
     serialize(tensors, meta)
 }
@@ -238,31 +248,51 @@ fn decode_state(p: &Path, bytes: &[u8], device: &Device) -> Result<TrainState> {
         .map_err(|e| bad(format!("bad progress record: {e}")))?;
     let mut map = candle_core::safetensors::load_buffer(bytes, device)
         .map_err(|e| bad(format!("not a readable checkpoint: {e}")))?;
-    let mut take = |k: &str| map.remove(k).ok_or_else(|| bad(format!("tensor `{k}` is missing")));
-    let head = Head { weight: take("head.weight")?, bias: take("head.bias")? };
+    let take = |map: &mut HashMap<String, Tensor>, k: &str| map.remove(k).ok_or_else(|| bad(format!("tensor `{k}` is missing")));
+    let head = Head { weight: take(&mut map, "head.weight")?, bias: take(&mut map, "head.bias")? };
     let (c, d) = head.weight.dims2()?;
     let mut optimizer = AdamWState { step: 0, m: vec![], v: vec![] };
-    for (i, dims) in [vec![c, d], vec![c]].into_iter().enumerate() {
-        for (name, slot) in [("m", &mut optimizer.m), ("v", &mut optimizer.v)] {
-            let t = take(&format!("adamw.{name}.{i}"))?;
-            if t.dims() != dims.as_slice() {
-                return Err(bad(format!("tensor `adamw.{name}.{i}` is {:?}, expected {dims:?}", t.dims())));
-            }
-            slot.push(t);
+    // Moments 0 and 1 belong to the head; any further ones to the backbone (checked against its
+    // variables when the optimizer restores them).
+    for i in 0.. {
+        let (Some(m), Some(v)) = (map.remove(&format!("adamw.m.{i}")), map.remove(&format!("adamw.v.{i}"))) else {
+            break;
+        };
+        let want: Option<&[usize]> = match i {
+            0 => Some(&[c, d]),
+            1 => Some(&[c]),
+            _ => None,
+        };
+        if let Some(dims) = want.filter(|w| m.dims() != *w || v.dims() != *w) {
+            return Err(bad(format!("tensors `adamw.m.{i}`/`adamw.v.{i}` are {:?}/{:?}, expected {dims:?}", m.dims(), v.dims())));
         }
+        optimizer.m.push(m);
+        optimizer.v.push(v);
     }
-    optimizer.step = take("adamw.step")?.to_dtype(DType::U32)?.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize;
-    let best_head = match (take("best.weight"), take("best.bias")) {
-        (Ok(weight), Ok(bias)) => Some(Head { weight, bias }),
+    if optimizer.m.len() < 2 {
+        return Err(bad("the optimizer moments of the head are missing".into()));
+    }
+    optimizer.step = take(&mut map, "adamw.step")?.to_dtype(DType::U32)?.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize;
+    let best_head = match (map.remove("best.weight"), map.remove("best.bias")) {
+        (Some(weight), Some(bias)) => Some(Head { weight, bias }),
         _ => None,
     };
+    let named = |prefix: &str| -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = map
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let (backbone, best_backbone) = (named(BACKBONE), named(BEST_BACKBONE));
     if head.bias.dims() != [c] || best_head.as_ref().is_some_and(|b| b.weight.dims() != [c, d]) {
         return Err(bad(format!("head tensors disagree with head.weight [{c}, {d}]")));
     }
     if progress.best.is_some() != best_head.is_some() || progress.history.len() != progress.epoch {
         return Err(bad("progress record and tensors disagree".into()));
     }
-    Ok(TrainState { progress, head, optimizer, best_head })
+    Ok(TrainState { progress, head, backbone, optimizer, best_head, best_backbone })
 }
 
 /// The key of a feature cache: sha256 over the backbone (sha256, input, feature tensor), preprocessing and
@@ -270,18 +300,18 @@ fn decode_state(p: &Path, bytes: &[u8], device: &Device) -> Result<TrainState> {
 pub fn feature_key(
     backbone: &BackboneInfo,
     preprocess: &Preprocess,
-    train: &[(PathBuf, Option<usize>)],
-    val: &[(PathBuf, Option<usize>)],
+    train: &[ImageRef],
+    val: &[ImageRef],
 ) -> Result<String> {
     let mut h = Sha256::new();
     h.update(format!(
         "automm-features-v{FORMAT}\n{}\n{}\n{}\n",
         backbone.sha256, backbone.input_name, backbone.feature_tensor
     ));
-    h.update(serde_json::to_vec(preprocess).map_err(|e| Error::Train(e.to_string()))?);
+    h.update(serde_json::to_vec(preprocess).map_err(|e| Error::encode("preprocessing", e))?);
     for (part, files) in [("train", train), ("val", val)] {
         h.update(format!("\n{part} {}\n", files.len()));
-        for (f, _) in files {
+        for ImageRef { path: f, .. } in files {
             let m = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
             let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
             h.update(format!("{}\t{}\t{}\n", f.display(), m.len(), mtime.map(|d| d.as_nanos()).unwrap_or(0)));
@@ -293,7 +323,7 @@ pub fn feature_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::stage_atomic;
+    use crate::util::fs::stage_atomic;
 
     fn state(epoch: usize, fill: f32) -> TrainState {
         let d = Device::Cpu;
@@ -312,8 +342,14 @@ mod tests {
                 done: false,
             },
             head: Head { weight: t(&[3, 4]), bias: t(&[3]) },
-            optimizer: AdamWState { step: epoch * 3, m: vec![t(&[3, 4]), t(&[3])], v: vec![t(&[3, 4]), t(&[3])] },
+            backbone: vec![("conv.bias".into(), t(&[5]))],
+            optimizer: AdamWState {
+                step: epoch * 3,
+                m: vec![t(&[3, 4]), t(&[3]), t(&[5])],
+                v: vec![t(&[3, 4]), t(&[3]), t(&[5])],
+            },
             best_head: Some(Head { weight: t(&[3, 4]), bias: t(&[3]) }),
+            best_backbone: vec![("conv.bias".into(), t(&[5]))],
         }
     }
 
@@ -329,6 +365,9 @@ mod tests {
         assert_eq!(s.progress.order, vec![2, 0, 1]);
         assert!(f64::from_bits(s.progress.best.unwrap().score_bits).is_nan());
         assert_eq!(s.head.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0.25; 12]);
+        assert_eq!(s.optimizer.m.len(), 3, "backbone moments round-trip");
+        assert_eq!(s.backbone[0].0, "conv.bias");
+        assert_eq!(s.best_backbone[0].1.to_vec1::<f32>().unwrap(), vec![0.25; 5]);
     }
 
     /// A crash after the temp file is written but before the rename leaves the previous checkpoint
@@ -376,7 +415,7 @@ mod tests {
             feature_dim: 3,
         };
         let pre = Preprocess::new(224, crate::data::Normalization::imagenet());
-        let files = vec![(f.clone(), Some(1))];
+        let files = vec![ImageRef { path: f.clone(), row: Some(1) }];
         let k1 = feature_key(&info, &pre, &files, &[]).unwrap();
         assert_eq!(k1, feature_key(&info, &pre, &files, &[]).unwrap());
         std::fs::write(&f, b"123456").unwrap();

@@ -8,12 +8,12 @@ use serde::Serialize;
 
 use crate::data::Table;
 use crate::error::{Error, Result};
-use crate::export::{ExportKind, ExportMeta};
-use crate::infer::exported::ExportedModel;
-use crate::infer::ort::{Feed, OrtSession};
-use crate::infer::EngineKind;
+use crate::deploy::meta::{ExportKind, ExportMeta};
+use crate::deploy::engine::exported::ExportedModel;
+use crate::deploy::engine::ort::{Feed, OrtSession};
+use crate::deploy::engine::EngineKind;
 use crate::onnx::{read_model, Graph};
-use crate::predict::Predictor;
+use crate::deploy::predict::Predictor;
 
 /// Largest accepted |probability difference|.
 pub const TOLERANCE: f32 = 1e-4;
@@ -32,7 +32,7 @@ pub struct Verification {
     /// Whether every predicted label agrees.
     pub labels_equal: bool,
     /// Which engine ran the export.
-    pub engine: String,
+    pub engine: EngineKind,
 }
 
 /// Compares `exported` with the model folder `model` on `n` images of `data` (default: the training table).
@@ -54,7 +54,7 @@ pub fn verify(model: &Path, exported: &Path, data: Option<&Path>, n: usize) -> R
     let step = (table.rows.len() / n.max(1)).max(1);
     let idx: Vec<usize> = (0..table.rows.len()).step_by(step).take(n.max(1)).collect();
     let table = table.subset(&idx)?;
-    let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
+    let files = table.all_image_refs();
     let want = predictor.predict_table(&table, true)?;
     let proto = read_model(exported)?;
     let meta = ExportMeta::read(&proto, &exported.display().to_string())?;
@@ -62,16 +62,16 @@ pub fn verify(model: &Path, exported: &Path, data: Option<&Path>, n: usize) -> R
         let x = predictor.features(&table, true)?;
         let (rows, d) = x.dims2()?;
         let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        match crate::infer::ort::locate() {
+        match crate::deploy::engine::ort::locate() {
             Ok(_) => {
                 let s = OrtSession::open(exported, 0)?;
                 let outs = s.run(vec![("features", Feed::F32(vec![rows, d], data))])?;
-                let i = s.outputs.iter().position(|o| o == crate::export::PROBABILITIES).unwrap_or(1);
+                let i = s.outputs.iter().position(|o| o == crate::deploy::meta::PROBABILITIES).unwrap_or(1);
                 (outs.into_iter().nth(i).map(|o| o.1).unwrap_or_default(), EngineKind::Ort)
             }
             Err(_) => {
                 let g =
-                    Graph::from_model(&proto, "head", &Device::Cpu, Some(vec![crate::export::PROBABILITIES.into()]))?;
+                    Graph::from_model(&proto, "head", &Device::Cpu, Some(vec![crate::deploy::meta::PROBABILITIES.into()]))?;
                 let y = g.run(&[("features", x)])?.remove(0);
                 (y.flatten_all()?.to_vec1::<f32>()?, EngineKind::Candle)
             }
@@ -98,6 +98,6 @@ pub fn verify(model: &Path, exported: &Path, data: Option<&Path>, n: usize) -> R
         tolerance: TOLERANCE,
         images: files.len(),
         labels_equal,
-        engine: format!("{engine:?}").to_lowercase(),
+        engine,
     })
 }

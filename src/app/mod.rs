@@ -1,0 +1,6 @@
+//! Whole-product programs built from every stage: the offline demo ([`demo`]), generated image data
+//! ([`synth`]) and the benchmarks behind `automm bench` ([`bench`]).
+
+pub mod bench;
+pub mod demo;
+pub mod synth;

@@ -1,0 +1,167 @@
+//! The resolved hyperparameters a model folder records (`config.json` `hyperparameters`), as typed
+//! values. Parsing AutoMM's keys into them lives in [`crate::train::config`]; this is only the data, so
+//! that deployment code can read a model folder without linking training code.
+
+use serde::{Deserialize, Serialize};
+
+crate::named_enum! {
+    /// Which loss trains the head.
+    pub enum LossKind("loss") {
+        /// AutoGluon's multiclass focal loss.
+        FocalLoss = "focal_loss" | "focal",
+        /// Cross-entropy (optionally label-smoothed).
+        CrossEntropy = "cross_entropy" | "ce" | "auto",
+    }
+}
+
+crate::named_enum! {
+    /// How per-sample losses are combined.
+    pub enum Reduction("reduction") {
+        /// Plain mean over samples.
+        Mean = "mean",
+        /// Sum over samples.
+        Sum = "sum",
+        /// Per-sample values, shape `[N]`.
+        None = "none",
+    }
+}
+
+crate::named_enum! {
+    /// Learning-rate schedule (AutoMM's `optimization.lr_schedule`).
+    pub enum LrSchedule("schedule") {
+        /// Half-cosine from the peak learning rate to 0.
+        CosineDecay = "cosine_decay",
+        /// Linear decay to 0 (AutoMM's polynomial decay with power 1).
+        PolynomialDecay = "polynomial_decay",
+        /// Linear decay to 0.
+        LinearDecay = "linear_decay",
+        /// No decay after warmup.
+        Constant = "constant" | "none",
+    }
+}
+
+crate::named_enum! {
+    /// Metric used to pick the best epoch and for early stopping.
+    pub enum ValMetric("metric") {
+        /// Fraction correct (AutoMM's default).
+        Accuracy = "accuracy" | "acc",
+        /// Mean per-class recall.
+        BalancedAccuracy = "balanced_accuracy",
+        /// Unweighted mean of per-class F1.
+        F1Macro = "f1_macro",
+    }
+}
+
+crate::named_enum! {
+    /// AutoMM's parameter-efficient fine-tuning choices that automm implements.
+    pub enum EfficientFinetune("efficient_finetune") {
+        /// The backbone stays frozen (only the head trains).
+        None = "none" | "null" | "",
+        /// Biases train (BitFit).
+        BitFit = "bit_fit",
+        /// Normalisation scales and shifts plus biases train.
+        NormFit = "norm_fit",
+    }
+}
+
+impl Default for EfficientFinetune {
+    fn default() -> Self {
+        EfficientFinetune::None
+    }
+}
+
+pub use crate::data::augment::Transform;
+
+/// Per-class focal-loss weights as configured (resolved against the class list at training time).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Alpha {
+    /// 1 for every class.
+    None,
+    /// The tutorial's weights: `w_c = N / n_c`, normalised to sum 1.
+    Auto,
+    /// Explicit weights in class order.
+    List(Vec<f64>),
+}
+
+/// The resolved, validated training configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HyperParams {
+    /// `optimization.loss_function`.
+    pub loss_function: LossKind,
+    /// `optimization.focal_loss.alpha`.
+    pub focal_alpha: Alpha,
+    /// `optimization.focal_loss.gamma`.
+    pub focal_gamma: f64,
+    /// `optimization.focal_loss.reduction`.
+    pub focal_reduction: Reduction,
+    /// `optimization.max_epochs`.
+    pub max_epochs: usize,
+    /// `optimization.learning_rate`.
+    pub learning_rate: f64,
+    /// `optimization.weight_decay` (AdamW, decoupled).
+    pub weight_decay: f64,
+    /// `optimization.lr_schedule`.
+    pub lr_schedule: LrSchedule,
+    /// `optimization.warmup_steps`: a fraction of all steps when < 1, else a step count.
+    pub warmup_steps: f64,
+    /// `optimization.patience`: epochs without improvement before stopping.
+    pub patience: usize,
+    /// `optimization.label_smoothing` (cross-entropy only).
+    pub label_smoothing: f64,
+    /// `optimization.val_metric`.
+    pub val_metric: ValMetric,
+    /// `env.batch_size`.
+    pub batch_size: usize,
+    /// `env.num_gpus`: -1 means all available, 0 CPU.
+    pub num_gpus: i64,
+    /// `env.seed`.
+    pub seed: u64,
+    /// `optimization.efficient_finetune` (alias `optim.peft`): which backbone initializers train besides
+    /// the head.
+    #[serde(default)]
+    pub efficient_finetune: EfficientFinetune,
+    /// `model.backbone.trainable_layers`: initializer-name prefixes that train (e.g. `b15` or
+    /// `layers.3`), in addition to `efficient_finetune`.
+    #[serde(default)]
+    pub trainable_layers: Vec<String>,
+    /// `model.timm_image.train_transforms`: augmentations of training images (none by default).
+    #[serde(default)]
+    pub train_transforms: Vec<Transform>,
+}
+
+impl HyperParams {
+    /// True when part of the backbone trains (the backbone then runs every epoch).
+    pub fn finetunes_backbone(&self) -> bool {
+        self.efficient_finetune != EfficientFinetune::None || !self.trainable_layers.is_empty()
+    }
+}
+
+impl Default for HyperParams {
+    fn default() -> Self {
+        HyperParams {
+            loss_function: LossKind::CrossEntropy,
+            focal_alpha: Alpha::None,
+            focal_gamma: 2.0,
+            focal_reduction: Reduction::Mean,
+            max_epochs: 10,
+            // AutoMM's 1e-4 is for fine-tuning a whole backbone; a linear head on frozen features
+            // needs a larger step to converge in 10 epochs.
+            learning_rate: 1e-3,
+            weight_decay: 1e-3,
+            lr_schedule: LrSchedule::CosineDecay,
+            warmup_steps: 0.1,
+            patience: 10,
+            label_smoothing: 0.0,
+            val_metric: ValMetric::Accuracy,
+            // AutoMM's 128 (with gradient accumulation) gives a few steps per epoch on small data.
+            batch_size: 32,
+            num_gpus: -1,
+            seed: 0,
+            efficient_finetune: EfficientFinetune::None,
+            trainable_layers: Vec::new(),
+            train_transforms: Vec::new(),
+        }
+    }
+}
+

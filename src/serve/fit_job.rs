@@ -1,0 +1,84 @@
+//! A gRPC `Fit` run: trains on the server's backbone (the only part of `serve` that calls `train`),
+//! streams phases and epochs to the caller, exports and verifies the result, and hot-swaps it in. The
+//! caller going away sets the run's cancel flag, so training stops after the next epoch's checkpoint.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::{to_status, ServingModel, State};
+use crate::deploy::export::ExportOptions;
+use crate::deploy::meta::ExportKind;
+use crate::error::Result;
+use crate::proto::{fit_event, EpochEvent, FitEvent, FitResult};
+use crate::train::{Event, TrainRequest};
+
+/// Phases a Fit adds after training, as streamed.
+const EXPORT: &str = "export";
+const SWAP: &str = "swap";
+
+/// One accepted Fit request.
+pub(super) struct FitJob {
+    pub req: TrainRequest,
+    pub run_dir: PathBuf,
+    pub number: u64,
+    pub current: Arc<ServingModel>,
+    pub state: Arc<State>,
+}
+
+type Sender = mpsc::Sender<std::result::Result<FitEvent, Status>>;
+
+impl FitJob {
+    /// Runs to the end (blocking), sending events and then the result or the error.
+    pub fn run(self, tx: Sender) {
+        let cancel = self.req.cancel.clone().unwrap_or_default();
+        let send = |e: fit_event::Event| {
+            if tx.blocking_send(Ok(FitEvent { event: Some(e) })).is_err() && !cancel.swap(true, SeqCst) {
+                tracing::warn!("Fit caller disconnected; stopping the run after the current epoch");
+            }
+        };
+        match self.train_export_swap(&send) {
+            Ok(res) => {
+                self.state.metrics.fit_success.fetch_add(1, Relaxed);
+                send(fit_event::Event::Result(res));
+            }
+            Err(e) => {
+                self.state.metrics.fit_failure.fetch_add(1, Relaxed);
+                let _ = tx.blocking_send(Err(to_status(e)));
+            }
+        }
+    }
+
+    fn train_export_swap(&self, send: &dyn Fn(fit_event::Event)) -> Result<FitResult> {
+        let metric = self.req.hp.val_metric.name();
+        let summary = crate::train::train(&self.req, |ev| match ev {
+            Event::Phase(p) => send(fit_event::Event::Phase(p.name().into())),
+            Event::Epoch(e) => send(fit_event::Event::Epoch(EpochEvent {
+                epoch: e.epoch as i32,
+                train_loss: e.train_loss,
+                val_score: e.val_score,
+                val_metric: metric.into(),
+            })),
+        })?;
+        send(fit_event::Event::Phase(EXPORT.into()));
+        let onnx = self.run_dir.join("model.onnx");
+        let opts =
+            ExportOptions { kind: ExportKind::Merged, opset: None, verify: true, verify_data: None, verify_images: 8 };
+        let report = crate::deploy::export::export(&self.run_dir, &onnx, &opts)?;
+        send(fit_event::Event::Phase(SWAP.into()));
+        let version = format!("fit-{}-{}", self.number, &crate::util::fs::sha256_file(&onnx)?[..12]);
+        let metrics_json = serde_json::to_string(&summary.validation.scores).unwrap_or_default();
+        let cfg = &self.state.cfg;
+        let engine = Some(self.current.model.engine);
+        let new = ServingModel::open(&report.path, engine, cfg.threads, cfg.num_gpus != 0, version.clone(), metrics_json)?;
+        self.state.swap(new);
+        Ok(FitResult {
+            model_version: version,
+            metrics: summary.validation.scores.iter().map(|(m, v)| (m.name().to_string(), *v)).collect(),
+            best_epoch: summary.best_epoch as i32,
+        })
+    }
+}

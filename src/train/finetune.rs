@@ -1,0 +1,158 @@
+//! Efficient fine-tuning of the imported backbone, with AutoMM's names: `optimization.efficient_finetune`
+//! = `bit_fit` (biases) or `norm_fit` (normalisation scales and shifts plus biases), and
+//! `model.backbone.trainable_layers` (initializer-name prefixes, e.g. the last stage). The chosen
+//! initializers of the ONNX graph become `Var`s that train with the head; gradients flow back through the
+//! imported graph (our depthwise conv has its own backward pass, the rest is candle autograd).
+//!
+//! The graph is split at its *frontier*: the part before the first trainable initializer is frozen, so
+//! without augmentation its outputs are computed once per image and cached; each epoch then runs only the
+//! trainable rest. With augmentation every epoch decodes and transforms the images again (seeded). The
+//! training loop ([`crate::train::runner`]) sees a tuned backbone through [`crate::train::source`].
+
+use std::collections::HashSet;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_onnx::onnx::ModelProto;
+
+use crate::model::hparams::EfficientFinetune;
+use crate::error::{Error, Result};
+use crate::onnx::Graph;
+
+/// Initializers of `graph` that train: biases for `bit_fit`; normalisation scales/shifts and biases for
+/// `norm_fit`; plus every float initializer whose name starts with one of `prefixes`. Sorted by name.
+pub fn select_trainable(graph: &Graph, mode: EfficientFinetune, prefixes: &[String]) -> Vec<String> {
+    let inits: HashSet<String> = graph.initializer_names().into_iter().collect();
+    let is_float = |n: &str| graph.initializer(n).is_some_and(|t| t.dtype().is_float() && t.elem_count() > 0);
+    let mut biases = HashSet::new();
+    let mut norms = HashSet::new();
+    for n in graph.nodes() {
+        let arg = |i: usize| n.input.get(i).filter(|s| inits.contains(*s)).cloned();
+        match n.op_type.as_str() {
+            "Conv" | "ConvTranspose" | "Gemm" => biases.extend(arg(2)),
+            "LayerNormalization" | "BatchNormalization" | "InstanceNormalization" | "GroupNormalization" => {
+                norms.extend(arg(1));
+                biases.extend(arg(2));
+            }
+            // A bias row added after a MatMul (how exporters write Linear layers).
+            "Add" => {
+                for i in 0..2 {
+                    if let Some(name) = arg(i) {
+                        let t = &graph.initializer(&name).expect("listed initializer");
+                        if t.dims().iter().rev().skip(1).all(|&d| d == 1) && t.elem_count() > 1 {
+                            biases.insert(name);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out: HashSet<String> = match mode {
+        EfficientFinetune::None => HashSet::new(),
+        EfficientFinetune::BitFit => biases,
+        EfficientFinetune::NormFit => biases.union(&norms).cloned().collect(),
+    };
+    out.extend(inits.iter().filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str()))).cloned());
+    let mut v: Vec<String> = out.into_iter().filter(|n| is_float(n)).collect();
+    v.sort();
+    v
+}
+
+/// A backbone being fine-tuned: the frozen prefix (when the graph splits cleanly) and the trainable rest.
+pub struct TunedBackbone {
+    prefix: Option<Graph>,
+    suffix: Graph,
+    input: String,
+    frontier: Vec<String>,
+    /// The trainable initializers, by name.
+    pub vars: Vec<(String, Var)>,
+}
+
+impl TunedBackbone {
+    /// Imports `model` up to `feature` with `trainable` initializers as `Var`s. `input` is the image input.
+    pub fn new(
+        model: &ModelProto,
+        name: &str,
+        device: &Device,
+        input: &str,
+        feature: &str,
+        trainable: &[String],
+        image_size: usize,
+    ) -> Result<TunedBackbone> {
+        if trainable.is_empty() {
+            return Err(Error::Train(
+                "fine-tuning selected no initializer of the backbone (check optimization.efficient_finetune and \
+                 model.backbone.trainable_layers against the ONNX initializer names)"
+                    .into(),
+            ));
+        }
+        let mut full = Graph::from_model(model, name, device, Some(vec![feature.to_string()]))?;
+        let vars = full.set_trainable(trainable)?;
+        let frontier = full.frontier();
+        let whole = |full: Graph, vars: Vec<Var>| TunedBackbone {
+            prefix: None,
+            suffix: full,
+            input: input.to_string(),
+            frontier: vec![input.to_string()],
+            vars: trainable.iter().cloned().zip(vars).collect(),
+        };
+        if frontier.is_empty() || frontier.iter().any(|f| f == input) {
+            return Ok(whole(full, vars));
+        }
+        // The prefix's outputs are cached per image: each must be a float tensor with the batch first.
+        let prefix = Graph::from_model(model, name, device, Some(frontier.clone()))?;
+        let probe = Tensor::zeros((2, 3, image_size, image_size), DType::F32, device)?;
+        let outs = prefix.run(&[(input, probe)])?;
+        if outs.iter().any(|t| !t.dtype().is_float() || t.dims().first() != Some(&2)) {
+            tracing::info!("the frozen part of the backbone does not split per image; running it every step");
+            return Ok(whole(full, vars));
+        }
+        let mut suffix = Graph::from_model_fed(model, name, device, &frontier, vec![feature.to_string()])?;
+        let vars = suffix.set_trainable(trainable)?;
+        tracing::info!(
+            "fine-tuning {} initializers; the frozen prefix hands over {} tensor(s): {:?}",
+            trainable.len(),
+            frontier.len(),
+            frontier
+        );
+        Ok(TunedBackbone {
+            prefix: Some(prefix),
+            suffix,
+            input: input.to_string(),
+            frontier,
+            vars: trainable.iter().cloned().zip(vars).collect(),
+        })
+    }
+
+    /// True when a frozen prefix exists (its outputs can be cached).
+    pub fn has_prefix(&self) -> bool {
+        self.prefix.is_some()
+    }
+
+    /// The frontier values of an image batch `[N, 3, S, S]`.
+    pub fn front(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+        match &self.prefix {
+            Some(p) => p.run(&[(self.input.as_str(), images.clone())]),
+            None => Ok(vec![images.clone()]),
+        }
+    }
+
+    /// Features `[N, D]` from frontier values; `track` = gradients to the trainable initializers.
+    pub fn features(&self, front: &[Tensor], track: bool) -> Result<Tensor> {
+        let feeds: Vec<(&str, Tensor)> = self.frontier.iter().map(String::as_str).zip(front.iter().cloned()).collect();
+        let out = if track { self.suffix.run(&feeds)? } else { self.suffix.run_frozen(&feeds)? };
+        let f = out.into_iter().next().ok_or_else(|| Error::Train("the backbone computed no features".into()))?;
+        let n = f.dims().first().copied().unwrap_or(0);
+        Ok(f.reshape((n, ()))?)
+    }
+
+    /// The device the graph runs on.
+    pub fn device(&self) -> &Device {
+        self.suffix.device()
+    }
+
+    /// Number of tensors the frozen prefix hands to the trainable rest.
+    pub fn frontier_len(&self) -> usize {
+        self.frontier.len()
+    }
+}

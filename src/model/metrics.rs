@@ -210,7 +210,8 @@ mod tests {
     fn log_loss_and_names() {
         let r = compute(&[0, 1], &[0, 1], Some(&[0.5, 0.5, 0.25, 0.75]), &names(2)).unwrap();
         assert!((r.get(Metric::LogLoss).unwrap() - (-(0.5f64.ln()) - 0.75f64.ln()) / 2.0).abs() < 1e-6);
-        assert!(check_names(&["f1_macro".into()]).is_ok());
-        assert!(check_names(&["f1".into()]).unwrap_err().to_string().contains("f1_macro"));
+        assert_eq!(parse_names("--metrics", &["f1_macro".into()]).unwrap(), vec![Metric::F1Macro]);
+        let e = parse_names("--metrics", &["f1".into()]).unwrap_err().to_string();
+        assert!(e.contains("--metrics") && e.contains("`f1`") && e.contains("f1_macro"), "{e}");
     }
 }

@@ -46,8 +46,6 @@ macro_rules! named_enum {
         $vis enum $name { $( $(#[$vm])* $var ),+ }
 
         impl $name {
-            /// Every variant, in declaration order.
-            pub const ALL: &'static [$name] = &[$($name::$var),+];
             /// Every canonical name, in declaration order.
             pub const NAMES: &'static [&'static str] = &[$($s),+];
             /// The canonical name.

@@ -2,6 +2,7 @@
 
 use automm::model::hparams::{Alpha, LossKind, LrSchedule, ValMetric};
 use automm::train::config::HyperParamsBuilder;
+use automm::train::schedule::Schedule;
 use automm::train::loss::Reduction;
 
 fn build(kvs: &[&str]) -> automm::Result<automm::model::hparams::HyperParams> {
@@ -74,10 +75,10 @@ fn alpha_forms() {
 fn alpha_length_mismatch_names_both_counts_and_class_order() {
     let hp = build(&["optimization.focal_loss.alpha=[0.5, 0.5]"]).unwrap();
     let classes: Vec<String> = ["cat", "dog", "emu"].iter().map(|s| s.to_string()).collect();
-    let e = hp.resolve_alpha(&classes, &[3, 3, 3]).unwrap_err().to_string();
+    let e = automm::train::loss::resolve_alpha(&hp.focal_alpha, &classes, &[3, 3, 3]).unwrap_err().to_string();
     assert!(e.contains("2 weights") && e.contains("3 classes") && e.contains("[\"cat\", \"dog\", \"emu\"]"), "{e}");
     let auto = build(&["optimization.focal_loss.alpha=auto"]).unwrap();
-    let a = auto.resolve_alpha(&classes, &[10, 5, 5]).unwrap().unwrap();
+    let a = automm::train::loss::resolve_alpha(&auto.focal_alpha, &classes, &[10, 5, 5]).unwrap().unwrap();
     assert!((a[0] - 0.2).abs() < 1e-12 && (a[1] - 0.4).abs() < 1e-12);
 }
 
@@ -151,8 +152,8 @@ fn config_files_nested_or_flat_and_hp_overrides_them() {
 #[test]
 fn schedule_warms_up_then_decays() {
     let hp = build(&["optimization.learning_rate=1.0", "optimization.warmup_steps=0.1"]).unwrap();
-    assert!((hp.lr_at(0, 100) - 0.1).abs() < 1e-12);
-    assert!((hp.lr_at(9, 100) - 1.0).abs() < 1e-12);
-    assert!(hp.lr_at(99, 100) < 0.01);
-    assert!((hp.lr_at(55, 100) - 0.5).abs() < 0.02);
+    assert!((Schedule::new(&hp, 100).lr_at(0) - 0.1).abs() < 1e-12);
+    assert!((Schedule::new(&hp, 100).lr_at(9) - 1.0).abs() < 1e-12);
+    assert!(Schedule::new(&hp, 100).lr_at(99) < 0.01);
+    assert!((Schedule::new(&hp, 100).lr_at(55) - 0.5).abs() < 0.02);
 }

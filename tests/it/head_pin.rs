@@ -1,13 +1,17 @@
 //! Head-only training gives bit-identical weights to the loop as it was before the one-loop redesign:
-//! `reference_fit` below is that loop transcribed (init, shuffle, schedule, loss, AdamW, best-epoch
-//! tie-break, early stopping), and the library's loop must produce the same bytes for a seed.
+//! `reference_fit` below is that loop (`train::fit_head` at cb3de69) transcribed (init, shuffle, schedule,
+//! loss, AdamW, best-epoch tie-break, early stopping); it matched that `fit_head` byte for byte on these
+//! three configurations, and the one loop must produce the same bytes for a seed.
 
-use automm::model::hparams::{HyperParams, LossKind};
-use automm::train::config::HyperParamsBuilder;
-use automm::train::loss::{cross_entropy, focal_loss, Reduction};
-use automm::model::metrics;
+use automm::model::hparams::{HyperParams, LossKind, Reduction};
+use automm::model::metrics::{self, Metric};
 use automm::model::Head;
+use automm::train::config::HyperParamsBuilder;
+use automm::train::loss::{cross_entropy, focal_loss};
 use automm::train::optim::{AdamW, AdamWConfig};
+use automm::train::runner::{fit, FitContext, FitData};
+use automm::train::schedule::Schedule;
+use automm::train::source::CachedFeatures;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -46,7 +50,7 @@ fn reference_fit(x: &Tensor, y: &[u32], xv: &Tensor, yv: &[u32], classes: &[Stri
     for _epoch in 1..=hp.max_epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(bs) {
-            opt.set_learning_rate(hp.lr_at(step, total));
+            opt.set_learning_rate(Schedule::new(hp, total).lr_at(step));
             let idx = Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(), chunk.len(), &device).unwrap();
             let xb = x.index_select(&idx, 0).unwrap();
             let yb = yt.index_select(&idx, 0).unwrap();
@@ -65,8 +69,8 @@ fn reference_fit(x: &Tensor, y: &[u32], xv: &Tensor, yv: &[u32], classes: &[Stri
         let preds = probs.argmax(1).unwrap().to_dtype(DType::U32).unwrap().to_vec1::<u32>().unwrap();
         let flat = probs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let report = metrics::compute(yv, &preds, Some(&flat), classes).unwrap();
-        let score = report.get(hp.val_metric.name());
-        let val_loss = report.get("log_loss");
+        let score = report.get(hp.val_metric).unwrap();
+        let val_loss = report.get(Metric::LogLoss).unwrap();
         if best.as_ref().is_none_or(|(s, l, _)| score > *s || (score == *s && val_loss < *l)) {
             best = Some((score, val_loss, head));
             since_best = 0;
@@ -102,19 +106,9 @@ fn head_only_weights_are_bit_identical_to_the_reference_loop() {
         let hp = b.build().unwrap().0;
         let alpha = (hp.loss_function == LossKind::FocalLoss).then(|| automm::train::loss::auto_alpha(&[30, 12, 7, 4]).unwrap());
         let want = reference_fit(&x, &y, &xv, &yv, &classes, &hp, alpha.as_deref());
-        let got = automm::train::fit_head(
-            &x,
-            &y,
-            &xv,
-            &yv,
-            &classes,
-            &hp,
-            alpha.as_deref(),
-            automm::train::FitContext { quiet: true, ..Default::default() },
-            &mut |_| {},
-        )
-        .unwrap()
-        .head;
+        let source = CachedFeatures::new(x.clone(), Some(xv.clone())).unwrap();
+        let data = FitData { targets: &y, eval_targets: &yv, classes: &classes, hp: &hp, alpha: alpha.as_deref() };
+        let got = fit(&source, &data, FitContext { quiet: true, ..Default::default() }, &mut |_| {}).unwrap().head;
         assert_eq!(bytes(&got.weight), bytes(&want.weight), "{kvs:?}: head weight differs");
         assert_eq!(bytes(&got.bias), bytes(&want.bias), "{kvs:?}: head bias differs");
     }

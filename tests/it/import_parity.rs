@@ -2,7 +2,7 @@
 //! models/export_swin_tiny.py and an EfficientNet-Lite-pattern CNN from models/make_cnn_fixture.py) come
 //! with an input batch and ORT's outputs, so this runs without Python or ORT.
 
-mod common;
+use crate::common;
 use common::fixture;
 
 use automm::onnx::{detect_feature_tensor, read_model, read_npy, Graph};

@@ -3,7 +3,7 @@
 //! the model folder, files over the limit). Each must be a clear error naming the thing at fault, never a
 //! panic, and must not allocate what the header claims.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! and resumed reaches the same final head as an uninterrupted run; a diverging learning rate stops with
 //! the epoch and batch named and keeps the last good checkpoint.
 
-mod common;
+use crate::common;
 use common::bin;
 
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automm::train::checkpoint::Checkpoint;
-use automm::train::{resume, train, Event, ResumeOptions, TrainRequest};
+use automm::train::{resume, train, Event, Phase, ResumeOptions, TrainRequest};
 
 fn backbone() -> PathBuf {
     common::fixture("cnn_fixture.onnx")
@@ -58,11 +58,11 @@ fn stopped_after_an_epoch_and_resumed_equals_uninterrupted() {
     let mut phases = Vec::new();
     let resumed = resume(&req.output, &ResumeOptions { quiet: true, ..Default::default() }, |e| {
         if let Event::Phase(p) = e {
-            phases.push(p.clone());
+            phases.push(*p);
         }
     })
     .unwrap();
-    assert!(phases.iter().any(|p| p == "features (cached)"), "feature cache not reused: {phases:?}");
+    assert!(phases.contains(&Phase::FeaturesCached), "feature cache not reused: {phases:?}");
     assert_eq!(losses(&resumed), losses(&full));
     assert_eq!(resumed.best_epoch, full.best_epoch);
     assert_eq!(
@@ -152,4 +152,71 @@ fn kill_9_at_random_moments_then_resume_equals_uninterrupted() {
         assert!(r.status.success(), "round {round} (killed after {delay} ms): {}", String::from_utf8_lossy(&r.stderr));
         assert_eq!(std::fs::read(out.join("head.safetensors")).unwrap(), want, "round {round}: resumed head differs");
     }
+}
+
+/// A bit_fit run (conv biases of the backbone train with the head) killed with SIGKILL after its second
+/// epoch's checkpoint, then resumed: the same head and tuned backbone values as an uninterrupted run (byte
+/// for byte, i.e. max abs diff 0), and the resumed run starts after the checkpointed epoch.
+#[test]
+fn kill_9_of_a_bit_fit_run_after_epoch_2_then_resume_equals_uninterrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    automm::app::synth::make_dataset(dir.path(), "train", &[12, 6, 4, 3], 48, 2).unwrap();
+    let hp = ["optimization.efficient_finetune=bit_fit", "optimization.max_epochs=8", "optimization.patience=100"];
+    let args = |out: &Path| {
+        let mut c = bin();
+        c.args(["train", "--quiet", "--label", "label", "--train-data"])
+            .arg(dir.path().join("train.csv"))
+            .arg("--backbone")
+            .arg(backbone())
+            .arg("--output")
+            .arg(out)
+            .args(["--hp", "env.batch_size=4", "--hp", "env.seed=5"]);
+        for kv in hp {
+            c.args(["--hp", kv]);
+        }
+        c
+    };
+    let full = dir.path().join("full");
+    let r = args(&full).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let read = |d: &Path, f: &str| std::fs::read(d.join(f)).unwrap();
+
+    let out = dir.path().join("killed");
+    let mut child = args(&out).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let ck = Checkpoint::in_output(&out);
+    let t0 = Instant::now();
+    let killed_after = loop {
+        // Each state file is complete (written to a temp file, then renamed).
+        if let Ok(Some(st)) = ck.read_state(&candle_core::Device::Cpu) {
+            if st.progress.epoch >= 2 {
+                child.kill().unwrap(); // SIGKILL
+                break st.progress.epoch;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "no second-epoch checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(!child.wait().unwrap().success(), "the run finished before the kill; make it longer");
+    let st = ck.read_state(&candle_core::Device::Cpu).unwrap().unwrap();
+    assert!(st.progress.epoch >= killed_after && st.progress.epoch < 8, "epoch {}", st.progress.epoch);
+    assert!(!st.backbone.is_empty(), "the checkpoint holds the tuned backbone initializers");
+    assert!(!out.join("head.safetensors").exists(), "no model before the run finishes");
+
+    let mut epochs = Vec::new();
+    let resumed = resume(&out, &ResumeOptions { quiet: true, ..Default::default() }, |e| {
+        if let Event::Epoch(r) = e {
+            epochs.push(r.epoch);
+        }
+    })
+    .unwrap();
+    let first = st.progress.epoch + 1;
+    assert_eq!(epochs, (first..=8).collect::<Vec<_>>(), "the resumed run redid finished epochs");
+    assert_eq!(resumed.history.len(), 8);
+    assert_eq!(read(&out, "head.safetensors"), read(&full, "head.safetensors"), "resumed head differs");
+    assert_eq!(
+        read(&out, "backbone_update.safetensors"),
+        read(&full, "backbone_update.safetensors"),
+        "resumed backbone values differ"
+    );
+    assert!(!ck.root.exists(), "the checkpoint is removed once the model is complete");
 }

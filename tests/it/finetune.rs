@@ -141,7 +141,7 @@ fn selection_follows_the_graph() {
     assert!(bit.iter().all(|n| norm.contains(n)));
 }
 
-mod common;
+use crate::common;
 
 /// Trains the CNN fixture on generated images through the binary with `hp` settings.
 fn train_cli(dir: &Path, name: &str, train: &Path, hp: &[&str]) -> std::path::PathBuf {
@@ -201,7 +201,7 @@ fn bit_fit_with_augmentation_trains_saves_predicts_and_exports_the_tuned_backbon
         cfg.preprocess.normalization.clone(),
     )
     .unwrap();
-    let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
+    let files = table.all_image_refs();
     let before = frozen.features_of_files(&files, 8, "x", true).unwrap();
     assert!((&tuned - &before).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 1e-4);
     frozen.apply_update(&update).unwrap();

@@ -2,7 +2,7 @@
 //! predictions equal `automm predict`, batching shows in the metrics, and every failure mode returns its
 //! status code; Fit streams, hot-swaps and refuses a second concurrent Fit; shutdown drains.
 
-mod common;
+use crate::common;
 use common::fixture;
 
 use std::path::{Path, PathBuf};
@@ -76,7 +76,7 @@ impl Server {
 }
 
 fn metric(text: &str, name: &str) -> f64 {
-    automm::serve::metrics::parse_metric(text, name).unwrap_or_else(|| panic!("{name} missing in {text}"))
+    automm::serve::prometheus::parse_metric(text, name).unwrap_or_else(|| panic!("{name} missing in {text}"))
 }
 
 fn images(test: &Path) -> Vec<Vec<u8>> {

@@ -2,7 +2,7 @@
 //! CNN fixture backbone load in ONNX Runtime (and in our candle importer) and match the model folder's
 //! predictions; metadata round-trips; opset and model-folder errors are clear.
 
-mod common;
+use crate::common;
 use common::{bin, fixture, ort_available};
 
 use std::path::{Path, PathBuf};
@@ -44,7 +44,7 @@ fn exports_match_the_model_folder_on_every_engine() {
     let p = automm::deploy::predict::Predictor::load(&model, &candle_core::Device::Cpu).unwrap();
     let table = automm::data::Table::load(&test, None, None).unwrap();
     let want = p.predict_table(&table, true).unwrap();
-    let files: Vec<_> = table.rows.iter().map(|r| (r.image.clone(), Some(r.row))).collect();
+    let files = table.all_image_refs();
     for kind in [ExportKind::Merged, ExportKind::WithPreprocessing, ExportKind::HeadOnly] {
         let out = dir.path().join(format!("{}.onnx", kind.name()));
         let r = automm::deploy::export::export(&model, &out, &opts(kind, true)).unwrap();

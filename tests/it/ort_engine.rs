@@ -2,7 +2,7 @@
 //! `automm onnx compare` / `onnx run`. CI installs `onnxruntime==1.31.1` and sets AUTOMM_REQUIRE_ORT=1, so
 //! there a missing library fails these tests; elsewhere the parity tests say they did not run.
 
-mod common;
+use crate::common;
 use common::{bin, fixture, ort_available};
 
 #[test]

@@ -1,7 +1,7 @@
 //! End to end on generated images with the committed CNN fixture backbone: `automm train`, `evaluate`,
 //! `predict` through the binary, the model folder's files, and the data errors users hit.
 
-mod common;
+use crate::common;
 use common::bin;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,17 @@
+//! The integration tests: one binary (one link of candle, polars, tonic and ort), a module per area.
+//! Shared helpers live in `common`.
+
+mod common;
+
+mod config;
+mod demo;
+mod export;
+mod finetune;
+mod focal_loss;
+mod head_pin;
+mod hostile;
+mod import_parity;
+mod ort_engine;
+mod resume;
+mod serve;
+mod train_cli;

@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
 use crate::deploy::engine::ort::OrtSession;
+use crate::error::{Error, Result};
 use crate::proto::PredictRequest;
 use crate::serve::batcher::BatchConfig;
 use crate::serve::{spawn, ServeConfig};

@@ -6,13 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::train::config::HyperParamsBuilder;
 use crate::data::{ClassList, Normalization, Table};
-use crate::error::{Error, Result};
 use crate::deploy::export::ExportOptions;
 use crate::deploy::meta::ExportKind;
-use crate::model::metrics::{Metric, Report};
 use crate::deploy::predict::Predictor;
+use crate::error::{Error, Result};
+use crate::model::metrics::{Metric, Report};
+use crate::train::config::HyperParamsBuilder;
 use crate::train::{train, TrainRequest};
 
 /// What the demo runs on.

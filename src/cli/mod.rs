@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use automm::train::config::HyperParamsBuilder;
 use automm::data::{Normalization, Table};
-use automm::deploy::export::ExportOptions;
-use automm::deploy::meta::ExportKind;
 use automm::deploy::engine::exported::ExportedModel;
 use automm::deploy::engine::EngineKind;
-use automm::model::metrics;
+use automm::deploy::export::ExportOptions;
+use automm::deploy::meta::ExportKind;
 use automm::deploy::predict::{write_predictions, Predictor};
+use automm::model::metrics;
+use automm::train::config::HyperParamsBuilder;
 use automm::train::{resume, train, Event, ResumeOptions, TrainRequest};
 use automm::util::device::select_device;
 
@@ -519,7 +519,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Soak { model, clients, seconds, sample_seconds, json }) => {
-            let r = automm::app::bench::mixed_soak(&std::env::current_exe()?, &model, clients, seconds, sample_seconds)?;
+            let r =
+                automm::app::bench::mixed_soak(&std::env::current_exe()?, &model, clients, seconds, sample_seconds)?;
             println!("{:<11} {:>8} {:>10}  outcomes", "kind", "sent", "unexpected");
             for (name, t) in [
                 ("good", &r.good),
@@ -573,8 +574,15 @@ pub fn run(cli: Cli) -> Result<()> {
             let r = automm::onnx::read_npy(&weights)?;
             let input_name = g.inputs().first().map(|i| i.name.clone()).unwrap_or_default();
             let size = x.dims().get(2).copied().unwrap_or(224);
-            let tb =
-                automm::train::finetune::TunedBackbone::new(&proto, &name, &dev, &input_name, &feature, &trainable, size)?;
+            let tb = automm::train::finetune::TunedBackbone::new(
+                &proto,
+                &name,
+                &dev,
+                &input_name,
+                &feature,
+                &trainable,
+                size,
+            )?;
             let t0 = std::time::Instant::now();
             let f = tb.features(&tb.front(&x)?, true)?;
             let grads = f.mul(&r.reshape(f.dims())?)?.sum_all()?.backward()?;

@@ -104,7 +104,12 @@ fn color_jitter(img: &mut RgbImage, rng: &mut ChaCha8Rng) {
 
 /// Reads, decodes, augments and normalises files in parallel into `[N, 3, S, S]` (flattened, in order);
 /// `seeds[i]` drives file i's transforms.
-pub fn files_to_batch(pre: &Preprocess, files: &[ImageRef], transforms: &[Transform], seeds: &[u64]) -> Result<Vec<f32>> {
+pub fn files_to_batch(
+    pre: &Preprocess,
+    files: &[ImageRef],
+    transforms: &[Transform],
+    seeds: &[u64],
+) -> Result<Vec<f32>> {
     let parts: Result<Vec<Vec<f32>>> = files
         .par_iter()
         .zip(seeds)

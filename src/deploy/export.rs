@@ -16,12 +16,12 @@ use candle_onnx::onnx::{
 use prost::Message;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
 use crate::deploy::meta::{keys, ExportKind, LOGITS, PROBABILITIES};
+use crate::error::{Error, Result};
 use crate::model::hparams::LossKind;
 use crate::model::{Head, ModelConfig, ModelDir, VERSION};
-use crate::util::fs::{sha256_file, stage_atomic};
 use crate::onnx::{opset_of, read_model, tensor::f32_to_proto};
+use crate::util::fs::{sha256_file, stage_atomic};
 
 fn attr_int(name: &str, v: i64) -> AttributeProto {
     AttributeProto { name: name.into(), i: v, r#type: AttributeType::Int as i32, ..Default::default() }
@@ -356,7 +356,8 @@ pub fn export(model: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
     let proto = build(&cfg, &head, &update, opts.kind, opts.opset)?;
     let staged = stage_atomic(output, &proto.encode_to_vec())?;
     let verification = if opts.verify {
-        let v = crate::deploy::verify::verify(model, staged.temp_path(), opts.verify_data.as_deref(), opts.verify_images)?;
+        let v =
+            crate::deploy::verify::verify(model, staged.temp_path(), opts.verify_data.as_deref(), opts.verify_images)?;
         if !v.passed {
             return Err(Error::Model {
                 path: output.to_path_buf(),

@@ -7,10 +7,10 @@ use std::path::Path;
 use candle_core::Device;
 use polars::prelude::*;
 
-use crate::model::{Backbone, Predictions};
 use crate::data::Table;
 use crate::error::{Error, Result};
 use crate::model::metrics::{self, Report};
+use crate::model::{Backbone, Predictions};
 use crate::model::{Head, ModelConfig, ModelDir};
 use crate::util::fs::sha256_file;
 

@@ -7,13 +7,13 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::data::Table;
-use crate::error::{Error, Result};
-use crate::deploy::meta::{ExportKind, ExportMeta};
 use crate::deploy::engine::exported::ExportedModel;
 use crate::deploy::engine::ort::{Feed, OrtSession};
 use crate::deploy::engine::EngineKind;
-use crate::onnx::{read_model, Graph};
+use crate::deploy::meta::{ExportKind, ExportMeta};
 use crate::deploy::predict::Predictor;
+use crate::error::{Error, Result};
+use crate::onnx::{read_model, Graph};
 
 /// Largest accepted |probability difference|.
 pub const TOLERANCE: f32 = 1e-4;
@@ -70,8 +70,12 @@ pub fn verify(model: &Path, exported: &Path, data: Option<&Path>, n: usize) -> R
                 (outs.into_iter().nth(i).map(|o| o.1).unwrap_or_default(), EngineKind::Ort)
             }
             Err(_) => {
-                let g =
-                    Graph::from_model(&proto, "head", &Device::Cpu, Some(vec![crate::deploy::meta::PROBABILITIES.into()]))?;
+                let g = Graph::from_model(
+                    &proto,
+                    "head",
+                    &Device::Cpu,
+                    Some(vec![crate::deploy::meta::PROBABILITIES.into()]),
+                )?;
                 let y = g.run(&[("features", x)])?.remove(0);
                 (y.flatten_all()?.to_vec1::<f32>()?, EngineKind::Candle)
             }

@@ -9,8 +9,8 @@ use candle_core::{Device, Tensor};
 use crate::data::{ImageRef, Normalization, Preprocess};
 use crate::error::{Error, Result};
 use crate::model::BackboneInfo;
-use crate::util::fs::sha256_file;
 use crate::onnx::{detect_feature_tensor, read_model, Graph};
+use crate::util::fs::sha256_file;
 use crate::util::progress::progress;
 
 /// Input side used when the ONNX input's spatial dims are symbolic.
@@ -101,13 +101,7 @@ impl Backbone {
 
     /// Features for image files, `batch` at a time, with a progress bar (hidden when `quiet`).
     /// Returns `[N, D]` on the backbone's device.
-    pub fn features_of_files(
-        &self,
-        files: &[ImageRef],
-        batch: usize,
-        label: &str,
-        quiet: bool,
-    ) -> Result<Tensor> {
+    pub fn features_of_files(&self, files: &[ImageRef], batch: usize, label: &str, quiet: bool) -> Result<Tensor> {
         let pb = progress(files.len() as u64, label, quiet);
         let s = self.preprocess.size as usize;
         let mut parts = Vec::new();

@@ -33,7 +33,8 @@ impl Head {
     /// drawn from `rng` (so a seed fixes it).
     pub fn init(classes: usize, feature_dim: usize, rng: &mut impl Rng, device: &Device) -> Result<Head> {
         let bound = 1.0 / (feature_dim as f64).sqrt();
-        let mut uniform = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect() };
+        let mut uniform =
+            |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-bound..bound) as f32).collect() };
         let weight = Tensor::from_vec(uniform(classes * feature_dim), (classes, feature_dim), device)?;
         let bias = Tensor::from_vec(uniform(classes), classes, device)?;
         Ok(Head { weight, bias })
@@ -80,4 +81,3 @@ impl Head {
         Ok(Head { weight, bias })
     }
 }
-

@@ -64,6 +64,8 @@ crate::named_enum! {
     }
 }
 
+// `named_enum!` derives a fixed set of traits, so `#[default]` is not available here.
+#[allow(clippy::derivable_impls)]
 impl Default for EfficientFinetune {
     fn default() -> Self {
         EfficientFinetune::None
@@ -164,4 +166,3 @@ impl Default for HyperParams {
         }
     }
 }
-

@@ -73,7 +73,8 @@ impl FitJob {
         let metrics_json = serde_json::to_string(&summary.validation.scores).unwrap_or_default();
         let cfg = &self.state.cfg;
         let engine = Some(self.current.model.engine);
-        let new = ServingModel::open(&report.path, engine, cfg.threads, cfg.num_gpus != 0, version.clone(), metrics_json)?;
+        let new =
+            ServingModel::open(&report.path, engine, cfg.threads, cfg.num_gpus != 0, version.clone(), metrics_json)?;
         self.state.swap(new);
         Ok(FitResult {
             model_version: version,

@@ -21,16 +21,13 @@ use tonic::{Request, Response, Status};
 use self::batcher::{BatchConfig, Batcher, Job};
 use self::prometheus::Metrics;
 use crate::data::Preprocess;
-use crate::error::{Error, Result};
 use crate::deploy::engine::exported::ExportedModel;
 use crate::deploy::engine::EngineKind;
 use crate::deploy::export::ExportOptions;
 use crate::deploy::meta::ExportKind;
+use crate::error::{Error, Result};
 use crate::proto::inference_server::{Inference, InferenceServer};
-use crate::proto::{
-    FitEvent, FitRequest, GetModelRequest, ModelInfo, PredictRequest,
-    PredictResponse, Prediction,
-};
+use crate::proto::{FitEvent, FitRequest, GetModelRequest, ModelInfo, PredictRequest, PredictResponse, Prediction};
 
 /// A model being served.
 pub struct ServingModel {

@@ -16,9 +16,9 @@ use sha2::{Digest, Sha256};
 use crate::data::{ImageRef, Preprocess};
 use crate::error::{Error, Result};
 use crate::model::{BackboneInfo, Head};
-use crate::util::fs::write_atomic;
 use crate::train::optim::AdamWState;
 use crate::train::{EpochRecord, TrainRequest};
+use crate::util::fs::write_atomic;
 
 /// Name of the checkpoint folder inside a model folder.
 pub const FOLDER: &str = "checkpoint";
@@ -248,7 +248,9 @@ fn decode_state(p: &Path, bytes: &[u8], device: &Device) -> Result<TrainState> {
         .map_err(|e| bad(format!("bad progress record: {e}")))?;
     let mut map = candle_core::safetensors::load_buffer(bytes, device)
         .map_err(|e| bad(format!("not a readable checkpoint: {e}")))?;
-    let take = |map: &mut HashMap<String, Tensor>, k: &str| map.remove(k).ok_or_else(|| bad(format!("tensor `{k}` is missing")));
+    let take = |map: &mut HashMap<String, Tensor>, k: &str| {
+        map.remove(k).ok_or_else(|| bad(format!("tensor `{k}` is missing")))
+    };
     let head = Head { weight: take(&mut map, "head.weight")?, bias: take(&mut map, "head.bias")? };
     let (c, d) = head.weight.dims2()?;
     let mut optimizer = AdamWState { step: 0, m: vec![], v: vec![] };
@@ -264,7 +266,11 @@ fn decode_state(p: &Path, bytes: &[u8], device: &Device) -> Result<TrainState> {
             _ => None,
         };
         if let Some(dims) = want.filter(|w| m.dims() != *w || v.dims() != *w) {
-            return Err(bad(format!("tensors `adamw.m.{i}`/`adamw.v.{i}` are {:?}/{:?}, expected {dims:?}", m.dims(), v.dims())));
+            return Err(bad(format!(
+                "tensors `adamw.m.{i}`/`adamw.v.{i}` are {:?}/{:?}, expected {dims:?}",
+                m.dims(),
+                v.dims()
+            )));
         }
         optimizer.m.push(m);
         optimizer.v.push(v);
@@ -272,16 +278,15 @@ fn decode_state(p: &Path, bytes: &[u8], device: &Device) -> Result<TrainState> {
     if optimizer.m.len() < 2 {
         return Err(bad("the optimizer moments of the head are missing".into()));
     }
-    optimizer.step = take(&mut map, "adamw.step")?.to_dtype(DType::U32)?.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize;
+    optimizer.step =
+        take(&mut map, "adamw.step")?.to_dtype(DType::U32)?.to_vec1::<u32>()?.first().copied().unwrap_or(0) as usize;
     let best_head = match (map.remove("best.weight"), map.remove("best.bias")) {
         (Some(weight), Some(bias)) => Some(Head { weight, bias }),
         _ => None,
     };
     let named = |prefix: &str| -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = map
-            .iter()
-            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone())))
-            .collect();
+        let mut v: Vec<(String, Tensor)> =
+            map.iter().filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.clone()))).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };

@@ -26,61 +26,112 @@ const KEYS: &[Key] = &[
     Key {
         name: "optimization.loss_function",
         aliases: &["optim.loss_func", "optim.loss_function", "optimization.loss_func"],
-        set: |hp, k, v| Ok(hp.loss_function = parse_name(k, v)?),
+        set: |hp, k, v| {
+            hp.loss_function = parse_name(k, v)?;
+            Ok(())
+        },
     },
     Key {
         name: "optimization.focal_loss.alpha",
         aliases: &["optim.focal_loss.alpha"],
-        set: |hp, k, v| Ok(hp.focal_alpha = parse_alpha(k, v)?),
+        set: |hp, k, v| {
+            hp.focal_alpha = parse_alpha(k, v)?;
+            Ok(())
+        },
     },
     Key {
         name: "optimization.focal_loss.gamma",
         aliases: &["optim.focal_loss.gamma"],
-        set: |hp, k, v| Ok(hp.focal_gamma = checked(k, as_f64(k, v)?, |g| g >= 0.0, "gamma must be a finite number >= 0")?),
+        set: |hp, k, v| {
+            hp.focal_gamma = checked(k, as_f64(k, v)?, |g| g >= 0.0, "gamma must be a finite number >= 0")?;
+            Ok(())
+        },
     },
     Key { name: "optimization.focal_loss.reduction", aliases: &["optim.focal_loss.reduction"], set: set_reduction },
     Key {
         name: "optimization.max_epochs",
         aliases: &["optim.max_epochs"],
-        set: |hp, k, v| Ok(hp.max_epochs = at_least_one(k, v)?),
+        set: |hp, k, v| {
+            hp.max_epochs = at_least_one(k, v)?;
+            Ok(())
+        },
     },
     Key {
         name: "optimization.learning_rate",
         aliases: &["optim.lr", "optim.learning_rate", "optimization.lr"],
-        set: |hp, k, v| Ok(hp.learning_rate = checked(k, as_f64(k, v)?, |x| x > 0.0, "must be a positive number")?),
+        set: |hp, k, v| {
+            hp.learning_rate = checked(k, as_f64(k, v)?, |x| x > 0.0, "must be a positive number")?;
+            Ok(())
+        },
     },
     Key {
         name: "optimization.weight_decay",
         aliases: &["optim.weight_decay"],
-        set: |hp, k, v| Ok(hp.weight_decay = checked(k, as_f64(k, v)?, |x| x >= 0.0, "must be >= 0")?),
+        set: |hp, k, v| {
+            hp.weight_decay = checked(k, as_f64(k, v)?, |x| x >= 0.0, "must be >= 0")?;
+            Ok(())
+        },
     },
     Key {
         name: "optimization.lr_schedule",
         aliases: &["optim.lr_schedule"],
-        set: |hp, k, v| Ok(hp.lr_schedule = parse_name(k, v)?),
+        set: |hp, k, v| {
+            hp.lr_schedule = parse_name(k, v)?;
+            Ok(())
+        },
     },
     Key {
         name: "optimization.warmup_steps",
         aliases: &["optim.warmup_steps"],
         set: |hp, k, v| {
             let why = "must be >= 0 (a fraction of all steps when < 1)";
-            Ok(hp.warmup_steps = checked(k, as_f64(k, v)?, |x| x >= 0.0, why)?)
+            {
+                hp.warmup_steps = checked(k, as_f64(k, v)?, |x| x >= 0.0, why)?;
+                Ok(())
+            }
         },
     },
-    Key { name: "optimization.patience", aliases: &["optim.patience"], set: |hp, k, v| Ok(hp.patience = as_usize(k, v)?) },
+    Key {
+        name: "optimization.patience",
+        aliases: &["optim.patience"],
+        set: |hp, k, v| {
+            hp.patience = as_usize(k, v)?;
+            Ok(())
+        },
+    },
     Key {
         name: "optimization.label_smoothing",
         aliases: &["optim.label_smoothing"],
-        set: |hp, k, v| Ok(hp.label_smoothing = checked(k, as_f64(k, v)?, |x| (0.0..1.0).contains(&x), "must be in [0, 1)")?),
+        set: |hp, k, v| {
+            hp.label_smoothing = checked(k, as_f64(k, v)?, |x| (0.0..1.0).contains(&x), "must be in [0, 1)")?;
+            Ok(())
+        },
     },
     Key {
         name: "optimization.val_metric",
         aliases: &["optim.val_metric"],
-        set: |hp, k, v| Ok(hp.val_metric = parse_name(k, v)?),
+        set: |hp, k, v| {
+            hp.val_metric = parse_name(k, v)?;
+            Ok(())
+        },
     },
-    Key { name: "env.batch_size", aliases: &[], set: |hp, k, v| Ok(hp.batch_size = at_least_one(k, v)?) },
+    Key {
+        name: "env.batch_size",
+        aliases: &[],
+        set: |hp, k, v| {
+            hp.batch_size = at_least_one(k, v)?;
+            Ok(())
+        },
+    },
     Key { name: "env.num_gpus", aliases: &[], set: set_num_gpus },
-    Key { name: "env.seed", aliases: &[], set: |hp, k, v| Ok(hp.seed = as_usize(k, v)? as u64) },
+    Key {
+        name: "env.seed",
+        aliases: &[],
+        set: |hp, k, v| {
+            hp.seed = as_usize(k, v)? as u64;
+            Ok(())
+        },
+    },
     Key {
         name: "optimization.efficient_finetune",
         aliases: &["optim.peft"],
@@ -94,7 +145,14 @@ const KEYS: &[Key] = &[
             Ok(())
         },
     },
-    Key { name: "model.backbone.trainable_layers", aliases: &[], set: |hp, k, v| Ok(hp.trainable_layers = string_list(k, v)?) },
+    Key {
+        name: "model.backbone.trainable_layers",
+        aliases: &[],
+        set: |hp, k, v| {
+            hp.trainable_layers = string_list(k, v)?;
+            Ok(())
+        },
+    },
     Key { name: "model.timm_image.train_transforms", aliases: &[], set: set_transforms },
 ];
 
@@ -403,9 +461,10 @@ fn set_transforms(hp: &mut HyperParams, key: &str, v: &Value) -> Result<()> {
         if ALWAYS.contains(&name.as_str()) {
             continue;
         }
-        out.push(name.parse::<Transform>().map_err(|e| {
-            Error::config(key, format!("{e} (resize_shorter_side and center_crop always run)"))
-        })?);
+        out.push(
+            name.parse::<Transform>()
+                .map_err(|e| Error::config(key, format!("{e} (resize_shorter_side and center_crop always run)")))?,
+        );
     }
     hp.train_transforms = out;
     Ok(())

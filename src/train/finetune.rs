@@ -14,8 +14,8 @@ use std::collections::HashSet;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_onnx::onnx::ModelProto;
 
-use crate::model::hparams::EfficientFinetune;
 use crate::error::{Error, Result};
+use crate::model::hparams::EfficientFinetune;
 use crate::onnx::Graph;
 
 /// Initializers of `graph` that train: biases for `bit_fit`; normalisation scales/shifts and biases for

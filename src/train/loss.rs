@@ -6,10 +6,10 @@
 //! values. It is evaluated through `log_softmax` so large logits neither overflow nor turn the gradient
 //! into NaN.
 
-use candle_core::{DType, Tensor, D};
 use crate::error::{Error, Result};
-pub use crate::model::hparams::Reduction;
 use crate::model::hparams::Alpha;
+pub use crate::model::hparams::Reduction;
+use candle_core::{DType, Tensor, D};
 
 /// Checks `logits` is `[N, C]` and `target` is `[N]`; returns `(N, C)`.
 fn check_shapes(logits: &Tensor, target: &Tensor) -> Result<(usize, usize)> {

@@ -83,4 +83,3 @@ pub fn curve_svg(train_loss: &[f64], val_metric: &[f64], metric_name: &str, path
     }
     crate::util::fs::write_atomic(path, svg.as_bytes())
 }
-

@@ -64,20 +64,35 @@ pub struct Fit {
     pub report: Report,
 }
 
+/// The best epoch's scores and model.
+struct Kept {
+    score: f64,
+    val_loss: f64,
+    epoch: usize,
+    head: Head,
+    backbone: Vec<(String, Tensor)>,
+}
+
 /// The best epoch so far and when to stop (early stopping as a strategy of its own).
 #[derive(Default)]
 pub struct BestEpoch {
-    best: Option<(f64, f64, usize, Head, Vec<(String, Tensor)>)>,
+    best: Option<Kept>,
     since_best: usize,
 }
 
 impl BestEpoch {
     /// Records an epoch's score and validation log-loss; true when it is the new best. Ties on the
     /// metric (common on small validation sets) go to the lower log-loss.
-    pub fn offer(&mut self, score: f64, val_loss: f64, epoch: usize, keep: impl FnOnce() -> Result<(Head, Vec<(String, Tensor)>)>) -> Result<bool> {
-        if self.best.as_ref().is_none_or(|(s, l, ..)| score > *s || (score == *s && val_loss < *l)) {
+    pub fn offer(
+        &mut self,
+        score: f64,
+        val_loss: f64,
+        epoch: usize,
+        keep: impl FnOnce() -> Result<(Head, Vec<(String, Tensor)>)>,
+    ) -> Result<bool> {
+        if self.best.as_ref().is_none_or(|b| score > b.score || (score == b.score && val_loss < b.val_loss)) {
             let (head, backbone) = keep()?;
-            self.best = Some((score, val_loss, epoch, head, backbone));
+            self.best = Some(Kept { score, val_loss, epoch, head, backbone });
             self.since_best = 0;
             Ok(true)
         } else {
@@ -137,8 +152,14 @@ pub fn fit(
         warned_rising |= warn_if_rising(&st.history, &rec, hp, warned_rising);
         pb.set_message(format!("loss {:.4} {} {:.3}", rec.train_loss, hp.val_metric, score));
         st.history.push(rec.clone());
-        if !st.best.offer(score, val_loss, epoch, || Ok((head.clone(), source.snapshot()?)))? && st.best.should_stop(hp.patience) {
-            tracing::info!("early stopping at epoch {epoch}: no improvement of {} for {} epochs", hp.val_metric, st.best.since_best);
+        if !st.best.offer(score, val_loss, epoch, || Ok((head.clone(), source.snapshot()?)))?
+            && st.best.should_stop(hp.patience)
+        {
+            tracing::info!(
+                "early stopping at epoch {epoch}: no improvement of {} for {} epochs",
+                hp.val_metric,
+                st.best.since_best
+            );
             st.done = true;
         }
         st.next_epoch = epoch + 1;
@@ -183,7 +204,12 @@ fn start(source: &dyn FeatureSource, data: &FitData<'_>, resume: Option<TrainSta
     Ok(st)
 }
 
-fn restore(st: &mut Loop, saved: TrainState, source: &dyn FeatureSource, (n, d, k): (usize, usize, usize)) -> Result<()> {
+fn restore(
+    st: &mut Loop,
+    saved: TrainState,
+    source: &dyn FeatureSource,
+    (n, d, k): (usize, usize, usize),
+) -> Result<()> {
     let p = saved.progress;
     if saved.head.weight.dims() != [k, d] || p.order.len() != n || p.order.iter().any(|&i| i >= n) {
         return Err(Error::Train(format!(
@@ -200,8 +226,12 @@ fn restore(st: &mut Loop, saved: TrainState, source: &dyn FeatureSource, (n, d, 
     st.order = p.order;
     st.history = p.history;
     st.best = BestEpoch {
-        best: p.best.zip(saved.best_head).map(|(bm, h)| {
-            (f64::from_bits(bm.score_bits), f64::from_bits(bm.val_loss_bits), bm.epoch, h, saved.best_backbone)
+        best: p.best.zip(saved.best_head).map(|(bm, head)| Kept {
+            score: f64::from_bits(bm.score_bits),
+            val_loss: f64::from_bits(bm.val_loss_bits),
+            epoch: bm.epoch,
+            head,
+            backbone: saved.best_backbone,
         }),
         since_best: p.since_best,
     };
@@ -239,14 +269,19 @@ fn run_epoch(
         let mut acc: Vec<Option<Tensor>> = vec![None; st.opt.vars().len()];
         let mut batch_loss = 0.0;
         for mb in chunk.chunks(source.micro_batch().max(1)) {
-            let logits = source.train_features(mb, epoch)?.matmul(&st.w.as_tensor().t()?)?.broadcast_add(st.b.as_tensor())?;
+            let logits =
+                source.train_features(mb, epoch)?.matmul(&st.w.as_tensor().t()?)?.broadcast_add(st.b.as_tensor())?;
             let yb = Tensor::from_vec(mb.iter().map(|&i| data.targets[i]).collect::<Vec<_>>(), mb.len(), &device)?;
             let loss = match hp.loss_function {
                 LossKind::FocalLoss => focal_loss(&logits, &yb, alpha.as_ref(), hp.focal_gamma, hp.focal_reduction)?,
                 LossKind::CrossEntropy => cross_entropy(&logits, &yb, hp.label_smoothing, Reduction::Mean)?,
             };
             // A mean over the batch is the sum of its micro-batches' means weighted by their share.
-            let loss = if mean_reduced && mb.len() != chunk.len() { (loss * (mb.len() as f64 / chunk.len() as f64))? } else { loss };
+            let loss = if mean_reduced && mb.len() != chunk.len() {
+                (loss * (mb.len() as f64 / chunk.len() as f64))?
+            } else {
+                loss
+            };
             batch_loss += loss.to_scalar::<f32>()? as f64;
             let grads = loss.backward()?;
             for (slot, v) in acc.iter_mut().zip(st.opt.vars()) {
@@ -269,7 +304,14 @@ fn run_epoch(
     Ok((loss_sum, lr))
 }
 
-fn diverged(loss: f64, epoch: usize, batch: usize, lr: f64, hp: &HyperParams, checkpoint: Option<&Checkpoint>) -> Error {
+fn diverged(
+    loss: f64,
+    epoch: usize,
+    batch: usize,
+    lr: f64,
+    hp: &HyperParams,
+    checkpoint: Option<&Checkpoint>,
+) -> Error {
     let kept = match (checkpoint, epoch > 1) {
         (Some(ck), true) => format!(
             "; the last good checkpoint (epoch {}) is kept: `automm train --resume {} --hp \
@@ -311,21 +353,26 @@ fn state_of(st: &Loop, head: Head, source: &dyn FeatureSource, hp: &HyperParams)
             rng_word_pos: st.rng.get_word_pos().to_string(),
             order: st.order.clone(),
             history: st.history.clone(),
-            best: best.map(|(s, l, e, ..)| Best { score_bits: s.to_bits(), val_loss_bits: l.to_bits(), epoch: *e }),
+            best: best.map(|b| Best {
+                score_bits: b.score.to_bits(),
+                val_loss_bits: b.val_loss.to_bits(),
+                epoch: b.epoch,
+            }),
             since_best: st.best.since_best,
             done: st.done || st.next_epoch > hp.max_epochs,
         },
         head,
         backbone: source.snapshot()?,
         optimizer: st.opt.state().clone(),
-        best_head: best.map(|b| b.3.clone()),
-        best_backbone: best.map(|b| b.4.clone()).unwrap_or_default(),
+        best_head: best.map(|b| b.head.clone()),
+        best_backbone: best.map(|b| b.backbone.clone()).unwrap_or_default(),
     })
 }
 
 /// The best epoch's model, scored on the evaluation rows with its own backbone values.
 fn finish(source: &dyn FeatureSource, data: &FitData<'_>, st: Loop) -> Result<Fit> {
-    let (_, _, best_epoch, head, backbone) = st.best.best.ok_or_else(|| Error::Train("no epoch ran".into()))?;
+    let Kept { epoch: best_epoch, head, backbone, .. } =
+        st.best.best.ok_or_else(|| Error::Train("no epoch ran".into()))?;
     if !backbone.is_empty() {
         source.restore(&backbone)?;
     }

@@ -15,8 +15,11 @@ pub struct Schedule {
 impl Schedule {
     /// The schedule `hp` gives a run of `total` optimizer steps.
     pub fn new(hp: &HyperParams, total: usize) -> Schedule {
-        let warmup =
-            if hp.warmup_steps < 1.0 { (hp.warmup_steps * total as f64).round() as usize } else { hp.warmup_steps as usize };
+        let warmup = if hp.warmup_steps < 1.0 {
+            (hp.warmup_steps * total as f64).round() as usize
+        } else {
+            hp.warmup_steps as usize
+        };
         Schedule { peak: hp.learning_rate, kind: hp.lr_schedule, warmup: warmup.min(total), total }
     }
 

@@ -191,7 +191,13 @@ impl FeatureSource for TunedSource<'_> {
 }
 
 /// Frontier values of many images, `[N, ...]` per frontier tensor, in batches with a progress bar.
-fn cache_front(tb: &TunedBackbone, pre: &Preprocess, files: &[ImageRef], label: &str, quiet: bool) -> Result<Vec<Tensor>> {
+fn cache_front(
+    tb: &TunedBackbone,
+    pre: &Preprocess,
+    files: &[ImageRef],
+    label: &str,
+    quiet: bool,
+) -> Result<Vec<Tensor>> {
     let s = pre.size as usize;
     let pb = progress(files.len() as u64, label, quiet);
     let mut parts: Vec<Vec<Tensor>> = Vec::new();

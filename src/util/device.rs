@@ -36,4 +36,3 @@ pub fn cuda_status() -> String {
         "not compiled in (build with --features cuda)".into()
     }
 }
-

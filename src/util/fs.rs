@@ -68,7 +68,6 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-
 /// Pretty JSON of `value`; the error names `what`.
 pub fn to_json<T: serde::Serialize>(value: &T, what: &str) -> Result<Vec<u8>> {
     serde_json::to_vec_pretty(value).map_err(|e| Error::encode(what, e))

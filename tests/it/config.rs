@@ -2,8 +2,8 @@
 
 use automm::model::hparams::{Alpha, LossKind, LrSchedule, ValMetric};
 use automm::train::config::HyperParamsBuilder;
-use automm::train::schedule::Schedule;
 use automm::train::loss::Reduction;
+use automm::train::schedule::Schedule;
 
 fn build(kvs: &[&str]) -> automm::Result<automm::model::hparams::HyperParams> {
     let mut b = HyperParamsBuilder::new();

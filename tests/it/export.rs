@@ -7,10 +7,10 @@ use common::{bin, fixture, ort_available};
 
 use std::path::{Path, PathBuf};
 
-use automm::deploy::export::ExportOptions;
-use automm::deploy::meta::{ExportKind, ExportMeta};
 use automm::deploy::engine::exported::ExportedModel;
 use automm::deploy::engine::EngineKind;
+use automm::deploy::export::ExportOptions;
+use automm::deploy::meta::{ExportKind, ExportMeta};
 
 /// Trains a small model on generated images; returns (model folder, test table).
 fn trained(dir: &Path) -> (PathBuf, PathBuf) {
@@ -110,14 +110,22 @@ fn opset_and_folder_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = trained(dir.path());
     let out = dir.path().join("x.onnx");
-    let e = automm::deploy::export::export(&model, &out, &ExportOptions { opset: Some(11), ..opts(ExportKind::Merged, false) })
-        .unwrap_err()
-        .to_string();
+    let e = automm::deploy::export::export(
+        &model,
+        &out,
+        &ExportOptions { opset: Some(11), ..opts(ExportKind::Merged, false) },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("--opset") && e.contains("13"), "{e}");
     assert!(!out.exists(), "nothing may be written on failure");
     // The fixture (opset 13) has no op that changed meaning up to 17: relabelling works and still verifies.
-    let r = automm::deploy::export::export(&model, &out, &ExportOptions { opset: Some(17), ..opts(ExportKind::Merged, true) })
-        .unwrap();
+    let r = automm::deploy::export::export(
+        &model,
+        &out,
+        &ExportOptions { opset: Some(17), ..opts(ExportKind::Merged, true) },
+    )
+    .unwrap();
     assert!(r.verification.unwrap().passed);
     let proto = automm::onnx::read_model(&out).unwrap();
     assert_eq!(automm::onnx::opset_of(&proto), 17);

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use automm::model::hparams::EfficientFinetune;
-use automm::train::finetune::{select_trainable, TunedBackbone};
 use automm::onnx::{detect_feature_tensor, read_model, read_npy, Graph};
+use automm::train::finetune::{select_trainable, TunedBackbone};
 use candle_core::{Device, Tensor};
 
 fn fixture(name: &str) -> String {

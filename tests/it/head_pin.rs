@@ -19,7 +19,8 @@ use rand::{Rng, SeedableRng};
 /// `n` rows of `d` features around a per-class mean, classes imbalanced (row i has class by `counts`).
 fn features(counts: &[usize], d: usize, seed: u64) -> (Tensor, Vec<u32>) {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let means: Vec<Vec<f32>> = (0..counts.len()).map(|_| (0..d).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
+    let means: Vec<Vec<f32>> =
+        (0..counts.len()).map(|_| (0..d).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
     let (mut x, mut y) = (Vec::new(), Vec::new());
     for (c, &n) in counts.iter().enumerate() {
         for _ in 0..n {
@@ -30,7 +31,15 @@ fn features(counts: &[usize], d: usize, seed: u64) -> (Tensor, Vec<u32>) {
     (Tensor::from_vec(x, (y.len(), d), &Device::Cpu).unwrap(), y)
 }
 
-fn reference_fit(x: &Tensor, y: &[u32], xv: &Tensor, yv: &[u32], classes: &[String], hp: &HyperParams, alpha: Option<&[f64]>) -> Head {
+fn reference_fit(
+    x: &Tensor,
+    y: &[u32],
+    xv: &Tensor,
+    yv: &[u32],
+    classes: &[String],
+    hp: &HyperParams,
+    alpha: Option<&[f64]>,
+) -> Head {
     let device = x.device().clone();
     let (n, d) = x.dims2().unwrap();
     let k = classes.len();
@@ -51,7 +60,8 @@ fn reference_fit(x: &Tensor, y: &[u32], xv: &Tensor, yv: &[u32], classes: &[Stri
         order.shuffle(&mut rng);
         for chunk in order.chunks(bs) {
             opt.set_learning_rate(Schedule::new(hp, total).lr_at(step));
-            let idx = Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(), chunk.len(), &device).unwrap();
+            let idx =
+                Tensor::from_vec(chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(), chunk.len(), &device).unwrap();
             let xb = x.index_select(&idx, 0).unwrap();
             let yb = yt.index_select(&idx, 0).unwrap();
             let logits = xb.matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
@@ -94,9 +104,24 @@ fn head_only_weights_are_bit_identical_to_the_reference_loop() {
     let (x, y) = features(&[30, 12, 7, 4], 16, 5);
     let (xv, yv) = features(&[8, 4, 3, 2], 16, 6);
     let configs: [&[&str]; 3] = [
-        &["optimization.loss_function=focal_loss", "optimization.focal_loss.gamma=1", "optimization.focal_loss.reduction=sum", "env.seed=4"],
-        &["optimization.label_smoothing=0.1", "optimization.patience=2", "optimization.max_epochs=30", "env.batch_size=7"],
-        &["optimization.val_metric=balanced_accuracy", "optimization.lr_schedule=linear_decay", "env.seed=9", "env.batch_size=64"],
+        &[
+            "optimization.loss_function=focal_loss",
+            "optimization.focal_loss.gamma=1",
+            "optimization.focal_loss.reduction=sum",
+            "env.seed=4",
+        ],
+        &[
+            "optimization.label_smoothing=0.1",
+            "optimization.patience=2",
+            "optimization.max_epochs=30",
+            "env.batch_size=7",
+        ],
+        &[
+            "optimization.val_metric=balanced_accuracy",
+            "optimization.lr_schedule=linear_decay",
+            "env.seed=9",
+            "env.batch_size=64",
+        ],
     ];
     for kvs in configs {
         let mut b = HyperParamsBuilder::new();
@@ -104,7 +129,8 @@ fn head_only_weights_are_bit_identical_to_the_reference_loop() {
             b = b.set_str(kv).unwrap();
         }
         let hp = b.build().unwrap().0;
-        let alpha = (hp.loss_function == LossKind::FocalLoss).then(|| automm::train::loss::auto_alpha(&[30, 12, 7, 4]).unwrap());
+        let alpha = (hp.loss_function == LossKind::FocalLoss)
+            .then(|| automm::train::loss::auto_alpha(&[30, 12, 7, 4]).unwrap());
         let want = reference_fit(&x, &y, &xv, &yv, &classes, &hp, alpha.as_deref());
         let source = CachedFeatures::new(x.clone(), Some(xv.clone())).unwrap();
         let data = FitData { targets: &y, eval_targets: &yv, classes: &classes, hp: &hp, alpha: alpha.as_deref() };

@@ -8,11 +8,11 @@ use candle_core::{Device, Tensor};
 use super::ort::{Feed, OrtSession};
 use super::EngineKind;
 use crate::data::ImageRef;
-use crate::util::progress::progress;
-use crate::error::{Error, Result};
 use crate::deploy::meta::{ExportKind, ExportMeta, PROBABILITIES};
-use crate::onnx::{read_model, Graph};
+use crate::error::{Error, Result};
 use crate::model::Predictions;
+use crate::onnx::{read_model, Graph};
+use crate::util::progress::progress;
 
 enum Runner {
     Ort(OrtSession),

@@ -1,6 +1,6 @@
 //! Prediction and evaluation with a trained model folder: images -> backbone features -> head ->
 //! probabilities, written as a CSV (input columns, `predicted_label`, one `prob_<class>` per class) or
-//! scored with [`crate::metrics`].
+//! scored with [`crate::model::metrics`].
 
 use std::path::Path;
 

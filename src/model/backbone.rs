@@ -83,7 +83,7 @@ impl Backbone {
         &self.graph
     }
 
-    /// Replaces initializers by fine-tuned values (see [`crate::finetune`]).
+    /// Replaces initializers by fine-tuned values (see [`crate::train::finetune`]).
     pub fn apply_update(&mut self, update: &[(String, Tensor)]) -> Result<()> {
         for (name, t) in update {
             self.graph.set_initializer(name, t)?;

@@ -693,9 +693,7 @@ fn unsupported_ops(nodes: &[NodeProto]) -> Vec<(String, String)> {
     let mut seen: Vec<(String, String)> = Vec::new();
     for n in nodes {
         let custom_domain = !(n.domain.is_empty() || n.domain == "ai.onnx");
-        if (custom_domain || !ops::SUPPORTED_OPS.contains(&n.op_type.as_str()))
-            && !seen.iter().any(|(o, _)| *o == n.op_type)
-        {
+        if (custom_domain || !ops::supported(&n.op_type)) && !seen.iter().any(|(o, _)| *o == n.op_type) {
             let op = if custom_domain { format!("{}::{}", n.domain, n.op_type) } else { n.op_type.clone() };
             seen.push((op, n.name.clone()));
         }

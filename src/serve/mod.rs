@@ -1,5 +1,5 @@
 //! The gRPC server (`automm serve`): the `automm.v1.Inference` service over shared state in an `Arc`
-//! (the served model behind a lock for hot swaps, the dynamic batcher, metrics), plus grpc.health.v1,
+//! (the served model behind a lock for hot swaps, the dynamic batcher, metrics; Fit runs in [`fit_job`]), plus grpc.health.v1,
 //! server reflection, optional TLS and bearer-token auth, and a Prometheus metrics endpoint.
 
 pub mod batcher;

@@ -1,10 +1,11 @@
-//! Crash-safe training state, kept in `<model folder>/checkpoint/` while a run is in progress:
-//! `run.json` (the request, so `automm train --resume DIR` needs nothing else), `state.safetensors` (head,
-//! optimizer moments, RNG position, shuffle order, history, best-so-far; rewritten after every epoch) and
-//! `features.safetensors` (the backbone features, keyed by the backbone's sha256, the preprocessing and
-//! every image file's path, size and mtime). Each file is written whole to a temp file, synced and renamed,
-//! so a crash at any moment leaves the previous or the next complete file; stale temp files are ignored
-//! and swept on resume. The folder is removed once the finished model has been written.
+//! Crash-safe training state, kept in `<model folder>/checkpoint/` while a run is in progress, for
+//! head-only and fine-tuning runs alike: `run.json` (the request, so `automm train --resume DIR` needs
+//! nothing else), `state.safetensors` (head, tuned backbone initializers, AdamW moments of both, the
+//! best epoch's head and initializers, RNG position, shuffle order, history; rewritten after every epoch)
+//! and `features.safetensors` (head-only runs: the backbone features, keyed by the backbone's sha256, the
+//! preprocessing and every image file's path, size and mtime). Each file is written whole to a temp file,
+//! synced and renamed, so a crash at any moment leaves the previous or the next complete file; stale temp
+//! files are ignored and swept on resume. The folder is removed once the finished model has been written.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -156,3 +156,30 @@ impl TunedBackbone {
         self.frontier.len()
     }
 }
+
+/// Gradients of `sum(features * weights)` with respect to every initializer `mode` and `prefixes` select
+/// in the backbone `model` (up to `feature`, detected when None), for the input batch `x`. What
+/// `automm onnx grads` writes, to check our backward passes against PyTorch's.
+pub fn feature_gradients(
+    model: &std::path::Path,
+    x: &Tensor,
+    weights: &Tensor,
+    mode: EfficientFinetune,
+    prefixes: &[String],
+    feature: Option<String>,
+) -> Result<Vec<(String, Tensor)>> {
+    let proto = crate::onnx::read_model(model)?;
+    let feature = match feature {
+        Some(t) => t,
+        None => crate::onnx::detect_feature_tensor(&proto)?,
+    };
+    let (dev, name) = (Device::Cpu, model.display().to_string());
+    let g = Graph::from_model(&proto, &name, &dev, Some(vec![feature.clone()]))?;
+    let trainable = select_trainable(&g, mode, prefixes);
+    let input = g.inputs().first().map(|i| i.name.clone()).unwrap_or_default();
+    let size = x.dims().get(2).copied().unwrap_or(224);
+    let tb = TunedBackbone::new(&proto, &name, &dev, &input, &feature, &trainable, size)?;
+    let f = tb.features(&tb.front(x)?, true)?;
+    let grads = f.mul(&weights.reshape(f.dims())?)?.sum_all()?.backward()?;
+    tb.vars.iter().map(|(n, v)| Ok((n.clone(), grads.get(v).cloned().unwrap_or(v.as_tensor().zeros_like()?)))).collect()
+}

@@ -1,0 +1,193 @@
+//! `automm bench`: benchmarks that print a table (ratios against a baseline measured in the same run).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Server throughput and latency at several client counts vs a raw ORT session on the same model.
+    Serve {
+        /// Exported merged .onnx.
+        #[arg(long)]
+        model: PathBuf,
+        /// Seconds per client count.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Client counts (comma-separated).
+        #[arg(long, default_value = "1,8,32")]
+        clients: String,
+        /// A final soak at the highest client count, seconds (0 = none).
+        #[arg(long, default_value_t = 0.0)]
+        soak_seconds: f64,
+        /// Server --max-batch-size.
+        #[arg(long, default_value_t = 32)]
+        max_batch_size: usize,
+        /// Server --max-queue-delay-us.
+        #[arg(long, default_value_t = 2000)]
+        max_queue_delay_us: u64,
+        /// Repeat the whole measurement this many times and print the median server/raw ratio per client
+        /// count (single runs are noisy on small shared machines).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Run the server as a separate `automm serve` process (the load generator then does not share
+        /// the server's process; on a small machine it still shares its cores).
+        #[arg(long)]
+        server_process: bool,
+    },
+    /// A mixed-load soak against a separate `automm serve` process: good images, bad images, tight
+    /// deadlines and clients that leave mid-request; checks every status code, RSS, queue drain and a
+    /// clean SIGTERM exit. Exits non-zero when anything unexpected happened.
+    Soak {
+        /// Exported merged .onnx.
+        #[arg(long)]
+        model: PathBuf,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 600.0)]
+        seconds: f64,
+        /// Seconds between RSS samples.
+        #[arg(long, default_value_t = 60.0)]
+        sample_seconds: f64,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// Runs one benchmark.
+pub fn run(c: BenchCommand) -> Result<()> {
+    match c {
+        BenchCommand::Serve {
+            model,
+            seconds,
+            clients,
+            soak_seconds,
+            max_batch_size,
+            max_queue_delay_us,
+            repeat,
+            server_process,
+        } => serve_load(
+            model,
+            seconds,
+            &clients,
+            soak_seconds,
+            max_batch_size,
+            max_queue_delay_us,
+            repeat,
+            server_process,
+        ),
+        BenchCommand::Soak { model, clients, seconds, sample_seconds, json } => {
+            soak(model, clients, seconds, sample_seconds, json)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_load(
+    model: PathBuf,
+    seconds: f64,
+    clients: &str,
+    soak_seconds: f64,
+    max_batch_size: usize,
+    max_queue_delay_us: u64,
+    repeat: usize,
+    server_process: bool,
+) -> Result<()> {
+    let clients: Vec<usize> = clients
+        .split(',')
+        .map(|c| c.trim().parse())
+        .collect::<std::result::Result<_, _>>()
+        .context("--clients: comma-separated numbers")?;
+    let batch = automm::serve::batcher::BatchConfig {
+        max_batch_size,
+        max_queue_delay: std::time::Duration::from_micros(max_queue_delay_us),
+        max_queue_size: 4096,
+    };
+    let child = if server_process { Some(std::env::current_exe()?) } else { None };
+    println!(
+        "{:>4} {:>7} {:>12} {:>12} {:>8} {:>9} {:>9} {:>9} {:>7}",
+        "run", "clients", "server img/s", "raw ORT img/s", "ratio", "p50 ms", "p99 ms", "avg batch", "errors"
+    );
+    let mut ratios: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+    let mut soak = None;
+    for run in 1..=repeat.max(1) {
+        // The soak runs once, after the last repetition.
+        let soak_now = if run == repeat.max(1) { soak_seconds } else { 0.0 };
+        let (rows, s) = automm::app::bench::serve_load(&model, &clients, seconds, soak_now, batch, child.as_deref())?;
+        soak = s;
+        for r in &rows {
+            ratios.entry(r.clients).or_default().push(r.server_ips / r.raw_ips);
+            println!(
+                "{run:>4} {:>7} {:>12.1} {:>12.1} {:>8.2} {:>9.2} {:>9.2} {:>9.1} {:>7}",
+                r.clients,
+                r.server_ips,
+                r.raw_ips,
+                r.server_ips / r.raw_ips,
+                r.p50_ms,
+                r.p99_ms,
+                r.avg_batch,
+                r.errors
+            );
+        }
+    }
+    if repeat > 1 {
+        for (c, mut v) in ratios {
+            v.sort_by(|a, b| a.total_cmp(b));
+            let list: Vec<String> = v.iter().map(|r| format!("{r:.2}")).collect();
+            println!(
+                "{c} clients: median server/raw {:.2} over {} runs ({})",
+                v[v.len() / 2],
+                v.len(),
+                list.join(", ")
+            );
+        }
+    }
+    if let Some(s) = soak {
+        println!(
+            "soak: {soak_seconds:.0}s at {} clients: {:.1} img/s, {} ok, {} errors, RSS {:.1} MB -> {:.1} MB",
+            clients.iter().max().unwrap_or(&0),
+            s.ips,
+            s.ok,
+            s.errors,
+            s.rss_before as f64 / 1e6,
+            s.rss_after as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+fn soak(model: PathBuf, clients: usize, seconds: f64, sample_seconds: f64, json: Option<PathBuf>) -> Result<()> {
+    let r = automm::app::bench::mixed_soak(&std::env::current_exe()?, &model, clients, seconds, sample_seconds)?;
+    println!("{:<11} {:>8} {:>10}  outcomes", "kind", "sent", "unexpected");
+    for (name, t) in
+        [("good", &r.good), ("bad image", &r.bad_image), ("deadline", &r.deadline), ("disconnect", &r.disconnect)]
+    {
+        let outcomes: Vec<String> = t.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("{name:<11} {:>8} {:>10}  {}", t.sent, t.unexpected, outcomes.join(", "));
+    }
+    let rss: Vec<String> = r.rss.iter().map(|(t, b)| format!("{t:.0}s {:.1}", *b as f64 / 1e6)).collect();
+    println!("server RSS MB: {}", rss.join(" | "));
+    println!(
+        "{:.0}s at {clients} clients; server counted {} ok / {} failed; queue depth at the end {}; SIGTERM exit {}",
+        r.seconds,
+        r.server_success,
+        r.server_failure,
+        r.queue_depth_end,
+        if r.clean_exit { "0" } else { "NOT clean" }
+    );
+    for e in &r.examples {
+        println!("unexpected: {e}");
+    }
+    if let Some(p) = json {
+        automm::util::fs::write_atomic(&p, serde_json::to_string_pretty(&r)?.as_bytes())?;
+    }
+    if !r.passed() {
+        anyhow::bail!("soak FAILED (see above)");
+    }
+    println!("soak PASSED");
+    Ok(())
+}

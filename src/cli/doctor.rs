@@ -1,0 +1,22 @@
+//! `automm doctor`: what automm finds on this machine (ONNX Runtime, CUDA, threads).
+
+use anyhow::Result;
+
+pub fn cmd_doctor() -> Result<()> {
+    println!("automm {}", env!("CARGO_PKG_VERSION"));
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("threads: {threads} available; rayon pool {}", rayon::current_num_threads());
+    match automm::deploy::engine::ort::locate() {
+        Ok(loc) => {
+            println!("ONNX Runtime: {} (found via {})", loc.path.display(), loc.source);
+            match automm::deploy::engine::ort::loaded() {
+                Ok((_, info)) => println!("  {info}"),
+                Err(e) => println!("  cannot load it: {e}"),
+            }
+        }
+        Err(e) => println!("ONNX Runtime: not found. {e}"),
+    }
+    println!("CUDA (candle): {}", automm::util::device::cuda_status());
+    println!("CUDA (ONNX Runtime): {}", automm::deploy::engine::ort::cuda_status());
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! `automm evaluate`: score a model folder on a labelled table.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use automm::data::Table;
+use automm::deploy::predict::Predictor;
+use automm::model::metrics;
+use automm::util::device::select_device;
+
+#[derive(Args, Debug)]
+pub struct EvaluateArgs {
+    /// Model folder written by `automm train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Labelled table.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Comma-separated metric names (AutoGluon's).
+    #[arg(long, default_value = "accuracy,balanced_accuracy,f1_macro")]
+    pub metrics: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
+    let names: Vec<String> = a.metrics.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    let names = metrics::parse_names("--metrics", &names)?;
+    let p = Predictor::load(&a.model, &select_device(0))?;
+    let table = Table::load_with_hint(&a.data, Some(&p.config.label_column), &p.config.image_column)?;
+    let r = p.evaluate(&table, a.quiet)?;
+    if a.json {
+        let mut m: serde_json::Map<String, serde_json::Value> =
+            names.iter().map(|n| (n.name().to_string(), serde_json::json!(r.get(*n)))).collect();
+        let recall: serde_json::Map<String, serde_json::Value> =
+            r.classes.iter().zip(&r.per_class_recall).map(|(c, v)| (c.clone(), serde_json::json!(v))).collect();
+        m.insert("per_class_recall".into(), recall.into());
+        m.insert("confusion_matrix".into(), serde_json::json!(r.confusion));
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        for n in &names {
+            match r.get(*n) {
+                Some(v) => println!("{:<18} {v:.4}", n.name()),
+                None => println!("{:<18} n/a", n.name()),
+            }
+        }
+        println!();
+        print!("{}", metrics::summary_table(&r));
+    }
+    Ok(())
+}

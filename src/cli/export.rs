@@ -1,0 +1,67 @@
+//! `automm export`: a model folder to ONNX (merged, head only, or with preprocessing), verified before it lands.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use automm::deploy::export::ExportOptions;
+use automm::deploy::meta::ExportKind;
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Model folder written by `automm train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output .onnx file.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Write the head alone (input `features` [N, D]).
+    #[arg(long, conflicts_with = "with_preprocessing")]
+    pub head_only: bool,
+    /// Take uint8 images [N, H, W, 3] at the model's input size and preprocess inside the graph.
+    #[arg(long)]
+    pub with_preprocessing: bool,
+    /// Opset to declare (default: the backbone's).
+    #[arg(long)]
+    pub opset: Option<i64>,
+    /// Run the export on a few training images and fail if probabilities differ by more than 1e-4.
+    #[arg(long)]
+    pub verify: bool,
+    /// Table of images for --verify (default: the training table).
+    #[arg(long)]
+    pub verify_data: Option<PathBuf>,
+    /// Images used by --verify.
+    #[arg(long, default_value_t = 8)]
+    pub verify_images: usize,
+}
+
+pub fn cmd_export(a: ExportArgs) -> Result<()> {
+    let kind = if a.head_only {
+        ExportKind::HeadOnly
+    } else if a.with_preprocessing {
+        ExportKind::WithPreprocessing
+    } else {
+        ExportKind::Merged
+    };
+    let opts = ExportOptions {
+        kind,
+        opset: a.opset,
+        verify: a.verify,
+        verify_data: a.verify_data,
+        verify_images: a.verify_images,
+    };
+    let r = automm::deploy::export::export(&a.model, &a.output, &opts)?;
+    println!("wrote {} ({}, {:.1} MB)", r.path.display(), kind.name(), r.bytes as f64 / 1e6);
+    if let Some(v) = r.verification {
+        println!(
+            "verified on {} images with the {} engine: max |probability difference| {:.2e} (tolerance {:.0e}), labels {}",
+            v.images,
+            v.engine,
+            v.max_abs_diff,
+            v.tolerance,
+            if v.labels_equal { "identical" } else { "DIFFER" }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! `automm onnx`: run, compare and differentiate ONNX models on our candle engine.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+
+use automm::deploy::engine::EngineKind;
+
+#[derive(Subcommand, Debug)]
+pub enum OnnxCommand {
+    /// Run a model on an .npy input and write the first output as .npy.
+    Run {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Input array (.npy, float32).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output array (.npy).
+        #[arg(long)]
+        output: PathBuf,
+        /// Tensor to read (default: the graph's first output).
+        #[arg(long)]
+        tensor: Option<String>,
+        /// Engine.
+        #[arg(long, value_enum, default_value = "candle")]
+        engine: EngineKind,
+    },
+    /// Compare candle and ONNX Runtime on one model: max abs diff and ms per image.
+    Compare {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Input array (.npy); otherwise a seeded random batch.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Batch size of the random input.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Tensor to compare (default: the graph's first output; `features` = the detected feature tensor).
+        #[arg(long)]
+        tensor: Option<String>,
+        /// Timed runs per engine (after one warm-up).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// ORT intra-op threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also print where candle's time goes, per op type.
+        #[arg(long)]
+        profile: bool,
+    },
+    /// Gradients of sum(features * weights) w.r.t. the initializers fine-tuning would train, as .npz
+    /// (one array per initializer): to compare with PyTorch (models/check_finetune_grads.py).
+    Grads {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Input batch (.npy, float32).
+        #[arg(long)]
+        input: PathBuf,
+        /// Weights of the features (.npy, same shape as the features).
+        #[arg(long)]
+        weights: PathBuf,
+        /// `bit_fit` or `norm_fit`.
+        #[arg(long, default_value = "norm_fit")]
+        finetune: String,
+        /// Initializer-name prefixes that train too.
+        #[arg(long, value_delimiter = ',')]
+        layers: Vec<String>,
+        /// Feature tensor (default: the detected one).
+        #[arg(long)]
+        tensor: Option<String>,
+        /// Output .npz.
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+/// Runs one `onnx` subcommand.
+pub fn run(c: OnnxCommand) -> Result<()> {
+    match c {
+        OnnxCommand::Run { model, input, output, tensor, engine } => onnx_run(&model, &input, &output, tensor, engine),
+        OnnxCommand::Grads { model, input, weights, finetune, layers, tensor, output } => {
+            grads(model, input, weights, finetune, layers, tensor, output)
+        }
+        OnnxCommand::Compare { model, input, batch, tensor, runs, threads, json, profile } => {
+            compare(model, input, batch, tensor, runs, threads, json, profile)
+        }
+    }
+}
+
+fn grads(
+    model: PathBuf,
+    input: PathBuf,
+    weights: PathBuf,
+    finetune: String,
+    layers: Vec<String>,
+    tensor: Option<String>,
+    output: PathBuf,
+) -> Result<()> {
+    let mode = finetune.parse().map_err(|e| anyhow::anyhow!("--finetune: {e}"))?;
+    let x = automm::onnx::read_npy(&input)?;
+    let r = automm::onnx::read_npy(&weights)?;
+    let t0 = std::time::Instant::now();
+    let out = automm::train::finetune::feature_gradients(&model, &x, &r, mode, &layers, tensor)?;
+    candle_core::Tensor::write_npz(&out.iter().map(|(n, t)| (n.as_str(), t)).collect::<Vec<_>>(), &output)?;
+    println!(
+        "{} initializers, forward+backward {:.1}s, wrote {}",
+        out.len(),
+        t0.elapsed().as_secs_f64(),
+        output.display()
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compare(
+    model: PathBuf,
+    input: Option<PathBuf>,
+    batch: usize,
+    tensor: Option<String>,
+    runs: usize,
+    threads: usize,
+    json: bool,
+    profile: bool,
+) -> Result<()> {
+    let x = match &input {
+        Some(p) => automm::onnx::read_npy(p)?,
+        None => random_input(&model, batch)?,
+    };
+    let tensor = match tensor.as_deref() {
+        Some("features") => Some(automm::onnx::detect_feature_tensor(&automm::onnx::read_model(&model)?)?),
+        other => other.map(str::to_string),
+    };
+    let c = automm::deploy::engine::compare(&model, &x, tensor.as_deref(), runs, threads)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        println!(
+            "model {}  tensor `{}`  input {:?} -> {:?}",
+            c.model.display(),
+            c.tensor,
+            c.input_shape,
+            c.output_shape
+        );
+        println!("max |candle - ort| = {:.3e}", c.max_abs_diff);
+        let ort_ms = c.timings[1].ms_per_image;
+        for t in &c.timings {
+            println!("{:<7} {:>9.2} ms/img  ({:.2}x ORT)", t.engine, t.ms_per_image, t.ms_per_image / ort_ms);
+        }
+    }
+    if profile {
+        let g = automm::onnx::Graph::load(&model, &candle_core::Device::Cpu, tensor.clone().map(|t| vec![t]))?;
+        let name = g.inputs().first().map(|i| i.name.clone()).unwrap_or_default();
+        let feeds = [(name.as_str(), x.clone())];
+        let times = g.profile(&feeds)?;
+        let st = g.plan_stats(&feeds)?;
+        println!(
+            "plan: {} nodes -> {} steps per run ({} fused, {} with GELU inside a MatMul, {} channel-blocked)",
+            st.nodes, st.steps, st.fused, st.matmul_gelu, st.blocked
+        );
+        let total: f64 = times.iter().map(|t| t.seconds).sum();
+        println!("{:<22} {:>6} {:>10} {:>7}", "op", "nodes", "ms", "share");
+        for t in &times {
+            println!(
+                "{:<22} {:>6} {:>10.2} {:>6.1}%",
+                t.op,
+                t.count,
+                t.seconds * 1e3,
+                100.0 * t.seconds / total.max(1e-12)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A seeded standard-normal batch shaped for the model's first input (symbolic dims: batch, else 224).
+fn random_input(model: &std::path::Path, batch: usize) -> Result<candle_core::Tensor> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let m = automm::onnx::read_model(model)?;
+    let g = m.graph.as_ref().context("no graph")?;
+    let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let input = g.input.iter().find(|i| !inits.contains(i.name.as_str())).context("the model has no inputs")?;
+    let dims: Vec<usize> = automm::onnx::value_dims(input)
+        .iter()
+        .enumerate()
+        .map(|(i, d)| d.unwrap_or(if i == 0 { batch } else { 224 }))
+        .collect();
+    let n: usize = dims.iter().product();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let normal = rand_distr::StandardNormal;
+    let v: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+    Ok(candle_core::Tensor::from_vec(v, dims, &candle_core::Device::Cpu)?)
+}
+
+fn onnx_run(
+    model: &std::path::Path,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    tensor: Option<String>,
+    engine: EngineKind,
+) -> Result<()> {
+    let x = automm::onnx::read_npy(input)?;
+    let y = match engine {
+        EngineKind::Candle => {
+            let g = automm::onnx::Graph::load(model, &candle_core::Device::Cpu, tensor.map(|t| vec![t]))?;
+            let name = g.inputs().first().context("the model has no inputs")?.name.clone();
+            g.run(&[(name.as_str(), x)])?.into_iter().next().context("no output")?
+        }
+        EngineKind::Ort => {
+            let tmp = tempfile::tempdir()?;
+            let path = match &tensor {
+                Some(t) => automm::deploy::engine::with_output(model, t, tmp.path())?,
+                None => model.to_path_buf(),
+            };
+            let s = automm::deploy::engine::ort::OrtSession::open(&path, 0)?;
+            let name = s.inputs.first().context("the model has no inputs")?.clone();
+            let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let (shape, v) = s.run_f32(&[(name.as_str(), x.dims(), &data)])?.into_iter().next().context("no output")?;
+            candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?
+        }
+    };
+    let tmp = output.with_extension("npy.tmp");
+    y.write_npy(&tmp)?;
+    std::fs::rename(&tmp, output)?;
+    println!("wrote {} {:?}", output.display(), y.dims());
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! `automm predict`: labels and class probabilities for a table, from a model folder or an exported ONNX file.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use automm::data::Table;
+use automm::deploy::engine::exported::ExportedModel;
+use automm::deploy::engine::EngineKind;
+use automm::deploy::export::ExportOptions;
+use automm::deploy::meta::ExportKind;
+use automm::deploy::predict::{write_predictions, Predictor};
+use automm::util::device::select_device;
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    /// Model folder written by `automm train`, or an `.onnx` written by `automm export`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Engine: candle (default for a model folder) or ort (default for an .onnx when ONNX Runtime is found).
+    #[arg(long, value_enum)]
+    pub engine: Option<EngineKind>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// ORT intra-op threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Table of images.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output CSV.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Like env.num_gpus: non-zero asks ONNX Runtime for its CUDA execution provider.
+    #[arg(long, default_value_t = 0)]
+    pub num_gpus: i64,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn cmd_predict(a: PredictArgs) -> Result<()> {
+    let is_onnx = a.model.is_file() && a.model.extension().is_some_and(|e| e == "onnx");
+    let t0 = std::time::Instant::now();
+    let (rows, engine) = if is_onnx {
+        let m = ExportedModel::open_with(&a.model, a.engine, a.threads, a.num_gpus != 0, true)?;
+        let table = Table::load(&a.data, None, None)?;
+        table.check_files()?;
+        let files = table.all_image_refs();
+        let preds = m.predict_files(&files, a.batch_size, a.quiet)?;
+        write_predictions(&table, &m.meta.classes, &preds, &a.output)?;
+        (table.rows.len(), m.engine)
+    } else if a.engine == Some(EngineKind::Ort) {
+        // A model folder on ORT: export it (merged) to a temporary file and run that.
+        let tmp = tempfile::tempdir()?;
+        let onnx = tmp.path().join("model.onnx");
+        let opts =
+            ExportOptions { kind: ExportKind::Merged, opset: None, verify: false, verify_data: None, verify_images: 0 };
+        automm::deploy::export::export(&a.model, &onnx, &opts)?;
+        return cmd_predict(PredictArgs { model: onnx, ..a });
+    } else {
+        let mut p = Predictor::load(&a.model, &select_device(0))?;
+        p.batch_size = a.batch_size;
+        let table = Table::load_with_hint(&a.data, None, &p.config.image_column)?;
+        let preds = p.predict_table(&table, a.quiet)?;
+        write_predictions(&table, &p.config.classes, &preds, &a.output)?;
+        (table.rows.len(), EngineKind::Candle)
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "wrote {rows} predictions to {} ({:?} engine, {:.1} images/s)",
+        a.output.display(),
+        engine,
+        rows as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! `automm train`: train a head (or fine-tune part of the backbone) and write a model folder; `--resume` continues one.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use automm::data::Normalization;
+use automm::model::metrics;
+use automm::train::config::HyperParamsBuilder;
+use automm::train::{resume, train, Event, ResumeOptions, TrainRequest};
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training table (CSV or Parquet) with an image-path column and a label column.
+    #[arg(long, required_unless_present = "resume")]
+    pub train_data: Option<PathBuf>,
+    /// Label column.
+    #[arg(long, required_unless_present = "resume")]
+    pub label: Option<String>,
+    /// Image-path column (found automatically when omitted).
+    #[arg(long)]
+    pub image_column: Option<String>,
+    /// Validation table; without it a stratified holdout of the training table is used.
+    #[arg(long)]
+    pub tuning_data: Option<PathBuf>,
+    /// Backbone ONNX file.
+    #[arg(long, required_unless_present = "resume")]
+    pub backbone: Option<PathBuf>,
+    /// Tensor read as features (default: input of the final classifier, or the graph output).
+    #[arg(long)]
+    pub feature_tensor: Option<String>,
+    /// Pixel normalisation: imagenet (default), symmetric (x/255*2-1, EfficientNet-Lite) or mean_std:R,G,B:R,G,B.
+    #[arg(long, default_value = "imagenet")]
+    pub normalization: String,
+    /// Output model folder.
+    #[arg(long, required_unless_present = "resume")]
+    pub output: Option<PathBuf>,
+    /// Continue the interrupted run in this model folder from its last checkpoint (everything else comes
+    /// from the folder; `--hp` may change settings, e.g. a lower learning rate after a divergence).
+    #[arg(long, conflicts_with_all = ["train_data", "label", "image_column", "tuning_data", "backbone", "feature_tensor", "output"])]
+    pub resume: Option<PathBuf>,
+    /// Hyperparameters file (YAML or JSON), AutoMM key names.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Hyperparameter override KEY=VALUE (repeatable), e.g. optimization.focal_loss.gamma=1.0.
+    #[arg(long = "hp")]
+    pub hp: Vec<String>,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn cmd_train(a: TrainArgs) -> Result<()> {
+    let mut b = HyperParamsBuilder::new();
+    if let Some(c) = &a.config {
+        b = b.file(c)?;
+    }
+    for kv in &a.hp {
+        b = b.set_str(kv)?;
+    }
+    let log_phase = |e: &Event| {
+        if let Event::Phase(p) = e {
+            tracing::info!("phase: {p}");
+        }
+    };
+    let (summary, output) = if let Some(dir) = a.resume {
+        let opts = ResumeOptions { overrides: b, quiet: a.quiet, cancel: None };
+        (resume(&dir, &opts, log_phase)?, dir)
+    } else {
+        let (hp, warnings) = b.build()?;
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+        // clap guarantees these without --resume.
+        let need = |what: &str| anyhow::anyhow!("--{what} is required");
+        let output = a.output.ok_or_else(|| need("output"))?;
+        let req = TrainRequest {
+            train_data: a.train_data.ok_or_else(|| need("train-data"))?,
+            label: a.label.ok_or_else(|| need("label"))?,
+            image_column: a.image_column,
+            tuning_data: a.tuning_data,
+            backbone: a.backbone.ok_or_else(|| need("backbone"))?,
+            feature_tensor: a.feature_tensor,
+            normalization: Normalization::parse(&a.normalization)?,
+            output: output.clone(),
+            hp,
+            quiet: a.quiet,
+            cancel: None,
+        };
+        (train(&req, log_phase)?, output)
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    println!("epoch  train_loss  val_{}", summary.val_metric);
+    for h in &summary.history {
+        let mark = if h.epoch == summary.best_epoch { " *" } else { "" };
+        println!("{:>5}  {:>10.4}  {:>8.4}{mark}", h.epoch, h.train_loss, h.val_score);
+    }
+    let (pre, main) = if summary.finetuned.is_empty() {
+        ("features", "head")
+    } else {
+        ("image cache/frozen prefix", "fine-tuning backbone + head")
+    };
+    println!(
+        "\n{} training rows, {} validation rows ({}); {pre} {:.1}s, {main} {:.1}s ({:.1}s per epoch)\n",
+        summary.num_train,
+        summary.num_val,
+        summary.validation_source,
+        summary.feature_seconds,
+        summary.train_seconds,
+        summary.seconds_per_epoch
+    );
+    print!("{}", metrics::summary_table(&summary.validation));
+    println!("\nmodel folder: {}", output.display());
+    Ok(())
+}

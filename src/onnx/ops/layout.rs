@@ -1,0 +1,103 @@
+//! ONNX ops, family: joining, splitting, slicing, permuting, gathering and expanding tensors.
+
+use candle_core::{Device, Tensor};
+use candle_onnx::onnx::NodeProto;
+
+use super::*;
+use crate::error::Result;
+
+/// The op types this family evaluates.
+pub const OPS: &[&str] = &["Concat", "Split", "Slice", "Transpose", "Gather", "Expand"];
+
+/// Evaluates `node` (one of [`OPS`]).
+pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Device) -> Result<Vec<Tensor>> {
+    let at = Attrs(node);
+    let x = || input(node, ins, 0);
+    let one = |t: Tensor| Ok(vec![t]);
+    match node.op_type.as_str() {
+        "Concat" => {
+            let ts: Vec<&Tensor> = ins.iter().flatten().collect();
+            if ts.is_empty() {
+                return Err(node_err(node, "no inputs"));
+            }
+            let axis = norm_axis(node, at.int("axis", 0), ts[0].rank())?;
+            let dt = ts[0].dtype();
+            let nonempty: Vec<Tensor> = ts
+                .iter()
+                .filter(|t| t.elem_count() > 0 || ts.len() == 1)
+                .map(|t| t.to_dtype(dt))
+                .collect::<candle_core::Result<_>>()?;
+            if nonempty.is_empty() {
+                return one(ts[0].clone());
+            }
+            one(Tensor::cat(&nonempty, axis)?)
+        }
+        "Split" => {
+            let t = x()?;
+            let axis = norm_axis(node, at.int("axis", 0), t.rank())?;
+            let n = node.output.len();
+            let dim = t.dims()[axis];
+            let sizes: Vec<usize> = if let Some(s) = opt_input(ins, 1) {
+                to_i64s(s)?.iter().map(|&v| v.max(0) as usize).collect()
+            } else if let Some(s) = at.ints("split") {
+                s.iter().map(|&v| v.max(0) as usize).collect()
+            } else {
+                let k = at.int("num_outputs", n as i64).max(1) as usize;
+                let chunk = dim.div_ceil(k);
+                (0..k).map(|i| chunk.min(dim.saturating_sub(i * chunk))).collect()
+            };
+            if sizes.iter().sum::<usize>() != dim {
+                return Err(node_err(node, format!("split sizes {sizes:?} do not add up to dimension {dim}")));
+            }
+            let mut out = Vec::new();
+            let mut off = 0;
+            for s in sizes {
+                out.push(t.narrow(axis, off, s)?);
+                off += s;
+            }
+            Ok(out)
+        }
+        "Slice" => one(slice(node, ins, opset)?),
+        "Transpose" => {
+            let t = x()?;
+            let perm: Vec<usize> = match at.ints("perm") {
+                Some(p) => p.iter().map(|&a| norm_axis(node, a, t.rank())).collect::<Result<_>>()?,
+                None => (0..t.rank()).rev().collect(),
+            };
+            if perm.len() != t.rank() {
+                return Err(node_err(node, format!("perm {perm:?} does not match rank {}", t.rank())));
+            }
+            one(t.permute(perm)?)
+        }
+        "Gather" => {
+            let t = x()?;
+            let idx_t = input(node, ins, 1)?;
+            let axis = norm_axis(node, at.int("axis", 0), t.rank())?;
+            let dim = t.dims()[axis] as i64;
+            let idx: Vec<u32> = to_i64s(idx_t)?
+                .iter()
+                .map(|&i| {
+                    let j = if i < 0 { i + dim } else { i };
+                    if j < 0 || j >= dim {
+                        Err(node_err(node, format!("index {i} out of range for dimension {dim}")))
+                    } else {
+                        Ok(j as u32)
+                    }
+                })
+                .collect::<Result<_>>()?;
+            let ids = Tensor::from_vec(idx.clone(), idx.len(), t.device())?;
+            let g = t.contiguous()?.index_select(&ids, axis)?;
+            let mut dims = t.dims()[..axis].to_vec();
+            dims.extend_from_slice(idx_t.dims());
+            dims.extend_from_slice(&t.dims()[axis + 1..]);
+            one(g.reshape(dims.as_slice())?)
+        }
+        "Expand" => {
+            let t = x()?;
+            let spec: Vec<usize> = to_i64s(input(node, ins, 1)?)?.iter().map(|&d| d.max(0) as usize).collect();
+            let s = broadcast_shape(node, t.dims(), &spec)?;
+            one(t.broadcast_as(s.as_slice())?.contiguous()?)
+        }
+        other => Err(node_err(node, format!("op type `{other}` is not in this family"))),
+    }
+}

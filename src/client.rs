@@ -1,5 +1,5 @@
 //! The Rust client of `automm serve`: `connect`, `predict` (encoded images or a preprocessed tensor),
-//! `fit` with a progress callback, `model_info` and `health`.
+//! `predict_table` (a whole table, batched), `fit` with a progress callback, `model_info` and `health`.
 
 use std::collections::HashMap;
 
@@ -8,11 +8,14 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
+use crate::data::Table;
 use crate::error::{Error, Result};
+use crate::model::Predictions;
 use crate::proto::inference_client::InferenceClient;
 use crate::proto::{
     fit_event, FitEvent, FitRequest, FitResult, GetModelRequest, ModelInfo, PredictRequest, PredictResponse, Tensor,
 };
+use crate::util::progress::progress;
 
 /// Adds `authorization: Bearer <token>` to every call when a token is set.
 #[derive(Clone)]
@@ -103,6 +106,33 @@ impl Client {
             }
             Err(s) => Err(s),
         }
+    }
+
+    /// Predicts every row of `table` through the server, `batch` images per request, with a progress bar
+    /// (hidden when `quiet`); the server must return `classes` probabilities per image.
+    pub async fn predict_table(&self, table: &Table, classes: usize, batch: usize, quiet: bool) -> Result<Predictions> {
+        table.check_files()?;
+        let pb = progress(table.rows.len() as u64, "predict", quiet);
+        let (mut probs, mut preds) = (Vec::new(), Vec::new());
+        for chunk in table.all_image_refs().chunks(batch.max(1)) {
+            let images = chunk
+                .iter()
+                .map(|f| std::fs::read(&f.path).map_err(|e| Error::io(&f.path, e)))
+                .collect::<Result<Vec<_>>>()?;
+            for p in self.predict(images).await?.predictions {
+                if p.probabilities.len() != classes {
+                    return Err(Error::Shape {
+                        name: "probabilities".into(),
+                        msg: format!("the server returned {} for {classes} classes", p.probabilities.len()),
+                    });
+                }
+                probs.extend(p.probabilities);
+                preds.push(p.class_index as u32);
+            }
+            pb.inc(chunk.len() as u64);
+        }
+        pb.finish_and_clear();
+        Ok(Predictions { probs, preds })
     }
 
     /// Describes the served model.

@@ -56,7 +56,7 @@ pub enum Error {
         msg: String,
     },
     /// One node of an ONNX graph is malformed or unsupported.
-    #[error("ONNX model {model}: node `{node}` ({op}): {msg}")]
+    #[error("{}node `{node}` ({op}): {msg}", in_model(.model))]
     Node {
         /// The model file or a description.
         model: String,
@@ -106,6 +106,14 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+fn in_model(model: &str) -> String {
+    if model.is_empty() {
+        String::new()
+    } else {
+        format!("ONNX model {model}: ")
+    }
+}
+
 /// Result with the library's error.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -122,8 +130,30 @@ impl Error {
     pub fn encode(what: impl Into<String>, msg: impl std::fmt::Display) -> Self {
         Error::Encode { what: what.into(), msg: msg.to_string() }
     }
+    /// Names the model of a node error that does not say it yet (the graph that ran the node knows it).
+    pub fn in_model(self, name: &str) -> Self {
+        match self {
+            Error::Node { model, node, op, msg } if model.is_empty() => {
+                Error::Node { model: name.to_string(), node, op, msg }
+            }
+            other => other,
+        }
+    }
     /// An ONNX error on `model`.
     pub fn onnx(model: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Onnx { model: model.into(), msg: msg.into() }
+    }
+}
+
+/// The gRPC status for a library error: bad input (hyperparameters, tables, images, tensor shapes) is the
+/// caller's `INVALID_ARGUMENT`; everything else is the server's `INTERNAL`. The message is the error's.
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> tonic::Status {
+        match e {
+            Error::Config { .. } | Error::Table { .. } | Error::Image { .. } | Error::Shape { .. } => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
+            _ => tonic::Status::internal(e.to_string()),
+        }
     }
 }

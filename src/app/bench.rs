@@ -358,8 +358,6 @@ impl MixedSoak {
 /// `seconds`, each request drawn as 70% good image, 10% bad image, 10% tight deadline, 10% abandoned
 /// mid-request; server RSS sampled every `sample_seconds`.
 pub fn mixed_soak(bin: &Path, model: &Path, clients: usize, seconds: f64, sample_seconds: f64) -> Result<MixedSoak> {
-    use rand::{Rng, SeedableRng};
-    use tonic::Code;
     let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Server(e.to_string()))?;
     let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let csv = crate::app::synth::make_dataset(work.path(), "soak", &[3, 3, 3, 3], 96, 9)?;
@@ -386,80 +384,7 @@ pub fn mixed_soak(bin: &Path, model: &Path, clients: usize, seconds: f64, sample
         let mut tasks = Vec::new();
         for id in 0..clients {
             let (url, images, want) = (server.url.clone(), images.clone(), want.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(id as u64);
-                let client = crate::client::Client::connect(&url, None, None).await?;
-                let mut t: [KindTally; 4] = Default::default();
-                let mut examples = Vec::new();
-                while Instant::now() < end {
-                    let pick = rng.random_range(0..100);
-                    let i = rng.random_range(0..images.len());
-                    let kind = match pick {
-                        0..70 => 0,
-                        70..80 => 1,
-                        80..90 => 2,
-                        _ => 3,
-                    };
-                    let body = if kind == 1 {
-                        let img = &images[i];
-                        if rng.random_bool(0.5) {
-                            img[..rng.random_range(0..img.len() / 2)].to_vec()
-                        } else {
-                            (0..rng.random_range(1..4096)).map(|_| rng.random::<u8>()).collect()
-                        }
-                    } else {
-                        images[i].clone()
-                    };
-                    let req = PredictRequest { images: vec![body], tensor: None };
-                    let outcome: String = match kind {
-                        2 => {
-                            let d = Duration::from_micros(rng.random_range(1_000..40_000));
-                            code_name(&client.predict_status(req, Some(d)).await)
-                        }
-                        3 => {
-                            let after = Duration::from_micros(rng.random_range(0..40_000));
-                            if rng.random_bool(0.5) {
-                                match tokio::time::timeout(after, client.predict_status(req, None)).await {
-                                    Ok(r) => code_name(&r),
-                                    Err(_) => "dropped".into(),
-                                }
-                            } else {
-                                // A connection of its own, closed mid-request.
-                                let c = crate::client::Client::connect(&url, None, None).await?;
-                                match tokio::time::timeout(after, c.predict_status(req, None)).await {
-                                    Ok(r) => code_name(&r),
-                                    Err(_) => "dropped".into(),
-                                }
-                            }
-                        }
-                        _ => {
-                            let r = client.predict_status(req, None).await;
-                            match (&r, kind) {
-                                (Ok(p), 0) if p.predictions.first().map(|p| &p.label) != Some(&want[i]) => {
-                                    "wrong label".into()
-                                }
-                                _ => code_name(&r),
-                            }
-                        }
-                    };
-                    let ok = match kind {
-                        0 => outcome == "Ok",
-                        1 => outcome == format!("{:?}", Code::InvalidArgument),
-                        2 => outcome == "Ok" || outcome == format!("{:?}", Code::DeadlineExceeded),
-                        _ => outcome == "Ok" || outcome == "dropped",
-                    };
-                    let tally = &mut t[kind];
-                    tally.sent += 1;
-                    if !ok {
-                        tally.unexpected += 1;
-                        if examples.len() < 3 {
-                            examples.push(format!("kind {kind}: {outcome}"));
-                        }
-                    }
-                    *tally.outcomes.entry(outcome).or_default() += 1;
-                }
-                Ok::<_, Error>((t, examples))
-            }));
+            tasks.push(tokio::spawn(soak_client(id, url, images, want, end)));
         }
         let mut rss = vec![(0.0, server.rss())];
         while Instant::now() < end {
@@ -507,6 +432,103 @@ pub fn mixed_soak(bin: &Path, model: &Path, clients: usize, seconds: f64, sample
             examples,
             seconds: secs,
         })
+    })
+}
+
+/// One soak client until `end`: mostly good images (their labels must match `want`), plus corrupt
+/// images, tight deadlines and requests dropped mid-flight, each tallied by outcome.
+async fn soak_client(
+    id: usize,
+    url: String,
+    images: std::sync::Arc<Vec<Vec<u8>>>,
+    want: std::sync::Arc<Vec<String>>,
+    end: Instant,
+) -> Result<([KindTally; 4], Vec<String>)> {
+    use rand::{Rng, SeedableRng};
+    use tonic::Code;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(id as u64);
+    let client = crate::client::Client::connect(&url, None, None).await?;
+    let mut t: [KindTally; 4] = Default::default();
+    let mut examples = Vec::new();
+    while Instant::now() < end {
+        let pick = rng.random_range(0..100);
+        let i = rng.random_range(0..images.len());
+        let kind = match pick {
+            0..70 => 0,
+            70..80 => 1,
+            80..90 => 2,
+            _ => 3,
+        };
+        let body = if kind == 1 {
+            let img = &images[i];
+            if rng.random_bool(0.5) {
+                img[..rng.random_range(0..img.len() / 2)].to_vec()
+            } else {
+                (0..rng.random_range(1..4096)).map(|_| rng.random::<u8>()).collect()
+            }
+        } else {
+            images[i].clone()
+        };
+        let req = PredictRequest { images: vec![body], tensor: None };
+        let outcome = soak_outcome(&client, &url, kind, req, &mut rng, &want[i]).await?;
+        let ok = match kind {
+            0 => outcome == "Ok",
+            1 => outcome == format!("{:?}", Code::InvalidArgument),
+            2 => outcome == "Ok" || outcome == format!("{:?}", Code::DeadlineExceeded),
+            _ => outcome == "Ok" || outcome == "dropped",
+        };
+        let tally = &mut t[kind];
+        tally.sent += 1;
+        if !ok {
+            tally.unexpected += 1;
+            if examples.len() < 3 {
+                examples.push(format!("kind {kind}: {outcome}"));
+            }
+        }
+        *tally.outcomes.entry(outcome).or_default() += 1;
+    }
+    Ok((t, examples))
+}
+
+/// Sends one soak request of `kind` (0 good, 1 corrupt image, 2 tight deadline, 3 dropped) and names
+/// its outcome (a gRPC code, "wrong label" or "dropped").
+async fn soak_outcome(
+    client: &crate::client::Client,
+    url: &str,
+    kind: usize,
+    req: PredictRequest,
+    rng: &mut rand_chacha::ChaCha8Rng,
+    want: &str,
+) -> Result<String> {
+    use rand::Rng;
+    Ok(match kind {
+        2 => {
+            let d = Duration::from_micros(rng.random_range(1_000..40_000));
+            code_name(&client.predict_status(req, Some(d)).await)
+        }
+        3 => {
+            let after = Duration::from_micros(rng.random_range(0..40_000));
+            if rng.random_bool(0.5) {
+                match tokio::time::timeout(after, client.predict_status(req, None)).await {
+                    Ok(r) => code_name(&r),
+                    Err(_) => "dropped".into(),
+                }
+            } else {
+                // A connection of its own, closed mid-request.
+                let c = crate::client::Client::connect(url, None, None).await?;
+                match tokio::time::timeout(after, c.predict_status(req, None)).await {
+                    Ok(r) => code_name(&r),
+                    Err(_) => "dropped".into(),
+                }
+            }
+        }
+        _ => {
+            let r = client.predict_status(req, None).await;
+            match (&r, kind) {
+                (Ok(p), 0) if p.predictions.first().map(|p| p.label.as_str()) != Some(want) => "wrong label".into(),
+                _ => code_name(&r),
+            }
+        }
     })
 }
 

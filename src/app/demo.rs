@@ -100,13 +100,12 @@ fn write_split(table: &Table, rows: &[usize], path: &Path) -> Result<()> {
     crate::util::fs::write_atomic(path, csv.as_bytes())
 }
 
-/// Runs the demo; `say` receives progress lines.
-pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> {
-    let t0 = Instant::now();
+/// The training and test tables (a stratified 80/20 split of `--data`, or generated images) and the
+/// label column.
+fn prepare_data(opts: &DemoOptions, say: &mut impl FnMut(&str)) -> Result<(PathBuf, PathBuf, String)> {
     let dir = &opts.work_dir;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let data_dir = dir.join("data");
-    let (train_csv, test_csv, label) = match &opts.data {
+    Ok(match &opts.data {
         Some((csv, label)) => {
             say(&format!("splitting {} 80/20 (stratified) into train and test", csv.display()));
             let table = Table::load(csv, Some(label), None)?;
@@ -130,7 +129,60 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
             let b = crate::app::synth::make_dataset(&data_dir, "test", &opts.test_counts, opts.image_size, 2)?;
             (a, b, "label".to_string())
         }
-    };
+    })
+}
+
+/// The losses the demo compares, as hyperparameter overrides (the seed's focal-loss settings).
+fn losses() -> [(&'static str, Vec<String>); 2] {
+    [
+        ("cross_entropy", vec!["optimization.loss_function=cross_entropy".to_string()]),
+        (
+            "focal",
+            vec![
+                "optimization.loss_function=focal_loss".into(),
+                "optimization.focal_loss.alpha=auto".into(),
+                "optimization.focal_loss.gamma=1.0".into(),
+                "optimization.focal_loss.reduction=sum".into(),
+            ],
+        ),
+    ]
+}
+
+/// The training request of one demo run, into `<work dir>/<name>`.
+fn request(
+    opts: &DemoOptions,
+    train_csv: &Path,
+    label: &str,
+    backbone: &Path,
+    normalization: &Normalization,
+    name: &str,
+    hps: &[String],
+) -> Result<TrainRequest> {
+    let mut b = HyperParamsBuilder::new().set_str(&format!("optimization.max_epochs={}", opts.epochs))?;
+    for kv in hps {
+        b = b.set_str(kv)?;
+    }
+    Ok(TrainRequest {
+        train_data: train_csv.to_path_buf(),
+        label: label.to_string(),
+        image_column: None,
+        tuning_data: None,
+        backbone: backbone.to_path_buf(),
+        feature_tensor: None,
+        normalization: normalization.clone(),
+        output: opts.work_dir.join(name),
+        hp: b.build()?.0,
+        quiet: opts.quiet,
+        cancel: None,
+    })
+}
+
+/// Runs the demo; `say` receives progress lines.
+pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> {
+    let t0 = Instant::now();
+    let dir = &opts.work_dir;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let (train_csv, test_csv, label) = prepare_data(opts, &mut say)?;
     let backbone = opts.backbone.clone().unwrap_or_else(default_backbone);
     let normalization = opts.normalization.clone().unwrap_or_else(|| {
         let name = backbone.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
@@ -142,40 +194,11 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
     });
     say(&format!("backbone: {}", backbone.display()));
 
-    let runs = [
-        ("cross_entropy", vec!["optimization.loss_function=cross_entropy".to_string()]),
-        (
-            "focal",
-            vec![
-                "optimization.loss_function=focal_loss".into(),
-                "optimization.focal_loss.alpha=auto".into(),
-                "optimization.focal_loss.gamma=1.0".into(),
-                "optimization.focal_loss.reduction=sum".into(),
-            ],
-        ),
-    ];
-    let mut reports = Vec::new();
     let test = Table::load(&test_csv, Some(&label), None)?;
-    for (name, hps) in &runs {
+    let mut reports = Vec::new();
+    for (name, hps) in losses() {
         say(&format!("training with {name} ({} epochs)", opts.epochs));
-        let mut b = HyperParamsBuilder::new().set_str(&format!("optimization.max_epochs={}", opts.epochs))?;
-        for kv in hps {
-            b = b.set_str(kv)?;
-        }
-        let (hp, _) = b.build()?;
-        let req = TrainRequest {
-            train_data: train_csv.clone(),
-            label: label.clone(),
-            image_column: None,
-            tuning_data: None,
-            backbone: backbone.clone(),
-            feature_tensor: None,
-            normalization: normalization.clone(),
-            output: dir.join(name),
-            hp,
-            quiet: opts.quiet,
-            cancel: None,
-        };
+        let req = request(opts, &train_csv, &label, &backbone, &normalization, name, &hps)?;
         train(&req, |_| {})?;
         let p = Predictor::load(&dir.join(name), &candle_core::Device::Cpu)?;
         reports.push(p.evaluate(&test, opts.quiet)?);

@@ -101,27 +101,8 @@ pub async fn cmd_client(c: ClientCommand) -> Result<()> {
             let client = connect(&server).await?;
             let info = client.model_info().await?;
             let table = Table::load(&data, None, None)?;
-            table.check_files()?;
-            let pb = automm::util::progress::progress(table.rows.len() as u64, "predict", false);
-            let k = info.classes.len();
-            let (mut probs, mut preds) = (Vec::new(), Vec::new());
-            for chunk in table.rows.chunks(batch_size.max(1)) {
-                let images: Vec<Vec<u8>> = chunk
-                    .iter()
-                    .map(|r| std::fs::read(&r.image).with_context(|| format!("reading {}", r.image.display())))
-                    .collect::<Result<_>>()?;
-                let resp = client.predict(images).await?;
-                for p in resp.predictions {
-                    if p.probabilities.len() != k {
-                        anyhow::bail!("the server returned {} probabilities for {k} classes", p.probabilities.len());
-                    }
-                    probs.extend(p.probabilities);
-                    preds.push(p.class_index as u32);
-                }
-                pb.inc(chunk.len() as u64);
-            }
-            pb.finish_and_clear();
-            write_predictions(&table, &info.classes, &automm::model::Predictions { probs, preds }, &output)?;
+            let p = client.predict_table(&table, info.classes.len(), batch_size, false).await?;
+            write_predictions(&table, &info.classes, &p, &output)?;
             println!("wrote {} predictions to {} (model version {})", table.rows.len(), output.display(), info.version);
         }
         ClientCommand::Fit { server, train_data, label, tuning_data, hp } => {

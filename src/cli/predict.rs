@@ -70,7 +70,7 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     };
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "wrote {rows} predictions to {} ({:?} engine, {:.1} images/s)",
+        "wrote {rows} predictions to {} ({} engine, {:.1} images/s)",
         a.output.display(),
         engine,
         rows as f64 / secs.max(1e-9)

@@ -30,6 +30,97 @@ fn scalar(statics: &HashMap<String, Tensor>, name: &str) -> Option<f32> {
     t.flatten_all().ok()?.to_dtype(candle_core::DType::F32).ok()?.to_vec1::<f32>().ok()?.first().copied()
 }
 
+/// The runtime steps' nodes with who reads what, for the pattern matchers.
+struct View<'a> {
+    nodes: &'a [NodeProto],
+    statics: &'a HashMap<String, Tensor>,
+    outputs: &'a [String],
+    consumers: HashMap<&'a str, Vec<usize>>,
+}
+
+impl View<'_> {
+    /// The only node reading `v`, when nothing else (an output included) needs it.
+    fn single(&self, v: &str) -> Option<usize> {
+        match self.consumers.get(v).map(Vec::as_slice) {
+            Some([j]) if !self.outputs.iter().any(|o| o == v) => Some(*j),
+            _ => None,
+        }
+    }
+
+    fn scalar(&self, name: &str) -> Option<f32> {
+        scalar(self.statics, name)
+    }
+}
+
+/// The input of a two-input node that is not `v`.
+fn other_input(n: &NodeProto, v: &str) -> Option<String> {
+    match n.input.as_slice() {
+        [a, b] if a == v => Some(b.clone()),
+        [a, b] if b == v => Some(a.clone()),
+        _ => None,
+    }
+}
+
+/// Conv (output `out`) followed by its only reader Relu/Clip: the reader's index and the fusion.
+fn conv_act(g: &View<'_>, out: &str, opset: i64) -> Option<(usize, Fused)> {
+    let j = g.single(out)?;
+    let c = &g.nodes[j];
+    let (lo, hi) = match c.op_type.as_str() {
+        "Relu" => (0.0, f32::INFINITY),
+        "Clip" if opset >= 11 => {
+            let bound = |k: usize| c.input.get(k).filter(|s| !s.is_empty()).map(|s| g.scalar(s));
+            match (bound(1), bound(2)) {
+                // A bound that is not a static scalar: not fusable.
+                (Some(None), _) | (_, Some(None)) => return None,
+                (lo, hi) => (lo.flatten().unwrap_or(f32::NEG_INFINITY), hi.flatten().unwrap_or(f32::INFINITY)),
+            }
+        }
+        "Clip" => {
+            let at = Attrs(c);
+            (at.float("min", f32::NEG_INFINITY), at.float("max", f32::INFINITY))
+        }
+        _ => return None,
+    };
+    Some((j, Fused::ConvAct { lo, hi, out: c.output.first()?.clone() }))
+}
+
+/// MatMul `n` by a static matrix (output `out`) followed by its only reader adding a static bias row.
+fn matmul_bias(g: &View<'_>, n: &NodeProto, out: &str) -> Option<(usize, Fused)> {
+    let j = g.single(out)?;
+    let a = &g.nodes[j];
+    let bias = (a.op_type == "Add").then(|| other_input(a, out)).flatten()?;
+    let cols = g.statics.get(&n.input[1]).and_then(|w| w.dims().last().copied());
+    let is_row = g
+        .statics
+        .get(&bias)
+        .is_some_and(|b| b.dims().iter().rev().skip(1).all(|&d| d == 1) && Some(b.elem_count()) == cols);
+    is_row.then(|| (j, Fused::MatMulBias { bias, out: a.output[0].clone(), gelu: false }))
+}
+
+/// The erf GELU starting at Div `n` (output `out`): Div(x, sqrt 2) -> Erf -> Add 1 -> Mul x -> Mul 0.5.
+/// Returns the four nodes after the Div and the fusion.
+fn gelu(g: &View<'_>, n: &NodeProto, out: &str) -> Option<([usize; 4], Fused)> {
+    let x = &n.input[0];
+    let near = |v: Option<f32>, want: f32| v.is_some_and(|v| (v - want).abs() < 1e-4);
+    if !near(n.input.get(1).and_then(|s| g.scalar(s)), std::f32::consts::SQRT_2) {
+        return None;
+    }
+    let next = |v: &str, op: &str| g.single(v).filter(|&k| g.nodes[k].op_type == op);
+    let e = next(out, "Erf")?;
+    let a = next(&g.nodes[e].output[0], "Add")?;
+    if !near(g.scalar(&other_input(&g.nodes[a], &g.nodes[e].output[0])?), 1.0) {
+        return None;
+    }
+    let m = next(&g.nodes[a].output[0], "Mul")?;
+    if other_input(&g.nodes[m], &g.nodes[a].output[0]).as_ref() != Some(x) {
+        return None;
+    }
+    let h = next(&g.nodes[m].output[0], "Mul")?;
+    let half = other_input(&g.nodes[h], &g.nodes[m].output[0])?;
+    let fused = Fused::Gelu { input: x.clone(), out: g.nodes[h].output[0].clone() };
+    near(g.scalar(&half), 0.5).then_some(([e, a, m, h], fused))
+}
+
 /// Finds fusable patterns among `steps`. Returns the steps left to run and the fused ones by node index.
 pub(crate) fn fuse(
     nodes: &[NodeProto],
@@ -44,111 +135,49 @@ pub(crate) fn fuse(
             consumers.entry(v.as_str()).or_default().push(i);
         }
     }
-    // The only node reading `v`, when nothing else (an output included) needs it.
-    let single = |v: &str| -> Option<usize> {
-        match consumers.get(v).map(Vec::as_slice) {
-            Some([j]) if !outputs.iter().any(|o| o == v) => Some(*j),
-            _ => None,
-        }
-    };
-    let other_input = |n: &NodeProto, v: &str| -> Option<String> {
-        match n.input.as_slice() {
-            [a, b] if a == v => Some(b.clone()),
-            [a, b] if b == v => Some(a.clone()),
-            _ => None,
-        }
-    };
+    let g = View { nodes, statics, outputs, consumers };
     let mut removed: HashSet<usize> = HashSet::new();
     let mut fused = HashMap::new();
     let mut gelu_chains: HashMap<usize, [usize; 4]> = HashMap::new();
     for &i in steps {
-        if removed.contains(&i) {
-            continue;
-        }
         let n = &nodes[i];
-        let Some(out) = n.output.first() else { continue };
-        match n.op_type.as_str() {
-            "Conv" => {
-                let Some(j) = single(out) else { continue };
-                let c = &nodes[j];
-                let bounds = match c.op_type.as_str() {
-                    "Relu" => Some((0.0, f32::INFINITY)),
-                    "Clip" if opset >= 11 => {
-                        let lo = c.input.get(1).filter(|s| !s.is_empty()).map(|s| scalar(statics, s));
-                        let hi = c.input.get(2).filter(|s| !s.is_empty()).map(|s| scalar(statics, s));
-                        match (lo, hi) {
-                            (Some(None), _) | (_, Some(None)) => None,
-                            (lo, hi) => {
-                                Some((lo.flatten().unwrap_or(f32::NEG_INFINITY), hi.flatten().unwrap_or(f32::INFINITY)))
-                            }
-                        }
-                    }
-                    "Clip" => {
-                        let at = Attrs(c);
-                        Some((at.float("min", f32::NEG_INFINITY), at.float("max", f32::INFINITY)))
-                    }
-                    _ => None,
-                };
-                if let (Some((lo, hi)), Some(o)) = (bounds, c.output.first()) {
-                    removed.insert(j);
-                    fused.insert(i, Fused::ConvAct { lo, hi, out: o.clone() });
-                }
-            }
-            "MatMul" => {
-                let Some(j) = single(out) else { continue };
-                let a = &nodes[j];
-                let Some(bias) = (a.op_type == "Add").then(|| other_input(a, out)).flatten() else { continue };
-                let cols = statics.get(&n.input[1]).and_then(|w| w.dims().last().copied());
-                let is_row = statics
-                    .get(&bias)
-                    .is_some_and(|b| b.dims().iter().rev().skip(1).all(|&d| d == 1) && Some(b.elem_count()) == cols);
-                if is_row {
-                    removed.insert(j);
-                    fused.insert(i, Fused::MatMulBias { bias, out: a.output[0].clone(), gelu: false });
-                }
-            }
-            "Div" => {
-                let x = &n.input[0];
-                let near = |v: Option<f32>, want: f32| v.is_some_and(|v| (v - want).abs() < 1e-4);
-                if !near(n.input.get(1).and_then(|s| scalar(statics, s)), std::f32::consts::SQRT_2) {
-                    continue;
-                }
-                let chain = (|| {
-                    let e = single(out).filter(|&e| nodes[e].op_type == "Erf")?;
-                    let a = single(&nodes[e].output[0]).filter(|&a| nodes[a].op_type == "Add")?;
-                    let one = other_input(&nodes[a], &nodes[e].output[0])?;
-                    if !near(scalar(statics, &one), 1.0) {
-                        return None;
-                    }
-                    let m = single(&nodes[a].output[0]).filter(|&m| nodes[m].op_type == "Mul")?;
-                    if other_input(&nodes[m], &nodes[a].output[0]).as_ref() != Some(x) {
-                        return None;
-                    }
-                    let h = single(&nodes[m].output[0]).filter(|&h| nodes[h].op_type == "Mul")?;
-                    let half = other_input(&nodes[h], &nodes[m].output[0])?;
-                    near(scalar(statics, &half), 0.5).then_some([e, a, m, h])
-                })();
-                if let Some(chain) = chain {
-                    removed.extend(chain);
-                    gelu_chains.insert(i, chain);
-                    fused.insert(i, Fused::Gelu { input: x.clone(), out: nodes[chain[3]].output[0].clone() });
-                }
-            }
-            _ => {}
+        let Some(out) = n.output.first().filter(|_| !removed.contains(&i)) else { continue };
+        let found = match n.op_type.as_str() {
+            "Conv" => conv_act(&g, out, opset).map(|(j, f)| (vec![j], f)),
+            "MatMul" => matmul_bias(&g, n, out).map(|(j, f)| (vec![j], f)),
+            "Div" => gelu(&g, n, out).map(|(chain, f)| {
+                gelu_chains.insert(i, chain);
+                (chain.to_vec(), f)
+            }),
+            _ => None,
+        };
+        if let Some((gone, f)) = found {
+            removed.extend(gone);
+            fused.insert(i, f);
         }
     }
-    // A GELU whose input is a MatMul+bias read by nothing else runs inside that product (on each block of
-    // rows as it is finished, while still in cache).
+    absorb_gelu(&g, &mut fused, &mut removed, &gelu_chains);
+    (steps.iter().copied().filter(|i| !removed.contains(i)).collect(), fused)
+}
+
+/// A GELU whose input is a MatMul+bias read by nothing else runs inside that product (on each block of
+/// rows as it is finished, while still in cache).
+fn absorb_gelu(
+    g: &View<'_>,
+    fused: &mut HashMap<usize, Fused>,
+    removed: &mut HashSet<usize>,
+    gelu_chains: &HashMap<usize, [usize; 4]>,
+) {
     let mut absorbed = Vec::new();
     for (&i, f) in fused.iter_mut() {
         let Fused::MatMulBias { out, gelu, .. } = f else { continue };
-        let readers = consumers.get(out.as_str()).map(Vec::as_slice).unwrap_or_default();
+        let readers = g.consumers.get(out.as_str()).map(Vec::as_slice).unwrap_or_default();
         let Some(&j) = readers.first() else { continue };
         let Some(chain) = gelu_chains.get(&j) else { continue };
-        if outputs.contains(out) || !readers.iter().all(|r| *r == j || chain.contains(r)) {
+        if g.outputs.contains(out) || !readers.iter().all(|r| *r == j || chain.contains(r)) {
             continue;
         }
-        *out = nodes[chain[3]].output[0].clone();
+        *out = g.nodes[chain[3]].output[0].clone();
         *gelu = true;
         absorbed.push((i, j));
     }
@@ -156,5 +185,4 @@ pub(crate) fn fuse(
         fused.remove(&j);
         removed.insert(j);
     }
-    (steps.iter().copied().filter(|i| !removed.contains(i)).collect(), fused)
 }

@@ -15,8 +15,8 @@ use candle_onnx::onnx::NodeProto;
 
 use super::fuse::Fused;
 use super::kernels::{self, nchwc};
+use super::ops::{self, conv};
 use super::ops::{node_err, Attrs};
-use super::{conv, ops};
 use crate::error::Result;
 
 const LANES: usize = nchwc::LANES;

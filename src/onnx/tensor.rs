@@ -13,6 +13,23 @@ fn bad(name: &str, msg: String) -> Error {
     Error::Shape { name: name.to_string(), msg }
 }
 
+/// A tensor's dims and element count, refusing negative dims and sizes over 2^34 elements.
+fn checked_dims(t: &TensorProto) -> Result<(Vec<usize>, usize)> {
+    let mut dims = Vec::with_capacity(t.dims.len());
+    let mut numel: usize = 1;
+    for &d in &t.dims {
+        if d < 0 {
+            return Err(bad(&t.name, format!("negative dimension {d} in dims {:?}", t.dims)));
+        }
+        numel = numel
+            .checked_mul(d as usize)
+            .filter(|&n| n <= (1usize << 34))
+            .ok_or_else(|| bad(&t.name, format!("dims {:?} are too large", t.dims)))?;
+        dims.push(d as usize);
+    }
+    Ok((dims, numel))
+}
+
 /// Converts an ONNX tensor to a candle tensor on `device` (float16/bfloat16 become f32, int32/int8/int16
 /// become i64, bool becomes u8).
 pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
@@ -24,18 +41,7 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
                 .into(),
         ));
     }
-    let mut dims = Vec::with_capacity(t.dims.len());
-    let mut numel: usize = 1;
-    for &d in &t.dims {
-        if d < 0 {
-            return Err(bad(name, format!("negative dimension {d} in dims {:?}", t.dims)));
-        }
-        numel = numel
-            .checked_mul(d as usize)
-            .filter(|&n| n <= (1usize << 34))
-            .ok_or_else(|| bad(name, format!("dims {:?} are too large", t.dims)))?;
-        dims.push(d as usize);
-    }
+    let (dims, numel) = checked_dims(t)?;
     let dt = DataType::try_from(t.data_type).map_err(|_| bad(name, format!("unknown data type {}", t.data_type)))?;
     let raw = t.raw_data.as_slice();
     let check_raw = |width: usize| -> Result<()> {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::{to_status, ServingModel, State};
+use super::{ServingModel, State};
 use crate::deploy::export::ExportOptions;
 use crate::deploy::meta::ExportKind;
 use crate::error::Result;
@@ -47,7 +47,7 @@ impl FitJob {
             }
             Err(e) => {
                 self.state.metrics.fit_failure.fetch_add(1, Relaxed);
-                let _ = tx.blocking_send(Err(to_status(e)));
+                let _ = tx.blocking_send(Err(Status::from(e)));
             }
         }
     }

@@ -222,15 +222,6 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     })
 }
 
-fn to_status(e: Error) -> Status {
-    match e {
-        Error::Config { .. } | Error::Table { .. } | Error::Image { .. } | Error::Shape { .. } => {
-            Status::invalid_argument(e.to_string())
-        }
-        _ => Status::internal(e.to_string()),
-    }
-}
-
 impl Service {
     async fn predict_inner(
         &self,
@@ -361,7 +352,7 @@ impl Inference for Service {
             let tables: Vec<PathBuf> = std::iter::once(train_data.clone()).chain(tuning_data.clone()).collect();
             tokio::task::spawn_blocking(move || -> std::result::Result<(), Status> {
                 for t in tables {
-                    let table = crate::data::Table::load(&t, Some(&label), column.as_deref()).map_err(to_status)?;
+                    let table = crate::data::Table::load(&t, Some(&label), column.as_deref()).map_err(Status::from)?;
                     table.check_under(&root).map_err(|e| Status::permission_denied(e.to_string()))?;
                 }
                 Ok(())
@@ -371,9 +362,9 @@ impl Inference for Service {
         }
         let mut b = crate::train::config::HyperParamsBuilder::new();
         for (k, v) in &r.hyperparameters {
-            b = b.set_str(&format!("{k}={v}")).map_err(to_status)?;
+            b = b.set_str(&format!("{k}={v}")).map_err(Status::from)?;
         }
-        let (hp, _warnings) = b.build().map_err(to_status)?;
+        let (hp, _warnings) = b.build().map_err(Status::from)?;
         let n = self.state.fits.fetch_add(1, Relaxed) + 1;
         let run_dir = self.state.cfg.work_dir.join(format!("fit-{n}"));
         let current = self.state.current();
@@ -485,7 +476,7 @@ pub async fn serve(
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || initial_model(&cfg)).await.map_err(|e| Error::Server(e.to_string()))??
     };
-    tracing::info!("serving {} (version {}, {:?} engine)", cfg.model.display(), model.version, model.model.engine);
+    tracing::info!("serving {} (version {}, {} engine)", cfg.model.display(), model.version, model.model.engine);
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(State {
         current: RwLock::new(Arc::new(model)),

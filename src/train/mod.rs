@@ -25,7 +25,7 @@ use checkpoint::{feature_key, Checkpoint, TrainState};
 use config::HyperParamsBuilder;
 use finetune::{select_trainable, TunedBackbone};
 use runner::{FitContext, FitData};
-use source::{CachedFeatures, FeatureSource, TunedSource};
+use source::{CachedFeatures, TunedSource};
 
 pub mod checkpoint;
 pub mod config;
@@ -284,10 +284,11 @@ fn run(
         alpha: rows.alpha.as_deref(),
     };
     let ctx = FitContext { quiet: req.quiet, checkpoint: Some(ck), resume: state, cancel: req.cancel.as_deref() };
+    let run = Setup { req, backbone: &backbone, rows: &rows, device: &device };
     let (fit, feature_seconds) = if hp.finetunes_backbone() {
-        fit_tuned(req, &backbone, &rows, &data, ctx, &device, &mut on_event)?
+        run.fit_tuned(&data, ctx, &mut on_event)?
     } else {
-        fit_cached(req, &backbone, &rows, &data, ctx, ck, &device, &mut on_event)?
+        run.fit_cached(&data, ctx, ck, &mut on_event)?
     };
     let train_seconds = t0.elapsed().as_secs_f64() - feature_seconds;
     on_event(&Event::Phase(Phase::Save));
@@ -297,72 +298,76 @@ fn run(
     Ok(summary)
 }
 
-/// Head-only: features once (or from the checkpoint's cache), then the loop over them. Returns the fit
-/// and the seconds spent on features.
-#[allow(clippy::too_many_arguments)]
-fn fit_cached(
-    req: &TrainRequest,
-    backbone: &Backbone,
-    rows: &Rows,
-    data: &FitData<'_>,
-    ctx: FitContext<'_>,
-    ck: &Checkpoint,
-    device: &Device,
-    on_event: &mut impl FnMut(&Event),
-) -> Result<(runner::Fit, f64)> {
-    let t0 = Instant::now();
-    let key = feature_key(&backbone.info, &backbone.preprocess, &rows.train, &rows.val)?;
-    let (x_train, x_val) = match ck.read_features(&key, device)? {
-        Some(cached) => {
-            tracing::info!("reusing the features cached in {}", ck.features_file().display());
-            on_event(&Event::Phase(Phase::FeaturesCached));
-            cached
-        }
-        None => {
-            // Batch 8: Swin-Tiny at 16 peaks above 5 GB of intermediates on CPU.
-            let x_train = backbone.features_of_files(&rows.train, 8, "features", req.quiet)?;
-            let x_val = backbone.features_of_files(&rows.val, 8, "val features", req.quiet)?;
-            ck.write_features(&key, &x_train, &x_val)?;
-            (x_train, x_val)
-        }
-    };
-    let feature_seconds = t0.elapsed().as_secs_f64();
-    on_event(&Event::Phase(Phase::Train));
-    let source = CachedFeatures::new(x_train, (!rows.val.is_empty()).then_some(x_val))?;
-    Ok((runner::fit(&source, data, ctx, on_event)?, feature_seconds))
+/// What both kinds of run start from: the request, the loaded backbone, the split rows, the device.
+struct Setup<'a> {
+    req: &'a TrainRequest,
+    backbone: &'a Backbone,
+    rows: &'a Rows,
+    device: &'a Device,
 }
 
-/// Fine-tuning: the chosen initializers become trainable, the frozen prefix is cached, then the loop.
-fn fit_tuned(
-    req: &TrainRequest,
-    backbone: &Backbone,
-    rows: &Rows,
-    data: &FitData<'_>,
-    ctx: FitContext<'_>,
-    device: &Device,
-    on_event: &mut impl FnMut(&Event),
-) -> Result<(runner::Fit, f64)> {
-    let t0 = Instant::now();
-    on_event(&Event::Phase(Phase::FineTune));
-    let hp = &req.hp;
-    let model = read_model(&req.backbone)?;
-    let trainable = select_trainable(backbone.graph(), hp.efficient_finetune, &hp.trainable_layers);
-    let count: usize = trainable.iter().filter_map(|n| backbone.graph().initializer(n)).map(|t| t.elem_count()).sum();
-    tracing::info!("fine-tuning {} backbone initializers ({count} values) with the head", trainable.len());
-    let tb = TunedBackbone::new(
-        &model,
-        &req.backbone.display().to_string(),
-        device,
-        &backbone.info.input_name,
-        &backbone.info.feature_tensor,
-        &trainable,
-        backbone.preprocess.size as usize,
-    )?;
-    let pre = &backbone.preprocess;
-    let source = TunedSource::new(&tb, pre, &rows.train, &rows.val, &hp.train_transforms, hp.seed, req.quiet)?;
-    let feature_seconds = t0.elapsed().as_secs_f64();
-    debug_assert_eq!(source.len(), rows.train.len());
-    Ok((runner::fit(&source, data, ctx, on_event)?, feature_seconds))
+impl Setup<'_> {
+    /// Head-only: features once (or from the checkpoint's cache), then the loop over them. Returns the
+    /// fit and the seconds spent on features.
+    fn fit_cached(
+        &self,
+        data: &FitData<'_>,
+        ctx: FitContext<'_>,
+        ck: &Checkpoint,
+        on_event: &mut impl FnMut(&Event),
+    ) -> Result<(runner::Fit, f64)> {
+        let (backbone, rows, quiet) = (self.backbone, self.rows, self.req.quiet);
+        let t0 = Instant::now();
+        let key = feature_key(&backbone.info, &backbone.preprocess, &rows.train, &rows.val)?;
+        let (x_train, x_val) = match ck.read_features(&key, self.device)? {
+            Some(cached) => {
+                tracing::info!("reusing the features cached in {}", ck.features_file().display());
+                on_event(&Event::Phase(Phase::FeaturesCached));
+                cached
+            }
+            None => {
+                // Batch 8: Swin-Tiny at 16 peaks above 5 GB of intermediates on CPU.
+                let x_train = backbone.features_of_files(&rows.train, 8, "features", quiet)?;
+                let x_val = backbone.features_of_files(&rows.val, 8, "val features", quiet)?;
+                ck.write_features(&key, &x_train, &x_val)?;
+                (x_train, x_val)
+            }
+        };
+        let feature_seconds = t0.elapsed().as_secs_f64();
+        on_event(&Event::Phase(Phase::Train));
+        let source = CachedFeatures::new(x_train, (!rows.val.is_empty()).then_some(x_val))?;
+        Ok((runner::fit(&source, data, ctx, on_event)?, feature_seconds))
+    }
+
+    /// Fine-tuning: the chosen initializers become trainable, the frozen prefix is cached, then the loop.
+    fn fit_tuned(
+        &self,
+        data: &FitData<'_>,
+        ctx: FitContext<'_>,
+        on_event: &mut impl FnMut(&Event),
+    ) -> Result<(runner::Fit, f64)> {
+        let (req, backbone, hp) = (self.req, self.backbone, &self.req.hp);
+        let t0 = Instant::now();
+        on_event(&Event::Phase(Phase::FineTune));
+        let model = read_model(&req.backbone)?;
+        let trainable = select_trainable(backbone.graph(), hp.efficient_finetune, &hp.trainable_layers);
+        let count: usize =
+            trainable.iter().filter_map(|n| backbone.graph().initializer(n)).map(|t| t.elem_count()).sum();
+        tracing::info!("fine-tuning {} backbone initializers ({count} values) with the head", trainable.len());
+        let tb = TunedBackbone::new(
+            &model,
+            &req.backbone.display().to_string(),
+            self.device,
+            &backbone.info.input_name,
+            &backbone.info.feature_tensor,
+            &trainable,
+            backbone.preprocess.size as usize,
+        )?;
+        let (pre, rows) = (&backbone.preprocess, self.rows);
+        let source = TunedSource::new(&tb, pre, &rows.train, &rows.val, &hp.train_transforms, hp.seed, req.quiet)?;
+        let feature_seconds = t0.elapsed().as_secs_f64();
+        Ok((runner::fit(&source, data, ctx, on_event)?, feature_seconds))
+    }
 }
 
 /// Writes the model folder (head, tuned initializers, config, metrics, pictures) and returns the summary.

@@ -47,7 +47,7 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, _device: &Dev
             }
             one(y)
         }
-        "Conv" => one(crate::onnx::conv::conv(node, x()?, input(node, ins, 1)?, opt_input(ins, 2))?),
+        "Conv" => one(conv::conv(node, x()?, input(node, ins, 1)?, opt_input(ins, 2))?),
         other => Err(node_err(node, format!("op type `{other}` is not in this family"))),
     }
 }

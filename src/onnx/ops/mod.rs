@@ -11,6 +11,7 @@ use super::tensor::{dtype_of_code, from_proto};
 use crate::error::{Error, Result};
 
 mod arith;
+pub(crate) mod conv;
 mod layout;
 mod linear;
 mod norm;
@@ -47,7 +48,7 @@ pub fn supported_ops() -> Vec<&'static str> {
     v
 }
 
-/// Evaluates one node by its family's evaluator.
+/// Evaluates one node by its family's evaluator; `ins[i]` is None for an omitted optional input.
 pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Device) -> Result<Vec<Tensor>> {
     match FAMILIES.iter().find(|(ops, _)| ops.contains(&node.op_type.as_str())) {
         Some((_, eval)) => eval(node, ins, opset, device),
@@ -55,9 +56,10 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, device: &Devic
     }
 }
 
-/// Node-level error.
+/// An error on `node`; the graph that runs it adds the model's name ([`Error::in_model`]).
 pub(crate) fn node_err(node: &NodeProto, msg: impl std::fmt::Display) -> Error {
-    Error::Onnx { model: format!("node `{}` ({})", node.name, node.op_type), msg: msg.to_string() }
+    let name = if node.name.is_empty() { node.output.first().cloned().unwrap_or_default() } else { node.name.clone() };
+    Error::Node { model: String::new(), node: name, op: node.op_type.clone(), msg: msg.to_string() }
 }
 
 /// Attribute access with defaults.
@@ -147,8 +149,6 @@ fn int_binary(node: &NodeProto, a: &Tensor, b: &Tensor, f: impl Fn(i64, i64) -> 
 fn is_int(t: &Tensor) -> bool {
     matches!(t.dtype(), DType::I64 | DType::U8 | DType::U32)
 }
-
-/// Evaluates one node. `ins[i]` is None for an omitted optional input.
 
 fn int_unary(t: &Tensor, f: impl Fn(i64) -> Option<i64>) -> Result<Tensor> {
     let v: Option<Vec<i64>> = to_i64s(t)?.into_iter().map(f).collect();

@@ -5,9 +5,9 @@
 use candle_core::Tensor;
 use candle_onnx::onnx::NodeProto;
 
-use super::kernels;
-use super::ops::{node_err, pad_spatial, Attrs};
+use super::{node_err, pad_spatial, Attrs};
 use crate::error::Result;
+use crate::onnx::kernels;
 
 /// ONNX Conv on an NCHW tensor.
 pub fn conv(node: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {

@@ -1,5 +1,6 @@
-//! Data in: tables of image paths and labels (polars, CSV/Parquet), the class list, the stratified
-//! holdout split, and image decoding/preprocessing into backbone input tensors.
+//! Data in, the first stage: tables of image paths and labels (polars, CSV/Parquet), the class list, the
+//! stratified holdout split ([`table`]), image references, decoding and preprocessing into backbone input
+//! tensors ([`image`]) and seeded training-time augmentation ([`augment`]).
 
 pub mod augment;
 pub mod image;

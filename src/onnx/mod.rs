@@ -1,7 +1,10 @@
-//! Our ONNX importer: parse a model with candle-onnx's protobuf types, load every initializer once onto
-//! the candle device, and evaluate the graph with our own operators ([`ops`]).
+//! Our ONNX importer, the engine every stage above runs graphs on (it imports only `util`/`error`): parse
+//! a model with candle-onnx's protobuf types (`model`: reading, feature tensor, node order), load every
+//! initializer once onto the candle device, and evaluate the graph with our own operators ([`ops`],
+//! registered by family) and kernels ([`kernels`]).
 //!
-//! Per distinct input shape, the first run builds a [`Plan`]: everything that does not depend on the
+//! Per distinct input shape, the first run builds a plan (`plan`, with the fusions of `fuse` and the
+//! channel-blocked layout of `layout`): everything that does not depend on the
 //! input's values (initializers, Constant nodes, Shape-of-anything and the shape arithmetic built on it,
 //! transposes of weights) is computed once and kept; later runs execute only the remaining nodes and
 //! free each intermediate after its last use.

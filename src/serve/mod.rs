@@ -1,6 +1,8 @@
-//! The gRPC server (`automm serve`): the `automm.v1.Inference` service over shared state in an `Arc`
-//! (the served model behind a lock for hot swaps, the dynamic batcher, metrics; Fit runs in [`fit_job`]), plus grpc.health.v1,
-//! server reflection, optional TLS and bearer-token auth, and a Prometheus metrics endpoint.
+//! The gRPC server (`automm serve`): the `automm.v1.Inference` service as thin RPCs over shared state in
+//! an `Arc` (the served model behind a lock for hot swaps, the dynamic batcher in [`batcher`], request
+//! decoding in [`request`], metrics in [`prometheus`]; a Fit runs in `fit_job`, the only part that calls
+//! training), plus grpc.health.v1, server reflection, optional TLS and bearer-token auth, and a
+//! Prometheus metrics endpoint.
 
 pub mod batcher;
 mod fit_job;

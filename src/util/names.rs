@@ -1,9 +1,9 @@
-//! [`named_enum!`]: an enum whose user-facing names (and accepted aliases) are written once, giving
+//! [`crate::named_enum!`]: an enum whose user-facing names (and accepted aliases) are written once, giving
 //! `name()`, `Display`, `FromStr` (case-insensitive, aliases accepted), serde as the name, and the list
 //! of valid names for error messages. Hyperparameters, metrics, phases and engines use it, so a name is
 //! never spelt in two places.
 
-/// The error of a `FromStr` made by [`named_enum!`]: the unknown text and the valid names.
+/// The error of a `FromStr` made by [`crate::named_enum!`]: the unknown text and the valid names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownName {
     /// What the enum names (e.g. "loss").

@@ -174,6 +174,7 @@ fn request(
         hp: b.build()?.0,
         quiet: opts.quiet,
         cancel: None,
+        force: false,
     })
 }
 

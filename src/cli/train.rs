@@ -52,6 +52,9 @@ pub struct TrainArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Write into `--output` even when it holds files that are not an automm run.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
@@ -90,6 +93,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             hp,
             quiet: a.quiet,
             cancel: None,
+            force: a.force,
         };
         (train(&req, log_phase)?, output)
     };

@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 pub const MAX_IMAGE_SIDE: u32 = 16_384;
 /// Largest decoder allocation accepted.
 pub const MAX_IMAGE_ALLOC: u64 = 512 * 1024 * 1024;
+/// Images up to this aspect ratio are resized whole before the centre crop; longer ones only around
+/// the part the crop keeps ([`Preprocess::resize_crop`]).
+pub const MAX_WHOLE_ASPECT: u32 = 4;
 
 /// How pixel values are normalised after scaling to [0, 1].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,9 +99,29 @@ impl Preprocess {
         3 * (self.size as usize) * (self.size as usize)
     }
 
+    /// For an image longer than [`MAX_WHOLE_ASPECT`] times its shorter side, only the centre the crop
+    /// keeps (plus the resampling filter's reach) is resized: a 16384x1 image would otherwise become a
+    /// 3,670,016x224 one (seconds of CPU and gigabytes) just to keep 224 columns of it. Other images pass
+    /// unchanged, so their preprocessing is exactly as before.
+    fn keep_centre(&self, rgb: RgbImage) -> RgbImage {
+        let (w, h) = rgb.dimensions();
+        let (short, long) = (w.min(h).max(1), w.max(h));
+        if long <= MAX_WHOLE_ASPECT * short {
+            return rgb;
+        }
+        // The crop keeps `size` resized pixels of the long side: size * short / resize_shorter source
+        // pixels; the triangle filter reaches max(1, short / resize_shorter) source pixels each way.
+        let per = short as f64 / self.resize_shorter.max(1) as f64;
+        let keep = (self.size as f64 * per).ceil() as u32 + 2 * (per.ceil() as u32 + 2);
+        let keep = keep.min(long);
+        let start = (long - keep) / 2;
+        let (x0, y0, cw, ch) = if w > h { (start, 0, keep, h) } else { (0, start, w, keep) };
+        image::imageops::crop_imm(&rgb, x0, y0, cw, ch).to_image()
+    }
+
     /// Resizes and crops a decoded image to `size` x `size` RGB.
     pub fn resize_crop(&self, img: &DynamicImage) -> RgbImage {
-        let rgb = img.to_rgb8();
+        let rgb = self.keep_centre(img.to_rgb8());
         let (w, h) = rgb.dimensions();
         let s = self.resize_shorter as f64;
         let (nw, nh) = if w <= h {
@@ -195,6 +218,27 @@ pub fn decode_bytes(bytes: &[u8], what: &Path, row: Option<usize>) -> Result<Dyn
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 16384x1 image (an aspect-ratio bomb) costs no more than a square one, and an image with an
+    /// extreme but not absurd aspect keeps the same centre as resizing it whole.
+    #[test]
+    fn extreme_aspect_ratios_resize_only_what_the_crop_keeps() {
+        let pp = Preprocess::new(224, Normalization::Symmetric);
+        let t0 = std::time::Instant::now();
+        let out = pp.resize_crop(&DynamicImage::ImageRgb8(RgbImage::from_pixel(16384, 1, image::Rgb([9, 99, 199]))));
+        assert_eq!(out.dimensions(), (224, 224));
+        assert!(out.pixels().all(|p| p.0 == [9, 99, 199]));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "took {:?}", t0.elapsed());
+        // 400x40 (10:1), a gradient along x: the kept centre matches resizing the whole image to 1 level.
+        let img = RgbImage::from_fn(400, 40, |x, _| image::Rgb([(x % 256) as u8, (x / 2) as u8, 7]));
+        let pp = Preprocess::new(32, Normalization::Symmetric);
+        let fast = pp.resize_crop(&DynamicImage::ImageRgb8(img.clone()));
+        let whole = image::imageops::resize(&img, 320, 32, FilterType::Triangle);
+        let whole = image::imageops::crop_imm(&whole, 144, 0, 32, 32).to_image();
+        let worst =
+            fast.pixels().zip(whole.pixels()).flat_map(|(a, b)| (0..3).map(move |c| a.0[c].abs_diff(b.0[c]))).max();
+        assert!(worst.unwrap_or(0) <= 1, "centre differs by {worst:?} levels");
+    }
 
     #[test]
     fn resize_crop_keeps_aspect_and_centers() {

@@ -12,7 +12,7 @@ pub mod request;
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -202,16 +202,54 @@ impl State {
     }
 }
 
+/// A new, empty `fit-N` folder in `work_dir`: N is past every `fit-*` folder already there (also those of
+/// earlier server processes) and past this process's counter, and the folder is created here, so a Fit
+/// never reuses, replaces or deletes an earlier run.
+pub fn fresh_run_dir(work_dir: &Path, counter: &std::sync::atomic::AtomicU64) -> Result<(u64, PathBuf)> {
+    std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
+    let listed = std::fs::read_dir(work_dir)
+        .map_err(|e| Error::io(work_dir, e))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("fit-")?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    let mut n = counter.fetch_max(listed, SeqCst).max(listed);
+    loop {
+        n += 1;
+        let dir = work_dir.join(format!("fit-{n}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {
+                counter.fetch_max(n, SeqCst);
+                return Ok((n, dir));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io(&dir, e)),
+        }
+    }
+}
+
+/// Sets its flag when dropped (a request future dropped because its caller went away).
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, SeqCst);
+    }
+}
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct Service {
     state: Arc<State>,
 }
 
-/// Parses the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
+/// Parses the `grpc-timeout` header (`<at most 8 digits><H|M|S|m|u|n>`, as the gRPC spec bounds it).
 fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    if num.is_empty() || num.len() > 8 {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),
@@ -229,12 +267,19 @@ impl Service {
         &self,
         req: Request<PredictRequest>,
     ) -> std::result::Result<Response<PredictResponse>, Status> {
-        let deadline = grpc_timeout(&req).map(|d| Instant::now() + d);
+        let deadline = grpc_timeout(&req).and_then(|d| Instant::now().checked_add(d));
         let model = self.state.current();
         let req = req.into_inner();
         let (s, pp) = (model.input_size, model.preprocess.clone());
+        // Dropped with this future when the caller goes away, which stops decoding between images.
+        let gone = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+        let budget = request::Budget {
+            max_items: self.state.cfg.batch.max_batch_size,
+            deadline,
+            cancelled: Some(gone.0.clone()),
+        };
         // Tensor checks are cheap; decoding is CPU work: both off the async runtime, images in parallel.
-        let (data, n) = tokio::task::spawn_blocking(move || request::prepare(req, s, &pp))
+        let (data, n) = tokio::task::spawn_blocking(move || request::prepare(req, s, &pp, &budget))
             .await
             .map_err(|e| Status::internal(format!("decoding task failed: {e}")))??;
         if deadline.is_some_and(|d| d <= Instant::now()) {
@@ -367,8 +412,7 @@ impl Inference for Service {
             b = b.set_str(&format!("{k}={v}")).map_err(Status::from)?;
         }
         let (hp, _warnings) = b.build().map_err(Status::from)?;
-        let n = self.state.fits.fetch_add(1, Relaxed) + 1;
-        let run_dir = self.state.cfg.work_dir.join(format!("fit-{n}"));
+        let (n, run_dir) = fresh_run_dir(&self.state.cfg.work_dir, &self.state.fits).map_err(Status::from)?;
         let current = self.state.current();
         let req = crate::train::TrainRequest {
             train_data,
@@ -383,6 +427,7 @@ impl Inference for Service {
             quiet: true,
             // Set when the caller goes away: training stops after the next epoch's checkpoint.
             cancel: Some(Arc::new(AtomicBool::new(false))),
+            force: false,
         };
         let (tx, rx) = mpsc::channel(64);
         let job = fit_job::FitJob { req, run_dir, number: n, current, state: self.state.clone() };
@@ -466,6 +511,28 @@ pub struct Running {
     pub state: Arc<State>,
 }
 
+/// Shortest bearer token `serve` accepts (after trimming whitespace).
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Refuses an empty or short token (an empty one would let in a client sending `Bearer ` with nothing)
+/// and warns when a token would travel without TLS.
+fn check_auth_config(cfg: &ServeConfig) -> Result<()> {
+    let Some(token) = &cfg.auth_token else { return Ok(()) };
+    let len = token.trim().chars().count();
+    if len < MIN_TOKEN_LEN {
+        return Err(Error::Server(format!(
+            "--auth-token-file: the token has {len} characters; use at least {MIN_TOKEN_LEN} (for example 32 random \
+             hex digits from `openssl rand -hex 16`)"
+        )));
+    }
+    if cfg.tls.is_none() {
+        tracing::warn!(
+            "a bearer token is required but TLS is off: the token travels in plain text (add --tls-cert/--tls-key)"
+        );
+    }
+    Ok(())
+}
+
 /// Runs the server until `shutdown` resolves, then drains the queue and returns. `ready` gets the
 /// bound addresses once listening (binding `listen` with port 0 picks a free port).
 pub async fn serve(
@@ -473,6 +540,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: Option<oneshot::Sender<Running>>,
 ) -> Result<()> {
+    check_auth_config(&cfg)?;
     std::fs::create_dir_all(&cfg.work_dir).map_err(|e| Error::io(&cfg.work_dir, e))?;
     let model = {
         let cfg = cfg.clone();

@@ -66,6 +66,9 @@ pub struct TrainRequest {
     /// [`Error::Cancelled`]; [`resume`] continues it.
     #[serde(skip)]
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Write into `output` even when it holds files that are not an automm run (`--force`).
+    #[serde(skip)]
+    pub force: bool,
 }
 
 /// Settings of [`resume`].
@@ -156,8 +159,14 @@ pub enum Event {
 }
 
 /// Trains a head as `req` says and writes the model folder; `on_event` sees phases and epochs. An
-/// unfinished run already in the output folder is discarded (use [`resume`] to continue it).
+/// unfinished run already in the output folder is discarded (use [`resume`] to continue it); a folder
+/// holding anything else is refused unless `req.force`. A run that fails before its first checkpoint
+/// leaves nothing behind (one that fails later keeps the checkpoint that `--resume` continues from).
 pub fn train(req: &TrainRequest, on_event: impl FnMut(&Event)) -> Result<TrainSummary> {
+    let created = !req.output.exists();
+    if !req.force {
+        check_output(&req.output)?;
+    }
     let ck = Checkpoint::in_output(&req.output);
     if ck.root.exists() {
         tracing::warn!(
@@ -167,7 +176,41 @@ pub fn train(req: &TrainRequest, on_event: impl FnMut(&Event)) -> Result<TrainSu
     }
     ck.clear()?;
     ck.write_run(req)?;
-    run(req, &ck, None, on_event)
+    let result = run(req, &ck, None, on_event);
+    if result.is_err() && !ck.state_file().exists() {
+        // Nothing to resume: take back what this run wrote.
+        let _ = ck.clear();
+        if created {
+            let _ = std::fs::remove_dir(&req.output);
+        }
+    }
+    result
+}
+
+/// `output` may be written when it is missing, empty, or an automm run (a model folder or a checkpoint).
+fn check_output(output: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(output) else {
+        return match output.exists() {
+            true => Err(Error::Model { path: output.to_path_buf(), msg: "is not a folder".into() }),
+            false => Ok(()),
+        };
+    };
+    let names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let dir = ModelDir::new(output);
+    if names.is_empty() || dir.read_config().is_ok() || Checkpoint::in_output(output).run_file().is_file() {
+        return Ok(());
+    }
+    let mut shown = names;
+    shown.sort();
+    shown.truncate(3);
+    Err(Error::Model {
+        path: output.to_path_buf(),
+        msg: format!(
+            "is not empty and is not an automm run (it holds {}); train into a new or empty folder, or pass \
+             --force to write into it anyway",
+            shown.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+        ),
+    })
 }
 
 /// Continues the interrupted run in model folder `output` from its last checkpoint. With no overrides

@@ -45,5 +45,6 @@ pub fn train_request(
         hp,
         quiet: true,
         cancel: None,
+        force: false,
     }
 }

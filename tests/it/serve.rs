@@ -140,13 +140,42 @@ async fn predict_matches_local_batches_and_reports_metrics() {
     server.stop().await;
 }
 
+/// An empty or short bearer token is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_or_short_tokens_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = dir.path().join("missing.onnx");
+    for token in ["", "   ", "short"] {
+        let mut cfg = config(&onnx, dir.path());
+        cfg.auth_token = Some(token.into());
+        let e = spawn(cfg).await.err().expect("a server with a short token started").to_string();
+        assert!(e.contains("--auth-token-file") && e.contains("at least 16"), "{e}");
+    }
+}
+
+/// A Fit never reuses the folder of an earlier run, also after a restart (a fresh counter).
+#[test]
+fn fit_run_folders_skip_those_of_earlier_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("serve");
+    std::fs::create_dir_all(work.join("fit-1")).unwrap();
+    std::fs::write(work.join("fit-1/config.json"), "{}").unwrap();
+    std::fs::create_dir_all(work.join("fit-7/checkpoint")).unwrap();
+    let counter = std::sync::atomic::AtomicU64::new(0);
+    let (n, path) = automm::serve::fresh_run_dir(&work, &counter).unwrap();
+    assert_eq!((n, path.clone()), (8, work.join("fit-8")));
+    assert!(path.is_dir() && std::fs::read_dir(&path).unwrap().next().is_none());
+    assert_eq!(automm::serve::fresh_run_dir(&work, &counter).unwrap().0, 9);
+    assert_eq!(std::fs::read_to_string(work.join("fit-1/config.json")).unwrap(), "{}", "an earlier run was touched");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_return_their_status_codes() {
     let dir = tempfile::tempdir().unwrap();
     let (_, onnx, test) = model(dir.path());
     let imgs = images(&test);
     let mut cfg = config(&onnx, dir.path());
-    cfg.auth_token = Some("s3cret".into());
+    cfg.auth_token = Some("s3cret-0123456789abcdef".into());
     cfg.max_request_bytes = 20_000;
     let server = start(cfg).await;
     let code = |r: Result<automm::proto::PredictResponse, tonic::Status>| r.err().map(|s| s.code());
@@ -161,7 +190,7 @@ async fn failures_return_their_status_codes() {
         code(wrong.predict_status(PredictRequest { images: vec![imgs[0].clone()], tensor: None }, None).await),
         Some(Code::Unauthenticated)
     );
-    let c = server.client(Some("s3cret")).await;
+    let c = server.client(Some("s3cret-0123456789abcdef")).await;
     assert!(c.predict(vec![imgs[0].clone()]).await.is_ok());
 
     // A bad image names its index.
@@ -193,6 +222,49 @@ async fn failures_return_their_status_codes() {
     // Too big a request.
     let s = c.predict_status(PredictRequest { images: vec![vec![0u8; 50_000]], tensor: None }, None).await.unwrap_err();
     assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+    // More items than --max-batch-size (16): refused before any decoding, naming the limit (one-pixel PNGs,
+    // the 14 KB request that took gigabytes).
+    let pixel = {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(1, 1).write_to(&mut buf, image::ImageFormat::Png).unwrap();
+        buf.into_inner()
+    };
+    let s = c.predict_status(PredictRequest { images: vec![pixel; 17], tensor: None }, None).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+    assert!(s.message().contains("17 images") && s.message().contains("at most 16"), "{}", s.message());
+    // An aspect-ratio bomb (a 16384x1 PNG) is answered quickly.
+    let bomb = {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_pixel(16384, 1, image::Rgb([200, 10, 10]))
+            .write_to(&mut buf, image::ImageFormat::Png)
+            .unwrap();
+        buf.into_inner()
+    };
+    let t0 = std::time::Instant::now();
+    assert!(c.predict(vec![bomb]).await.is_ok());
+    assert!(t0.elapsed() < Duration::from_secs(10), "16384x1 PNG took {:?}", t0.elapsed());
+    // A grpc-timeout header longer than the spec's 8 digits is ignored, not a panic.
+    let mut raw = automm::proto::inference_client::InferenceClient::connect(server.0.url()).await.unwrap();
+    let mut r = tonic::Request::new(PredictRequest { images: vec![imgs[0].clone()], tensor: None });
+    r.metadata_mut().insert("grpc-timeout", "999999999999H".parse().unwrap());
+    r.metadata_mut().insert("authorization", "Bearer s3cret-0123456789abcdef".parse().unwrap());
+    assert!(raw.predict(r).await.is_ok());
+    // Non-finite tensor values are the caller's error.
+    let s = c
+        .predict_status(
+            PredictRequest {
+                images: vec![],
+                tensor: Some(automm::proto::Tensor {
+                    shape: vec![1, 3, 33, 33],
+                    data: vec![f32::INFINITY; 3 * 33 * 33],
+                    raw_data: vec![],
+                }),
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
     // The server keeps serving after all of that.
     assert!(c.predict(vec![imgs[1].clone()]).await.is_ok());
     let m = server.metrics().await;
@@ -235,7 +307,7 @@ async fn deadlines_and_a_full_queue() {
         let c = c.clone();
         let img = imgs[i % imgs.len()].clone();
         tasks.push(tokio::spawn(async move {
-            c.predict_status(PredictRequest { images: vec![img; 4], tensor: None }, None).await
+            c.predict_status(PredictRequest { images: vec![img], tensor: None }, None).await
         }));
     }
     let (mut ok, mut full) = (0, 0);

@@ -224,3 +224,37 @@ fn parquet_tables_and_integer_labels_work() {
     assert_eq!(cfg["classes"], serde_json::json!(["2", "3", "4", "10"]));
     assert_eq!(cfg["image_column"], "filepath");
 }
+
+/// `train --output` into a folder of the user's own files refuses and touches nothing (`--force` writes);
+/// a run that fails before its first epoch leaves no folder and no checkpoint behind.
+#[test]
+fn train_never_overwrites_foreign_files_and_failed_runs_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, _) = data(dir.path());
+    let theirs = dir.path().join("mine");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("config.json"), "my own settings").unwrap();
+    let cmd = |out: &Path, label: &str| {
+        let mut c = bin();
+        c.args(["train", "--quiet", "--label", label, "--train-data"])
+            .arg(&train)
+            .arg("--backbone")
+            .arg(backbone())
+            .arg("--output")
+            .arg(out)
+            .args(["--hp", "optimization.max_epochs=1"]);
+        c
+    };
+    let (ok, _, stderr) = run(&mut cmd(&theirs, "label"));
+    assert!(!ok && stderr.contains("not an automm run") && stderr.contains("--force"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(theirs.join("config.json")).unwrap(), "my own settings");
+    let (ok, _, stderr) = run(cmd(&theirs, "label").arg("--force"));
+    assert!(ok, "{stderr}");
+    // A trained folder may be trained into again.
+    let (ok, _, stderr) = run(&mut cmd(&theirs, "label"));
+    assert!(ok, "{stderr}");
+    let fresh = dir.path().join("fresh");
+    let (ok, _, stderr) = run(&mut cmd(&fresh, "no_such_column"));
+    assert!(!ok && stderr.contains("no_such_column"), "{stderr}");
+    assert!(!fresh.exists(), "a failed run left {}", fresh.display());
+}

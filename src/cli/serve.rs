@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// Folder for Fit runs and exports.
     #[arg(long, default_value = "runs/serve")]
     pub work_dir: PathBuf,
+    /// Seconds shutdown (SIGTERM/SIGINT) waits for open requests and connections before dropping them.
+    #[arg(long, default_value_t = 5.0)]
+    pub shutdown_timeout: f64,
 }
 
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
@@ -85,6 +88,8 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         data_root: a.data_root,
         backbone: a.backbone,
         work_dir: a.work_dir,
+        shutdown_timeout: std::time::Duration::try_from_secs_f64(a.shutdown_timeout)
+            .map_err(|_| anyhow::anyhow!("--shutdown-timeout: expected seconds >= 0, got {}", a.shutdown_timeout))?,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -198,14 +198,27 @@ impl ImageRef {
     }
 }
 
+/// True when a JPEG's last scan (SOS, `FF DA`) is followed by an end-of-image marker (`FF D9`). The
+/// decoder fills a cut-off scan with grey and reports success, so without this a truncated file would
+/// train and predict silently. Inside entropy-coded data a 0xFF byte is always stuffed (`FF 00`) or a
+/// restart marker, so `FF D9` there is the real end.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xff, 0xda]);
+    last_scan.is_some_and(|i| bytes[i..].windows(2).any(|w| w == [0xff, 0xd9]))
+}
+
 /// Decodes bytes with the format guessed from content, under [`MAX_IMAGE_SIDE`] / [`MAX_IMAGE_ALLOC`].
 pub fn decode_bytes(bytes: &[u8], what: &Path, row: Option<usize>) -> Result<DynamicImage> {
     let err = |msg: String| Error::Image { path: what.to_path_buf(), row, msg };
     let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| err(format!("cannot read: {e}")))?;
-    if reader.format().is_none() {
-        return Err(err("not a recognised image (expected JPEG or PNG bytes)".into()));
+    match reader.format() {
+        None => return Err(err("not a recognised image (expected JPEG or PNG bytes)".into())),
+        Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
+            return Err(err("truncated JPEG: no end-of-image marker after the last scan".into()))
+        }
+        _ => {}
     }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
@@ -218,6 +231,22 @@ pub fn decode_bytes(bytes: &[u8], what: &Path, row: Option<usize>) -> Result<Dyn
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncated_jpegs_are_refused_complete_ones_decode() {
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 90]));
+        let mut buf = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut buf, image::ImageFormat::Jpeg).unwrap();
+        let jpeg = buf.into_inner();
+        assert!(decode_bytes(&jpeg, Path::new("ok.jpg"), None).is_ok());
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"appended bytes after the image");
+        assert!(decode_bytes(&trailing, Path::new("trailing.jpg"), None).is_ok());
+        for cut in [jpeg.len() - 2, jpeg.len() * 2 / 3, jpeg.len() / 2] {
+            let e = decode_bytes(&jpeg[..cut], Path::new("cut.jpg"), Some(3)).unwrap_err().to_string();
+            assert!(e.contains("cut.jpg") && e.contains("row 3") && e.contains("truncated JPEG"), "{cut}: {e}");
+        }
+    }
 
     /// A 16384x1 image (an aspect-ratio bomb) costs no more than a square one, and an image with an
     /// extreme but not absurd aspect keeps the same centre as resizing it whole.

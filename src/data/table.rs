@@ -166,6 +166,24 @@ fn column_text(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<Option<Str
     Ok(ca.iter().map(|v| v.map(str::to_string)).collect())
 }
 
+/// The label column as text. A float column (how CSV reading types integers once a cell is `NaN` or
+/// `1.0`) must hold finite values, and integral ones are written as integers, so labels 0, 1, 2 stay
+/// "0", "1", "2" instead of becoming "0.0", "1.0", ... plus a "NaN" class.
+fn label_text(df: &DataFrame, name: &str, path: &Path) -> Result<Vec<Option<String>>> {
+    let col = df.column(name).map_err(|_| missing_column(df, name, path))?;
+    if !matches!(col.dtype(), DataType::Float32 | DataType::Float64) {
+        return column_text(df, name, path);
+    }
+    let f = col.cast(&DataType::Float64).map_err(|e| table_err(path, format!("column `{name}`: {e}")))?;
+    let values: Vec<Option<f64>> =
+        f.f64().map_err(|e| table_err(path, format!("column `{name}`: {e}")))?.iter().collect();
+    if let Some((i, v)) = values.iter().enumerate().find_map(|(i, v)| v.filter(|x| !x.is_finite()).map(|x| (i, x))) {
+        return Err(table_err(path, format!("row {}: label column `{name}` is {v}; expected a class label", i + 1)));
+    }
+    let integral = values.iter().flatten().all(|x| x.fract() == 0.0 && x.abs() < 9.0e15);
+    Ok(values.into_iter().map(|v| v.map(|x| if integral { format!("{}", x as i64) } else { format!("{x}") })).collect())
+}
+
 fn missing_column(df: &DataFrame, name: &str, path: &Path) -> Error {
     let present: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
     table_err(path, format!("no column `{name}`; the columns present are {present:?}"))
@@ -213,7 +231,7 @@ impl Table {
         };
         let images = column_text(&frame, &image_column, path)?;
         let labels = match &label_column {
-            Some(l) => Some(column_text(&frame, l, path)?),
+            Some(l) => Some(label_text(&frame, l, path)?),
             None => None,
         };
         let base = path.parent().unwrap_or(Path::new("."));
@@ -247,6 +265,29 @@ impl Table {
     /// The images of every row.
     pub fn all_image_refs(&self) -> Vec<ImageRef> {
         self.image_refs(&(0..self.rows.len()).collect::<Vec<_>>())
+    }
+
+    /// Refuses an image named twice, here or in `other` (training data: a repeated image could land in
+    /// both the training and the validation rows). Paths are compared as written, relative to the tables.
+    pub fn check_distinct_images(&self, other: Option<&Table>) -> Result<()> {
+        let mut seen: std::collections::HashMap<&Path, (&Path, usize)> = std::collections::HashMap::new();
+        for t in std::iter::once(self).chain(other) {
+            for r in &t.rows {
+                if let Some((first, row)) = seen.insert(r.image.as_path(), (t.path.as_path(), r.row)) {
+                    return Err(table_err(
+                        &t.path,
+                        format!(
+                            "row {}: image {} is also row {row} of {}; each image may appear once in the training \
+                             and tuning data",
+                            r.row,
+                            r.image.display(),
+                            first.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks every image file exists; the error names the first missing one's row and path.
@@ -431,6 +472,37 @@ mod tests {
         assert_eq!(Table::load_with_hint(&p, None, "photo").unwrap().rows[0].image, dir.path().join("b.png"));
         assert_eq!(Table::load_with_hint(&p, None, "missing").unwrap().image_column, "path");
         assert!(Table::load(&p, None, Some("missing")).unwrap_err().to_string().contains("\"photo\""));
+    }
+
+    #[test]
+    fn float_label_columns_stay_integers_and_nan_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.csv");
+        std::fs::write(&p, "image,label\na.png,0\nb.png,1.0\nc.png,2\n").unwrap();
+        let t = Table::load(&p, Some("label"), Some("image")).unwrap();
+        assert_eq!(t.rows.iter().map(|r| r.label.clone().unwrap()).collect::<Vec<_>>(), ["0", "1", "2"]);
+        std::fs::write(&p, "image,label\na.png,0\nb.png,NaN\nc.png,2\n").unwrap();
+        let e = Table::load(&p, Some("label"), Some("image")).unwrap_err().to_string();
+        assert!(e.contains("row 2") && e.contains("NaN") && e.contains("t.csv"), "{e}");
+        std::fs::write(&p, "image,label\na.png,0.5\nb.png,1\n").unwrap();
+        let t = Table::load(&p, Some("label"), Some("image")).unwrap();
+        assert_eq!(t.rows[0].label.as_deref(), Some("0.5"));
+    }
+
+    #[test]
+    fn an_image_named_twice_is_refused_naming_both_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.csv");
+        std::fs::write(&p, "image,label\na.png,x\nb.png,y\na.png,y\n").unwrap();
+        let t = Table::load(&p, Some("label"), Some("image")).unwrap();
+        let e = t.check_distinct_images(None).unwrap_err().to_string();
+        assert!(e.contains("row 3") && e.contains("row 1") && e.contains("a.png"), "{e}");
+        let q = dir.path().join("v.csv");
+        std::fs::write(&q, "image,label\nc.png,x\nb.png,y\n").unwrap();
+        std::fs::write(&p, "image,label\na.png,x\nb.png,y\n").unwrap();
+        let (t, v) = (Table::load(&p, Some("label"), None).unwrap(), Table::load(&q, Some("label"), None).unwrap());
+        let e = t.check_distinct_images(Some(&v)).unwrap_err().to_string();
+        assert!(e.contains("v.csv") && e.contains("row 2") && e.contains("b.png"), "{e}");
     }
 
     #[test]

@@ -89,10 +89,20 @@ const BREAKING: &[(i64, &[&str])] = &[
     ),
 ];
 
+/// The newest opset a graph is relabelled to: [`BREAKING`] lists the operator changes up to here (later
+/// opsets change operators automm does not check, and a runtime may not know them yet).
+pub const MAX_RELABEL_OPSET: i64 = 21;
+
 /// Checks a graph of `from` opset can be relabelled `to` without an op changing meaning.
 fn check_opset(nodes: &[NodeProto], from: i64, to: i64) -> Result<()> {
     if to < 13 {
         return Err(Error::config("--opset", format!("{to} is too old; automm writes opset 13 or newer")));
+    }
+    if to != from && to > MAX_RELABEL_OPSET {
+        return Err(Error::config(
+            "--opset",
+            format!("{to} is newer than automm can relabel a graph to; give 13 to {MAX_RELABEL_OPSET}, or leave it out to keep the backbone's opset {from}"),
+        ));
     }
     let (lo, hi) = (from.min(to), from.max(to));
     for (v, ops) in BREAKING {
@@ -190,7 +200,7 @@ pub fn build(
     let s = cfg.preprocess.size as usize;
     if kind == ExportKind::HeadOnly {
         let opset = opset.unwrap_or(17);
-        check_opset(&[], opset, opset)?;
+        check_opset(&[], 17, opset)?;
         let mut g = GraphProto {
             name: "automm_head".into(),
             input: vec![value_info("features", DataType::Float, &[None, Some(d)])],
@@ -354,6 +364,11 @@ pub fn export(model: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
     let head = Head::load(&md.head(), cfg.classes.len(), cfg.backbone.feature_dim, &candle_core::Device::Cpu)?;
     let update = md.read_backbone_update(&cfg, &candle_core::Device::Cpu)?;
     let proto = build(&cfg, &head, &update, opts.kind, opts.opset)?;
+    // Temp files of exports killed before their rename (an hour old: no export takes that long to verify).
+    let swept = crate::util::fs::sweep_stale_temps(output, std::time::Duration::from_secs(3600));
+    if swept > 0 {
+        tracing::info!("removed {swept} temp file(s) left by interrupted exports next to {}", output.display());
+    }
     let staged = stage_atomic(output, &proto.encode_to_vec())?;
     let verification = if opts.verify {
         let v =

@@ -104,6 +104,8 @@ pub struct ServeConfig {
     pub backbone: Option<PathBuf>,
     /// Folder for Fit's runs and exports.
     pub work_dir: PathBuf,
+    /// How long shutdown waits for open requests and connections before dropping them.
+    pub shutdown_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -124,6 +126,7 @@ impl ServeConfig {
             data_root: None,
             backbone: None,
             work_dir: work_dir.to_path_buf(),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
         }
     }
 }
@@ -484,15 +487,17 @@ impl tonic::service::Interceptor for AuthCheck {
     }
 }
 
-/// Maps two of tonic's own answers onto the codes clients expect: "message too large" (OUT_OF_RANGE) is
-/// RESOURCE_EXHAUSTED, and the expiry of the client's `grpc-timeout` (CANCELLED "Timeout expired") is
-/// DEADLINE_EXCEEDED.
+/// Maps three of tonic's own answers onto the codes clients expect: "message too large" (OUT_OF_RANGE) is
+/// RESOURCE_EXHAUSTED, the expiry of the client's `grpc-timeout` (CANCELLED "Timeout expired") is
+/// DEADLINE_EXCEEDED, and a request that is not valid protobuf (INTERNAL, decoded by tonic before any
+/// handler runs) is the caller's INVALID_ARGUMENT.
 fn standard_codes(mut resp: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
     let h = resp.headers();
     let msg = h.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("").replace("%20", " ");
     let code = match h.get("grpc-status").and_then(|v| v.to_str().ok()) {
         Some("11") if msg.contains("message length too large") => Some("8"),
         Some("1") if msg.contains("Timeout expired") => Some("4"),
+        Some("13") if msg.contains("failed to decode Protobuf message") => Some("3"),
         _ => None,
     };
     if let Some(c) = code {
@@ -510,6 +515,16 @@ pub struct Running {
     /// Shared state.
     pub state: Arc<State>,
 }
+
+/// How long shutdown waits for open requests and connections by default.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 keepalive: a ping this often on an idle connection, and the connection is closed when a ping
+/// is not answered within [`KEEPALIVE_TIMEOUT`] (a peer that vanished without closing).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections are asked to reconnect after this long (GOAWAY), and dropped after a grace period, so
+/// none stays open forever.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
 
 /// Shortest bearer token `serve` accepts (after trimming whitespace).
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -619,13 +634,37 @@ pub async fn serve(
             let _ = s.set_nodelay(true);
         })
     });
-    let result = builder
+    // On the signal, health turns NOT_SERVING (Watch streams see it) and the graceful period starts.
+    let (fired_tx, fired_rx) = oneshot::channel::<()>();
+    let notify = reporter.clone();
+    let shutdown = async move {
+        shutdown.await;
+        notify.set_service_status("automm.v1.Inference", tonic_health::ServingStatus::NotServing).await;
+        notify.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        let _ = fired_tx.send(());
+    };
+    let server = builder
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_connection_age(MAX_CONNECTION_AGE)
+        .max_connection_age_grace(cfg.shutdown_timeout)
         .layer(tower::util::MapResponseLayer::new(standard_codes))
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    // A connection that never finishes its handshake, ignores GOAWAY or holds a Watch stream would keep
+    // a graceful shutdown waiting forever: after `shutdown_timeout` the rest is dropped.
+    let result = tokio::select! {
+        r = server => r,
+        _ = async {
+            let _ = fired_rx.await;
+            tokio::time::sleep(cfg.shutdown_timeout).await;
+        } => {
+            tracing::warn!("connections still open {:?} after the shutdown signal; dropping them", cfg.shutdown_timeout);
+            Ok(())
+        }
+    };
     // Requests already accepted have been answered; close the queue and let the worker drain it.
     reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     if let Ok(mut b) = state.batcher.lock() {

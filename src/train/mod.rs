@@ -285,9 +285,11 @@ fn rows(req: &TrainRequest) -> Result<Rows> {
             };
             t.check_files()?;
             let vt = t.targets(&classes)?;
+            table.check_distinct_images(Some(&t))?;
             (table.all_image_refs(), targets, t.all_image_refs(), vt, format!("tuning data {}", p.display()))
         }
         None => {
+            table.check_distinct_images(None)?;
             let frac = holdout_fraction(table.rows.len());
             let (tr, va) = stratified_split(&targets, classes.len(), frac, req.hp.seed);
             let pick = |idx: &[usize]| idx.iter().map(|&i| targets[i]).collect::<Vec<_>>();

@@ -72,3 +72,39 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 pub fn to_json<T: serde::Serialize>(value: &T, what: &str) -> Result<Vec<u8>> {
     serde_json::to_vec_pretty(value).map_err(|e| Error::encode(what, e))
 }
+
+/// Removes temp files [`stage_atomic`] left next to `target` (a process killed between write and rename)
+/// that are older than `age`, so that they do not pile up; younger ones may belong to a writer still at
+/// work. Returns how many were removed.
+pub fn sweep_stale_temps(target: &Path, age: std::time::Duration) -> usize {
+    let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let suffix = target.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let stale = |e: &std::fs::DirEntry| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|d| d > age);
+        name.starts_with(".tmp") && name.ends_with(&suffix) && old
+    };
+    entries.flatten().filter(stale).filter(|e| std::fs::remove_file(e.path()).is_ok()).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_temp_files_of_a_target_are_swept_young_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("model.onnx");
+        let staged = stage_atomic(&target, b"half").unwrap();
+        let old = staged.abandon().unwrap();
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options().write(true).open(&old).unwrap().set_modified(hour_ago).unwrap();
+        let young = stage_atomic(&target, b"busy").unwrap().abandon().unwrap();
+        let other = dir.path().join(".tmpkeep.csv");
+        std::fs::write(&other, b"x").unwrap();
+        std::fs::File::options().write(true).open(&other).unwrap().set_modified(hour_ago).unwrap();
+        assert_eq!(sweep_stale_temps(&target, std::time::Duration::from_secs(3600)), 1);
+        assert!(!old.exists() && young.exists() && other.exists());
+    }
+}

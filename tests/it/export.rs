@@ -118,6 +118,16 @@ fn opset_and_folder_errors_are_clear() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("--opset") && e.contains("13"), "{e}");
+    // An opset newer than automm can relabel to is refused for both kinds, and nothing is written.
+    for kind in [ExportKind::Merged, ExportKind::HeadOnly] {
+        let out = dir.path().join("future.onnx");
+        let e =
+            automm::deploy::export::export(&model, &out, &ExportOptions { opset: Some(99999), ..opts(kind, false) })
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("--opset") && e.contains("99999") && e.contains("13 to 21"), "{e}");
+        assert!(!out.exists());
+    }
     assert!(!out.exists(), "nothing may be written on failure");
     // The fixture (opset 13) has no op that changed meaning up to 17: relabelling works and still verifies.
     let r = automm::deploy::export::export(

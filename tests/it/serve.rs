@@ -140,6 +140,46 @@ async fn predict_matches_local_batches_and_reports_metrics() {
     server.stop().await;
 }
 
+/// Sends `body` as the Predict message as it is (no protobuf encoding), with the test's token.
+async fn raw_predict(url: &str, body: Vec<u8>) -> Result<(), tonic::Status> {
+    #[derive(Default)]
+    struct Raw;
+    impl tonic::codec::Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = tonic::Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            bytes::BufMut::put_slice(dst, &item);
+            Ok(())
+        }
+    }
+    impl tonic::codec::Decoder for Raw {
+        type Item = ();
+        type Error = tonic::Status;
+        fn decode(&mut self, _: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+            Ok(Some(()))
+        }
+    }
+    impl tonic::codec::Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = ();
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(body);
+    req.metadata_mut().insert("authorization", "Bearer s3cret-0123456789abcdef".parse().unwrap());
+    let path = http::uri::PathAndQuery::from_static("/automm.v1.Inference/Predict");
+    grpc.unary(req, path, Raw).await.map(|_| ())
+}
+
 /// An empty or short bearer token is refused at start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_or_short_tokens_are_refused_at_start() {
@@ -249,6 +289,9 @@ async fn failures_return_their_status_codes() {
     r.metadata_mut().insert("grpc-timeout", "999999999999H".parse().unwrap());
     r.metadata_mut().insert("authorization", "Bearer s3cret-0123456789abcdef".parse().unwrap());
     assert!(raw.predict(r).await.is_ok());
+    // Bytes that are not a PredictRequest: the caller's error, not the server's.
+    let s = raw_predict(&server.0.url(), b"\xff\xff\xff\x0f not protobuf".to_vec()).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
     // Non-finite tensor values are the caller's error.
     let s = c
         .predict_status(
@@ -446,4 +489,36 @@ fn mixed_soak_against_a_server_process() {
     assert!(r.passed(), "{r:#?}");
     assert!(r.good.sent > 0 && r.bad_image.sent > 0, "{r:#?}");
     assert_eq!(r.bad_image.outcomes.get("InvalidArgument"), Some(&r.bad_image.sent));
+}
+
+/// Shutdown ends within its timeout although a client holds a half-open connection (the HTTP/2 preface
+/// never finished) and another a `grpc.health.v1` Watch stream; the Watch sees NOT_SERVING first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_in_time_with_a_half_open_connection_and_a_watch_stream() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx, _) = model(dir.path());
+    let mut cfg = config(&onnx, dir.path());
+    cfg.shutdown_timeout = Duration::from_secs(1);
+    let server = start(cfg).await;
+    let mut half_open = tokio::net::TcpStream::connect(server.0.running.addr).await.unwrap();
+    half_open.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(server.0.url()).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watch =
+        health.watch(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let t0 = std::time::Instant::now();
+    server.stop().await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    eprintln!("shutdown with a half-open connection and a Watch stream: {took:?}");
+    let mut saw_not_serving = false;
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    while let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(5), watch.message()).await {
+        saw_not_serving |= m.status == not_serving;
+    }
+    assert!(saw_not_serving, "the Watch stream never saw NOT_SERVING");
+    drop(half_open);
 }

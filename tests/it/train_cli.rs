@@ -164,6 +164,11 @@ fn data_errors_name_the_row_column_or_file() {
         &["--tuning-data", d.join("tune.csv").to_str().unwrap()],
     );
     assert!(e.contains("zebra") && e.contains("row 1") && e.contains("not a class"), "{e}");
+    // The same image twice could land in both the training and the validation rows.
+    let dup =
+        "image,label\nimages/train/circle_0000.png,a\nimages/train/circle_0001.png,b\nimages/train/circle_0000.png,b\n";
+    let e = train_err(d, dup, &[]);
+    assert!(e.contains("row 3") && e.contains("also row 1") && e.contains("circle_0000.png"), "{e}");
     let e = train_err(
         d,
         "image,label\nimages/train/circle_0000.png,a\nimages/train/circle_0001.png,b\n",

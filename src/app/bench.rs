@@ -343,15 +343,62 @@ pub struct MixedSoak {
     pub examples: Vec<String>,
     /// Wall seconds of load.
     pub seconds: f64,
+    /// The hostile single requests sent before the load (a 200-item burst, an aspect-ratio bomb) and the
+    /// half-open connection held through SIGTERM.
+    pub probes: Probes,
+}
+
+/// Hostile requests with one expected answer each, and what they cost the server.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Probes {
+    /// Status of a Predict with 200 one-pixel PNGs (a 14 KB request): expect RESOURCE_EXHAUSTED.
+    pub burst_status: String,
+    /// Server RSS bytes before and after that request.
+    pub burst_rss: (u64, u64),
+    /// Status of a Predict with one 16384x1 PNG: expect OK.
+    pub bomb_status: String,
+    /// Its wall seconds.
+    pub bomb_seconds: f64,
+    /// Seconds from SIGTERM to exit with a half-open connection (HTTP/2 preface cut short) still open.
+    pub sigterm_seconds: f64,
+}
+
+impl Probes {
+    fn passed(&self) -> bool {
+        self.burst_status == "ResourceExhausted" && self.bomb_status == "Ok" && self.bomb_seconds < 10.0
+    }
 }
 
 impl MixedSoak {
-    /// True when nothing unexpected happened, the queue drained and the server exited cleanly.
+    /// True when nothing unexpected happened, the probes got their answers, the queue drained and the
+    /// server exited cleanly.
     pub fn passed(&self) -> bool {
         let unexpected =
             self.good.unexpected + self.bad_image.unexpected + self.deadline.unexpected + self.disconnect.unexpected;
-        unexpected == 0 && self.queue_depth_end == 0.0 && self.clean_exit
+        unexpected == 0 && self.queue_depth_end == 0.0 && self.clean_exit && self.probes.passed()
     }
+}
+
+/// A PNG of `w` x `h` pixels of one colour.
+fn png(w: u32, h: u32) -> Result<Vec<u8>> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(w, h, image::Rgb([120, 30, 200]))
+        .write_to(&mut buf, image::ImageFormat::Png)
+        .map_err(|e| Error::encode("a probe PNG", e))?;
+    Ok(buf.into_inner())
+}
+
+/// Sends the burst and the bomb (see [`Probes`]) and measures them.
+async fn probe(server: &ChildServer, client: &crate::client::Client) -> Result<Probes> {
+    let before = server.rss();
+    let burst = PredictRequest { images: vec![png(1, 1)?; 200], tensor: None };
+    let burst_status = code_name(&client.predict_status(burst, None).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let burst_rss = (before, server.rss());
+    let t0 = Instant::now();
+    let bomb = PredictRequest { images: vec![png(16384, 1)?], tensor: None };
+    let bomb_status = code_name(&client.predict_status(bomb, None).await);
+    Ok(Probes { burst_status, burst_rss, bomb_status, bomb_seconds: t0.elapsed().as_secs_f64(), sigterm_seconds: 0.0 })
 }
 
 /// A soak against a child `automm serve` (binary `bin`) on `model`: `clients` concurrent clients for
@@ -371,7 +418,9 @@ pub fn mixed_soak(bin: &Path, model: &Path, clients: usize, seconds: f64, sample
         let server =
             ChildServer::start(bin, model, &["--work-dir".into(), work.path().join("serve").display().to_string()])
                 .await?;
-        let probe = crate::client::Client::connect(&server.url, None, None).await?;
+        let probe_client = crate::client::Client::connect(&server.url, None, None).await?;
+        let mut probes = probe(&server, &probe_client).await?;
+        let probe = probe_client;
         // The labels a quiet, sequential server gives: every good answer under load must match.
         let mut want = Vec::new();
         for img in &images {
@@ -415,8 +464,16 @@ pub fn mixed_soak(bin: &Path, model: &Path, clients: usize, seconds: f64, sample
         let server_success = server.metric("automm_request_success_total").await?;
         let server_failure = server.metric("automm_request_failure_total").await?;
         drop(probe);
+        // A connection that never finishes its HTTP/2 handshake, held through SIGTERM.
+        let mut half_open = tokio::net::TcpStream::connect(server.url.trim_start_matches("http://"))
+            .await
+            .map_err(|e| Error::Server(format!("half-open connection: {e}")))?;
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut half_open, b"PRI * HTTP/2.0\r\n").await;
+        let t_stop = Instant::now();
         let clean_exit =
             tokio::task::spawn_blocking(move || server.stop()).await.map_err(|e| Error::Server(e.to_string()))??;
+        probes.sigterm_seconds = t_stop.elapsed().as_secs_f64();
+        drop(half_open);
         let [good, bad_image, deadline, disconnect] = all;
         examples.truncate(10);
         Ok(MixedSoak {
@@ -431,6 +488,7 @@ pub fn mixed_soak(bin: &Path, model: &Path, clients: usize, seconds: f64, sample
             clean_exit,
             examples,
             seconds: secs,
+            probes,
         })
     })
 }

@@ -179,6 +179,17 @@ fn soak(model: PathBuf, clients: usize, seconds: f64, sample_seconds: f64, json:
         r.queue_depth_end,
         if r.clean_exit { "0" } else { "NOT clean" }
     );
+    let p = &r.probes;
+    println!(
+        "probes: 200 one-pixel PNGs -> {} (server RSS {:.1} MB -> {:.1} MB); 16384x1 PNG -> {} in {:.2}s; SIGTERM with a \
+         half-open connection: exit in {:.2}s",
+        p.burst_status,
+        p.burst_rss.0 as f64 / 1e6,
+        p.burst_rss.1 as f64 / 1e6,
+        p.bomb_status,
+        p.bomb_seconds,
+        p.sigterm_seconds
+    );
     for e in &r.examples {
         println!("unexpected: {e}");
     }

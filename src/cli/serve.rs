@@ -27,6 +27,10 @@ pub struct ServeArgs {
     /// Largest request message, bytes (bigger -> RESOURCE_EXHAUSTED).
     #[arg(long, default_value_t = 64 << 20)]
     pub max_request_bytes: usize,
+    /// Largest total of decoded model input held by the requests in flight, bytes (a request past it ->
+    /// RESOURCE_EXHAUSTED). Each image costs 3 x side x side x 4 bytes (602 KB at 224).
+    #[arg(long, default_value_t = automm::serve::DEFAULT_MAX_INFLIGHT_BYTES)]
+    pub max_inflight_bytes: usize,
     /// Prometheus metrics address (GET /metrics).
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -85,6 +89,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         tls: a.tls_cert.zip(a.tls_key),
         auth_token,
         max_request_bytes: a.max_request_bytes,
+        max_inflight_bytes: a.max_inflight_bytes,
         data_root: a.data_root,
         backbone: a.backbone,
         work_dir: a.work_dir,

@@ -98,6 +98,9 @@ pub struct ServeConfig {
     pub auth_token: Option<String>,
     /// Largest request message, bytes.
     pub max_request_bytes: usize,
+    /// Largest total of decoded model input (float32 bytes) held by requests being decoded, queued or
+    /// run at once; a request that would pass it is refused with RESOURCE_EXHAUSTED.
+    pub max_inflight_bytes: usize,
     /// Folder that Fit may read tables and images from.
     pub data_root: Option<PathBuf>,
     /// Backbone ONNX that Fit trains on.
@@ -123,6 +126,7 @@ impl ServeConfig {
             tls: None,
             auth_token: None,
             max_request_bytes: 64 << 20,
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
             data_root: None,
             backbone: None,
             work_dir: work_dir.to_path_buf(),
@@ -184,6 +188,8 @@ pub struct State {
     cfg: ServeConfig,
     fit_lock: Arc<tokio::sync::Mutex<()>>,
     fits: std::sync::atomic::AtomicU64,
+    /// Decoded input bytes of the requests in flight (see [`ServeConfig::max_inflight_bytes`]).
+    inflight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl State {
@@ -231,6 +237,37 @@ pub fn fresh_run_dir(work_dir: &Path, counter: &std::sync::atomic::AtomicU64) ->
     }
 }
 
+/// A request's share of [`ServeConfig::max_inflight_bytes`], given back when the request ends.
+struct Reserved(Arc<std::sync::atomic::AtomicUsize>, usize);
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, SeqCst);
+    }
+}
+
+impl Service {
+    /// Reserves the decoded size of `items` images of side `s`, or RESOURCE_EXHAUSTED when the requests
+    /// in flight already hold too much (known before decoding: every item becomes `3 * s * s` floats).
+    fn reserve(&self, items: usize, s: usize) -> std::result::Result<Reserved, Status> {
+        let need = items.saturating_mul(3 * s * s * 4);
+        let (limit, counter) = (self.state.cfg.max_inflight_bytes, &self.state.inflight);
+        let mut now = counter.load(SeqCst);
+        loop {
+            if now.saturating_add(need) > limit && now > 0 || need > limit {
+                return Err(Status::resource_exhausted(format!(
+                    "the server holds {now} bytes of decoded requests and this one needs {need}; the limit is \
+                     {limit} (--max-inflight-bytes): retry later"
+                )));
+            }
+            match counter.compare_exchange(now, now + need, SeqCst, SeqCst) {
+                Ok(_) => return Ok(Reserved(counter.clone(), need)),
+                Err(actual) => now = actual,
+            }
+        }
+    }
+}
+
 /// Sets its flag when dropped (a request future dropped because its caller went away).
 struct CancelOnDrop(Arc<AtomicBool>);
 
@@ -274,6 +311,9 @@ impl Service {
         let model = self.state.current();
         let req = req.into_inner();
         let (s, pp) = (model.input_size, model.preprocess.clone());
+        // Over the item limit is refused in `prepare`, with its own message.
+        let items = request::items(&req).min(self.state.cfg.batch.max_batch_size);
+        let _reserved = self.reserve(items, s)?;
         // Dropped with this future when the caller goes away, which stops decoding between images.
         let gone = CancelOnDrop(Arc::new(AtomicBool::new(false)));
         let budget = request::Budget {
@@ -516,6 +556,9 @@ pub struct Running {
     pub state: Arc<State>,
 }
 
+/// Default [`ServeConfig::max_inflight_bytes`]: 1 GiB of decoded input.
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 1 << 30;
+
 /// How long shutdown waits for open requests and connections by default.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 keepalive: a ping this often on an idle connection, and the connection is closed when a ping
@@ -570,6 +613,7 @@ pub async fn serve(
         cfg: cfg.clone(),
         fit_lock: Arc::new(tokio::sync::Mutex::new(())),
         fits: std::sync::atomic::AtomicU64::new(0),
+        inflight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -59,6 +59,14 @@ impl Budget {
     }
 }
 
+/// The number of items (images or tensor rows) a request holds, as its fields say before any decoding.
+pub fn items(req: &PredictRequest) -> usize {
+    match &req.tensor {
+        Some(t) if req.images.is_empty() => t.shape.first().and_then(|&n| usize::try_from(n).ok()).unwrap_or(0),
+        _ => req.images.len(),
+    }
+}
+
 /// Validates and converts a request for a model with square input side `s`, within `budget`. Image
 /// decoding runs on the rayon pool; callers on an async runtime run this inside `spawn_blocking`.
 pub fn prepare(req: PredictRequest, s: usize, pp: &Preprocess, budget: &Budget) -> Result<Input, Status> {

@@ -489,6 +489,12 @@ fn mixed_soak_against_a_server_process() {
     assert!(r.passed(), "{r:#?}");
     assert!(r.good.sent > 0 && r.bad_image.sent > 0, "{r:#?}");
     assert_eq!(r.bad_image.outcomes.get("InvalidArgument"), Some(&r.bad_image.sent));
+    // The hostile probes: a 200-item burst refused, a 16384x1 PNG answered, SIGTERM within the default
+    // 5 s shutdown timeout although a half-open connection is open.
+    assert_eq!(r.probes.burst_status, "ResourceExhausted", "{r:#?}");
+    assert_eq!(r.probes.bomb_status, "Ok", "{r:#?}");
+    assert!(r.probes.sigterm_seconds < 10.0, "{r:#?}");
+    eprintln!("soak probes: {:?}", r.probes);
 }
 
 /// Shutdown ends within its timeout although a client holds a half-open connection (the HTTP/2 preface
@@ -521,4 +527,26 @@ async fn shutdown_ends_in_time_with_a_half_open_connection_and_a_watch_stream() 
     }
     assert!(saw_not_serving, "the Watch stream never saw NOT_SERVING");
     drop(half_open);
+}
+
+/// The decoded input of the requests in flight is bounded: a request that would pass
+/// `max_inflight_bytes` is refused before decoding, and the budget is given back afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inflight_bytes_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx, test) = model(dir.path());
+    let imgs = images(&test);
+    let mut cfg = config(&onnx, dir.path());
+    // One 33x33 image decodes to 3 * 33 * 33 float32 = 13,068 bytes.
+    cfg.max_inflight_bytes = 20_000;
+    let server = start(cfg).await;
+    let c = server.client(None).await;
+    let two = PredictRequest { images: vec![imgs[0].clone(), imgs[1].clone()], tensor: None };
+    let s = c.predict_status(two, None).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+    assert!(s.message().contains("--max-inflight-bytes") && s.message().contains("26136"), "{}", s.message());
+    for _ in 0..3 {
+        assert!(c.predict(vec![imgs[0].clone()]).await.is_ok(), "the budget was not given back");
+    }
+    server.stop().await;
 }

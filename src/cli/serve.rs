@@ -62,9 +62,17 @@ pub struct ServeArgs {
     /// Folder for Fit runs and exports.
     #[arg(long, default_value = "runs/serve")]
     pub work_dir: PathBuf,
+    /// Seconds a new connection may take to send its first bytes (HTTP/2 preface or TLS hello).
+    #[arg(long, default_value_t = 10.0)]
+    pub handshake_timeout: f64,
     /// Seconds shutdown (SIGTERM/SIGINT) waits for open requests and connections before dropping them.
     #[arg(long, default_value_t = 5.0)]
     pub shutdown_timeout: f64,
+}
+
+/// A duration flag in seconds.
+fn seconds(flag: &str, v: f64) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(v).map_err(|_| anyhow::anyhow!("{flag}: expected seconds >= 0, got {v}"))
 }
 
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
@@ -93,8 +101,8 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         data_root: a.data_root,
         backbone: a.backbone,
         work_dir: a.work_dir,
-        shutdown_timeout: std::time::Duration::try_from_secs_f64(a.shutdown_timeout)
-            .map_err(|_| anyhow::anyhow!("--shutdown-timeout: expected seconds >= 0, got {}", a.shutdown_timeout))?,
+        handshake_timeout: seconds("--handshake-timeout", a.handshake_timeout)?,
+        shutdown_timeout: seconds("--shutdown-timeout", a.shutdown_timeout)?,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -5,6 +5,7 @@
 //! Prometheus metrics endpoint.
 
 pub mod batcher;
+mod conn;
 mod fit_job;
 pub mod prometheus;
 pub mod request;
@@ -109,6 +110,8 @@ pub struct ServeConfig {
     pub work_dir: PathBuf,
     /// How long shutdown waits for open requests and connections before dropping them.
     pub shutdown_timeout: Duration,
+    /// How long a new connection may take to send its first bytes (HTTP/2 preface or TLS hello).
+    pub handshake_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -131,6 +134,7 @@ impl ServeConfig {
             backbone: None,
             work_dir: work_dir.to_path_buf(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -559,6 +563,9 @@ pub struct Running {
 /// Default [`ServeConfig::max_inflight_bytes`]: 1 GiB of decoded input.
 pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 1 << 30;
 
+/// How long a new connection may take to send its first bytes by default.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long shutdown waits for open requests and connections by default.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 keepalive: a ping this often on an idle connection, and the connection is closed when a ping
@@ -673,9 +680,11 @@ pub async fn serve(
         let _ = tx.send(Running { addr, metrics_addr, state: state.clone() });
     }
     // The builder's tcp_nodelay only covers sockets tonic accepts itself; set it on ours.
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-        s.inspect(|s| {
+    let handshake = cfg.handshake_timeout;
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), move |s| {
+        s.map(|s| {
             let _ = s.set_nodelay(true);
+            conn::HandshakeDeadline::new(s, handshake)
         })
     });
     // On the signal, health turns NOT_SERVING (Watch streams see it) and the graceful period starts.

@@ -380,6 +380,10 @@ fn pathdiff(target: &Path, base: &Path) -> String {
 async fn fit_streams_hot_swaps_and_refuses_a_second_fit() {
     let dir = tempfile::tempdir().unwrap();
     let (_, onnx, test) = model(dir.path());
+    // An earlier server process's finished run: a Fit after the restart must not touch it.
+    let earlier = dir.path().join("serve/fit-1");
+    std::fs::create_dir_all(&earlier).unwrap();
+    std::fs::write(earlier.join("config.json"), "an earlier run").unwrap();
     let server = start(config(&onnx, dir.path())).await;
     let c = server.client(None).await;
     let v0 = c.model_info().await.unwrap().version;
@@ -449,6 +453,8 @@ async fn fit_streams_hot_swaps_and_refuses_a_second_fit() {
     assert_eq!(epochs, 3);
     assert!(phases.contains(&"features".to_string()) && phases.contains(&"swap".to_string()), "{phases:?}");
     assert!(r.metrics.contains_key("balanced_accuracy"));
+    assert!(r.model_version.starts_with("fit-2-"), "{}", r.model_version);
+    assert_eq!(std::fs::read_to_string(earlier.join("config.json")).unwrap(), "an earlier run");
     // New requests use the new model.
     let info = c.model_info().await.unwrap();
     assert_ne!(info.version, v0);
@@ -548,5 +554,35 @@ async fn inflight_bytes_are_bounded() {
     for _ in 0..3 {
         assert!(c.predict(vec![imgs[0].clone()]).await.is_ok(), "the budget was not given back");
     }
+    server.stop().await;
+}
+
+/// A connection that stays silent after a partial HTTP/2 preface is dropped after the handshake timeout,
+/// while the server keeps serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_dropped_after_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (_, onnx, test) = model(dir.path());
+    let mut cfg = config(&onnx, dir.path());
+    cfg.handshake_timeout = Duration::from_millis(300);
+    let server = start(cfg).await;
+    let mut silent = tokio::net::TcpStream::connect(server.0.running.addr).await.unwrap();
+    silent.write_all(b"PRI * HTTP").await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the silent connection was still open after 5 s");
+    assert!(t0.elapsed() >= Duration::from_millis(250), "closed before the timeout: {:?}", t0.elapsed());
+    let c = server.client(None).await;
+    assert!(c.predict(images(&test)[..1].to_vec()).await.is_ok());
     server.stop().await;
 }

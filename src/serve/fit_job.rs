@@ -47,6 +47,8 @@ impl FitJob {
             }
             Err(e) => {
                 self.state.metrics.fit_failure.fetch_add(1, Relaxed);
+                // A run that left nothing to resume leaves no empty folder either.
+                let _ = std::fs::remove_dir(&self.run_dir);
                 let _ = tx.blocking_send(Err(Status::from(e)));
             }
         }

@@ -84,6 +84,10 @@ impl Graph {
             let list: Vec<String> = unsupported.iter().map(|(op, n)| format!("{op} (e.g. node `{n}`)")).collect();
             return Err(Error::onnx(name, format!("unsupported op types: {}", list.join(", "))));
         }
+        // No attribute is ignored: one an op does not implement fails the load, naming node and value.
+        for n in &nodes {
+            ops::attrs::check(n).map_err(|e| e.in_model(name))?;
+        }
         let used: HashSet<&str> = nodes
             .iter()
             .flat_map(|n| n.input.iter().map(String::as_str))

@@ -12,6 +12,7 @@ mod head_pin;
 mod hostile;
 mod import_parity;
 mod ort_engine;
+mod pooling;
 mod resume;
 mod serve;
 mod train_cli;

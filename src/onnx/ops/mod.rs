@@ -11,6 +11,7 @@ use super::tensor::{dtype_of_code, from_proto};
 use crate::error::{Error, Result};
 
 mod arith;
+pub(crate) mod attrs;
 pub(crate) mod conv;
 mod layout;
 mod linear;

@@ -32,6 +32,15 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, device: &Devi
                 let v: Vec<i64> = to_f64s(t)?.iter().map(|&f| f.trunc() as i64).collect();
                 return one(Tensor::from_vec(v, t.dims(), t.device())?);
             }
+            // Half types are carried as float32 but must hold only values the half type can represent.
+            let half = match candle_onnx::onnx::tensor_proto::DataType::try_from(to as i32) {
+                Ok(candle_onnx::onnx::tensor_proto::DataType::Float16) => Some(DType::F16),
+                Ok(candle_onnx::onnx::tensor_proto::DataType::Bfloat16) => Some(DType::BF16),
+                _ => None,
+            };
+            if let Some(h) = half {
+                return one(t.to_dtype(DType::F32)?.to_dtype(h)?.to_dtype(DType::F32)?);
+            }
             if dt == DType::U8 && t.dtype() != DType::U8 {
                 // Bool semantics: nonzero -> 1.
                 return one(t.ne(0f64).or_else(|_| t.to_dtype(DType::F64)?.ne(0f64))?);

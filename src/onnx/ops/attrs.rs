@@ -18,7 +18,6 @@ pub(super) enum Fixed {
 type Rules = (&'static [&'static str], &'static [(&'static str, Fixed)]);
 
 const NONE: Rules = (&[], &[]);
-const POOL: &[&str] = &["kernel_shape", "strides", "pads", "dilations", "ceil_mode", "auto_pad"];
 const REDUCE: Rules = (&["axes", "keepdims", "noop_with_empty_axes"], &[]);
 
 /// The rules of `op`, or None for an op the registry does not have.

@@ -36,9 +36,13 @@ pub enum OnnxCommand {
         /// Batch size of the random input.
         #[arg(long, default_value_t = 1)]
         batch: usize,
-        /// Tensor to compare (default: the graph's first output; `features` = the detected feature tensor).
+        /// Tensor to compare (default: every graph output; `features` = the detected feature tensor).
         #[arg(long)]
         tensor: Option<String>,
+        /// Largest difference relative to an output's scale (max |ORT|) that passes; above it, or on any
+        /// NaN/Inf or shape difference, the command exits non-zero.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f32,
         /// Timed runs per engine (after one warm-up).
         #[arg(long, default_value_t = 3)]
         runs: usize,
@@ -85,8 +89,8 @@ pub fn run(c: OnnxCommand) -> Result<()> {
         OnnxCommand::Grads { model, input, weights, finetune, layers, tensor, output } => {
             grads(model, input, weights, finetune, layers, tensor, output)
         }
-        OnnxCommand::Compare { model, input, batch, tensor, runs, threads, json, profile } => {
-            compare(model, input, batch, tensor, runs, threads, json, profile)
+        OnnxCommand::Compare { model, input, batch, tensor, tolerance, runs, threads, json, profile } => {
+            compare(model, input, batch, tensor, tolerance, runs, threads, json, profile)
         }
     }
 }
@@ -121,6 +125,7 @@ fn compare(
     input: Option<PathBuf>,
     batch: usize,
     tensor: Option<String>,
+    tolerance: f32,
     runs: usize,
     threads: usize,
     json: bool,
@@ -134,18 +139,27 @@ fn compare(
         Some("features") => Some(automm::onnx::detect_feature_tensor(&automm::onnx::read_model(&model)?)?),
         other => other.map(str::to_string),
     };
-    let c = automm::deploy::engine::compare(&model, &x, tensor.as_deref(), runs, threads)?;
+    let c = automm::deploy::engine::compare(&model, &x, tensor.as_deref(), runs, threads, tolerance)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&c)?);
     } else {
         println!(
-            "model {}  tensor `{}`  input {:?} -> {:?}",
+            "model {}  input {:?}  tolerance {:.0e} (relative to each output's max |ORT|)",
             c.model.display(),
-            c.tensor,
             c.input_shape,
-            c.output_shape
+            c.tolerance
         );
-        println!("max |candle - ort| = {:.3e}", c.max_abs_diff);
+        for o in &c.outputs {
+            println!(
+                "{:<4} `{}` {:?}: max |candle - ort| = {:.3e} ({:.3e} relative), {} NaN/Inf",
+                if o.passed { "ok" } else { "FAIL" },
+                o.name,
+                o.shape,
+                o.max_abs_diff,
+                o.max_rel_diff,
+                o.non_finite
+            );
+        }
         let ort_ms = c.timings[1].ms_per_image;
         for t in &c.timings {
             println!("{:<7} {:>9.2} ms/img  ({:.2}x ORT)", t.engine, t.ms_per_image, t.ms_per_image / ort_ms);
@@ -172,6 +186,11 @@ fn compare(
                 100.0 * t.seconds / total.max(1e-12)
             );
         }
+    }
+    if !c.passed {
+        anyhow::bail!(
+            "the engines differ beyond --tolerance {tolerance:.0e} (or in shape, or with NaN/Inf): see above"
+        );
     }
     Ok(())
 }

@@ -48,7 +48,18 @@ fn candle_matches_ort_on_the_fixtures() {
         let d = v["max_abs_diff"].as_f64().unwrap();
         assert!(d <= 1e-4, "{model} {tensor:?}: max abs diff {d}");
         assert_eq!(v["timings"].as_array().unwrap().len(), 2);
+        assert_eq!(v["passed"], serde_json::json!(true));
+        assert!(v["outputs"][0]["max_rel_diff"].as_f64().unwrap() <= 1e-4, "{v}");
     }
+    // A tolerance nothing meets: the comparison is printed and the command fails.
+    let out = bin()
+        .args(["onnx", "compare", "--runs", "1", "--tolerance", "0", "--input"])
+        .arg(fixture("cnn_fixture.onnx.input.npy"))
+        .arg(fixture("cnn_fixture.onnx"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && stdout.contains("FAIL") && stderr.contains("--tolerance"), "{stdout}\n{stderr}");
 }
 
 #[test]

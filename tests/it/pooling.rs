@@ -1,6 +1,8 @@
-//! Pooling against ONNX Runtime on one-node graphs covering every attribute: count_include_pad (the
-//! ONNX default 0 excludes padded cells), ceil_mode, dilations, auto_pad (VALID, SAME_UPPER, SAME_LOWER),
-//! 1-D pooling and GlobalMaxPool. Shapes and values must both match.
+//! One-node graphs against ONNX Runtime: pooling with every attribute (count_include_pad, whose ONNX
+//! default 0 excludes padded cells, ceil_mode, dilations, auto_pad VALID/SAME_UPPER/SAME_LOWER, 1-D,
+//! GlobalMaxPool), and the ops added for the timm zoo (reductions, LeakyRelu, Tile, GatherElements,
+//! Instance/GroupNormalization; CastLike is not here: ORT returns its non-float outputs in types this
+//! harness does not read). Shapes and values must both match.
 
 use std::path::Path;
 
@@ -9,7 +11,7 @@ use automm::onnx::Graph;
 use candle_core::{Device, Tensor};
 use candle_onnx::onnx::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
-    ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use prost::Message;
 
@@ -51,6 +53,11 @@ fn string(name: &str, v: &str) -> AttributeProto {
 }
 
 fn model(op: &str, attrs: Vec<AttributeProto>, dims: &[usize], opset: i64) -> ModelProto {
+    model_with(op, attrs, dims, opset, vec![])
+}
+
+/// A one-node model whose node reads `x` and then the constant `inits`, in order.
+fn model_with(op: &str, attrs: Vec<AttributeProto>, dims: &[usize], opset: i64, inits: Vec<TensorProto>) -> ModelProto {
     ModelProto {
         ir_version: 8,
         opset_import: vec![OperatorSetIdProto { domain: String::new(), version: opset }],
@@ -59,11 +66,12 @@ fn model(op: &str, attrs: Vec<AttributeProto>, dims: &[usize], opset: i64) -> Mo
             node: vec![NodeProto {
                 op_type: op.into(),
                 name: "pool".into(),
-                input: vec!["x".into()],
+                input: std::iter::once("x".to_string()).chain(inits.iter().map(|t| t.name.clone())).collect(),
                 output: vec!["y".into()],
                 attribute: attrs,
                 ..Default::default()
             }],
+            initializer: inits,
             input: vec![value("x", Some(dims))],
             output: vec![value("y", None)],
             ..Default::default()
@@ -74,7 +82,10 @@ fn model(op: &str, attrs: Vec<AttributeProto>, dims: &[usize], opset: i64) -> Mo
 
 /// Our result vs ORT's for one node on a deterministic input; returns the max |diff|.
 fn compare(dir: &Path, case: &str, op: &str, attrs: Vec<AttributeProto>, dims: &[usize]) -> f32 {
-    let m = model(op, attrs, dims, 19);
+    compare_model(dir, case, model(op, attrs, dims, 19), dims)
+}
+
+fn compare_model(dir: &Path, case: &str, m: ModelProto, dims: &[usize]) -> f32 {
     let path = dir.join(format!("{case}.onnx"));
     std::fs::write(&path, m.encode_to_vec()).unwrap();
     let n: usize = dims.iter().product();
@@ -161,4 +172,81 @@ fn pooling_attributes_match_onnx_runtime() {
         let d = compare(dir.path(), case, op, attrs, &dims);
         assert!(d <= 1e-5, "{case}: max |ours - ORT| = {d}");
     }
+}
+
+fn f32s(name: &str, dims: &[i64], v: Vec<f32>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: DataType::Float as i32,
+        float_data: v,
+        ..Default::default()
+    }
+}
+fn i64s(name: &str, dims: &[i64], v: Vec<i64>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: DataType::Int64 as i32,
+        int64_data: v,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn zoo_ops_match_onnx_runtime() {
+    if !common::ort_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = [2usize, 4, 3, 5];
+    let axes = || i64s("axes", &[2], vec![1, 3]);
+    let ramp = |n: usize| (0..n).map(|i| 0.5 + i as f32 * 0.25).collect::<Vec<_>>();
+    let cases: Vec<(&str, ModelProto)> = vec![
+        ("reduce_min", model_with("ReduceMin", vec![], &d, 18, vec![axes()])),
+        ("reduce_l1", model_with("ReduceL1", vec![int("keepdims", 0)], &d, 18, vec![axes()])),
+        ("reduce_l2", model_with("ReduceL2", vec![], &d, 18, vec![axes()])),
+        ("reduce_sum_square", model_with("ReduceSumSquare", vec![], &d, 18, vec![axes()])),
+        ("reduce_log_sum_exp", model_with("ReduceLogSumExp", vec![], &d, 18, vec![axes()])),
+        ("leaky_relu", model_with("LeakyRelu", vec![float("alpha", 0.1)], &d, 18, vec![])),
+        ("tile", model_with("Tile", vec![], &d, 18, vec![i64s("reps", &[4], vec![1, 2, 1, 3])])),
+        (
+            "gather_elements",
+            model_with(
+                "GatherElements",
+                vec![int("axis", 3)],
+                &d,
+                18,
+                vec![i64s("idx", &[2, 4, 3, 2], (0..48).map(|i| [(i % 5) as i64, -1, -5][i % 3]).collect())],
+            ),
+        ),
+        (
+            "instance_norm",
+            model_with(
+                "InstanceNormalization",
+                vec![float("epsilon", 1e-3)],
+                &d,
+                18,
+                vec![f32s("s", &[4], ramp(4)), f32s("b", &[4], ramp(4))],
+            ),
+        ),
+        (
+            "group_norm_21",
+            model_with(
+                "GroupNormalization",
+                vec![int("num_groups", 2)],
+                &d,
+                21,
+                vec![f32s("s", &[4], ramp(4)), f32s("b", &[4], ramp(4))],
+            ),
+        ),
+    ];
+    for (case, m) in cases {
+        let diff = compare_model(dir.path(), case, m, &d);
+        assert!(diff <= 1e-4, "{case}: max |ours - ORT| = {diff}");
+    }
+}
+
+fn float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Float as i32, f: v, ..Default::default() }
 }

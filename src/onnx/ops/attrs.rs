@@ -31,6 +31,13 @@ pub(super) fn rules(op: &str) -> Option<Rules> {
         "Gelu" => (&["approximate"], &[]),
         "HardSigmoid" => (&["alpha", "beta"], &[]),
         "Clip" => (&["min", "max"], &[]),
+        "LeakyRelu" => (&["alpha"], &[]),
+        "CastLike" => (&["saturate"], &[]),
+        "Tile" => NONE,
+        "GatherElements" => (&["axis"], &[]),
+        "InstanceNormalization" => (&["epsilon"], &[]),
+        // Computed in float32, which is stash_type 1.
+        "GroupNormalization" => (&["epsilon", "num_groups"], &[("stash_type", Fixed::Int(1))]),
         "Identity" | "Size" | "Range" | "Expand" | "MatMul" | "GlobalAveragePool" | "GlobalMaxPool" => NONE,
         // Inference: dropout is the identity whatever its ratio and seed.
         "Dropout" => (&["ratio", "seed", "is_test"], &[]),
@@ -53,7 +60,8 @@ pub(super) fn rules(op: &str) -> Option<Rules> {
         "BatchNormalization" => {
             (&["epsilon", "momentum"], &[("training_mode", Fixed::Int(0)), ("spatial", Fixed::Int(1))])
         }
-        "ReduceMean" | "ReduceSum" | "ReduceMax" => REDUCE,
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceL1" | "ReduceL2" | "ReduceSumSquare"
+        | "ReduceLogSum" | "ReduceLogSumExp" => REDUCE,
         // storage_order only orders the Indices output, which MaxPool refuses.
         "MaxPool" => (&["kernel_shape", "strides", "pads", "dilations", "ceil_mode", "auto_pad", "storage_order"], &[]),
         "AveragePool" => {

@@ -7,7 +7,7 @@ use super::*;
 use crate::error::Result;
 
 /// The op types this family evaluates.
-pub const OPS: &[&str] = &["Concat", "Split", "Slice", "Transpose", "Gather", "Expand"];
+pub const OPS: &[&str] = &["Concat", "Split", "Slice", "Transpose", "Gather", "GatherElements", "Expand", "Tile"];
 
 /// Evaluates `node` (one of [`OPS`]).
 pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Device) -> Result<Vec<Tensor>> {
@@ -68,6 +68,33 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
                 return Err(node_err(node, format!("perm {perm:?} does not match rank {}", t.rank())));
             }
             one(t.permute(perm)?)
+        }
+        "Tile" => {
+            let t = x()?;
+            let reps = to_i64s(input(node, ins, 1)?)?;
+            if reps.len() != t.rank() || reps.iter().any(|&r| r < 0) {
+                return Err(node_err(node, format!("repeats {reps:?} must be {} values >= 0", t.rank())));
+            }
+            let reps: Vec<usize> = reps.iter().map(|&r| r as usize).collect();
+            one(t.repeat(reps.as_slice())?)
+        }
+        "GatherElements" => {
+            let t = x()?;
+            let axis = norm_axis(node, at.int("axis", 0), t.rank())?;
+            let idx = input(node, ins, 1)?;
+            if idx.rank() != t.rank() {
+                return Err(node_err(node, format!("indices {:?} and data {:?} differ in rank", idx.dims(), t.dims())));
+            }
+            let len = t.dims()[axis] as i64;
+            let mut v = Vec::with_capacity(idx.elem_count());
+            for i in to_i64s(idx)? {
+                let j = if i < 0 { i + len } else { i };
+                if !(0..len).contains(&j) {
+                    return Err(node_err(node, format!("index {i} is outside axis {axis} of length {len}")));
+                }
+                v.push(j as u32);
+            }
+            one(t.contiguous()?.gather(&Tensor::from_vec(v, idx.dims(), t.device())?, axis)?)
         }
         "Gather" => {
             let t = x()?;

@@ -1,4 +1,5 @@
-//! ONNX ops, family: normalisation and reductions: Softmax, LayerNormalization, BatchNormalization, Reduce*.
+//! ONNX ops, family: normalisation and reductions: Softmax, Layer/Batch/Instance/GroupNormalization,
+//! Reduce{Mean, Sum, Max, Min, L1, L2, SumSquare, LogSum, LogSumExp}.
 
 use candle_core::{Device, Tensor};
 use candle_onnx::onnx::NodeProto;
@@ -7,8 +8,22 @@ use super::*;
 use crate::error::Result;
 
 /// The op types this family evaluates.
-pub const OPS: &[&str] =
-    &["Softmax", "LayerNormalization", "BatchNormalization", "ReduceMean", "ReduceSum", "ReduceMax"];
+pub const OPS: &[&str] = &[
+    "Softmax",
+    "LayerNormalization",
+    "BatchNormalization",
+    "InstanceNormalization",
+    "GroupNormalization",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceSumSquare",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+];
 
 /// Evaluates `node` (one of [`OPS`]).
 pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Device) -> Result<Vec<Tensor>> {
@@ -76,9 +91,17 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
             let shift = (b - m.mul(&inv)?)?;
             one(t.broadcast_mul(&inv.reshape(shape.as_slice())?)?.broadcast_add(&shift.reshape(shape.as_slice())?)?)
         }
-        "ReduceMean" | "ReduceSum" | "ReduceMax" => {
+        "InstanceNormalization" | "GroupNormalization" => one(group_norm(node, ins)?),
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceL1" | "ReduceL2" | "ReduceSumSquare"
+        | "ReduceLogSum" | "ReduceLogSumExp" => {
             let t = x()?;
             let from_input = opset >= 18 || (node.op_type == "ReduceSum" && opset >= 13);
+            if !t.dtype().is_float() && node.op_type != "ReduceMax" && node.op_type != "ReduceMin" {
+                return Err(node_err(
+                    node,
+                    format!("input is {:?}; this reduction is implemented for floats", t.dtype()),
+                ));
+            }
             let axes = axes_of(node, ins, 1, from_input)?;
             let keep = at.int("keepdims", 1) == 1;
             let mut ax: Vec<usize> = match axes {
@@ -88,14 +111,30 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
             };
             ax.sort_unstable();
             ax.dedup();
-            let mut y = t.clone();
+            let op = node.op_type.as_str();
+            let mut y = match op {
+                "ReduceL1" => t.abs()?,
+                "ReduceL2" | "ReduceSumSquare" => t.sqr()?,
+                _ => t.clone(),
+            };
             for &a in ax.iter().rev() {
-                y = match node.op_type.as_str() {
+                y = match op {
                     "ReduceMean" => y.mean_keepdim(a)?,
-                    "ReduceSum" => y.sum_keepdim(a)?,
-                    _ => y.max_keepdim(a)?,
+                    "ReduceMax" => y.max_keepdim(a)?,
+                    "ReduceMin" => y.min_keepdim(a)?,
+                    // Shifted by the maximum so that exp cannot overflow (LSE composes over axes).
+                    "ReduceLogSumExp" => {
+                        let m = y.max_keepdim(a)?;
+                        (y.broadcast_sub(&m)?.exp()?.sum_keepdim(a)?.log()? + m)?
+                    }
+                    _ => y.sum_keepdim(a)?,
                 };
             }
+            y = match op {
+                "ReduceL2" => y.sqrt()?,
+                "ReduceLogSum" => y.log()?,
+                _ => y,
+            };
             if !keep {
                 let dims: Vec<usize> =
                     t.dims().iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect();
@@ -105,4 +144,40 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
         }
         other => Err(node_err(node, format!("op type `{other}` is not in this family"))),
     }
+}
+
+/// InstanceNormalization (one group per channel) and GroupNormalization: normalise `[N, C, ...]` over
+/// each group of channels and the spatial dims, then scale and shift per channel (per group for
+/// GroupNormalization's opset-18 form, whose scale has one value per group).
+fn group_norm(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
+    let at = Attrs(node);
+    let t = input(node, ins, 0)?;
+    let (scale, bias) = (input(node, ins, 1)?.flatten_all()?, input(node, ins, 2)?.flatten_all()?);
+    if t.rank() < 3 {
+        return Err(node_err(node, format!("expected [N, C, ...], found {:?}", t.dims())));
+    }
+    let (n, c) = (t.dims()[0], t.dims()[1]);
+    let groups = if node.op_type == "InstanceNormalization" { c as i64 } else { at.int("num_groups", 0) };
+    if groups < 1 || c % groups as usize != 0 {
+        return Err(node_err(node, format!("num_groups {groups} does not divide the {c} channels")));
+    }
+    let g = groups as usize;
+    let eps = at.float("epsilon", 1e-5) as f64;
+    let x = t.reshape((n, g, ()))?;
+    let mean = x.mean_keepdim(2)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(2)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let per = |v: &Tensor| -> Result<Tensor> {
+        match v.elem_count() {
+            len if len == c => Ok(v.clone()),
+            // Opset 18's GroupNormalization: one value per group, shared by its channels.
+            len if len == g => Ok(v.reshape((g, 1))?.broadcast_as((g, c / g))?.flatten_all()?),
+            len => Err(node_err(node, format!("scale/bias hold {len} values; expected {c} (or {g} per group)"))),
+        }
+    };
+    let mut shape = vec![1, c];
+    shape.resize(t.rank(), 1);
+    let (s, b) = (per(&scale)?.reshape(shape.as_slice())?, per(&bias)?.reshape(shape.as_slice())?);
+    Ok(y.reshape(t.dims())?.broadcast_mul(&s)?.broadcast_add(&b)?)
 }

@@ -25,6 +25,7 @@ pub const OPS: &[&str] = &[
     "HardSigmoid",
     "HardSwish",
     "Clip",
+    "LeakyRelu",
 ];
 
 /// Evaluates `node` (one of [`OPS`]).
@@ -66,6 +67,10 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
         "HardSwish" => {
             let t = x()?;
             one(t.mul(&t.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)?)
+        }
+        "LeakyRelu" => {
+            let (t, a) = (x()?, at.float("alpha", 0.01) as f64);
+            one((t.relu()? - (t.neg()?.relu()? * a)?)?)
         }
         "Clip" => {
             let t = x()?;

@@ -7,7 +7,8 @@ use super::*;
 use crate::error::Result;
 
 /// The op types this family evaluates.
-pub const OPS: &[&str] = &["Identity", "Dropout", "Cast", "Constant", "ConstantOfShape", "Shape", "Size", "Range"];
+pub const OPS: &[&str] =
+    &["Identity", "Dropout", "Cast", "CastLike", "Constant", "ConstantOfShape", "Shape", "Size", "Range"];
 
 /// Evaluates `node` (one of [`OPS`]).
 pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, device: &Device) -> Result<Vec<Tensor>> {
@@ -46,6 +47,15 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, device: &Devi
                 return one(t.ne(0f64).or_else(|_| t.to_dtype(DType::F64)?.ne(0f64))?);
             }
             one(t.to_dtype(dt)?)
+        }
+        "CastLike" => {
+            let (t, like) = (x()?, input(node, ins, 1)?);
+            if !like.dtype().is_float() && t.dtype().is_float() {
+                // Float -> int truncates toward zero, as Cast does.
+                let v: Vec<i64> = to_f64s(t)?.iter().map(|&f| f.trunc() as i64).collect();
+                return one(Tensor::from_vec(v, t.dims(), t.device())?.to_dtype(like.dtype())?);
+            }
+            one(t.to_dtype(like.dtype())?)
         }
         "Constant" => {
             let a = node.attribute.first().ok_or_else(|| node_err(node, "Constant has no value attribute"))?;

@@ -2,7 +2,7 @@
 //! streams phases and epochs to the caller, exports and verifies the result, and hot-swaps it in. The
 //! caller going away sets the run's cancel flag, so training stops after the next epoch's checkpoint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 
@@ -12,13 +12,39 @@ use tonic::Status;
 use super::{ServingModel, State};
 use crate::deploy::export::ExportOptions;
 use crate::deploy::meta::ExportKind;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::proto::{fit_event, EpochEvent, FitEvent, FitResult};
 use crate::train::{Event, TrainRequest};
 
 /// Phases a Fit adds after training, as streamed.
 const EXPORT: &str = "export";
 const SWAP: &str = "swap";
+
+/// A new, empty `fit-N` folder in `work_dir`: N is past every `fit-*` folder already there (also those of
+/// earlier server processes) and past this process's counter, and the folder is created here, so a Fit
+/// never reuses, replaces or deletes an earlier run.
+pub fn fresh_run_dir(work_dir: &Path, counter: &std::sync::atomic::AtomicU64) -> Result<(u64, PathBuf)> {
+    std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
+    let listed = std::fs::read_dir(work_dir)
+        .map_err(|e| Error::io(work_dir, e))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("fit-")?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    let mut n = counter.fetch_max(listed, SeqCst).max(listed);
+    loop {
+        n += 1;
+        let dir = work_dir.join(format!("fit-{n}"));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {
+                counter.fetch_max(n, SeqCst);
+                return Ok((n, dir));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io(&dir, e)),
+        }
+    }
+}
 
 /// One accepted Fit request.
 pub(super) struct FitJob {

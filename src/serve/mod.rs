@@ -1,36 +1,38 @@
-//! The gRPC server (`automm serve`): the `automm.v1.Inference` service as thin RPCs over shared state in
-//! an `Arc` (the served model behind a lock for hot swaps, the dynamic batcher in [`batcher`], request
-//! decoding in [`request`], metrics in [`prometheus`]; a Fit runs in `fit_job`, the only part that calls
-//! training), plus grpc.health.v1, server reflection, optional TLS and bearer-token auth, and a
-//! Prometheus metrics endpoint.
+//! The gRPC server (`automm serve`): the `automm.v1.Inference` service as thin RPCs (`service`) over
+//! shared state in an `Arc` (the served model behind a lock for hot swaps, the dynamic batcher in
+//! [`batcher`], request decoding and budgets in [`request`], metrics in [`prometheus`]; a Fit runs in
+//! `fit_job`, the only part that calls training), plus grpc.health.v1, server reflection, optional TLS,
+//! bearer-token auth (`auth`), connection deadlines (`conn`) and a Prometheus metrics endpoint.
 
+mod auth;
 pub mod batcher;
 mod conn;
 mod fit_job;
 pub mod prometheus;
 pub mod request;
+mod service;
 
 use std::net::SocketAddr;
-use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tokio::sync::oneshot;
+use tonic::Status;
 
+pub use self::auth::MIN_TOKEN_LEN;
+use self::auth::{check_auth_config, digest, AuthCheck};
 use self::batcher::{BatchConfig, Batcher, Job};
+pub use self::fit_job::fresh_run_dir;
 use self::prometheus::Metrics;
+pub use self::service::Service;
 use crate::data::Preprocess;
 use crate::deploy::engine::exported::ExportedModel;
 use crate::deploy::engine::EngineKind;
 use crate::deploy::export::ExportOptions;
 use crate::deploy::meta::ExportKind;
 use crate::error::{Error, Result};
-use crate::proto::inference_server::{Inference, InferenceServer};
-use crate::proto::{FitEvent, FitRequest, GetModelRequest, ModelInfo, PredictRequest, PredictResponse, Prediction};
+use crate::proto::inference_server::InferenceServer;
 
 /// A model being served.
 pub struct ServingModel {
@@ -215,277 +217,6 @@ impl State {
     }
 }
 
-/// A new, empty `fit-N` folder in `work_dir`: N is past every `fit-*` folder already there (also those of
-/// earlier server processes) and past this process's counter, and the folder is created here, so a Fit
-/// never reuses, replaces or deletes an earlier run.
-pub fn fresh_run_dir(work_dir: &Path, counter: &std::sync::atomic::AtomicU64) -> Result<(u64, PathBuf)> {
-    std::fs::create_dir_all(work_dir).map_err(|e| Error::io(work_dir, e))?;
-    let listed = std::fs::read_dir(work_dir)
-        .map_err(|e| Error::io(work_dir, e))?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("fit-")?.parse::<u64>().ok())
-        .max()
-        .unwrap_or(0);
-    let mut n = counter.fetch_max(listed, SeqCst).max(listed);
-    loop {
-        n += 1;
-        let dir = work_dir.join(format!("fit-{n}"));
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {
-                counter.fetch_max(n, SeqCst);
-                return Ok((n, dir));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(Error::io(&dir, e)),
-        }
-    }
-}
-
-/// A request's share of [`ServeConfig::max_inflight_bytes`], given back when the request ends.
-struct Reserved(Arc<std::sync::atomic::AtomicUsize>, usize);
-
-impl Drop for Reserved {
-    fn drop(&mut self) {
-        self.0.fetch_sub(self.1, SeqCst);
-    }
-}
-
-impl Service {
-    /// Reserves the decoded size of `items` images of side `s`, or RESOURCE_EXHAUSTED when the requests
-    /// in flight already hold too much (known before decoding: every item becomes `3 * s * s` floats).
-    fn reserve(&self, items: usize, s: usize) -> std::result::Result<Reserved, Status> {
-        let need = items.saturating_mul(3 * s * s * 4);
-        let (limit, counter) = (self.state.cfg.max_inflight_bytes, &self.state.inflight);
-        let mut now = counter.load(SeqCst);
-        loop {
-            if now.saturating_add(need) > limit && now > 0 || need > limit {
-                return Err(Status::resource_exhausted(format!(
-                    "the server holds {now} bytes of decoded requests and this one needs {need}; the limit is \
-                     {limit} (--max-inflight-bytes): retry later"
-                )));
-            }
-            match counter.compare_exchange(now, now + need, SeqCst, SeqCst) {
-                Ok(_) => return Ok(Reserved(counter.clone(), need)),
-                Err(actual) => now = actual,
-            }
-        }
-    }
-}
-
-/// Sets its flag when dropped (a request future dropped because its caller went away).
-struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, SeqCst);
-    }
-}
-
-/// The gRPC service.
-#[derive(Clone)]
-pub struct Service {
-    state: Arc<State>,
-}
-
-/// Parses the `grpc-timeout` header (`<at most 8 digits><H|M|S|m|u|n>`, as the gRPC spec bounds it).
-fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
-    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
-    if num.is_empty() || num.len() > 8 {
-        return None;
-    }
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-impl Service {
-    async fn predict_inner(
-        &self,
-        req: Request<PredictRequest>,
-    ) -> std::result::Result<Response<PredictResponse>, Status> {
-        let deadline = grpc_timeout(&req).and_then(|d| Instant::now().checked_add(d));
-        let model = self.state.current();
-        let req = req.into_inner();
-        let (s, pp) = (model.input_size, model.preprocess.clone());
-        // Over the item limit is refused in `prepare`, with its own message.
-        let items = request::items(&req).min(self.state.cfg.batch.max_batch_size);
-        let _reserved = self.reserve(items, s)?;
-        // Dropped with this future when the caller goes away, which stops decoding between images.
-        let gone = CancelOnDrop(Arc::new(AtomicBool::new(false)));
-        let budget = request::Budget {
-            max_items: self.state.cfg.batch.max_batch_size,
-            deadline,
-            cancelled: Some(gone.0.clone()),
-        };
-        // Tensor checks are cheap; decoding is CPU work: both off the async runtime, images in parallel.
-        let (data, n) = tokio::task::spawn_blocking(move || request::prepare(req, s, &pp, &budget))
-            .await
-            .map_err(|e| Status::internal(format!("decoding task failed: {e}")))??;
-        if deadline.is_some_and(|d| d <= Instant::now()) {
-            return Err(Status::deadline_exceeded("the deadline passed before the request was queued"));
-        }
-        let (tx, rx) = oneshot::channel();
-        self.state.submit(Job { model: model.clone(), data, n, enqueued: Instant::now(), deadline, reply: tx })?;
-        let probs = match deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), rx)
-                .await
-                .map_err(|_| Status::deadline_exceeded("deadline exceeded"))?,
-            None => rx.await,
-        }
-        .map_err(|_| Status::internal("the batcher dropped the request"))??;
-        let k = model.classes.len();
-        let predictions = probs
-            .chunks(k)
-            .map(|row| {
-                let (best, _) =
-                    row.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
-                Prediction { label: model.classes[best].clone(), class_index: best as i32, probabilities: row.to_vec() }
-            })
-            .collect();
-        Ok(Response::new(PredictResponse { predictions, model_version: model.version.clone() }))
-    }
-}
-
-/// Records a Predict call's outcome when dropped.
-struct Outcome<'a> {
-    metrics: &'a Metrics,
-    ok: bool,
-}
-
-impl Drop for Outcome<'_> {
-    fn drop(&mut self) {
-        let c = if self.ok { &self.metrics.request_success } else { &self.metrics.request_failure };
-        c.fetch_add(1, Relaxed);
-    }
-}
-
-impl Service {
-    /// Resolves a Fit path under the data root, refusing absolute paths and `..` escapes.
-    fn sandboxed(&self, rel: &str, what: &str) -> std::result::Result<PathBuf, Status> {
-        let root = self
-            .state
-            .cfg
-            .data_root
-            .as_ref()
-            .ok_or_else(|| Status::failed_precondition("Fit is disabled: start the server with --data-root DIR"))?;
-        let p = Path::new(rel);
-        if rel.is_empty()
-            || p.is_absolute()
-            || p.components().any(|c| matches!(c, Component::ParentDir | Component::RootDir | Component::Prefix(_)))
-        {
-            return Err(Status::permission_denied(format!(
-                "{what} `{rel}` must be a relative path inside the data root, without `..`"
-            )));
-        }
-        let root = std::fs::canonicalize(root)
-            .map_err(|e| Status::failed_precondition(format!("data root {}: {e}", root.display())))?;
-        let full = std::fs::canonicalize(root.join(p))
-            .map_err(|_| Status::invalid_argument(format!("{what} `{rel}` does not exist under the data root")))?;
-        if !full.starts_with(&root) {
-            return Err(Status::permission_denied(format!("{what} `{rel}` resolves outside the data root")));
-        }
-        Ok(full)
-    }
-}
-
-#[tonic::async_trait]
-impl Inference for Service {
-    async fn predict(&self, req: Request<PredictRequest>) -> std::result::Result<Response<PredictResponse>, Status> {
-        // Counted on drop, so a call abandoned mid-way (client gone, deadline) still counts as failed.
-        let mut outcome = Outcome { metrics: &self.state.metrics, ok: false };
-        let r = self.predict_inner(req).await;
-        outcome.ok = r.is_ok();
-        r
-    }
-
-    async fn get_model(&self, _req: Request<GetModelRequest>) -> std::result::Result<Response<ModelInfo>, Status> {
-        let m = self.state.current();
-        Ok(Response::new(ModelInfo {
-            classes: m.classes.clone(),
-            input_name: m.model.meta.input.clone(),
-            input_size: m.input_size as i32,
-            preprocessing_json: serde_json::to_string(&m.preprocess).unwrap_or_default(),
-            version: m.version.clone(),
-            metrics_json: m.metrics_json.clone(),
-            engine: m.model.engine.to_string(),
-            max_batch_size: self.state.cfg.batch.max_batch_size as i32,
-        }))
-    }
-
-    type FitStream = ReceiverStream<std::result::Result<FitEvent, Status>>;
-
-    async fn fit(&self, req: Request<FitRequest>) -> std::result::Result<Response<Self::FitStream>, Status> {
-        let guard = self
-            .state
-            .fit_lock
-            .clone()
-            .try_lock_owned()
-            .map_err(|_| Status::failed_precondition("a Fit is already running; one at a time"))?;
-        let r = req.into_inner();
-        let backbone = self
-            .state
-            .cfg
-            .backbone
-            .clone()
-            .ok_or_else(|| Status::failed_precondition("Fit is disabled: start the server with --backbone FILE"))?;
-        let train_data = self.sandboxed(&r.train_data, "train_data")?;
-        let tuning_data =
-            if r.tuning_data.is_empty() { None } else { Some(self.sandboxed(&r.tuning_data, "tuning_data")?) };
-        // The tables' image paths must stay inside the data root too (symlinks followed).
-        {
-            let root = self.state.cfg.data_root.clone().unwrap_or_default();
-            let (label, column) = (r.label.clone(), (!r.image_column.is_empty()).then(|| r.image_column.clone()));
-            let tables: Vec<PathBuf> = std::iter::once(train_data.clone()).chain(tuning_data.clone()).collect();
-            tokio::task::spawn_blocking(move || -> std::result::Result<(), Status> {
-                for t in tables {
-                    let table = crate::data::Table::load(&t, Some(&label), column.as_deref()).map_err(Status::from)?;
-                    table.check_under(&root).map_err(|e| Status::permission_denied(e.to_string()))?;
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| Status::internal(format!("table check: {e}")))??;
-        }
-        let mut b = crate::train::config::HyperParamsBuilder::new();
-        for (k, v) in &r.hyperparameters {
-            b = b.set_str(&format!("{k}={v}")).map_err(Status::from)?;
-        }
-        let (hp, _warnings) = b.build().map_err(Status::from)?;
-        let (n, run_dir) = fresh_run_dir(&self.state.cfg.work_dir, &self.state.fits).map_err(Status::from)?;
-        let current = self.state.current();
-        let req = crate::train::TrainRequest {
-            train_data,
-            label: r.label.clone(),
-            image_column: (!r.image_column.is_empty()).then(|| r.image_column.clone()),
-            tuning_data,
-            backbone,
-            feature_tensor: None,
-            normalization: current.preprocess.normalization.clone(),
-            output: run_dir.clone(),
-            hp,
-            quiet: true,
-            // Set when the caller goes away: training stops after the next epoch's checkpoint.
-            cancel: Some(Arc::new(AtomicBool::new(false))),
-            force: false,
-        };
-        let (tx, rx) = mpsc::channel(64);
-        let job = fit_job::FitJob { req, run_dir, number: n, current, state: self.state.clone() };
-        tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            job.run(tx)
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-}
-
 /// Loads the model for serving: an exported `.onnx` as is, a model folder exported (merged) into `work_dir`.
 fn initial_model(cfg: &ServeConfig) -> Result<ServingModel> {
     let path = if cfg.model.is_dir() {
@@ -504,31 +235,6 @@ fn initial_model(cfg: &ServeConfig) -> Result<ServingModel> {
         String::new()
     };
     ServingModel::open(&path, cfg.engine, cfg.threads, cfg.num_gpus != 0, version, metrics_json)
-}
-
-/// Checks `authorization: Bearer <token>` in constant time (both sides hashed first, so length leaks nothing).
-#[derive(Clone)]
-pub struct AuthCheck {
-    want: Option<[u8; 32]>,
-}
-
-fn digest(b: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(b).into()
-}
-
-impl tonic::service::Interceptor for AuthCheck {
-    fn call(&mut self, req: Request<()>) -> std::result::Result<Request<()>, Status> {
-        use subtle::ConstantTimeEq;
-        let Some(want) = &self.want else { return Ok(req) };
-        let got =
-            req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        match got {
-            Some(t) if bool::from(digest(t.as_bytes()).ct_eq(want)) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
-            None => Err(Status::unauthenticated("missing `authorization: Bearer <token>` metadata")),
-        }
-    }
 }
 
 /// Maps three of tonic's own answers onto the codes clients expect: "message too large" (OUT_OF_RANGE) is
@@ -576,26 +282,47 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// none stays open forever.
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
 
-/// Shortest bearer token `serve` accepts (after trimming whitespace).
-pub const MIN_TOKEN_LEN: usize = 16;
+/// Serves Prometheus text at `GET /metrics` on `addr` until `stop` fires; returns the bound address.
+async fn metrics_endpoint(
+    addr: SocketAddr,
+    state: Arc<State>,
+    mut stop: tokio::sync::broadcast::Receiver<()>,
+) -> Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Server(format!("cannot listen on {addr}: {e}")))?;
+    let bound = l.local_addr().map_err(|e| Error::Server(e.to_string()))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let st = state.clone();
+            async move { st.metrics.render(&st.current().version) }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.recv().await;
+            })
+            .await;
+    });
+    Ok(bound)
+}
 
-/// Refuses an empty or short token (an empty one would let in a client sending `Bearer ` with nothing)
-/// and warns when a token would travel without TLS.
-fn check_auth_config(cfg: &ServeConfig) -> Result<()> {
-    let Some(token) = &cfg.auth_token else { return Ok(()) };
-    let len = token.trim().chars().count();
-    if len < MIN_TOKEN_LEN {
-        return Err(Error::Server(format!(
-            "--auth-token-file: the token has {len} characters; use at least {MIN_TOKEN_LEN} (for example 32 random \
-             hex digits from `openssl rand -hex 16`)"
-        )));
+impl State {
+    /// The shared state of a server starting with `model`.
+    fn new(model: ServingModel, cfg: &ServeConfig) -> Arc<State> {
+        let metrics = Arc::new(Metrics::default());
+        Arc::new(State {
+            current: RwLock::new(Arc::new(model)),
+            batcher: std::sync::Mutex::new(Batcher::start(cfg.batch, metrics.clone())),
+            metrics,
+            cfg: cfg.clone(),
+            fit_lock: Arc::new(tokio::sync::Mutex::new(())),
+            fits: std::sync::atomic::AtomicU64::new(0),
+            inflight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        })
     }
-    if cfg.tls.is_none() {
-        tracing::warn!(
-            "a bearer token is required but TLS is off: the token travels in plain text (add --tls-cert/--tls-key)"
-        );
-    }
-    Ok(())
 }
 
 /// Runs the server until `shutdown` resolves, then drains the queue and returns. `ready` gets the
@@ -612,45 +339,14 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || initial_model(&cfg)).await.map_err(|e| Error::Server(e.to_string()))??
     };
     tracing::info!("serving {} (version {}, {} engine)", cfg.model.display(), model.version, model.model.engine);
-    let metrics = Arc::new(Metrics::default());
-    let state = Arc::new(State {
-        current: RwLock::new(Arc::new(model)),
-        batcher: std::sync::Mutex::new(Batcher::start(cfg.batch, metrics.clone())),
-        metrics,
-        cfg: cfg.clone(),
-        fit_lock: Arc::new(tokio::sync::Mutex::new(())),
-        fits: std::sync::atomic::AtomicU64::new(0),
-        inflight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-    });
+    let state = State::new(model, &cfg);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| Error::Server(format!("cannot listen on {}: {e}", cfg.listen)))?;
     let addr = listener.local_addr().map_err(|e| Error::Server(e.to_string()))?;
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let metrics_addr = match cfg.metrics_listen {
-        Some(a) => {
-            let l = tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(|e| Error::Server(format!("cannot listen on {a}: {e}")))?;
-            let maddr = l.local_addr().map_err(|e| Error::Server(e.to_string()))?;
-            let st = state.clone();
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let st = st.clone();
-                    async move { st.metrics.render(&st.current().version) }
-                }),
-            );
-            let mut stop = stop_tx.subscribe();
-            tokio::spawn(async move {
-                let _ = axum::serve(l, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.recv().await;
-                    })
-                    .await;
-            });
-            Some(maddr)
-        }
+        Some(a) => Some(metrics_endpoint(a, state.clone(), stop_tx.subscribe()).await?),
         None => None,
     };
     let (reporter, health) = tonic_health::server::health_reporter();

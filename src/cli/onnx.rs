@@ -13,9 +13,10 @@ pub enum OnnxCommand {
     Run {
         /// The ONNX model.
         model: PathBuf,
-        /// Input array (.npy, float32).
-        #[arg(long)]
-        input: PathBuf,
+        /// Input arrays (.npy): `NAME=FILE` per graph input (repeatable), or a bare `FILE` for the first
+        /// input. Dtypes are kept (float32, float64, int64, uint8, ...); ONNX Runtime takes float32, uint8, int64.
+        #[arg(long, required = true)]
+        input: Vec<String>,
         /// Output array (.npy).
         #[arg(long)]
         output: PathBuf,
@@ -215,19 +216,37 @@ fn random_input(model: &std::path::Path, batch: usize) -> Result<candle_core::Te
     Ok(candle_core::Tensor::from_vec(v, dims, &candle_core::Device::Cpu)?)
 }
 
+/// `(input name or None for the first input, array)` of each `--input`.
+fn read_inputs(specs: &[String]) -> Result<Vec<(Option<String>, candle_core::Tensor)>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (name, file) = match spec.split_once('=') {
+                Some((n, f)) if !n.is_empty() => (Some(n.to_string()), f),
+                _ => (None, spec.as_str()),
+            };
+            let t = candle_core::Tensor::read_npy(file)
+                .with_context(|| format!("--input {spec}: not a readable .npy array"))?;
+            Ok((name, t))
+        })
+        .collect()
+}
+
 fn onnx_run(
     model: &std::path::Path,
-    input: &std::path::Path,
+    inputs: &[String],
     output: &std::path::Path,
     tensor: Option<String>,
     engine: EngineKind,
 ) -> Result<()> {
-    let x = automm::onnx::read_npy(input)?;
+    let xs = read_inputs(inputs)?;
     let y = match engine {
         EngineKind::Candle => {
             let g = automm::onnx::Graph::load(model, &candle_core::Device::Cpu, tensor.map(|t| vec![t]))?;
-            let name = g.inputs().first().context("the model has no inputs")?.name.clone();
-            g.run(&[(name.as_str(), x)])?.into_iter().next().context("no output")?
+            let names: Vec<String> = g.inputs().iter().map(|i| i.name.clone()).collect();
+            let feeds = name_feeds(&names, xs)?;
+            let feeds: Vec<(&str, candle_core::Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            g.run(&feeds)?.into_iter().next().context("no output")?
         }
         EngineKind::Ort => {
             let tmp = tempfile::tempdir()?;
@@ -236,9 +255,25 @@ fn onnx_run(
                 None => model.to_path_buf(),
             };
             let s = automm::deploy::engine::ort::OrtSession::open(&path, 0)?;
-            let name = s.inputs.first().context("the model has no inputs")?.clone();
-            let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let (shape, v) = s.run_f32(&[(name.as_str(), x.dims(), &data)])?.into_iter().next().context("no output")?;
+            let mut feeds = Vec::new();
+            for (name, x) in name_feeds(&s.inputs, xs)? {
+                let dims = x.dims().to_vec();
+                let feed = match x.dtype() {
+                    candle_core::DType::F32 => {
+                        automm::deploy::engine::ort::Feed::F32(dims, x.flatten_all()?.to_vec1()?)
+                    }
+                    candle_core::DType::U8 => automm::deploy::engine::ort::Feed::U8(dims, x.flatten_all()?.to_vec1()?),
+                    candle_core::DType::I64 => {
+                        automm::deploy::engine::ort::Feed::I64(dims, x.flatten_all()?.to_vec1()?)
+                    }
+                    other => anyhow::bail!(
+                        "--input {name}: {other:?} arrays are not fed to ONNX Runtime here (float32, uint8, int64)"
+                    ),
+                };
+                feeds.push((name, feed));
+            }
+            let feeds: Vec<(&str, _)> = feeds.iter().map(|(n, f)| (n.as_str(), f.clone())).collect();
+            let (shape, v) = s.run(feeds)?.into_iter().next().context("no output")?;
             candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu)?
         }
     };
@@ -247,4 +282,28 @@ fn onnx_run(
     std::fs::rename(&tmp, output)?;
     println!("wrote {} {:?}", output.display(), y.dims());
     Ok(())
+}
+
+/// Matches `--input` arrays to the graph's inputs: named ones by name, a bare one to the first input;
+/// every graph input must be given once.
+fn name_feeds(
+    names: &[String],
+    xs: Vec<(Option<String>, candle_core::Tensor)>,
+) -> Result<Vec<(String, candle_core::Tensor)>> {
+    let mut out: Vec<(String, candle_core::Tensor)> = Vec::new();
+    for (name, t) in xs {
+        let name = match name {
+            Some(n) if names.contains(&n) => n,
+            Some(n) => anyhow::bail!("--input {n}=...: the model has no input `{n}` (its inputs: {names:?})"),
+            None => names.first().cloned().context("the model has no inputs")?,
+        };
+        if out.iter().any(|(n, _)| *n == name) {
+            anyhow::bail!("input `{name}` is given twice");
+        }
+        out.push((name, t));
+    }
+    if let Some(missing) = names.iter().find(|n| !out.iter().any(|(o, _)| o == *n)) {
+        anyhow::bail!("the model's input `{missing}` has no --input {missing}=FILE.npy");
+    }
+    Ok(out)
 }

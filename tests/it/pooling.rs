@@ -250,3 +250,83 @@ fn zoo_ops_match_onnx_runtime() {
 fn float(name: &str, v: f32) -> AttributeProto {
     AttributeProto { name: name.into(), r#type: AttributeType::Float as i32, f: v, ..Default::default() }
 }
+
+/// `onnx run` feeds several named inputs and keeps their dtypes; both engines give the same output, and
+/// a missing or unknown input is an error naming it.
+#[test]
+fn onnx_run_takes_named_inputs_of_any_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    // y = Gather(a, idx) + b: a float input, an int64 input.
+    let m = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
+        graph: Some(GraphProto {
+            name: "two".into(),
+            node: vec![
+                NodeProto {
+                    op_type: "Gather".into(),
+                    name: "g".into(),
+                    input: vec!["a".into(), "idx".into()],
+                    output: vec!["ga".into()],
+                    ..Default::default()
+                },
+                NodeProto {
+                    op_type: "Add".into(),
+                    name: "add".into(),
+                    input: vec!["ga".into(), "b".into()],
+                    output: vec!["y".into()],
+                    ..Default::default()
+                },
+            ],
+            input: vec![
+                value("a", Some(&[4, 3])),
+                value_typed("idx", &[2], DataType::Int64),
+                value("b", Some(&[2, 3])),
+            ],
+            output: vec![value("y", None)],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let model = dir.path().join("two.onnx");
+    std::fs::write(&model, m.encode_to_vec()).unwrap();
+    let a = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((4, 3)).unwrap();
+    let idx = Tensor::new(&[3i64, 1], &Device::Cpu).unwrap();
+    let b = Tensor::full(0.5f32, (2, 3), &Device::Cpu).unwrap();
+    for (n, t) in [("a", &a), ("idx", &idx), ("b", &b)] {
+        t.write_npy(dir.path().join(format!("{n}.npy"))).unwrap();
+    }
+    let arg = |n: &str| format!("{n}={}", dir.path().join(format!("{n}.npy")).display());
+    let run = |engine: &str, inputs: &[&str]| {
+        let out = dir.path().join(format!("y_{engine}.npy"));
+        let mut c = common::bin();
+        c.args(["onnx", "run", "--engine", engine, "--output"]).arg(&out).arg(&model);
+        for i in inputs {
+            c.args(["--input", &arg(i)]);
+        }
+        let o = c.output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned(), out)
+    };
+    let (ok, err, out) = run("candle", &["a", "idx", "b"]);
+    assert!(ok, "{err}");
+    let y = Tensor::read_npy(&out).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(y, vec![9.5, 10.5, 11.5, 3.5, 4.5, 5.5]);
+    let (ok, err, _) = run("candle", &["a", "b"]);
+    assert!(!ok && err.contains("`idx`"), "{err}");
+    let (ok, err, _) = run("candle", &["a", "idx", "b", "zzz"]);
+    assert!(!ok && err.contains("zzz"), "{err}");
+    if common::ort_available() {
+        let (ok, err, out) = run("ort", &["a", "idx", "b"]);
+        assert!(ok, "{err}");
+        let z = Tensor::read_npy(&out).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(z, y, "the engines disagree");
+    }
+}
+
+fn value_typed(name: &str, dims: &[usize], elem: DataType) -> ValueInfoProto {
+    let mut v = value(name, Some(dims));
+    if let Some(type_proto::Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        t.elem_type = elem as i32;
+    }
+    v
+}

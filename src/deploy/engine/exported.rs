@@ -118,6 +118,7 @@ impl ExportedModel {
                 let t = match feed {
                     Feed::F32(shape, d) => Tensor::from_vec(d, shape, &Device::Cpu)?,
                     Feed::U8(shape, d) => Tensor::from_vec(d, shape, &Device::Cpu)?,
+                    Feed::I64(shape, d) => Tensor::from_vec(d, shape, &Device::Cpu)?,
                 };
                 let y = g.run(&[(input, t)])?.remove(0);
                 Ok(y.flatten_all()?.to_vec1::<f32>()?)

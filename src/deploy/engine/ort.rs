@@ -109,11 +109,14 @@ pub fn loaded() -> Result<(OrtLocation, String)> {
 }
 
 /// One input tensor for [`OrtSession::run`].
+#[derive(Debug, Clone)]
 pub enum Feed {
     /// float32 `(shape, data)`.
     F32(Vec<usize>, Vec<f32>),
     /// uint8 `(shape, data)`.
     U8(Vec<usize>, Vec<u8>),
+    /// int64 `(shape, data)` (indices, token ids).
+    I64(Vec<usize>, Vec<i64>),
 }
 
 fn to_i64(shape: &[usize]) -> Vec<i64> {
@@ -174,6 +177,7 @@ impl OrtSession {
             let v: ort::session::SessionInputValue = match feed {
                 Feed::F32(shape, data) => OrtTensor::from_array((to_i64(&shape), data)).map_err(bad)?.into(),
                 Feed::U8(shape, data) => OrtTensor::from_array((to_i64(&shape), data)).map_err(bad)?.into(),
+                Feed::I64(shape, data) => OrtTensor::from_array((to_i64(&shape), data)).map_err(bad)?.into(),
             };
             values.push((std::borrow::Cow::<str>::from(name.to_string()), v));
         }

@@ -1,6 +1,6 @@
 //! One-node graphs against ONNX Runtime: pooling with every attribute (count_include_pad, whose ONNX
 //! default 0 excludes padded cells, ceil_mode, dilations, auto_pad VALID/SAME_UPPER/SAME_LOWER, 1-D,
-//! GlobalMaxPool), and the ops added for the timm zoo (reductions, LeakyRelu, Tile, GatherElements,
+//! GlobalMaxPool), and the ops added for the timm zoo (reductions, LeakyRelu, Tile, GatherElements, GatherND,
 //! Instance/GroupNormalization; CastLike is not here: ORT returns its non-float outputs in types this
 //! harness does not read). Shapes and values must both match.
 
@@ -80,7 +80,8 @@ fn model_with(op: &str, attrs: Vec<AttributeProto>, dims: &[usize], opset: i64, 
     }
 }
 
-/// Our result vs ORT's for one node on a deterministic input; returns the max |diff|.
+/// Our result vs ORT's for one node on a deterministic input; returns the max |diff| divided by the
+/// output's scale (max |ORT|, at least 1).
 fn compare(dir: &Path, case: &str, op: &str, attrs: Vec<AttributeProto>, dims: &[usize]) -> f32 {
     compare_model(dir, case, model(op, attrs, dims, 19), dims)
 }
@@ -97,7 +98,8 @@ fn compare_model(dir: &Path, case: &str, m: ModelProto, dims: &[usize]) -> f32 {
     let y = g.run(&[("x", x)]).unwrap().remove(0);
     assert_eq!(y.dims(), want_shape.as_slice(), "{case}: shape");
     let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+    let scale = want.iter().map(|v| v.abs()).fold(1.0, f32::max);
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) / scale
 }
 
 #[test]
@@ -220,6 +222,12 @@ fn zoo_ops_match_onnx_runtime() {
                 vec![i64s("idx", &[2, 4, 3, 2], (0..48).map(|i| [(i % 5) as i64, -1, -5][i % 3]).collect())],
             ),
         ),
+        ("reduce_prod", model_with("ReduceProd", vec![], &d, 18, vec![i64s("axes", &[1], vec![1])])),
+        ("gather_nd", model_with("GatherND", vec![], &d, 18, vec![i64s("i", &[3, 2], vec![1, 3, 0, 0, -1, 2])])),
+        (
+            "gather_nd_batch",
+            model_with("GatherND", vec![int("batch_dims", 1)], &d, 18, vec![i64s("i", &[2, 2, 1], vec![3, 0, -1, 1])]),
+        ),
         (
             "instance_norm",
             model_with(
@@ -243,7 +251,7 @@ fn zoo_ops_match_onnx_runtime() {
     ];
     for (case, m) in cases {
         let diff = compare_model(dir.path(), case, m, &d);
-        assert!(diff <= 1e-4, "{case}: max |ours - ORT| = {diff}");
+        assert!(diff <= 1e-4, "{case}: max |ours - ORT| = {diff} (relative to the output's scale)");
     }
 }
 

@@ -35,6 +35,7 @@ pub(super) fn rules(op: &str) -> Option<Rules> {
         "CastLike" => (&["saturate"], &[]),
         "Tile" => NONE,
         "GatherElements" => (&["axis"], &[]),
+        "GatherND" => (&["batch_dims"], &[]),
         "InstanceNormalization" => (&["epsilon"], &[]),
         // Computed in float32, which is stash_type 1.
         "GroupNormalization" => (&["epsilon", "num_groups"], &[("stash_type", Fixed::Int(1))]),
@@ -60,8 +61,8 @@ pub(super) fn rules(op: &str) -> Option<Rules> {
         "BatchNormalization" => {
             (&["epsilon", "momentum"], &[("training_mode", Fixed::Int(0)), ("spatial", Fixed::Int(1))])
         }
-        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceL1" | "ReduceL2" | "ReduceSumSquare"
-        | "ReduceLogSum" | "ReduceLogSumExp" => REDUCE,
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1" | "ReduceL2"
+        | "ReduceSumSquare" | "ReduceLogSum" | "ReduceLogSumExp" => REDUCE,
         // storage_order only orders the Indices output, which MaxPool refuses.
         "MaxPool" => (&["kernel_shape", "strides", "pads", "dilations", "ceil_mode", "auto_pad", "storage_order"], &[]),
         "AveragePool" => {

@@ -7,7 +7,8 @@ use super::*;
 use crate::error::Result;
 
 /// The op types this family evaluates.
-pub const OPS: &[&str] = &["Concat", "Split", "Slice", "Transpose", "Gather", "GatherElements", "Expand", "Tile"];
+pub const OPS: &[&str] =
+    &["Concat", "Split", "Slice", "Transpose", "Gather", "GatherElements", "GatherND", "Expand", "Tile"];
 
 /// Evaluates `node` (one of [`OPS`]).
 pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Device) -> Result<Vec<Tensor>> {
@@ -78,6 +79,7 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
             let reps: Vec<usize> = reps.iter().map(|&r| r as usize).collect();
             one(t.repeat(reps.as_slice())?)
         }
+        "GatherND" => one(gather_nd(node, x()?, input(node, ins, 1)?)?),
         "GatherElements" => {
             let t = x()?;
             let axis = norm_axis(node, at.int("axis", 0), t.rank())?;
@@ -127,4 +129,40 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
         }
         other => Err(node_err(node, format!("op type `{other}` is not in this family"))),
     }
+}
+
+/// GatherND: `indices[..., :m]` pick slices of `data` after its first `batch_dims` axes, as one
+/// `index_select` of `data`'s rows (so gradients flow to `data`).
+fn gather_nd(node: &NodeProto, data: &Tensor, indices: &Tensor) -> Result<Tensor> {
+    let b = Attrs(node).int("batch_dims", 0).max(0) as usize;
+    let (dd, id) = (data.dims(), indices.dims());
+    let m = id.last().copied().unwrap_or(0);
+    if id.is_empty() || b >= id.len() || b + m > dd.len() || dd[..b] != id[..b] {
+        return Err(node_err(node, format!("indices {id:?} do not fit data {dd:?} with batch_dims {b}")));
+    }
+    let picked = &dd[b..b + m];
+    let rest: Vec<usize> = dd[b + m..].to_vec();
+    let per_batch: usize = picked.iter().product();
+    let rows: usize = dd[..b + m].iter().product();
+    let batch: usize = id[..b].iter().product();
+    let idx = to_i64s(indices)?;
+    let tuples = idx.len() / m.max(1);
+    let per_tuple_batch = tuples / batch.max(1);
+    let mut lin = Vec::with_capacity(tuples);
+    for (t, tuple) in idx.chunks(m.max(1)).enumerate() {
+        let mut r = 0usize;
+        for (j, (&i, &len)) in tuple.iter().zip(picked).enumerate() {
+            let i = if i < 0 { i + len as i64 } else { i };
+            if !(0..len as i64).contains(&i) {
+                return Err(node_err(node, format!("index {i} is outside axis {} of length {len}", b + j)));
+            }
+            r = r * len + i as usize;
+        }
+        lin.push(((t / per_tuple_batch.max(1)) * per_batch + r) as u32);
+    }
+    let flat = data.contiguous()?.reshape((rows, rest.iter().product::<usize>()))?;
+    let y = flat.index_select(&Tensor::from_vec(lin, tuples, data.device())?, 0)?;
+    let mut shape: Vec<usize> = id[..id.len() - 1].to_vec();
+    shape.extend(rest);
+    Ok(y.reshape(shape.as_slice())?)
 }

@@ -18,6 +18,7 @@ pub const OPS: &[&str] = &[
     "ReduceSum",
     "ReduceMax",
     "ReduceMin",
+    "ReduceProd",
     "ReduceL1",
     "ReduceL2",
     "ReduceSumSquare",
@@ -92,8 +93,8 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
             one(t.broadcast_mul(&inv.reshape(shape.as_slice())?)?.broadcast_add(&shift.reshape(shape.as_slice())?)?)
         }
         "InstanceNormalization" | "GroupNormalization" => one(group_norm(node, ins)?),
-        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceL1" | "ReduceL2" | "ReduceSumSquare"
-        | "ReduceLogSum" | "ReduceLogSumExp" => {
+        "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1" | "ReduceL2"
+        | "ReduceSumSquare" | "ReduceLogSum" | "ReduceLogSumExp" => {
             let t = x()?;
             let from_input = opset >= 18 || (node.op_type == "ReduceSum" && opset >= 13);
             if !t.dtype().is_float() && node.op_type != "ReduceMax" && node.op_type != "ReduceMin" {
@@ -122,6 +123,8 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
                     "ReduceMean" => y.mean_keepdim(a)?,
                     "ReduceMax" => y.max_keepdim(a)?,
                     "ReduceMin" => y.min_keepdim(a)?,
+                    // A running product along the axis (exact for zeros and signs, unlike exp(sum(log))).
+                    "ReduceProd" => (1..y.dims()[a]).try_fold(y.narrow(a, 0, 1)?, |p, i| p.mul(&y.narrow(a, i, 1)?))?,
                     // Shifted by the maximum so that exp cannot overflow (LSE composes over axes).
                     "ReduceLogSumExp" => {
                         let m = y.max_keepdim(a)?;

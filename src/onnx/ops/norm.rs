@@ -94,57 +94,7 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
         }
         "InstanceNormalization" | "GroupNormalization" => one(group_norm(node, ins)?),
         "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1" | "ReduceL2"
-        | "ReduceSumSquare" | "ReduceLogSum" | "ReduceLogSumExp" => {
-            let t = x()?;
-            let from_input = opset >= 18 || (node.op_type == "ReduceSum" && opset >= 13);
-            if !t.dtype().is_float() && node.op_type != "ReduceMax" && node.op_type != "ReduceMin" {
-                return Err(node_err(
-                    node,
-                    format!("input is {:?}; this reduction is implemented for floats", t.dtype()),
-                ));
-            }
-            let axes = axes_of(node, ins, 1, from_input)?;
-            let keep = at.int("keepdims", 1) == 1;
-            let mut ax: Vec<usize> = match axes {
-                Some(a) if !a.is_empty() => a.iter().map(|&a| norm_axis(node, a, t.rank())).collect::<Result<_>>()?,
-                _ if at.int("noop_with_empty_axes", 0) == 1 => return one(t.clone()),
-                _ => (0..t.rank()).collect(),
-            };
-            ax.sort_unstable();
-            ax.dedup();
-            let op = node.op_type.as_str();
-            let mut y = match op {
-                "ReduceL1" => t.abs()?,
-                "ReduceL2" | "ReduceSumSquare" => t.sqr()?,
-                _ => t.clone(),
-            };
-            for &a in ax.iter().rev() {
-                y = match op {
-                    "ReduceMean" => y.mean_keepdim(a)?,
-                    "ReduceMax" => y.max_keepdim(a)?,
-                    "ReduceMin" => y.min_keepdim(a)?,
-                    // A running product along the axis (exact for zeros and signs, unlike exp(sum(log))).
-                    "ReduceProd" => (1..y.dims()[a]).try_fold(y.narrow(a, 0, 1)?, |p, i| p.mul(&y.narrow(a, i, 1)?))?,
-                    // Shifted by the maximum so that exp cannot overflow (LSE composes over axes).
-                    "ReduceLogSumExp" => {
-                        let m = y.max_keepdim(a)?;
-                        (y.broadcast_sub(&m)?.exp()?.sum_keepdim(a)?.log()? + m)?
-                    }
-                    _ => y.sum_keepdim(a)?,
-                };
-            }
-            y = match op {
-                "ReduceL2" => y.sqrt()?,
-                "ReduceLogSum" => y.log()?,
-                _ => y,
-            };
-            if !keep {
-                let dims: Vec<usize> =
-                    t.dims().iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect();
-                y = y.reshape(dims.as_slice())?;
-            }
-            one(y)
-        }
+        | "ReduceSumSquare" | "ReduceLogSum" | "ReduceLogSumExp" => one(reduce(node, ins, opset)?),
         other => Err(node_err(node, format!("op type `{other}` is not in this family"))),
     }
 }
@@ -183,4 +133,55 @@ fn group_norm(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<Tensor> {
     shape.resize(t.rank(), 1);
     let (s, b) = (per(&scale)?.reshape(shape.as_slice())?, per(&bias)?.reshape(shape.as_slice())?);
     Ok(y.reshape(t.dims())?.broadcast_mul(&s)?.broadcast_add(&b)?)
+}
+
+/// The Reduce* ops over `axes` (an input from opset 18, an attribute before), keeping dims or not.
+fn reduce(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tensor> {
+    let at = Attrs(node);
+    let x = || input(node, ins, 0);
+    let t = x()?;
+    let from_input = opset >= 18 || (node.op_type == "ReduceSum" && opset >= 13);
+    if !t.dtype().is_float() && node.op_type != "ReduceMax" && node.op_type != "ReduceMin" {
+        return Err(node_err(node, format!("input is {:?}; this reduction is implemented for floats", t.dtype())));
+    }
+    let axes = axes_of(node, ins, 1, from_input)?;
+    let keep = at.int("keepdims", 1) == 1;
+    let mut ax: Vec<usize> = match axes {
+        Some(a) if !a.is_empty() => a.iter().map(|&a| norm_axis(node, a, t.rank())).collect::<Result<_>>()?,
+        _ if at.int("noop_with_empty_axes", 0) == 1 => return Ok(t.clone()),
+        _ => (0..t.rank()).collect(),
+    };
+    ax.sort_unstable();
+    ax.dedup();
+    let op = node.op_type.as_str();
+    let mut y = match op {
+        "ReduceL1" => t.abs()?,
+        "ReduceL2" | "ReduceSumSquare" => t.sqr()?,
+        _ => t.clone(),
+    };
+    for &a in ax.iter().rev() {
+        y = match op {
+            "ReduceMean" => y.mean_keepdim(a)?,
+            "ReduceMax" => y.max_keepdim(a)?,
+            "ReduceMin" => y.min_keepdim(a)?,
+            // A running product along the axis (exact for zeros and signs, unlike exp(sum(log))).
+            "ReduceProd" => (1..y.dims()[a]).try_fold(y.narrow(a, 0, 1)?, |p, i| p.mul(&y.narrow(a, i, 1)?))?,
+            // Shifted by the maximum so that exp cannot overflow (LSE composes over axes).
+            "ReduceLogSumExp" => {
+                let m = y.max_keepdim(a)?;
+                (y.broadcast_sub(&m)?.exp()?.sum_keepdim(a)?.log()? + m)?
+            }
+            _ => y.sum_keepdim(a)?,
+        };
+    }
+    y = match op {
+        "ReduceL2" => y.sqrt()?,
+        "ReduceLogSum" => y.log()?,
+        _ => y,
+    };
+    if !keep {
+        let dims: Vec<usize> = t.dims().iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect();
+        y = y.reshape(dims.as_slice())?;
+    }
+    Ok(y)
 }

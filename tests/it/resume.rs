@@ -31,6 +31,21 @@ fn request(dir: &Path, out: &str, hp: &[&str]) -> TrainRequest {
     common::train_request(train_data, dir.join(out), b.build().unwrap().0)
 }
 
+/// `automm train --quiet` on `dir/train.csv` with the CNN fixture into `out`, with `--hp` settings.
+fn train_cmd(dir: &Path, out: &Path, hp: &[&str]) -> std::process::Command {
+    let mut c = bin();
+    c.args(["train", "--quiet", "--label", "label", "--train-data"])
+        .arg(dir.join("train.csv"))
+        .arg("--backbone")
+        .arg(backbone())
+        .arg("--output")
+        .arg(out);
+    for kv in hp {
+        c.args(["--hp", kv]);
+    }
+    c
+}
+
 fn losses(s: &automm::train::TrainSummary) -> Vec<f64> {
     s.history.iter().map(|h| h.train_loss).collect()
 }
@@ -115,18 +130,8 @@ fn diverging_learning_rate_stops_naming_epoch_and_batch_and_keeps_the_checkpoint
 fn kill_9_at_random_moments_then_resume_equals_uninterrupted() {
     let dir = tempfile::tempdir().unwrap();
     automm::app::synth::make_dataset(dir.path(), "train", &[24, 12, 8, 4], 48, 1).unwrap();
-    let args = |out: &Path| {
-        let mut c = bin();
-        c.args(["train", "--quiet", "--label", "label", "--train-data"])
-            .arg(dir.path().join("train.csv"))
-            .arg("--backbone")
-            .arg(backbone())
-            .arg("--output")
-            .arg(out)
-            .args(["--hp", "optimization.max_epochs=1000", "--hp", "optimization.patience=1000"])
-            .args(["--hp", "env.batch_size=4", "--hp", "env.seed=3"]);
-        c
-    };
+    let hp = ["optimization.max_epochs=1000", "optimization.patience=1000", "env.batch_size=4", "env.seed=3"];
+    let args = |out: &Path| train_cmd(dir.path(), out, &hp);
     let full = dir.path().join("full");
     assert!(args(&full).output().unwrap().status.success());
     let want = std::fs::read(full.join("head.safetensors")).unwrap();
@@ -161,21 +166,14 @@ fn kill_9_at_random_moments_then_resume_equals_uninterrupted() {
 fn kill_9_of_a_bit_fit_run_after_epoch_2_then_resume_equals_uninterrupted() {
     let dir = tempfile::tempdir().unwrap();
     automm::app::synth::make_dataset(dir.path(), "train", &[12, 6, 4, 3], 48, 2).unwrap();
-    let hp = ["optimization.efficient_finetune=bit_fit", "optimization.max_epochs=30", "optimization.patience=100"];
-    let args = |out: &Path| {
-        let mut c = bin();
-        c.args(["train", "--quiet", "--label", "label", "--train-data"])
-            .arg(dir.path().join("train.csv"))
-            .arg("--backbone")
-            .arg(backbone())
-            .arg("--output")
-            .arg(out)
-            .args(["--hp", "env.batch_size=4", "--hp", "env.seed=5"]);
-        for kv in hp {
-            c.args(["--hp", kv]);
-        }
-        c
-    };
+    let hp = [
+        "optimization.efficient_finetune=bit_fit",
+        "optimization.max_epochs=30",
+        "optimization.patience=100",
+        "env.batch_size=4",
+        "env.seed=5",
+    ];
+    let args = |out: &Path| train_cmd(dir.path(), out, &hp);
     let full = dir.path().join("full");
     let r = args(&full).output().unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));

@@ -19,7 +19,7 @@ pub mod tensor;
 
 pub(crate) use model::toposort_pruned;
 pub use model::{detect_feature_tensor, opset_of, read_model, read_npy, value_dims};
-use model::{fmt_dims, unsupported_ops};
+use model::{fmt_dims, input_type_error, resolve_cast_like, unsupported_ops};
 pub use plan::{OpTime, PlanStats};
 use plan::{Plan, PlanKey};
 
@@ -77,8 +77,12 @@ impl Graph {
             .filter(|i| !init_names.contains(i.name.as_str()))
             .map(|i| InputSpec { name: i.name.clone(), dims: value_dims(i) })
             .collect();
+        if let Some(e) = g.input.iter().filter(|i| !init_names.contains(i.name.as_str())).find_map(input_type_error) {
+            return Err(Error::onnx(name, e));
+        }
         let outputs = outputs.unwrap_or_else(|| g.output.iter().map(|o| o.name.clone()).collect());
-        let nodes = toposort_pruned(name, &g.node, &outputs, &inputs, &init_names)?;
+        let mut nodes = toposort_pruned(name, &g.node, &outputs, &inputs, &init_names)?;
+        resolve_cast_like(&mut nodes, g);
         let unsupported = unsupported_ops(&nodes);
         if !unsupported.is_empty() {
             let list: Vec<String> = unsupported.iter().map(|(op, n)| format!("{op} (e.g. node `{n}`)")).collect();

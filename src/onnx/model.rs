@@ -62,6 +62,53 @@ pub fn value_dims(v: &candle_onnx::onnx::ValueInfoProto) -> Vec<Option<usize>> {
     }
 }
 
+/// Why automm cannot take a graph input `v`, or None when its element type is one it reads: a value
+/// of another type (string, complex, float8, 4-bit, a sequence) is refused when the graph loads.
+pub(super) fn input_type_error(v: &candle_onnx::onnx::ValueInfoProto) -> Option<String> {
+    use candle_onnx::onnx::type_proto::Value as Ty;
+    match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        None => None,
+        Some(Ty::TensorType(tt)) => match super::tensor::dtype_of_code(tt.elem_type as i64) {
+            Some(_) => None,
+            None => {
+                let name = super::ops::attrs::type_name(tt.elem_type as i64);
+                Some(format!("input `{}` has element type {name}, which automm does not read", v.name))
+            }
+        },
+        Some(_) => {
+            Some(format!("input `{}` is not a tensor (sequences, maps and optionals are not supported)", v.name))
+        }
+    }
+}
+
+/// Rewrites each CastLike whose `like` has a declared type (a graph input, an initializer, or a
+/// value_info entry) into a Cast to that type: automm widens float16/bfloat16 values to float32, so
+/// the run-time dtype of `like` would not say that the result must be rounded to half precision.
+pub(super) fn resolve_cast_like(nodes: &mut [NodeProto], g: &candle_onnx::onnx::GraphProto) {
+    use candle_onnx::onnx::{attribute_proto::AttributeType, type_proto::Value as Ty, AttributeProto};
+    let declared = |name: &str| -> Option<i32> {
+        let from_value = g.input.iter().chain(&g.value_info).find(|v| v.name == name).and_then(|v| {
+            match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(Ty::TensorType(tt)) if tt.elem_type != 0 => Some(tt.elem_type),
+                _ => None,
+            }
+        });
+        from_value.or_else(|| g.initializer.iter().find(|t| t.name == name).map(|t| t.data_type))
+    };
+    for n in nodes.iter_mut().filter(|n| n.op_type == "CastLike" && n.input.len() == 2) {
+        if let Some(to) = declared(&n.input[1]) {
+            n.op_type = "Cast".into();
+            n.input.truncate(1);
+            n.attribute.push(AttributeProto {
+                name: "to".into(),
+                r#type: AttributeType::Int as i32,
+                i: to as i64,
+                ..Default::default()
+            });
+        }
+    }
+}
+
 /// Op types of `nodes` that [`ops::eval`] lacks, each with one node name.
 pub(super) fn unsupported_ops(nodes: &[NodeProto]) -> Vec<(String, String)> {
     let mut seen: Vec<(String, String)> = Vec::new();

@@ -118,6 +118,22 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
             };
             Tensor::from_vec(v, dims.as_slice(), device)?
         }
+        // Widened to int64; a uint64 above int64's range is refused rather than wrapped.
+        DataType::Uint32 | DataType::Uint64 => {
+            let v: Vec<u64> = if !t.uint64_data.is_empty() || raw.is_empty() {
+                check_len(t.uint64_data.len())?;
+                t.uint64_data.clone()
+            } else if dt == DataType::Uint32 {
+                check_raw(4)?;
+                raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64).collect()
+            } else {
+                check_raw(8)?;
+                raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+            };
+            let v: Option<Vec<i64>> = v.iter().map(|&x| i64::try_from(x).ok()).collect();
+            let v = v.ok_or_else(|| bad(name, "a uint64 value exceeds int64's range".into()))?;
+            Tensor::from_vec(v, dims.as_slice(), device)?
+        }
         DataType::Uint8 | DataType::Bool => {
             let v: Vec<u8> = if !t.int32_data.is_empty() || raw.is_empty() {
                 check_len(t.int32_data.len())?;

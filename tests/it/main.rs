@@ -4,6 +4,7 @@
 mod common;
 
 mod config;
+mod conformance;
 mod demo;
 mod export;
 mod finetune;

@@ -65,10 +65,23 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, _device: &Dev
                     }
                 })?)
             } else {
+                // On the host, with C's fmod and NumPy's mod (the divisor's sign; x mod inf = x or inf),
+                // as the spec's edge cases want; Mod carries no gradient.
                 let (a, b) = bcast2(node, a, b)?;
-                let q = (&a / &b)?;
-                let q = if fmod { q.sign()?.mul(&q.abs()?.floor()?)? } else { q.floor()? };
-                one((a - q.mul(&b)?)?)
+                let (x, y) = (to_f64s(&a)?, to_f64s(&b)?);
+                let v: Vec<f64> = x
+                    .iter()
+                    .zip(&y)
+                    .map(|(&p, &q)| {
+                        let r = p % q;
+                        match fmod {
+                            true => r,
+                            false if r != 0.0 && (r < 0.0) != (q < 0.0) => r + q,
+                            false => r.abs().copysign(q),
+                        }
+                    })
+                    .collect();
+                one(Tensor::from_vec(v, a.dims(), a.device())?.to_dtype(a.dtype())?)
             }
         }
         "Max" | "Min" | "Sum" => {

@@ -69,8 +69,43 @@ pub(super) fn rules(op: &str) -> Option<Rules> {
             (&["kernel_shape", "strides", "pads", "dilations", "ceil_mode", "auto_pad", "count_include_pad"], &[])
         }
         "Pad" => (&["mode", "pads", "value"], &[]),
+        "Einsum" => (&["equation"], &[]),
+        "ConvTranspose" => (
+            &["group", "dilations", "pads", "strides", "auto_pad", "kernel_shape", "output_padding", "output_shape"],
+            &[],
+        ),
+        // Antialiased downscaling is not implemented.
+        "Resize" => (
+            &[
+                "mode",
+                "coordinate_transformation_mode",
+                "nearest_mode",
+                "cubic_coeff_a",
+                "exclude_outside",
+                "extrapolation_value",
+                "keep_aspect_ratio_policy",
+                "axes",
+            ],
+            &[("antialias", Fixed::Int(0))],
+        ),
+        "Upsample" => (&["mode", "scales"], &[]),
         _ => return None,
     })
+}
+
+/// An ONNX element type's name, including the codes newer than candle-onnx's copy of onnx.proto.
+pub(crate) fn type_name(code: i64) -> String {
+    use candle_onnx::onnx::tensor_proto::DataType;
+    let newer = match code {
+        21 => "UINT4",
+        22 => "INT4",
+        23 => "FLOAT4E2M1",
+        24 => "FLOAT8E8M0",
+        25 => "UINT2",
+        26 => "INT2",
+        _ => "an unknown type",
+    };
+    DataType::try_from(code as i32).map(|d| format!("{d:?}")).unwrap_or(newer.to_string())
 }
 
 fn shown(a: &AttributeProto) -> String {
@@ -111,6 +146,15 @@ pub(crate) fn check(node: &NodeProto) -> Result<()> {
                     ),
                 ))
             }
+        }
+    }
+    if node.op_type == "Cast" {
+        let to = node.attribute.iter().find(|a| a.name == "to").map_or(0, |a| a.i);
+        if crate::onnx::tensor::dtype_of_code(to).is_none() {
+            return Err(node_err(
+                node,
+                format!("attribute `to` = {to} ({}) is not a type automm computes in", type_name(to)),
+            ));
         }
     }
     Ok(())

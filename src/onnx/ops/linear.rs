@@ -1,4 +1,4 @@
-//! ONNX ops, family: matrix products and convolution: MatMul, Gemm, Conv.
+//! ONNX ops, family: matrix products and convolution: MatMul, Gemm, Einsum, Conv, ConvTranspose.
 
 use candle_core::{Device, Tensor};
 use candle_onnx::onnx::NodeProto;
@@ -7,7 +7,7 @@ use super::*;
 use crate::error::Result;
 
 /// The op types this family evaluates.
-pub const OPS: &[&str] = &["MatMul", "Gemm", "Conv"];
+pub const OPS: &[&str] = &["MatMul", "Gemm", "Einsum", "Conv", "ConvTranspose"];
 
 /// Evaluates `node` (one of [`OPS`]).
 pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, _device: &Device) -> Result<Vec<Tensor>> {
@@ -48,6 +48,12 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, _device: &Dev
             one(y)
         }
         "Conv" => one(conv::conv(node, x()?, input(node, ins, 1)?, opt_input(ins, 2))?),
+        "ConvTranspose" => one(conv::conv_transpose(node, x()?, input(node, ins, 1)?, opt_input(ins, 2))?),
+        "Einsum" => {
+            let eq = at.string("equation").ok_or_else(|| node_err(node, "attribute `equation` is missing"))?;
+            let xs: Vec<&Tensor> = ins.iter().flatten().collect();
+            one(super::einsum::einsum(node, &eq, &xs)?)
+        }
         other => Err(node_err(node, format!("op type `{other}` is not in this family"))),
     }
 }

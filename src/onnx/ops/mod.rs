@@ -1,5 +1,5 @@
 //! ONNX operators evaluated on candle tensors, registered by family (one file each: arithmetic, unary,
-//! values, shape, layout, linear, norm, pool) behind [`eval`]; this file holds the registry and the
+//! values, shape, layout, linear, norm, pool, resize) behind [`eval`]; this file holds the registry and the
 //! helpers the families share. Each op checks its inputs and returns an error naming the node on bad
 //! input; nothing here panics on a malformed graph.
 
@@ -13,10 +13,12 @@ use crate::error::{Error, Result};
 mod arith;
 pub(crate) mod attrs;
 pub(crate) mod conv;
+mod einsum;
 mod layout;
 mod linear;
 mod norm;
 mod pool;
+mod resize;
 mod shape;
 mod unary;
 mod values;
@@ -35,6 +37,7 @@ const FAMILIES: &[(&[&str], Eval)] = &[
     (linear::OPS, linear::eval),
     (norm::OPS, norm::eval),
     (pool::OPS, pool::eval),
+    (resize::OPS, resize::eval),
 ];
 
 /// True when the registry has an evaluator for `op_type`.
@@ -78,6 +81,9 @@ impl<'a> Attrs<'a> {
     }
     pub fn ints(&self, name: &str) -> Option<Vec<i64>> {
         self.get(name).map(|a| a.ints.clone())
+    }
+    pub fn floats(&self, name: &str) -> Option<Vec<f32>> {
+        self.get(name).map(|a| a.floats.clone())
     }
     pub fn string(&self, name: &str) -> Option<String> {
         self.get(name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
@@ -292,15 +298,21 @@ fn pad(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tensor> {
         }
         y = match mode.as_str() {
             "constant" => pad_axis(&y, axis, b, e, value)?,
-            "reflect" | "edge" => {
+            "reflect" | "edge" | "wrap" => {
                 let dim = y.dims()[axis] as i64;
-                if b < 0 || e < 0 || dim == 0 || (mode == "reflect" && (b >= dim || e >= dim)) {
+                if b < 0
+                    || e < 0
+                    || dim == 0
+                    || (mode != "edge" && (b > dim || e > dim || mode == "reflect" && (b == dim || e == dim)))
+                {
                     return Err(node_err(node, format!("{mode} padding {b},{e} does not fit dimension {dim}")));
                 }
                 let idx: Vec<u32> = (-b..dim + e)
                     .map(|i| {
                         let j = if mode == "edge" {
                             i.clamp(0, dim - 1)
+                        } else if mode == "wrap" {
+                            i.rem_euclid(dim)
                         } else if i < 0 {
                             -i
                         } else if i >= dim {

@@ -56,20 +56,29 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
             let eps = at.float("epsilon", 1e-5) as f64;
             let scale = input(node, ins, 1)?;
             let inner: usize = t.dims()[axis..].iter().product();
-            if kernels::usable(&[t, scale]) && opt_input(ins, 2).is_none_or(|b| kernels::usable(&[b])) {
+            // The optional Mean and InvStdDev outputs need the composed path.
+            let stats = node.output.iter().skip(1).any(|o| !o.is_empty());
+            let fast = kernels::usable(&[t, scale]) && opt_input(ins, 2).is_none_or(|b| kernels::usable(&[b]));
+            if fast && !stats {
                 return one(kernels::layer_norm(t, inner, scale, opt_input(ins, 2), eps as f32)?);
             }
             let x2 = t.contiguous()?.reshape(((t.elem_count() / inner.max(1)), inner))?;
-            if [Some(t), Some(scale), opt_input(ins, 2)].iter().flatten().any(|v| v.track_op()) {
+            if stats || [Some(t), Some(scale), opt_input(ins, 2)].iter().flatten().any(|v| v.track_op()) {
                 // candle-nn's layer_norm has no backward pass: compose it from differentiable ops.
                 let mean = x2.mean_keepdim(1)?;
                 let xc = x2.broadcast_sub(&mean)?;
-                let var = xc.sqr()?.mean_keepdim(1)?;
-                let mut y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(&scale.flatten_all()?)?;
+                let inv_std = (xc.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+                let mut y = xc.broadcast_mul(&inv_std)?.broadcast_mul(&scale.flatten_all()?)?;
                 if let Some(b) = opt_input(ins, 2) {
                     y = y.broadcast_add(&b.flatten_all()?)?;
                 }
-                return one(y.reshape(t.dims())?);
+                let stat_dims: Vec<usize> =
+                    t.dims().iter().enumerate().map(|(i, &d)| if i < axis { d } else { 1 }).collect();
+                return Ok(vec![
+                    y.reshape(t.dims())?,
+                    mean.reshape(stat_dims.as_slice())?,
+                    inv_std.reshape(stat_dims.as_slice())?,
+                ]);
             }
             let scale = scale.flatten_all()?.broadcast_as(inner)?.contiguous()?;
             let bias = match opt_input(ins, 2) {
@@ -160,6 +169,10 @@ fn reduce(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tensor
         _ => t.clone(),
     };
     for &a in ax.iter().rev() {
+        if y.dims()[a] == 0 {
+            y = empty_reduction(op, &y, a)?;
+            continue;
+        }
         y = match op {
             "ReduceMean" => y.mean_keepdim(a)?,
             "ReduceMax" => y.max_keepdim(a)?,
@@ -184,4 +197,33 @@ fn reduce(node: &NodeProto, ins: &[Option<Tensor>], opset: i64) -> Result<Tensor
         y = y.reshape(dims.as_slice())?;
     }
     Ok(y)
+}
+
+/// A reduction over an empty axis: the operation's identity (0 for sums, 1 for products, -inf/+inf
+/// for max/min or the dtype's extreme for integers, NaN for a mean), as the spec's empty-set cases want.
+fn empty_reduction(op: &str, y: &Tensor, axis: usize) -> Result<Tensor> {
+    let mut shape = y.dims().to_vec();
+    shape[axis] = 1;
+    let n: usize = shape.iter().product();
+    let v = match op {
+        "ReduceMax" | "ReduceLogSumExp" => f64::NEG_INFINITY,
+        "ReduceMin" => f64::INFINITY,
+        "ReduceProd" => 1.0,
+        "ReduceMean" => f64::NAN,
+        _ => 0.0,
+    };
+    Ok(match y.dtype() {
+        DType::U8 => Tensor::from_vec(vec![if v == f64::INFINITY { u8::MAX } else { 0 }; n], shape, y.device())?,
+        DType::I64 => {
+            let i = if v == f64::INFINITY {
+                i64::MAX
+            } else if v < 0.0 {
+                i64::MIN
+            } else {
+                v as i64
+            };
+            Tensor::from_vec(vec![i; n], shape, y.device())?
+        }
+        dt => Tensor::full(v, shape, y.device())?.to_dtype(dt)?,
+    })
 }

@@ -17,6 +17,14 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, device: &Devi
     let one = |t: Tensor| Ok(vec![t]);
     match node.op_type.as_str() {
         "Identity" | "Dropout" => {
+            // Inference only: a training-mode Dropout (random masks) is refused, not run as the identity.
+            if let Some(mode) = opt_input(ins, 2).filter(|_| node.op_type == "Dropout") {
+                let ratio =
+                    opt_input(ins, 1).map(to_f64s).transpose()?.map_or(0.5, |r| r.first().copied().unwrap_or(0.5));
+                if ratio != 0.0 && to_i64s(mode)?.iter().any(|&m| m != 0) {
+                    return Err(node_err(node, "training_mode = true (random dropout) is not supported"));
+                }
+            }
             let t = x()?.clone();
             let mut out = vec![t.clone()];
             if node.output.len() > 1 {

@@ -1,7 +1,7 @@
 //! Fusions the plan applies to its runtime steps, each replacing several memory passes by one:
 //! a Conv followed by Relu/Clip (clamped as it is written), a MatMul followed by the Add of a constant bias
 //! row (added inside the gemm), and the erf GELU that exporters spell Div(x, sqrt 2) -> Erf -> Add 1 ->
-//! Mul x -> Mul 0.5 (one kernel instead of five).
+//! Mul x -> Mul 0.5 (one kernel instead of five), and SiLU spelled Mul(x, Sigmoid(x)).
 
 use std::collections::{HashMap, HashSet};
 
@@ -19,6 +19,9 @@ pub(crate) enum Fused {
     MatMulBias { bias: String, out: String, gelu: bool },
     /// GELU of `input` (the step's Div node and the four after it); the result is `out`.
     Gelu { input: String, out: String },
+    /// SiLU of the step's Sigmoid input x: the Sigmoid and the Mul(x, Sigmoid(x)) reading it; the result
+    /// is `out`.
+    Silu { out: String },
 }
 
 /// The scalar value of a static tensor, if it is one.
@@ -84,6 +87,15 @@ fn conv_act(g: &View<'_>, out: &str, opset: i64) -> Option<(usize, Fused)> {
     Some((j, Fused::ConvAct { lo, hi, out: c.output.first()?.clone() }))
 }
 
+/// Sigmoid `n` (output `out`) whose only reader multiplies it by the Sigmoid's own input: SiLU.
+fn silu(g: &View<'_>, n: &NodeProto, out: &str) -> Option<(usize, Fused)> {
+    let j = g.single(out)?;
+    let m = &g.nodes[j];
+    let x = n.input.first()?;
+    (m.op_type == "Mul" && other_input(m, out).as_ref() == Some(x))
+        .then(|| (j, Fused::Silu { out: m.output[0].clone() }))
+}
+
 /// MatMul `n` by a static matrix (output `out`) followed by its only reader adding a static bias row.
 fn matmul_bias(g: &View<'_>, n: &NodeProto, out: &str) -> Option<(usize, Fused)> {
     let j = g.single(out)?;
@@ -145,6 +157,7 @@ pub(crate) fn fuse(
         let found = match n.op_type.as_str() {
             "Conv" => conv_act(&g, out, opset).map(|(j, f)| (vec![j], f)),
             "MatMul" => matmul_bias(&g, n, out).map(|(j, f)| (vec![j], f)),
+            "Sigmoid" => silu(&g, n, out).map(|(j, f)| (vec![j], f)),
             "Div" => gelu(&g, n, out).map(|(chain, f)| {
                 gelu_chains.insert(i, chain);
                 (chain.to_vec(), f)

@@ -35,7 +35,7 @@ pub(crate) struct Blocked {
 /// The value a step produces (the last node's output for a fused pattern).
 fn step_output(node: &NodeProto, fused: Option<&Fused>) -> Option<String> {
     match fused {
-        Some(Fused::ConvAct { out, .. }) => Some(out.clone()),
+        Some(Fused::ConvAct { out, .. } | Fused::Silu { out }) => Some(out.clone()),
         Some(_) => None,
         None => node.output.first().cloned(),
     }
@@ -76,7 +76,7 @@ pub(crate) fn plan(
             readers.entry(v.as_str()).or_default().push(i);
         }
     }
-    let reads_blocked = |j: usize| native(&nodes[j], statics) || nodes[j].op_type == "GlobalAveragePool";
+    let reads_blocked = |j: usize| native(&nodes[j], statics) || spatial_mean(&nodes[j], statics);
     let mut b = Blocked::default();
     for &i in steps {
         let n = &nodes[i];
@@ -92,13 +92,15 @@ pub(crate) fn plan(
                 w.is_some_and(|w| w.rank() == 4 && w.dims()[0] % LANES == 0 && w.dtype() == DType::F32)
                     && readers.get(out.as_str()).is_some_and(|r| r.iter().all(|&j| reads_blocked(j)))
             }
-            "Add" | "Relu" | "Clip" => {
-                fused.get(&i).is_none()
+            // Elementwise: the same op on blocked data. Two blocked operands broadcast in blocked form
+            // exactly as in NCHW ([n, c/8, 1, 1, 8] against [n, c/8, h, w, 8] is a per-channel scale).
+            "Add" | "Mul" | "Relu" | "Clip" | "Sigmoid" | "HardSigmoid" | "HardSwish" => {
+                fused.get(&i).is_none_or(|f| matches!(f, Fused::Silu { .. }))
                     && data_inputs().count() > 0
                     && data_inputs().all(|v| b.values.contains(v))
                     // Clip's bounds must be scalars (they are; blocked data would not broadcast otherwise).
                     && n.input.iter().skip(1).all(|v| v.is_empty() || statics.get(v).is_none_or(|t| t.elem_count() == 1))
-                    && (n.op_type != "Add" || data_inputs().count() == 2)
+                    && (!matches!(n.op_type.as_str(), "Add" | "Mul") || data_inputs().count() == 2)
             }
             _ => false,
         };
@@ -108,6 +110,29 @@ pub(crate) fn plan(
         }
     }
     b
+}
+
+/// Whether `node` is a mean over the spatial axes of an NCHW value: GlobalAveragePool, or ReduceMean over
+/// axes {2, 3} (attribute or static input) keeping dims, as timm's squeeze-excite blocks export it. Both
+/// read a blocked value directly ([`global_avg_pool`]).
+pub(crate) fn spatial_mean(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
+    match node.op_type.as_str() {
+        "GlobalAveragePool" => true,
+        "ReduceMean" => {
+            let at = Attrs(node);
+            let axes = match node.input.get(1).filter(|v| !v.is_empty()) {
+                Some(v) => statics.get(v).and_then(|t| ops::to_i64s(t).ok()),
+                None => at.ints("axes"),
+            };
+            let spatial = axes.is_some_and(|mut a| {
+                a.iter_mut().for_each(|x| *x = if *x < 0 { *x + 4 } else { *x });
+                a.sort_unstable();
+                a == [2, 3]
+            });
+            spatial && at.int("keepdims", 1) == 1
+        }
+        _ => false,
+    }
 }
 
 /// `[n, c, h, w]` as blocked `[n, c/8, h, w, 8]`.
@@ -163,6 +188,10 @@ impl Blocked {
         statics: &HashMap<String, Tensor>,
     ) -> Result<(String, Tensor)> {
         let out = step_output(node, fused).ok_or_else(|| node_err(node, "blocked step without an output"))?;
+        if let Some(Fused::Silu { .. }) = fused {
+            let x = ins.first().cloned().flatten().ok_or_else(|| node_err(node, "input 0 is missing"))?;
+            return Ok((out, ops::unary::silu(&x)?));
+        }
         if node.op_type != "Conv" {
             // Elementwise on identical layouts: the ordinary op on the blocked tensors.
             let y = ops::eval(node, ins, graph.opset, &graph.device)?.into_iter().next();

@@ -199,7 +199,10 @@ impl Graph {
             let t0 = std::time::Instant::now();
             let blocked_step = plan.blocked.steps.contains(&i);
             let reads_blocked = !blocked_step && node.input.iter().any(|n| plan.blocked.values.contains(n));
-            let pool = reads_blocked && node.op_type == "GlobalAveragePool" && !plan.fused.contains_key(&i);
+            let pool = reads_blocked
+                && plan.blocked.values.contains(&node.input[0])
+                && layout::spatial_mean(node, &plan.statics)
+                && !plan.fused.contains_key(&i);
             if reads_blocked && !pool {
                 // Readers without a blocked kernel get NCHW.
                 for (t, n) in ins.iter_mut().zip(&node.input) {
@@ -293,6 +296,7 @@ impl Graph {
                 };
                 (out.clone(), y)
             }
+            fuse::Fused::Silu { out } => (out.clone(), ops::unary::silu(&arg(0)?)?),
             fuse::Fused::Gelu { out, .. } => {
                 let x = arg(0)?;
                 let y = if kernels::usable(&[&x]) { kernels::unary(kernels::Unary::Gelu, &x)? } else { x.gelu_erf()? };

@@ -90,6 +90,9 @@ pub fn conv_act(
     if fast && depthwise {
         return kernels::conv_depthwise(x, w, b, geom, act);
     }
+    if fast && group > 1 {
+        return kernels::conv_grouped(x, w, b, geom, group, act);
+    }
     let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == candle_core::DType::F32;
     let y = if depthwise && cpu_f32 {
         // Differentiable and fast: candle would run one conv per channel, forward and backward.

@@ -20,7 +20,7 @@ mod norm;
 mod pool;
 mod resize;
 mod shape;
-mod unary;
+pub(crate) mod unary;
 mod values;
 
 /// An op family's evaluator.

@@ -60,6 +60,11 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
             let t = x()?;
             one(if at.string("approximate").as_deref() == Some("tanh") { t.gelu()? } else { t.gelu_erf()? })
         }
+        "HardSigmoid" if kernels::usable(&[x()?]) => {
+            let (a, b) = (at.float("alpha", 0.2), at.float("beta", 0.5));
+            one(kernels::unary(kernels::Unary::HardSigmoid(a, b), x()?)?)
+        }
+        "HardSwish" if kernels::usable(&[x()?]) => one(kernels::unary(kernels::Unary::HardSwish, x()?)?),
         "HardSigmoid" => {
             let (a, b) = (at.float("alpha", 0.2) as f64, at.float("beta", 0.5) as f64);
             one(x()?.affine(a, b)?.clamp(0f32, 1f32)?)
@@ -100,4 +105,12 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
         }
         other => Err(node_err(node, format!("op type `{other}` is not in this family"))),
     }
+}
+
+/// SiLU, x * sigmoid(x): our kernel when no gradient is tracked (a fused Sigmoid + Mul).
+pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
+    if kernels::usable(&[x]) {
+        return kernels::unary(kernels::Unary::Silu, x);
+    }
+    Ok(x.mul(&candle_nn::ops::sigmoid(x)?)?)
 }

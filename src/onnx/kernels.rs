@@ -455,6 +455,7 @@ macro_rules! simd_dispatch {
 mod depthwise;
 pub mod nchwc;
 mod pointwise;
+pub mod pool;
 pub mod sgemm;
 pub use depthwise::{conv_depthwise, DepthwiseOp};
 pub use pointwise::PointwiseOp;
@@ -534,6 +535,17 @@ pub fn exp(x: f32) -> f32 {
     f32::from_bits((ni.wrapping_add(127) << 23) as u32) * p
 }
 
+/// tanh(x) as expm1(2x) / (expm1(2x) + 2), with expm1 by its Taylor series near 0 (where exp(y) - 1
+/// would cancel) and by [`exp`] elsewhere; both computed and one selected, so loops vectorise.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let y = 2.0 * x;
+    const C: [f32; 6] = [0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0];
+    let series = y * (1.0 + y * (C[0] + y * (C[1] + y * (C[2] + y * (C[3] + y * (C[4] + y * C[5]))))));
+    let em = if y.abs() < 0.35 { series } else { exp(y) - 1.0 };
+    em / (em + 2.0)
+}
+
 /// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, 5e-7 in f32), vectorisable.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
@@ -571,6 +583,12 @@ pub enum Unary {
     HardSigmoid(f32, f32),
     /// x / (1 + e^-x), what exporters spell Mul(x, Sigmoid(x))
     Silu,
+    /// tanh(x)
+    Tanh,
+    /// x^2
+    Square,
+    /// x^3 (the tanh GELU's Pow(x, 3))
+    Cube,
 }
 
 /// Applies `op` to every element.
@@ -590,6 +608,9 @@ pub fn unary(op: Unary, t: &Tensor) -> Result<Tensor> {
         Unary::HardSigmoid(a, b) => {
             par_build(n, 1, |s, o| map_chunk(|v: f32| (a * v + b).clamp(0.0, 1.0), o, &x[s..s + o.len()]))
         }
+        Unary::Tanh => par_build(n, 1, |s, o| map_chunk(tanh, o, &x[s..s + o.len()])),
+        Unary::Square => par_build(n, 1, |s, o| map_chunk(|v: f32| v * v, o, &x[s..s + o.len()])),
+        Unary::Cube => par_build(n, 1, |s, o| map_chunk(|v: f32| v * v * v, o, &x[s..s + o.len()])),
         Unary::Silu => par_build(n, 1, |s, o| map_chunk(|v: f32| v / (1.0 + exp(-v)), o, &x[s..s + o.len()])),
     })?;
     tensor(out, t.dims())
@@ -918,6 +939,12 @@ mod tests {
             let r = erf(x);
             let want = libm_erf(x as f64);
             assert!((r as f64 - want).abs() < 5e-7, "erf({x}) = {r}, want {want}");
+            let (th, want) = (tanh(x) as f64, (x as f64).tanh());
+            assert!((th - want).abs() <= 1e-6 * want.abs().max(1e-3), "tanh({x}) = {th}, want {want}");
+        }
+        for x in [1e-6f32, -3e-5, 0.17, -0.174, 0.176, 60.0, -60.0] {
+            let (th, want) = (tanh(x) as f64, (x as f64).tanh());
+            assert!((th - want).abs() <= 1e-6 * want.abs(), "tanh({x}) = {th}, want {want}");
         }
         assert_eq!(exp(-1000.0), exp(-87.0));
     }
@@ -992,6 +1019,7 @@ mod tests {
             (vec![1], "scalar"),
             (vec![2, 3, 4, 5], "same shape"),
             (vec![4, 5], "last two dims"),
+            (vec![2, 3, 1, 5], "a hole (a channel-blocked per-channel scale)"),
         ] {
             let b = t(seq(bd.iter().product(), 0.7).iter().map(|v| v + 2.0).collect(), &bd);
             for op in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div] {

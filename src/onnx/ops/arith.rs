@@ -38,8 +38,18 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, _device: &Dev
                     } else {
                         let b = b.to_dtype(a.dtype())?;
                         // Common exponents as exact ops; others as exp(b * ln a) (a > 0).
-                        match to_f64s(&b).ok().filter(|v| v.len() == 1).map(|v| v[0]) {
+                        let exponent = to_f64s(&b).ok().filter(|v| v.len() == 1).map(|v| v[0]);
+                        let power = match exponent {
+                            Some(2.0) => Some(kernels::Unary::Square),
+                            Some(3.0) => Some(kernels::Unary::Cube),
+                            _ => None,
+                        };
+                        if let Some(op) = power.filter(|_| kernels::usable(&[a]) && b.elem_count() == 1) {
+                            return one(kernels::unary(op, a)?);
+                        }
+                        match exponent {
                             Some(2.0) => a.sqr()?,
+                            Some(3.0) => a.sqr()?.mul(a)?,
                             Some(0.5) => a.sqrt()?,
                             Some(1.0) => a.clone(),
                             Some(e) => a.powf(e)?,

@@ -122,6 +122,14 @@ fn pool(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
         axes.insert(0, Axis { k: 1, s: 1, d: 1, before: 0, after: 0, extra: 0, out: 1 });
     }
     let (h, w) = (axes[0], axes[1]);
+    if kernels::usable(&[&x4]) {
+        // Inference: one pass per window (the candle path below carries gradients).
+        let include = Attrs(node).int("count_include_pad", 0) == 1;
+        let k =
+            |a: Axis| kernels::pool::PoolAxis { k: a.k, s: a.s, d: a.d, before: a.before, after: a.after, out: a.out };
+        let y = kernels::pool::pool2d(&x4, k(h), k(w), max, include)?;
+        return Ok(if one_d { y.squeeze(2)? } else { y });
+    }
     let y = if max {
         let padded = pad_hw(&x4, h, w, f64::NEG_INFINITY, f64::NEG_INFINITY)?;
         window_reduce(&padded, h, w, true)?

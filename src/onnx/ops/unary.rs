@@ -55,6 +55,7 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
         "Exp" => one(x()?.exp()?),
         "Relu" => one(x()?.relu()?),
         "Sigmoid" => one(candle_nn::ops::sigmoid(x()?)?),
+        "Tanh" if kernels::usable(&[x()?]) => one(kernels::unary(kernels::Unary::Tanh, x()?)?),
         "Tanh" => one(x()?.tanh()?),
         "Gelu" => {
             let t = x()?;

@@ -120,7 +120,36 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         summary.train_seconds,
         summary.seconds_per_epoch
     );
+    print_imbalance(&summary);
     print!("{}", metrics::summary_table(&summary.validation));
     println!("\nmodel folder: {}", output.display());
     Ok(())
+}
+
+/// Below this many training rows, a class's validation recall gets a note on how many images it rests on.
+const FEW_ROWS: usize = 10;
+
+/// The data's class counts and imbalance, the loss and why, and which recalls rest on few images.
+fn print_imbalance(summary: &automm::train::TrainSummary) {
+    let v = &summary.validation;
+    let counts = &summary.train_counts;
+    if counts.is_empty() {
+        return;
+    }
+    let shown: Vec<String> = v.classes.iter().zip(counts).map(|(c, n)| format!("{c} {n}")).collect();
+    let (lo, hi) = (counts.iter().min().copied().unwrap_or(0), counts.iter().max().copied().unwrap_or(0));
+    println!(
+        "training rows per class: {} (imbalance {hi} / {lo} = {:.1})",
+        shown.join(", "),
+        hi as f64 / lo.max(1) as f64
+    );
+    if let Some(loss) = summary.loss {
+        println!("loss: {loss} ({})", summary.loss_reason);
+    }
+    for (c, &n) in counts.iter().enumerate().filter(|(_, &n)| n < FEW_ROWS) {
+        let (name, support) = (&v.classes[c], v.support.get(c).copied().unwrap_or(0));
+        let recall = v.per_class_recall.get(c).copied().unwrap_or(0.0);
+        println!("note: `{name}` has {n} training rows; its validation recall {recall:.3} rests on {support} images");
+    }
+    println!();
 }

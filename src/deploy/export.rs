@@ -126,6 +126,8 @@ fn metadata(cfg: &ModelConfig, kind: ExportKind, input: &str) -> Result<Vec<Stri
             format!("focal_loss(alpha={:?}, gamma={}, reduction={})", cfg.alpha, hp.focal_gamma, hp.focal_reduction)
         }
         LossKind::CrossEntropy => format!("cross_entropy(label_smoothing={})", hp.label_smoothing),
+        LossKind::LogitAdjusted => format!("logit_adjusted(tau={})", hp.logit_tau),
+        LossKind::Auto => "auto".to_string(),
     };
     let entries = [
         (keys::CLASSES, j(&cfg.classes)?),

@@ -10,7 +10,13 @@ crate::named_enum! {
         /// AutoGluon's multiclass focal loss.
         FocalLoss = "focal_loss" | "focal",
         /// Cross-entropy (optionally label-smoothed).
-        CrossEntropy = "cross_entropy" | "ce" | "auto",
+        CrossEntropy = "cross_entropy" | "ce",
+        /// Cross-entropy on `logits + tau * log(prior)` (Menon et al. 2021; = Balanced Softmax): the
+        /// imbalance-aware loss, predictions use the raw logits.
+        LogitAdjusted = "logit_adjusted" | "balanced_softmax",
+        /// Chosen from the training data when a run starts: `logit_adjusted` when the largest class has
+        /// at least [`IMBALANCE_RATIO`] times the rows of the smallest, else `cross_entropy`.
+        Auto = "auto",
     }
 }
 
@@ -86,6 +92,9 @@ pub enum Alpha {
     List(Vec<f64>),
 }
 
+/// Largest / smallest training class count from which the `auto` loss is `logit_adjusted`.
+pub const IMBALANCE_RATIO: f64 = 3.0;
+
 /// The resolved, validated training configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HyperParams {
@@ -97,6 +106,12 @@ pub struct HyperParams {
     pub focal_gamma: f64,
     /// `optimization.focal_loss.reduction`.
     pub focal_reduction: Reduction,
+    /// `optimization.logit_adjustment.tau`: the weight of log(prior) in the logit-adjusted loss.
+    #[serde(default = "default_tau")]
+    pub logit_tau: f64,
+    /// Why `loss_function` is what it is (recorded by a run; e.g. the imbalance that chose it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_reason: Option<String>,
     /// `optimization.max_epochs`.
     pub max_epochs: usize,
     /// `optimization.learning_rate`.
@@ -132,6 +147,10 @@ pub struct HyperParams {
     pub train_transforms: Vec<Transform>,
 }
 
+fn default_tau() -> f64 {
+    1.0
+}
+
 impl HyperParams {
     /// True when part of the backbone trains (the backbone then runs every epoch).
     pub fn finetunes_backbone(&self) -> bool {
@@ -142,10 +161,12 @@ impl HyperParams {
 impl Default for HyperParams {
     fn default() -> Self {
         HyperParams {
-            loss_function: LossKind::CrossEntropy,
+            loss_function: LossKind::Auto,
             focal_alpha: Alpha::None,
             focal_gamma: 2.0,
             focal_reduction: Reduction::Mean,
+            logit_tau: 1.0,
+            loss_reason: None,
             max_epochs: 10,
             // AutoMM's 1e-4 is for fine-tuning a whole backbone; a linear head on frozen features
             // needs a larger step to converge in 10 epochs.

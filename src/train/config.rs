@@ -49,6 +49,14 @@ const KEYS: &[Key] = &[
     },
     Key { name: "optimization.focal_loss.reduction", aliases: &["optim.focal_loss.reduction"], set: set_reduction },
     Key {
+        name: "optimization.logit_adjustment.tau",
+        aliases: &["optim.logit_adjustment.tau"],
+        set: |hp, k, v| {
+            hp.logit_tau = checked(k, as_f64(k, v)?, |t| t >= 0.0, "tau must be a finite number >= 0")?;
+            Ok(())
+        },
+    },
+    Key {
         name: "optimization.max_epochs",
         aliases: &["optim.max_epochs"],
         set: |hp, k, v| {

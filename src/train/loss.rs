@@ -1,5 +1,6 @@
 //! Losses as free functions over candle tensors (shape-checked, differentiable): AutoGluon's multiclass
-//! focal loss and cross-entropy with label smoothing.
+//! focal loss, cross-entropy with label smoothing, and the logit-adjusted loss; and the choice of the
+//! `auto` loss from the training data's class counts.
 //!
 //! Focal loss follows AutoGluon/AutoMM exactly: `loss_i = (1 - p_t)^gamma * (-alpha[t] * log p_t)` with
 //! `p_t = softmax(logits)[t]`; `mean` is a plain mean over samples, `sum` sums, `none` keeps per-sample
@@ -7,8 +8,8 @@
 //! into NaN.
 
 use crate::error::{Error, Result};
-use crate::model::hparams::Alpha;
 pub use crate::model::hparams::Reduction;
+use crate::model::hparams::{Alpha, LossKind, IMBALANCE_RATIO};
 use candle_core::{DType, Tensor, D};
 
 /// Checks `logits` is `[N, C]` and `target` is `[N]`; returns `(N, C)`.
@@ -104,6 +105,63 @@ pub fn cross_entropy(logits: &Tensor, target: &Tensor, label_smoothing: f64, red
     reduce(per_sample, reduction)
 }
 
+/// The logit-adjusted loss (Menon et al., ICLR 2021; the same as Balanced Softmax): cross-entropy on
+/// `logits + tau * log_prior`, where `log_prior` `[C]` holds the log class frequencies of the training
+/// rows. The shift makes rare classes' logits pay more for the same margin; predictions use the raw
+/// logits.
+pub fn logit_adjusted(
+    logits: &Tensor,
+    target: &Tensor,
+    log_prior: &Tensor,
+    tau: f64,
+    reduction: Reduction,
+) -> Result<Tensor> {
+    let (_n, c) = check_shapes(logits, target)?;
+    if log_prior.dims() != [c] {
+        return Err(Error::Shape {
+            name: "log_prior".into(),
+            msg: format!("expected [{c}] (one log frequency per class), found {:?}", log_prior.dims()),
+        });
+    }
+    if !(tau >= 0.0 && tau.is_finite()) {
+        return Err(Error::config("optimization.logit_adjustment.tau", format!("must be finite and >= 0, got {tau}")));
+    }
+    let shift = (log_prior.to_dtype(logits.dtype())? * tau)?;
+    cross_entropy(&logits.broadcast_add(&shift)?, target, 0.0, reduction)
+}
+
+/// log(n_c / N) of per-class training counts (every count positive).
+pub fn log_prior(counts: &[usize]) -> Result<Vec<f64>> {
+    if let Some(c) = counts.iter().position(|&n| n == 0) {
+        return Err(Error::config(
+            "optimization.loss_function",
+            format!("logit_adjusted needs every class in the training data; class index {c} has no rows"),
+        ));
+    }
+    let total: usize = counts.iter().sum();
+    Ok(counts.iter().map(|&n| (n as f64 / total as f64).ln()).collect())
+}
+
+/// The loss a run trains with, and why: an explicit `optimization.loss_function` as given, and `auto`
+/// by the training data's imbalance (largest / smallest class count against [`IMBALANCE_RATIO`]).
+pub fn resolve_loss(kind: LossKind, counts: &[usize]) -> (LossKind, String) {
+    if kind != LossKind::Auto {
+        return (kind, "set by optimization.loss_function".into());
+    }
+    let (lo, hi) = (counts.iter().copied().min().unwrap_or(0), counts.iter().copied().max().unwrap_or(0));
+    let ratio = hi as f64 / lo.max(1) as f64;
+    if ratio >= IMBALANCE_RATIO {
+        let why = format!(
+            "imbalanced training data: largest / smallest class = {hi} / {lo} = {ratio:.1} >= {IMBALANCE_RATIO}"
+        );
+        (LossKind::LogitAdjusted, why)
+    } else {
+        let why =
+            format!("balanced training data: largest / smallest class = {hi} / {lo} = {ratio:.1} < {IMBALANCE_RATIO}");
+        (LossKind::CrossEntropy, why)
+    }
+}
+
 /// AutoGluon's `alpha=auto` weights for focal loss: `w_c = N / n_c`, normalised to sum 1.
 /// `counts[c]` is the number of training rows of class `c`; every count must be positive.
 pub fn auto_alpha(counts: &[usize]) -> Result<Vec<f64>> {
@@ -163,6 +221,53 @@ mod tests {
         let a = Tensor::new(&[1f32, 1.0], &d).unwrap();
         let e = focal_loss(&logits, &t, Some(&a), 1.0, Reduction::Mean).unwrap_err().to_string();
         assert!(e.contains("alpha") && e.contains("[4]"), "{e}");
+    }
+
+    /// Loss and gradient of the logit-adjusted loss against the closed form: with u = z + tau log(pi),
+    /// loss = -log softmax(u)_y and d loss / d z = softmax(u) - onehot(y); the last class has one row.
+    #[test]
+    fn logit_adjusted_matches_the_closed_form() {
+        let d = Device::Cpu;
+        let counts = [200usize, 66, 22, 1];
+        let lp = log_prior(&counts).unwrap();
+        let total: f64 = counts.iter().sum::<usize>() as f64;
+        assert!((lp[3] - (1.0 / total).ln()).abs() < 1e-12);
+        let z = [[0.3f64, -1.2, 0.8, 2.0], [1.5, 0.1, -0.4, -2.2]];
+        let y = [3u32, 0];
+        let tau = 1.0;
+        let zt = candle_core::Var::new(&[[0.3f32, -1.2, 0.8, 2.0], [1.5, 0.1, -0.4, -2.2]], &d).unwrap();
+        let prior = Tensor::new(lp.iter().map(|&v| v as f32).collect::<Vec<_>>().as_slice(), &d).unwrap();
+        let loss = logit_adjusted(zt.as_tensor(), &Tensor::new(&y, &d).unwrap(), &prior, tau, Reduction::Mean).unwrap();
+        let grad = loss.backward().unwrap().get(&zt).unwrap().to_vec2::<f32>().unwrap();
+        let mut want_loss = 0.0;
+        for (i, row) in z.iter().enumerate() {
+            let u: Vec<f64> = row.iter().zip(&lp).map(|(z, p)| z + tau * p).collect();
+            let lse = u.iter().map(|v| v.exp()).sum::<f64>().ln();
+            want_loss += (lse - u[y[i] as usize]) / 2.0;
+            for (j, &uj) in u.iter().enumerate() {
+                let want = ((uj - lse).exp() - if j == y[i] as usize { 1.0 } else { 0.0 }) / 2.0;
+                assert!((grad[i][j] as f64 - want).abs() < 1e-6, "d/dz[{i}][{j}] = {} want {want}", grad[i][j]);
+            }
+        }
+        let got = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!((got - want_loss).abs() < 1e-5, "{got} vs {want_loss}");
+        // tau = 0 is plain cross-entropy.
+        let t = Tensor::new(&y, &d).unwrap();
+        let la0 = logit_adjusted(zt.as_tensor(), &t, &prior, 0.0, Reduction::Sum).unwrap().to_scalar::<f32>().unwrap();
+        let ce = cross_entropy(zt.as_tensor(), &t, 0.0, Reduction::Sum).unwrap().to_scalar::<f32>().unwrap();
+        assert!((la0 - ce).abs() < 1e-6);
+        let e = logit_adjusted(zt.as_tensor(), &t, &prior.narrow(0, 0, 3).unwrap(), 1.0, Reduction::Mean).unwrap_err();
+        assert!(e.to_string().contains("log_prior"), "{e}");
+    }
+
+    #[test]
+    fn auto_loss_follows_the_imbalance_ratio() {
+        let (k, why) = resolve_loss(LossKind::Auto, &[200, 66, 22, 7]);
+        assert_eq!(k, LossKind::LogitAdjusted);
+        assert!(why.contains("200 / 7") && why.contains("28.6"), "{why}");
+        assert_eq!(resolve_loss(LossKind::Auto, &[33, 25, 11]).0, LossKind::LogitAdjusted);
+        assert_eq!(resolve_loss(LossKind::Auto, &[32, 25, 11]).0, LossKind::CrossEntropy);
+        assert_eq!(resolve_loss(LossKind::FocalLoss, &[200, 7]).0, LossKind::FocalLoss);
     }
 
     #[test]

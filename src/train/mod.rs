@@ -131,6 +131,15 @@ pub struct TrainSummary {
     /// Seconds per epoch (training and validation).
     #[serde(default)]
     pub seconds_per_epoch: f64,
+    /// The loss trained with (`auto` resolved).
+    #[serde(default)]
+    pub loss: Option<crate::model::hparams::LossKind>,
+    /// Why that loss (e.g. the imbalance that chose it).
+    #[serde(default)]
+    pub loss_reason: String,
+    /// Training rows per class, in class order.
+    #[serde(default)]
+    pub train_counts: Vec<usize>,
 }
 
 crate::named_enum! {
@@ -250,6 +259,8 @@ struct Rows {
     /// Where the validation rows came from, in words.
     val_source: String,
     alpha: Option<Vec<f64>>,
+    /// Training rows per class.
+    counts: Vec<usize>,
 }
 
 impl Rows {
@@ -306,7 +317,19 @@ fn rows(req: &TrainRequest) -> Result<Rows> {
     }
     let alpha = loss::resolve_alpha(&req.hp.focal_alpha, &classes.names, &counts)?;
     let image_column = table.image_column.clone();
-    Ok(Rows { classes, image_column, train, train_targets, val, val_targets, val_source, alpha })
+    Ok(Rows { classes, image_column, train, train_targets, val, val_targets, val_source, alpha, counts })
+}
+
+/// `hp` with the loss resolved from the training counts (`auto` by the imbalance) and the reason
+/// recorded; logged once.
+fn resolved_loss(hp: &HyperParams, rows: &Rows) -> Result<HyperParams> {
+    let (kind, why) = loss::resolve_loss(hp.loss_function, &rows.counts);
+    let counts: Vec<String> = rows.classes.names.iter().zip(&rows.counts).map(|(c, n)| format!("{c} {n}")).collect();
+    tracing::info!("loss: {kind} ({why}); training rows per class: {}", counts.join(", "));
+    let mut hp = hp.clone();
+    hp.loss_function = kind;
+    hp.loss_reason = Some(why);
+    Ok(hp)
 }
 
 fn run(
@@ -315,18 +338,20 @@ fn run(
     state: Option<TrainState>,
     mut on_event: impl FnMut(&Event),
 ) -> Result<TrainSummary> {
-    let hp = &req.hp;
-    let device = crate::util::device::select_device(hp.num_gpus);
     let rows = rows(req)?;
+    let hp = &resolved_loss(&req.hp, &rows)?;
+    let device = crate::util::device::select_device(hp.num_gpus);
     on_event(&Event::Phase(Phase::Features));
     let backbone = Backbone::load(&req.backbone, &device, req.feature_tensor.as_deref(), req.normalization.clone())?;
     let t0 = Instant::now();
+    let log_prior = loss::log_prior(&rows.counts)?;
     let data = FitData {
         targets: &rows.train_targets,
         eval_targets: rows.eval_targets(),
         classes: &rows.classes.names,
         hp,
         alpha: rows.alpha.as_deref(),
+        log_prior: Some(&log_prior),
     };
     let ctx = FitContext { quiet: req.quiet, checkpoint: Some(ck), resume: state, cancel: req.cancel.as_deref() };
     let run = Setup { req, backbone: &backbone, rows: &rows, device: &device };
@@ -337,7 +362,7 @@ fn run(
     };
     let train_seconds = t0.elapsed().as_secs_f64() - feature_seconds;
     on_event(&Event::Phase(Phase::Save));
-    let summary = save(req, &rows, &backbone, fit, feature_seconds, train_seconds)?;
+    let summary = save(req, hp, &rows, &backbone, fit, feature_seconds, train_seconds)?;
     // The model is complete: the checkpoint (and its feature cache) has served its purpose.
     ck.clear()?;
     Ok(summary)
@@ -418,13 +443,13 @@ impl Setup<'_> {
 /// Writes the model folder (head, tuned initializers, config, metrics, pictures) and returns the summary.
 fn save(
     req: &TrainRequest,
+    hp: &HyperParams,
     rows: &Rows,
     backbone: &Backbone,
     fit: runner::Fit,
     feature_seconds: f64,
     train_seconds: f64,
 ) -> Result<TrainSummary> {
-    let hp = &req.hp;
     let dir = ModelDir::new(&req.output);
     std::fs::create_dir_all(&req.output).map_err(|e| Error::io(&req.output, e))?;
     fit.head.save(&dir.head())?;
@@ -457,6 +482,9 @@ fn save(
         validation_source: rows.val_source.clone(),
         finetuned: config.finetuned,
         seconds_per_epoch: train_seconds / epochs as f64,
+        loss: Some(hp.loss_function),
+        loss_reason: hp.loss_reason.clone().unwrap_or_default(),
+        train_counts: rows.counts.clone(),
     };
     write_atomic(&dir.metrics(), &crate::util::fs::to_json(&summary, "metrics.json")?)?;
     let losses: Vec<f64> = summary.history.iter().map(|h| h.train_loss).collect();

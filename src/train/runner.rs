@@ -16,7 +16,7 @@ use crate::model::hparams::{HyperParams, LossKind, Reduction};
 use crate::model::metrics::{self, Metric, Report};
 use crate::model::Head;
 use crate::train::checkpoint::{Best, Checkpoint, Progress, TrainState};
-use crate::train::loss::{cross_entropy, focal_loss};
+use crate::train::loss::{cross_entropy, focal_loss, logit_adjusted};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::schedule::Schedule;
 use crate::train::source::FeatureSource;
@@ -35,6 +35,8 @@ pub struct FitData<'a> {
     pub hp: &'a HyperParams,
     /// Resolved per-class focal-loss weights.
     pub alpha: Option<&'a [f64]>,
+    /// log class frequencies of the training rows (the logit-adjusted loss's prior).
+    pub log_prior: Option<&'a [f64]>,
 }
 
 /// Optional parts of [`fit`]: progress display, checkpointing, a state to continue from, a stop flag.
@@ -260,7 +262,11 @@ fn run_epoch(
         .alpha
         .map(|a| Tensor::from_vec(a.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &device))
         .transpose()?;
-    let mean_reduced = hp.loss_function == LossKind::CrossEntropy || hp.focal_reduction == Reduction::Mean;
+    let log_prior = data
+        .log_prior
+        .map(|a| Tensor::from_vec(a.iter().map(|&v| v as f32).collect::<Vec<_>>(), k, &device))
+        .transpose()?;
+    let mean_reduced = hp.loss_function != LossKind::FocalLoss || hp.focal_reduction == Reduction::Mean;
     st.order.shuffle(&mut st.rng);
     let (mut loss_sum, mut lr) = (0.0, hp.learning_rate);
     for (bi, chunk) in st.order.clone().chunks(bs).enumerate() {
@@ -275,6 +281,15 @@ fn run_epoch(
             let loss = match hp.loss_function {
                 LossKind::FocalLoss => focal_loss(&logits, &yb, alpha.as_ref(), hp.focal_gamma, hp.focal_reduction)?,
                 LossKind::CrossEntropy => cross_entropy(&logits, &yb, hp.label_smoothing, Reduction::Mean)?,
+                LossKind::LogitAdjusted => {
+                    let prior = log_prior.as_ref().ok_or_else(|| {
+                        Error::config("optimization.loss_function", "logit_adjusted needs the class prior")
+                    })?;
+                    logit_adjusted(&logits, &yb, prior, hp.logit_tau, Reduction::Mean)?
+                }
+                LossKind::Auto => {
+                    return Err(Error::config("optimization.loss_function", "`auto` must be resolved before training"))
+                }
             };
             // A mean over the batch is the sum of its micro-batches' means weighted by their share.
             let loss = if mean_reduced && mb.len() != chunk.len() {

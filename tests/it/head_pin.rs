@@ -68,6 +68,7 @@ fn reference_fit(
             let loss = match hp.loss_function {
                 LossKind::FocalLoss => focal_loss(&logits, &yb, alpha_t.as_ref(), hp.focal_gamma, hp.focal_reduction),
                 LossKind::CrossEntropy => cross_entropy(&logits, &yb, hp.label_smoothing, Reduction::Mean),
+                other => panic!("the reference loop has no {other}"),
             }
             .unwrap();
             opt.backward_step(&loss).unwrap();
@@ -111,12 +112,14 @@ fn head_only_weights_are_bit_identical_to_the_reference_loop() {
             "env.seed=4",
         ],
         &[
+            "optimization.loss_function=cross_entropy",
             "optimization.label_smoothing=0.1",
             "optimization.patience=2",
             "optimization.max_epochs=30",
             "env.batch_size=7",
         ],
         &[
+            "optimization.loss_function=cross_entropy",
             "optimization.val_metric=balanced_accuracy",
             "optimization.lr_schedule=linear_decay",
             "env.seed=9",
@@ -133,7 +136,14 @@ fn head_only_weights_are_bit_identical_to_the_reference_loop() {
             .then(|| automm::train::loss::auto_alpha(&[30, 12, 7, 4]).unwrap());
         let want = reference_fit(&x, &y, &xv, &yv, &classes, &hp, alpha.as_deref());
         let source = CachedFeatures::new(x.clone(), Some(xv.clone())).unwrap();
-        let data = FitData { targets: &y, eval_targets: &yv, classes: &classes, hp: &hp, alpha: alpha.as_deref() };
+        let data = FitData {
+            targets: &y,
+            eval_targets: &yv,
+            classes: &classes,
+            hp: &hp,
+            alpha: alpha.as_deref(),
+            log_prior: None,
+        };
         let got = fit(&source, &data, FitContext { quiet: true, ..Default::default() }, &mut |_| {}).unwrap().head;
         assert_eq!(bytes(&got.weight), bytes(&want.weight), "{kvs:?}: head weight differs");
         assert_eq!(bytes(&got.bias), bytes(&want.bias), "{kvs:?}: head bias differs");

@@ -263,3 +263,43 @@ fn train_never_overwrites_foreign_files_and_failed_runs_leave_nothing() {
     assert!(!ok && stderr.contains("no_such_column"), "{stderr}");
     assert!(!fresh.exists(), "a failed run left {}", fresh.display());
 }
+
+/// With no loss key the loss follows the data: logit-adjusted on imbalanced classes (about 24/4 >= 3),
+/// cross-entropy on balanced ones, each logged with its reason and recorded in config.json; an explicit
+/// loss is kept.
+#[test]
+fn the_default_loss_follows_the_class_imbalance_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (imbalanced, balanced) = data(dir.path());
+    let train = |data: &Path, name: &str, extra: &[&str]| -> (serde_json::Value, String) {
+        let out = dir.path().join(name);
+        let mut cmd = bin();
+        cmd.args(["train", "--quiet", "--label", "label", "--train-data"]).arg(data).arg("--backbone").arg(backbone());
+        cmd.arg("--output").arg(&out).args(["--hp", "optimization.max_epochs=2", "--hp", "env.num_gpus=0"]);
+        for kv in extra {
+            cmd.args(["--hp", kv]);
+        }
+        let (ok, _, stderr) = run(&mut cmd);
+        assert!(ok, "{name}: {stderr}");
+        let cfg = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        (cfg, stderr)
+    };
+    let (cfg, log) = train(&imbalanced, "imbalanced", &[]);
+    assert_eq!(cfg["hyperparameters"]["loss_function"], "logit_adjusted");
+    let why = cfg["hyperparameters"]["loss_reason"].as_str().unwrap();
+    // 24/12/8/4 images, less the stratified holdout.
+    assert!(why.contains("imbalanced") && why.contains(">= 3"), "{why}");
+    assert!(log.contains("loss: logit_adjusted") && log.contains("training rows per class: circle "), "{log}");
+    let (cfg, _) = train(&balanced, "balanced", &[]);
+    assert_eq!(cfg["hyperparameters"]["loss_function"], "cross_entropy");
+    assert!(cfg["hyperparameters"]["loss_reason"].as_str().unwrap().contains("balanced"));
+    let (cfg, _) = train(&imbalanced, "explicit", &["optimization.loss_function=focal_loss"]);
+    assert_eq!(cfg["hyperparameters"]["loss_function"], "focal_loss");
+    let (cfg, _) = train(
+        &imbalanced,
+        "tau",
+        &["optimization.loss_function=balanced_softmax", "optimization.logit_adjustment.tau=0.5"],
+    );
+    assert_eq!(cfg["hyperparameters"]["loss_function"], "logit_adjusted");
+    assert_eq!(cfg["hyperparameters"]["logit_tau"], 0.5);
+}

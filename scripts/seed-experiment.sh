@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The focal-loss seed protocol of AutoGluon's tutorial as a reproducible experiment:
-# trains cross-entropy, cross-entropy weighted by alpha (focal with gamma 0), focal without alpha and focal
-# with alpha=auto on DATA_DIR/imbalanced4_train.csv, SEEDS times each, evaluates on
+# trains cross-entropy, cross-entropy weighted by alpha (focal with gamma 0), focal without alpha, focal
+# with alpha=auto, the logit-adjusted loss (la) and the default (no loss key: auto) on
+# DATA_DIR/imbalanced4_train.csv, SEEDS times each, evaluates on
 # DATA_DIR/imbalanced4_validation.csv, and prints a markdown table (mean ± std).
 #
 #   scripts/seed-experiment.sh DATA_DIR [BACKBONE.onnx] [NORMALIZATION]
@@ -14,7 +15,7 @@ data=${1:?usage: $0 DATA_DIR [BACKBONE] [NORMALIZATION]}
 backbone=${2:-models/efficientnet_lite0.onnx}
 norm=${3:-symmetric}
 seeds=${SEEDS:-0 1 2 3 4}
-configs=${CONFIGS:-ce ce_alpha focal focal_alpha}
+configs=${CONFIGS:-ce ce_alpha focal focal_alpha la default}
 epochs=${EPOCHS:-10}
 out=${OUT:-runs/seed-experiment}
 bin=${AUTOMM:-target/release/automm}
@@ -26,6 +27,8 @@ results="$out/results.jsonl"
 
 hp_of() {
   case "$1" in
+    default) echo "" ;;  # no loss key: the imbalance-aware auto loss
+    la) echo "--hp optimization.loss_function=logit_adjusted --hp optimization.logit_adjustment.tau=1.0" ;;
     ce) echo "--hp optimization.loss_function=cross_entropy" ;;
     ce_alpha) echo "--hp optimization.loss_function=focal_loss --hp optimization.focal_loss.alpha=auto --hp optimization.focal_loss.gamma=0 --hp optimization.focal_loss.reduction=sum" ;;
     focal) echo "--hp optimization.loss_function=focal_loss --hp optimization.focal_loss.alpha=null --hp optimization.focal_loss.gamma=1.0 --hp optimization.focal_loss.reduction=sum" ;;

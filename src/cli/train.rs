@@ -149,7 +149,8 @@ fn print_imbalance(summary: &automm::train::TrainSummary) {
     for (c, &n) in counts.iter().enumerate().filter(|(_, &n)| n < FEW_ROWS) {
         let (name, support) = (&v.classes[c], v.support.get(c).copied().unwrap_or(0));
         let recall = v.per_class_recall.get(c).copied().unwrap_or(0.0);
-        println!("note: `{name}` has {n} training rows; its validation recall {recall:.3} rests on {support} images");
+        let images = if support == 1 { "image" } else { "images" };
+        println!("note: `{name}` has {n} training rows; its validation recall {recall:.3} rests on {support} {images}");
     }
     println!();
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The focal-loss seed protocol of AutoGluon's tutorial as a reproducible experiment:
 # trains cross-entropy, cross-entropy weighted by alpha (focal with gamma 0), focal without alpha, focal
-# with alpha=auto, the logit-adjusted loss (la) and the default (no loss key: auto) on
+# with alpha=auto, the logit-adjusted loss (la), the default (no loss key: auto) and cross-entropy with
+# post-hoc prior correction at evaluation (ce_prior) on
 # DATA_DIR/imbalanced4_train.csv, SEEDS times each, evaluates on
 # DATA_DIR/imbalanced4_validation.csv, and prints a markdown table (mean ± std).
 #
@@ -15,7 +16,7 @@ data=${1:?usage: $0 DATA_DIR [BACKBONE] [NORMALIZATION]}
 backbone=${2:-models/efficientnet_lite0.onnx}
 norm=${3:-symmetric}
 seeds=${SEEDS:-0 1 2 3 4}
-configs=${CONFIGS:-ce ce_alpha focal focal_alpha la default}
+configs=${CONFIGS:-ce ce_alpha focal focal_alpha la default ce_prior}
 epochs=${EPOCHS:-10}
 out=${OUT:-runs/seed-experiment}
 bin=${AUTOMM:-target/release/automm}
@@ -29,11 +30,19 @@ hp_of() {
   case "$1" in
     default) echo "" ;;  # no loss key: the imbalance-aware auto loss
     la) echo "--hp optimization.loss_function=logit_adjusted --hp optimization.logit_adjustment.tau=1.0" ;;
-    ce) echo "--hp optimization.loss_function=cross_entropy" ;;
+    ce|ce_prior) echo "--hp optimization.loss_function=cross_entropy" ;;
     ce_alpha) echo "--hp optimization.loss_function=focal_loss --hp optimization.focal_loss.alpha=auto --hp optimization.focal_loss.gamma=0 --hp optimization.focal_loss.reduction=sum" ;;
     focal) echo "--hp optimization.loss_function=focal_loss --hp optimization.focal_loss.alpha=null --hp optimization.focal_loss.gamma=1.0 --hp optimization.focal_loss.reduction=sum" ;;
     focal_alpha) echo "--hp optimization.loss_function=focal_loss --hp optimization.focal_loss.alpha=auto --hp optimization.focal_loss.gamma=1.0 --hp optimization.focal_loss.reduction=sum" ;;
     *) echo "unknown config $1" >&2; exit 2 ;;
+  esac
+}
+
+# Flags of `evaluate`: ce_prior is the cross-entropy head with post-hoc prior correction (tau 1).
+eval_of() {
+  case "$1" in
+    ce_prior) echo "--prior-correction 1.0" ;;
+    *) echo "" ;;
   esac
 }
 
@@ -45,7 +54,9 @@ for cfg in $configs; do
     "$bin" train --quiet --train-data "$train" --label label --backbone "$backbone" --normalization "$norm" \
       --output "$run" $(hp_of "$cfg") --hp optimization.max_epochs="$epochs" --hp env.seed="$seed" > "$run.train.txt"
     t1=$(date +%s.%N)
-    "$bin" evaluate --quiet --json --model "$run" --data "$valid" --metrics accuracy,balanced_accuracy,f1_macro > "$run.eval.json"
+    # shellcheck disable=SC2046
+    "$bin" evaluate --quiet --json --model "$run" --data "$valid" --metrics accuracy,balanced_accuracy,f1_macro \
+      $(eval_of "$cfg") > "$run.eval.json"
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d.update(config=sys.argv[2], seed=int(sys.argv[3]), train_seconds=float(sys.argv[4])); print(json.dumps(d))' \
       "$run.eval.json" "$cfg" "$seed" "$(echo "$t1 - $t0" | bc)" >> "$results"
     echo "done: $cfg seed $seed" >&2

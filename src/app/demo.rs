@@ -213,8 +213,14 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
 
     say("exporting the focal model to ONNX (with verification)");
     let exported = dir.join("focal.onnx");
-    let opts_e =
-        ExportOptions { kind: ExportKind::Merged, opset: None, verify: true, verify_data: None, verify_images: 8 };
+    let opts_e = ExportOptions {
+        kind: ExportKind::Merged,
+        opset: None,
+        verify: true,
+        verify_data: None,
+        verify_images: 8,
+        prior: None,
+    };
     crate::deploy::export::export(&focal_dir, &exported, &opts_e)?;
 
     say("serving it on a free local port and predicting the test images through the gRPC client");

@@ -27,12 +27,21 @@ pub struct EvaluateArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Post-hoc prior correction: predict from logits - TAU * log(training class frequencies).
+    #[arg(long, value_name = "TAU")]
+    pub prior_correction: Option<f64>,
+    /// With --prior-correction: the class frequencies expected at deployment (comma-separated, class order).
+    #[arg(long, value_name = "P1,P2,...", requires = "prior_correction")]
+    pub target_prior: Option<String>,
 }
 
 pub fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
     let names: Vec<String> = a.metrics.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let names = metrics::parse_names("--metrics", &names)?;
-    let p = Predictor::load(&a.model, &select_device(0))?;
+    let mut p = Predictor::load(&a.model, &select_device(0))?;
+    if let Some(c) = super::prior_correction(a.prior_correction, a.target_prior.as_deref())? {
+        p.correct_prior(&c)?;
+    }
     let table = Table::load_with_hint(&a.data, Some(&p.config.label_column), &p.config.image_column)?;
     let r = p.evaluate(&table, a.quiet)?;
     if a.json {

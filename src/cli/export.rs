@@ -34,6 +34,13 @@ pub struct ExportArgs {
     /// Images used by --verify.
     #[arg(long, default_value_t = 8)]
     pub verify_images: usize,
+    /// Bake a post-hoc prior correction into the head: logits - TAU * log(training class frequencies)
+    /// (1.0 aims at balanced accuracy); recorded in the metadata.
+    #[arg(long, value_name = "TAU")]
+    pub prior_correction: Option<f64>,
+    /// With --prior-correction: the class frequencies expected at deployment (comma-separated, class order).
+    #[arg(long, value_name = "P1,P2,...", requires = "prior_correction")]
+    pub target_prior: Option<String>,
 }
 
 pub fn cmd_export(a: ExportArgs) -> Result<()> {
@@ -50,6 +57,7 @@ pub fn cmd_export(a: ExportArgs) -> Result<()> {
         verify: a.verify,
         verify_data: a.verify_data,
         verify_images: a.verify_images,
+        prior: super::prior_correction(a.prior_correction, a.target_prior.as_deref())?,
     };
     let r = automm::deploy::export::export(&a.model, &a.output, &opts)?;
     println!("wrote {} ({}, {:.1} MB)", r.path.display(), kind.name(), r.bytes as f64 / 1e6);

@@ -80,3 +80,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Onnx(c) => onnx::run(c),
     }
 }
+
+/// `--prior-correction TAU [--target-prior P1,...]` as a checked correction (None without the flag).
+fn prior_correction(tau: Option<f64>, target: Option<&str>) -> Result<Option<automm::model::prior::PriorCorrection>> {
+    let Some(tau) = tau else { return Ok(None) };
+    let target = target.map(automm::model::prior::parse_prior).transpose()?;
+    Ok(Some(automm::model::prior::PriorCorrection::new(tau, target)?))
+}

@@ -39,11 +39,24 @@ pub struct PredictArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Post-hoc prior correction (model folders): predict from logits - TAU * log(training class
+    /// frequencies). An exported model carries its own (`automm export --prior-correction`).
+    #[arg(long, value_name = "TAU")]
+    pub prior_correction: Option<f64>,
+    /// With --prior-correction: the class frequencies expected at deployment (comma-separated, class order).
+    #[arg(long, value_name = "P1,P2,...", requires = "prior_correction")]
+    pub target_prior: Option<String>,
 }
 
 pub fn cmd_predict(a: PredictArgs) -> Result<()> {
     let is_onnx = a.model.is_file() && a.model.extension().is_some_and(|e| e == "onnx");
     let t0 = std::time::Instant::now();
+    let prior = super::prior_correction(a.prior_correction, a.target_prior.as_deref())?;
+    if is_onnx && prior.is_some() {
+        anyhow::bail!(
+            "--prior-correction applies to a model folder; bake it into an export with `automm export --prior-correction`"
+        );
+    }
     let (rows, engine) = if is_onnx {
         let m = ExportedModel::open_with(&a.model, a.engine, a.threads, a.num_gpus != 0, true)?;
         let table = Table::load(&a.data, None, None)?;
@@ -56,13 +69,22 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
         // A model folder on ORT: export it (merged) to a temporary file and run that.
         let tmp = tempfile::tempdir()?;
         let onnx = tmp.path().join("model.onnx");
-        let opts =
-            ExportOptions { kind: ExportKind::Merged, opset: None, verify: false, verify_data: None, verify_images: 0 };
+        let opts = ExportOptions {
+            kind: ExportKind::Merged,
+            opset: None,
+            verify: false,
+            verify_data: None,
+            verify_images: 0,
+            prior,
+        };
         automm::deploy::export::export(&a.model, &onnx, &opts)?;
-        return cmd_predict(PredictArgs { model: onnx, ..a });
+        return cmd_predict(PredictArgs { model: onnx, prior_correction: None, target_prior: None, ..a });
     } else {
         let mut p = Predictor::load(&a.model, &select_device(0))?;
         p.batch_size = a.batch_size;
+        if let Some(c) = &prior {
+            p.correct_prior(c)?;
+        }
         let table = Table::load_with_hint(&a.data, None, &p.config.image_column)?;
         let preds = p.predict_table(&table, a.quiet)?;
         write_predictions(&table, &p.config.classes, &preds, &a.output)?;

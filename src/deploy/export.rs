@@ -334,6 +334,8 @@ pub struct ExportOptions {
     pub verify_data: Option<PathBuf>,
     /// How many images verification uses.
     pub verify_images: usize,
+    /// A post-hoc prior correction baked into the head's bias (recorded as `automm.prior_correction`).
+    pub prior: Option<crate::model::prior::PriorCorrection>,
 }
 
 /// What [`export`] did.
@@ -363,9 +365,16 @@ pub fn export(model: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
             });
         }
     }
-    let head = Head::load(&md.head(), cfg.classes.len(), cfg.backbone.feature_dim, &candle_core::Device::Cpu)?;
+    let mut head = Head::load(&md.head(), cfg.classes.len(), cfg.backbone.feature_dim, &candle_core::Device::Cpu)?;
+    if let Some(c) = &opts.prior {
+        head = head.shifted(&c.shift(&cfg.classes, &cfg.class_counts)?)?;
+    }
     let update = md.read_backbone_update(&cfg, &candle_core::Device::Cpu)?;
-    let proto = build(&cfg, &head, &update, opts.kind, opts.opset)?;
+    let mut proto = build(&cfg, &head, &update, opts.kind, opts.opset)?;
+    if let Some(c) = &opts.prior {
+        let value = serde_json::to_string(c).map_err(|e| Error::encode("export metadata", e))?;
+        proto.metadata_props.push(StringStringEntryProto { key: keys::PRIOR_CORRECTION.into(), value });
+    }
     // Temp files of exports killed before their rename (an hour old: no export takes that long to verify).
     let swept = crate::util::fs::sweep_stale_temps(output, std::time::Duration::from_secs(3600));
     if swept > 0 {
@@ -373,8 +382,13 @@ pub fn export(model: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
     }
     let staged = stage_atomic(output, &proto.encode_to_vec())?;
     let verification = if opts.verify {
-        let v =
-            crate::deploy::verify::verify(model, staged.temp_path(), opts.verify_data.as_deref(), opts.verify_images)?;
+        let v = crate::deploy::verify::verify(
+            model,
+            staged.temp_path(),
+            opts.verify_data.as_deref(),
+            opts.verify_images,
+            opts.prior.as_ref(),
+        )?;
         if !v.passed {
             return Err(Error::Model {
                 path: output.to_path_buf(),

@@ -38,6 +38,8 @@ pub mod keys {
     pub const KIND: &str = "automm.kind";
     /// The graph input.
     pub const INPUT: &str = "automm.input";
+    /// JSON of the [`crate::model::prior::PriorCorrection`] baked into the head, when there is one.
+    pub const PRIOR_CORRECTION: &str = "automm.prior_correction";
 }
 
 /// Output names of every exported model.

@@ -62,6 +62,12 @@ impl Predictor {
         Ok(Predictor { config, backbone, head, batch_size: 8 })
     }
 
+    /// Applies a post-hoc prior correction to every later prediction.
+    pub fn correct_prior(&mut self, c: &crate::model::prior::PriorCorrection) -> Result<()> {
+        self.head = self.head.shifted(&c.shift(&self.config.classes, &self.config.class_counts)?)?;
+        Ok(())
+    }
+
     /// Backbone features `[N, D]` of every row of `table`.
     pub fn features(&self, table: &Table, quiet: bool) -> Result<candle_core::Tensor> {
         table.check_files()?;

@@ -36,8 +36,17 @@ pub struct Verification {
 }
 
 /// Compares `exported` with the model folder `model` on `n` images of `data` (default: the training table).
-pub fn verify(model: &Path, exported: &Path, data: Option<&Path>, n: usize) -> Result<Verification> {
-    let predictor = Predictor::load(model, &Device::Cpu)?;
+pub fn verify(
+    model: &Path,
+    exported: &Path,
+    data: Option<&Path>,
+    n: usize,
+    prior: Option<&crate::model::prior::PriorCorrection>,
+) -> Result<Verification> {
+    let mut predictor = Predictor::load(model, &Device::Cpu)?;
+    if let Some(c) = prior {
+        predictor.correct_prior(c)?;
+    }
     let cfg = &predictor.config;
     let table_path = data.map(Path::to_path_buf).unwrap_or_else(|| cfg.train_data.clone());
     if !table_path.is_file() {

@@ -56,6 +56,10 @@ pub struct ModelConfig {
     /// empty when the backbone stayed frozen.
     #[serde(default)]
     pub finetuned: Vec<String>,
+    /// Training rows per class, in class order (the prior that `--prior-correction` removes; empty in
+    /// folders written before automm recorded it).
+    #[serde(default)]
+    pub class_counts: Vec<usize>,
 }
 
 /// Paths inside a model folder.

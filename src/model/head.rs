@@ -52,6 +52,13 @@ impl Head {
         Ok(Predictions { probs: probs.flatten_all()?.to_vec1::<f32>()?, preds })
     }
 
+    /// This head with `shift[c]` added to class `c`'s logit (a prior correction folded into the bias).
+    pub fn shifted(&self, shift: &[f64]) -> Result<Head> {
+        let s: Vec<f32> = shift.iter().map(|&v| v as f32).collect();
+        let s = Tensor::from_vec(s, shift.len(), self.bias.device())?;
+        Ok(Head { weight: self.weight.clone(), bias: (&self.bias + s)? })
+    }
+
     /// Saves as safetensors (`head.weight`, `head.bias`).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map = HashMap::new();

@@ -93,8 +93,14 @@ impl FitJob {
         })?;
         send(fit_event::Event::Phase(EXPORT.into()));
         let onnx = self.run_dir.join("model.onnx");
-        let opts =
-            ExportOptions { kind: ExportKind::Merged, opset: None, verify: true, verify_data: None, verify_images: 8 };
+        let opts = ExportOptions {
+            kind: ExportKind::Merged,
+            opset: None,
+            verify: true,
+            verify_data: None,
+            verify_images: 8,
+            prior: None,
+        };
         let report = crate::deploy::export::export(&self.run_dir, &onnx, &opts)?;
         send(fit_event::Event::Phase(SWAP.into()));
         let version = format!("fit-{}-{}", self.number, &crate::util::fs::sha256_file(&onnx)?[..12]);

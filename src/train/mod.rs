@@ -467,6 +467,7 @@ fn save(
         image_column: rows.image_column.clone(),
         train_data: std::fs::canonicalize(&req.train_data).unwrap_or_else(|_| req.train_data.clone()),
         finetuned: fit.backbone.iter().map(|(n, _)| n.clone()).collect(),
+        class_counts: rows.counts.clone(),
     };
     dir.write_config(&config)?;
     let epochs = fit.history.len().max(1);

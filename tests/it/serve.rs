@@ -31,6 +31,7 @@ fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         verify: false,
         verify_data: None,
         verify_images: 0,
+        prior: None,
     };
     automm::deploy::export::export(&folder, &onnx, &opts).unwrap();
     (folder, onnx, test)

@@ -303,3 +303,75 @@ fn the_default_loss_follows_the_class_imbalance_and_says_why() {
     assert_eq!(cfg["hyperparameters"]["loss_function"], "logit_adjusted");
     assert_eq!(cfg["hyperparameters"]["logit_tau"], 0.5);
 }
+
+/// The probability columns of a predictions CSV, row by row, and the predicted labels.
+fn read_predictions(path: &Path) -> (Vec<Vec<f64>>, Vec<String>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let first = header.iter().position(|h| h.starts_with("prob_")).unwrap();
+    let at = header.iter().position(|h| *h == "predicted_label").unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let probs = rows.iter().map(|r| r[first..].iter().map(|c| c.parse().unwrap()).collect()).collect();
+    (probs, rows.iter().map(|r| r[at].to_string()).collect())
+}
+
+/// `predict --prior-correction` on the model folder (candle) and an export baked with the same correction
+/// run by ONNX Runtime give the same probabilities and labels; the correction moves them.
+#[test]
+fn prior_correction_in_predict_equals_the_baked_export_on_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = data(dir.path());
+    let out = dir.path().join("run");
+    let (ok, _, stderr) = run(bin()
+        .args(["train", "--quiet", "--label", "label", "--train-data"])
+        .arg(&train)
+        .arg("--backbone")
+        .arg(backbone())
+        .arg("--output")
+        .arg(&out)
+        .args(["--hp", "optimization.loss_function=cross_entropy", "--hp", "optimization.max_epochs=3"]));
+    assert!(ok, "{stderr}");
+    let predict = |model: &Path, name: &str, extra: &[&str]| {
+        let csv = dir.path().join(name);
+        let (ok, _, stderr) = run(bin()
+            .args(["predict", "--quiet", "--model"])
+            .arg(model)
+            .arg("--data")
+            .arg(&test)
+            .arg("--output")
+            .arg(&csv)
+            .args(extra));
+        assert!(ok, "{name}: {stderr}");
+        read_predictions(&csv)
+    };
+    let correction = ["--prior-correction", "1.0", "--target-prior", "1,1,2,1"];
+    let (plain, _) = predict(&out, "plain.csv", &[]);
+    let (corrected, labels) = predict(&out, "corrected.csv", &correction);
+    let moved = plain.iter().flatten().zip(corrected.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(moved > 1e-3, "the correction changed nothing ({moved})");
+    let onnx = dir.path().join("corrected.onnx");
+    let (ok, _, stderr) =
+        run(bin().args(["export", "--verify", "--model"]).arg(&out).arg("--output").arg(&onnx).args(correction));
+    assert!(ok, "export: {stderr}");
+    let bytes = std::fs::read(&onnx).unwrap();
+    assert!(String::from_utf8_lossy(&bytes).contains("automm.prior_correction"));
+    if !common::ort_available() {
+        return;
+    }
+    let (exported, exported_labels) = predict(&onnx, "exported.csv", &["--engine", "ort"]);
+    let diff =
+        corrected.iter().flatten().zip(exported.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(diff <= 1e-5, "ORT on the baked export differs from predict --prior-correction by {diff}");
+    assert_eq!(labels, exported_labels);
+    // An exported model is corrected at export time, not again at predict time.
+    let (ok, _, stderr) = run(bin()
+        .args(["predict", "--model"])
+        .arg(&onnx)
+        .arg("--data")
+        .arg(&test)
+        .arg("--output")
+        .arg(dir.path().join("x.csv"))
+        .args(correction));
+    assert!(!ok && stderr.contains("automm export --prior-correction"), "{stderr}");
+}

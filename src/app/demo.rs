@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use crate::data::{ClassList, Normalization, Table};
 use crate::deploy::export::ExportOptions;
-use crate::deploy::meta::ExportKind;
 use crate::deploy::predict::Predictor;
 use crate::error::{Error, Result};
 use crate::model::metrics::{Metric, Report};
@@ -213,14 +212,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
 
     say("exporting the focal model to ONNX (with verification)");
     let exported = dir.join("focal.onnx");
-    let opts_e = ExportOptions {
-        kind: ExportKind::Merged,
-        opset: None,
-        verify: true,
-        verify_data: None,
-        verify_images: 8,
-        prior: None,
-    };
+    let opts_e = ExportOptions { verify: true, verify_images: 8, ..ExportOptions::merged() };
     crate::deploy::export::export(&focal_dir, &exported, &opts_e)?;
 
     say("serving it on a free local port and predicting the test images through the gRPC client");

@@ -9,7 +9,6 @@ use automm::data::Table;
 use automm::deploy::engine::exported::ExportedModel;
 use automm::deploy::engine::EngineKind;
 use automm::deploy::export::ExportOptions;
-use automm::deploy::meta::ExportKind;
 use automm::deploy::predict::{write_predictions, Predictor};
 use automm::util::device::select_device;
 
@@ -69,14 +68,7 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
         // A model folder on ORT: export it (merged) to a temporary file and run that.
         let tmp = tempfile::tempdir()?;
         let onnx = tmp.path().join("model.onnx");
-        let opts = ExportOptions {
-            kind: ExportKind::Merged,
-            opset: None,
-            verify: false,
-            verify_data: None,
-            verify_images: 0,
-            prior,
-        };
+        let opts = ExportOptions { prior, ..ExportOptions::merged() };
         automm::deploy::export::export(&a.model, &onnx, &opts)?;
         return cmd_predict(PredictArgs { model: onnx, prior_correction: None, target_prior: None, ..a });
     } else {

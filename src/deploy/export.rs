@@ -338,6 +338,20 @@ pub struct ExportOptions {
     pub prior: Option<crate::model::prior::PriorCorrection>,
 }
 
+impl ExportOptions {
+    /// A merged export, unverified, without prior correction (set fields with `..ExportOptions::merged()`).
+    pub fn merged() -> ExportOptions {
+        ExportOptions {
+            kind: ExportKind::Merged,
+            opset: None,
+            verify: false,
+            verify_data: None,
+            verify_images: 0,
+            prior: None,
+        }
+    }
+}
+
 /// What [`export`] did.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportReport {

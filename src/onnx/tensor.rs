@@ -120,19 +120,7 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
         }
         // Widened to int64; a uint64 above int64's range is refused rather than wrapped.
         DataType::Uint32 | DataType::Uint64 => {
-            let v: Vec<u64> = if !t.uint64_data.is_empty() || raw.is_empty() {
-                check_len(t.uint64_data.len())?;
-                t.uint64_data.clone()
-            } else if dt == DataType::Uint32 {
-                check_raw(4)?;
-                raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64).collect()
-            } else {
-                check_raw(8)?;
-                raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
-            };
-            let v: Option<Vec<i64>> = v.iter().map(|&x| i64::try_from(x).ok()).collect();
-            let v = v.ok_or_else(|| bad(name, "a uint64 value exceeds int64's range".into()))?;
-            Tensor::from_vec(v, dims.as_slice(), device)?
+            Tensor::from_vec(unsigned(t, dt == DataType::Uint32, &check_len, &check_raw)?, dims.as_slice(), device)?
         }
         DataType::Uint8 | DataType::Bool => {
             let v: Vec<u8> = if !t.int32_data.is_empty() || raw.is_empty() {
@@ -157,6 +145,28 @@ pub fn from_proto(t: &TensorProto, device: &Device) -> Result<Tensor> {
         other => return Err(bad(name, format!("data type {other:?} is not supported"))),
     };
     Ok(tensor)
+}
+
+/// uint32/uint64 values widened to int64; a uint64 above int64's range is refused rather than wrapped.
+fn unsigned(
+    t: &TensorProto,
+    u32s: bool,
+    check_len: &dyn Fn(usize) -> Result<()>,
+    check_raw: &dyn Fn(usize) -> Result<()>,
+) -> Result<Vec<i64>> {
+    let raw = t.raw_data.as_slice();
+    let v: Vec<u64> = if !t.uint64_data.is_empty() || raw.is_empty() {
+        check_len(t.uint64_data.len())?;
+        t.uint64_data.clone()
+    } else if u32s {
+        check_raw(4)?;
+        raw.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64).collect()
+    } else {
+        check_raw(8)?;
+        raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+    };
+    let v: Option<Vec<i64>> = v.iter().map(|&x| i64::try_from(x).ok()).collect();
+    v.ok_or_else(|| bad(&t.name, "a uint64 value exceeds int64's range".into()))
 }
 
 fn half_to_f32(bits: u16, dt: DataType) -> f32 {

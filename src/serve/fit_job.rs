@@ -11,7 +11,6 @@ use tonic::Status;
 
 use super::{ServingModel, State};
 use crate::deploy::export::ExportOptions;
-use crate::deploy::meta::ExportKind;
 use crate::error::{Error, Result};
 use crate::proto::{fit_event, EpochEvent, FitEvent, FitResult};
 use crate::train::{Event, TrainRequest};
@@ -93,14 +92,7 @@ impl FitJob {
         })?;
         send(fit_event::Event::Phase(EXPORT.into()));
         let onnx = self.run_dir.join("model.onnx");
-        let opts = ExportOptions {
-            kind: ExportKind::Merged,
-            opset: None,
-            verify: true,
-            verify_data: None,
-            verify_images: 8,
-            prior: None,
-        };
+        let opts = ExportOptions { verify: true, verify_images: 8, ..ExportOptions::merged() };
         let report = crate::deploy::export::export(&self.run_dir, &onnx, &opts)?;
         send(fit_event::Event::Phase(SWAP.into()));
         let version = format!("fit-{}-{}", self.number, &crate::util::fs::sha256_file(&onnx)?[..12]);

@@ -221,14 +221,7 @@ impl State {
 fn initial_model(cfg: &ServeConfig) -> Result<ServingModel> {
     let path = if cfg.model.is_dir() {
         let out = cfg.work_dir.join("served.onnx");
-        let opts = ExportOptions {
-            kind: ExportKind::Merged,
-            opset: None,
-            verify: false,
-            verify_data: None,
-            verify_images: 0,
-            prior: None,
-        };
+        let opts = ExportOptions::merged();
         crate::deploy::export::export(&cfg.model, &out, &opts)?;
         out
     } else {

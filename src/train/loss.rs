@@ -130,14 +130,20 @@ pub fn logit_adjusted(
     cross_entropy(&logits.broadcast_add(&shift)?, target, 0.0, reduction)
 }
 
+/// Fails naming `key` and `what` when a class has no training rows.
+fn every_class(counts: &[usize], key: &str, what: &str) -> Result<()> {
+    match counts.iter().position(|&n| n == 0) {
+        Some(c) => Err(Error::config(
+            key,
+            format!("{what} needs every class in the training data; class index {c} has no rows"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// log(n_c / N) of per-class training counts (every count positive).
 pub fn log_prior(counts: &[usize]) -> Result<Vec<f64>> {
-    if let Some(c) = counts.iter().position(|&n| n == 0) {
-        return Err(Error::config(
-            "optimization.loss_function",
-            format!("logit_adjusted needs every class in the training data; class index {c} has no rows"),
-        ));
-    }
+    every_class(counts, "optimization.loss_function", "logit_adjusted")?;
     let total: usize = counts.iter().sum();
     Ok(counts.iter().map(|&n| (n as f64 / total as f64).ln()).collect())
 }
@@ -165,12 +171,7 @@ pub fn resolve_loss(kind: LossKind, counts: &[usize]) -> (LossKind, String) {
 /// AutoGluon's `alpha=auto` weights for focal loss: `w_c = N / n_c`, normalised to sum 1.
 /// `counts[c]` is the number of training rows of class `c`; every count must be positive.
 pub fn auto_alpha(counts: &[usize]) -> Result<Vec<f64>> {
-    if let Some(c) = counts.iter().position(|&n| n == 0) {
-        return Err(Error::config(
-            "optimization.focal_loss.alpha",
-            format!("alpha=auto needs every class in the training data; class index {c} has no rows"),
-        ));
-    }
+    every_class(counts, "optimization.focal_loss.alpha", "alpha=auto")?;
     let total: usize = counts.iter().sum();
     let w: Vec<f64> = counts.iter().map(|&n| total as f64 / n as f64).collect();
     let s: f64 = w.iter().sum();

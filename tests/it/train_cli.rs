@@ -20,6 +20,14 @@ fn run(cmd: &mut Command) -> (bool, String, String) {
     )
 }
 
+/// `automm train --quiet` on `train` with the fixture backbone into `out` (add `--hp` flags after).
+fn train_cmd(train: &Path, out: &Path) -> Command {
+    let mut c = bin();
+    c.args(["train", "--quiet", "--label", "label", "--train-data"]).arg(train);
+    c.arg("--backbone").arg(backbone()).arg("--output").arg(out);
+    c
+}
+
 fn data(dir: &Path) -> (PathBuf, PathBuf) {
     let train = automm::app::synth::make_dataset(dir, "train", &[24, 12, 8, 4], 48, 1).unwrap();
     let test = automm::app::synth::make_dataset(dir, "test", &[6, 6, 6, 6], 48, 2).unwrap();
@@ -31,13 +39,7 @@ fn train_evaluate_predict_through_the_binary() {
     let dir = tempfile::tempdir().unwrap();
     let (train, test) = data(dir.path());
     let out = dir.path().join("run");
-    let (ok, stdout, stderr) = run(bin()
-        .args(["train", "--quiet", "--label", "label", "--train-data"])
-        .arg(&train)
-        .arg("--backbone")
-        .arg(backbone())
-        .arg("--output")
-        .arg(&out)
+    let (ok, stdout, stderr) = run(train_cmd(&train, &out)
         .args(["--hp", "optimization.loss_function=focal_loss", "--hp", "optimization.focal_loss.alpha=auto"])
         .args(["--hp", "optimization.focal_loss.gamma=1.0", "--hp", "optimization.focal_loss.reduction=sum"])
         .args([
@@ -273,9 +275,8 @@ fn the_default_loss_follows_the_class_imbalance_and_says_why() {
     let (imbalanced, balanced) = data(dir.path());
     let train = |data: &Path, name: &str, extra: &[&str]| -> (serde_json::Value, String) {
         let out = dir.path().join(name);
-        let mut cmd = bin();
-        cmd.args(["train", "--quiet", "--label", "label", "--train-data"]).arg(data).arg("--backbone").arg(backbone());
-        cmd.arg("--output").arg(&out).args(["--hp", "optimization.max_epochs=2", "--hp", "env.num_gpus=0"]);
+        let mut cmd = train_cmd(data, &out);
+        cmd.args(["--hp", "optimization.max_epochs=2", "--hp", "env.num_gpus=0"]);
         for kv in extra {
             cmd.args(["--hp", kv]);
         }
@@ -323,14 +324,12 @@ fn prior_correction_in_predict_equals_the_baked_export_on_onnx_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let (train, test) = data(dir.path());
     let out = dir.path().join("run");
-    let (ok, _, stderr) = run(bin()
-        .args(["train", "--quiet", "--label", "label", "--train-data"])
-        .arg(&train)
-        .arg("--backbone")
-        .arg(backbone())
-        .arg("--output")
-        .arg(&out)
-        .args(["--hp", "optimization.loss_function=cross_entropy", "--hp", "optimization.max_epochs=3"]));
+    let (ok, _, stderr) = run(train_cmd(&train, &out).args([
+        "--hp",
+        "optimization.loss_function=cross_entropy",
+        "--hp",
+        "optimization.max_epochs=3",
+    ]));
     assert!(ok, "{stderr}");
     let predict = |model: &Path, name: &str, extra: &[&str]| {
         let csv = dir.path().join(name);

@@ -75,23 +75,7 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, _device: &Dev
                     }
                 })?)
             } else {
-                // On the host, with C's fmod and NumPy's mod (the divisor's sign; x mod inf = x or inf),
-                // as the spec's edge cases want; Mod carries no gradient.
-                let (a, b) = bcast2(node, a, b)?;
-                let (x, y) = (to_f64s(&a)?, to_f64s(&b)?);
-                let v: Vec<f64> = x
-                    .iter()
-                    .zip(&y)
-                    .map(|(&p, &q)| {
-                        let r = p % q;
-                        match fmod {
-                            true => r,
-                            false if r != 0.0 && (r < 0.0) != (q < 0.0) => r + q,
-                            false => r.abs().copysign(q),
-                        }
-                    })
-                    .collect();
-                one(Tensor::from_vec(v, a.dims(), a.device())?.to_dtype(a.dtype())?)
+                one(float_mod(node, a, b, fmod)?)
             }
         }
         "Max" | "Min" | "Sum" => {
@@ -132,4 +116,24 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, _device: &Dev
         }
         other => Err(node_err(node, format!("op type `{other}` is not in this family"))),
     }
+}
+
+/// Float Mod on the host, with C's fmod (`fmod = 1`) or NumPy's mod (the divisor's sign; x mod inf is x
+/// or inf), as the spec's edge cases want; Mod carries no gradient.
+fn float_mod(node: &NodeProto, a: &Tensor, b: &Tensor, fmod: bool) -> Result<Tensor> {
+    let (a, b) = bcast2(node, a, b)?;
+    let (x, y) = (to_f64s(&a)?, to_f64s(&b)?);
+    let v: Vec<f64> = x
+        .iter()
+        .zip(&y)
+        .map(|(&p, &q)| {
+            let r = p % q;
+            match fmod {
+                true => r,
+                false if r != 0.0 && (r < 0.0) != (q < 0.0) => r + q,
+                false => r.abs().copysign(q),
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, a.dims(), a.device())?.to_dtype(a.dtype())?)
 }

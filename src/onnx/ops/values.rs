@@ -17,13 +17,8 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, device: &Devi
     let one = |t: Tensor| Ok(vec![t]);
     match node.op_type.as_str() {
         "Identity" | "Dropout" => {
-            // Inference only: a training-mode Dropout (random masks) is refused, not run as the identity.
-            if let Some(mode) = opt_input(ins, 2).filter(|_| node.op_type == "Dropout") {
-                let ratio =
-                    opt_input(ins, 1).map(to_f64s).transpose()?.map_or(0.5, |r| r.first().copied().unwrap_or(0.5));
-                if ratio != 0.0 && to_i64s(mode)?.iter().any(|&m| m != 0) {
-                    return Err(node_err(node, "training_mode = true (random dropout) is not supported"));
-                }
+            if node.op_type == "Dropout" {
+                inference_dropout(node, ins)?;
             }
             let t = x()?.clone();
             let mut out = vec![t.clone()];
@@ -115,4 +110,15 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, device: &Devi
         }
         other => Err(node_err(node, format!("op type `{other}` is not in this family"))),
     }
+}
+
+/// Inference only: a training-mode Dropout with a non-zero ratio (random masks) is refused, not run as
+/// the identity.
+fn inference_dropout(node: &NodeProto, ins: &[Option<Tensor>]) -> Result<()> {
+    let Some(mode) = opt_input(ins, 2) else { return Ok(()) };
+    let ratio = opt_input(ins, 1).map(to_f64s).transpose()?.map_or(0.5, |r| r.first().copied().unwrap_or(0.5));
+    if ratio != 0.0 && to_i64s(mode)?.iter().any(|&m| m != 0) {
+        return Err(node_err(node, "training_mode = true (random dropout) is not supported"));
+    }
+    Ok(())
 }

@@ -354,33 +354,24 @@ fn hole_run(big: &[usize], small: &[usize]) -> Option<(usize, usize, usize)> {
 
 fn binary_hole(op: Binary, big: &Tensor, small: &Tensor, swapped: bool) -> Result<Option<Tensor>> {
     let Some((_, hole, inner)) = hole_run(big.dims(), small.dims()) else { return Ok(None) };
-    let n = big.elem_count();
     let block = hole * inner;
+    // One instantiation per op (as in `binary`), so the inner loop is branch-free and vectorises.
     let out = with_data(big, |x| {
-        with_data(small, |y| {
-            let f = |p: f32, q: f32| match (op, swapped) {
-                (Binary::Add, _) => p + q,
-                (Binary::Mul, _) => p * q,
-                (Binary::Sub, false) => p - q,
-                (Binary::Sub, true) => q - p,
-                (Binary::Div, false) => p / q,
-                (Binary::Div, true) => q / p,
-            };
-            // Each outer block of `hole * inner` elements against its own `inner`-long row of y.
-            par_build(n, block, |start, o| {
-                let len = o.len();
-                for (k, (ob, xb)) in o.chunks_mut(block).zip(x[start..start + len].chunks(block)).enumerate() {
-                    let row = &y[(start / block + k) * inner..][..inner];
-                    for (orow, xrow) in ob.chunks_mut(inner).zip(xb.chunks(inner)) {
-                        for ((d, &p), &q) in orow.iter_mut().zip(xrow).zip(row) {
-                            d.write(f(p, q));
-                        }
-                    }
-                }
-            })
+        with_data(small, |y| match (op, swapped) {
+            (Binary::Add, _) => hole_par(|p, q| p + q, x, y, block, inner),
+            (Binary::Mul, _) => hole_par(|p, q| p * q, x, y, block, inner),
+            (Binary::Sub, false) => hole_par(|p, q| p - q, x, y, block, inner),
+            (Binary::Sub, true) => hole_par(|p, q| q - p, x, y, block, inner),
+            (Binary::Div, false) => hole_par(|p, q| p / q, x, y, block, inner),
+            (Binary::Div, true) => hole_par(|p, q| q / p, x, y, block, inner),
         })
     })??;
     Ok(Some(tensor(out, big.dims())?))
+}
+
+/// `f(x, y)` with x in blocks of `block` elements, block `b` against row `b` (`inner` long) of y.
+fn hole_par<F: BinaryFn + Sync>(f: F, x: &[f32], y: &[f32], block: usize, inner: usize) -> Vec<f32> {
+    par_build(x.len(), block, |s, o| hole_chunk(f, o, &x[s..s + o.len()], y, s / block, block / inner, inner))
 }
 
 /// A raw output pointer shared by parallel tasks that write disjoint parts of one buffer.
@@ -510,6 +501,35 @@ simd_dispatch!(
     <F: BinaryFn>,
     (f: F, o: &mut [MaybeUninit<f32>], x: &[f32], y: &[f32], len: usize, inner: usize, start: usize),
     binary_chunk_body(f, o, x, y, len, inner, start)
+);
+
+/// Outer blocks of `hole * inner` elements (the first is block `first`), each against its own
+/// `inner`-long row of `y`.
+#[inline(always)]
+fn hole_chunk_body<F: Fn(f32, f32) -> f32 + Copy>(
+    f: F,
+    o: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    y: &[f32],
+    first: usize,
+    hole: usize,
+    inner: usize,
+) {
+    for (k, (ob, xb)) in o.chunks_mut(hole * inner).zip(x.chunks(hole * inner)).enumerate() {
+        let row = &y[(first + k) * inner..][..inner];
+        for (orow, xrow) in ob.chunks_mut(inner).zip(xb.chunks(inner)) {
+            for ((d, &p), &q) in orow.iter_mut().zip(xrow).zip(row) {
+                d.write(f(p, q));
+            }
+        }
+    }
+}
+
+simd_dispatch!(
+    hole_chunk,
+    <F: BinaryFn>,
+    (f: F, o: &mut [MaybeUninit<f32>], x: &[f32], y: &[f32], first: usize, hole: usize, inner: usize),
+    hole_chunk_body(f, o, x, y, first, hole, inner)
 );
 
 /// The closures a binary kernel is instantiated with.

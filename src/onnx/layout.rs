@@ -28,6 +28,9 @@ pub(crate) struct Blocked {
     pub steps: HashSet<usize>,
     /// Values stored blocked.
     pub values: HashSet<String>,
+    /// Steps that are a spatial mean of a blocked value ([`spatial_mean`]), run by [`global_avg_pool`]
+    /// on the blocked data (decided here, once, not per run).
+    pub means: HashSet<usize>,
     /// Packed weights of convs whose weight is a plan constant, by node index.
     packed: Mutex<HashMap<usize, Arc<Vec<f32>>>>,
 }
@@ -107,6 +110,11 @@ pub(crate) fn plan(
         if block {
             b.steps.insert(i);
             b.values.insert(out);
+        } else if fused.get(&i).is_none()
+            && n.input.first().is_some_and(|v| b.values.contains(v))
+            && spatial_mean(n, statics)
+        {
+            b.means.insert(i);
         }
     }
     b
@@ -115,7 +123,7 @@ pub(crate) fn plan(
 /// Whether `node` is a mean over the spatial axes of an NCHW value: GlobalAveragePool, or ReduceMean over
 /// axes {2, 3} (attribute or static input) keeping dims, as timm's squeeze-excite blocks export it. Both
 /// read a blocked value directly ([`global_avg_pool`]).
-pub(crate) fn spatial_mean(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
+fn spatial_mean(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
     match node.op_type.as_str() {
         "GlobalAveragePool" => true,
         "ReduceMean" => {

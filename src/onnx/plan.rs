@@ -199,10 +199,7 @@ impl Graph {
             let t0 = std::time::Instant::now();
             let blocked_step = plan.blocked.steps.contains(&i);
             let reads_blocked = !blocked_step && node.input.iter().any(|n| plan.blocked.values.contains(n));
-            let pool = reads_blocked
-                && plan.blocked.values.contains(&node.input[0])
-                && layout::spatial_mean(node, &plan.statics)
-                && !plan.fused.contains_key(&i);
+            let pool = plan.blocked.means.contains(&i);
             if reads_blocked && !pool {
                 // Readers without a blocked kernel get NCHW.
                 for (t, n) in ins.iter_mut().zip(&node.input) {

@@ -322,14 +322,14 @@ fn rows(req: &TrainRequest) -> Result<Rows> {
 
 /// `hp` with the loss resolved from the training counts (`auto` by the imbalance) and the reason
 /// recorded; logged once.
-fn resolved_loss(hp: &HyperParams, rows: &Rows) -> Result<HyperParams> {
+fn resolved_loss(hp: &HyperParams, rows: &Rows) -> HyperParams {
     let (kind, why) = loss::resolve_loss(hp.loss_function, &rows.counts);
     let counts: Vec<String> = rows.classes.names.iter().zip(&rows.counts).map(|(c, n)| format!("{c} {n}")).collect();
     tracing::info!("loss: {kind} ({why}); training rows per class: {}", counts.join(", "));
     let mut hp = hp.clone();
     hp.loss_function = kind;
     hp.loss_reason = Some(why);
-    Ok(hp)
+    hp
 }
 
 fn run(
@@ -339,7 +339,7 @@ fn run(
     mut on_event: impl FnMut(&Event),
 ) -> Result<TrainSummary> {
     let rows = rows(req)?;
-    let hp = &resolved_loss(&req.hp, &rows)?;
+    let hp = &resolved_loss(&req.hp, &rows);
     let device = crate::util::device::select_device(hp.num_gpus);
     on_event(&Event::Phase(Phase::Features));
     let backbone = Backbone::load(&req.backbone, &device, req.feature_tensor.as_deref(), req.normalization.clone())?;

@@ -83,13 +83,15 @@ pub fn pool2d(x: &Tensor, h: PoolAxis, w: PoolAxis, max: bool, include_pad: bool
     });
     let out = with_data(x, |xs| {
         par_build(n * c * plane_out, plane_out, |start, o| {
-            let mut across = vec![0f32; ih * w.out];
+            // Scratch reused by every plane of this chunk: W-reduced rows, one output row.
+            let (mut across, mut acc) = (vec![0f32; ih * w.out], vec![0f32; w.out]);
             for (p, op) in o.chunks_mut(plane_out).enumerate() {
                 let src = &xs[(start / plane_out + p) * plane_in..][..plane_in];
+                let scratch = (&mut across[..], &mut acc[..]);
                 if max {
-                    pool_plane(src, iw, (h, w), &mut across, op, None, f32::NEG_INFINITY, f32::max);
+                    pool_plane(src, iw, (h, w), scratch, op, None, f32::NEG_INFINITY, f32::max);
                 } else {
-                    pool_plane(src, iw, (h, w), &mut across, op, recip.as_deref(), 0.0, |a, b| a + b);
+                    pool_plane(src, iw, (h, w), scratch, op, recip.as_deref(), 0.0, |a, b| a + b);
                 }
             }
         })
@@ -97,14 +99,14 @@ pub fn pool2d(x: &Tensor, h: PoolAxis, w: PoolAxis, max: bool, include_pad: bool
     tensor(out, &[n, c, h.out, w.out])
 }
 
-/// One plane: `src` [ih, iw] reduced by `f` across W into `across` [ih, ow], then across H into `out`,
-/// scaled by `recip` (an average) when given.
+/// One plane: `src` [ih, iw] reduced by `f` across W into `across` [ih, ow], then across H (one row at a
+/// time in `acc` [ow]) into `out`, scaled by `recip` (an average) when given.
 #[allow(clippy::too_many_arguments)]
 fn pool_plane(
     src: &[f32],
     iw: usize,
     (h, w): (PoolAxis, PoolAxis),
-    across: &mut [f32],
+    (across, acc): (&mut [f32], &mut [f32]),
     out: &mut [MaybeUninit<f32>],
     recip: Option<&[f32]>,
     init: f32,
@@ -115,7 +117,6 @@ fn pool_plane(
     for (row, dst) in src.chunks(iw).zip(across.chunks_mut(ow)) {
         fold_axis(row, iw, w, dst, f);
     }
-    let mut acc = vec![init; ow];
     for r in 0..h.out {
         acc.fill(init);
         for i in 0..h.k {
@@ -129,8 +130,8 @@ fn pool_plane(
         }
         let dst = &mut out[r * ow..(r + 1) * ow];
         match recip {
-            Some(rc) => dst.iter_mut().zip(&acc).zip(&rc[r * ow..]).for_each(|((d, &a), &k)| _ = d.write(a * k)),
-            None => dst.iter_mut().zip(&acc).for_each(|(d, &a)| _ = d.write(a)),
+            Some(rc) => dst.iter_mut().zip(acc.iter()).zip(&rc[r * ow..]).for_each(|((d, &a), &k)| _ = d.write(a * k)),
+            None => dst.iter_mut().zip(acc.iter()).for_each(|(d, &a)| _ = d.write(a)),
         }
     }
 }

@@ -20,6 +20,15 @@ struct Term {
     labels: Vec<Label>,
 }
 
+/// A label as the equation wrote it (`...` axes as `...`).
+fn shown(l: Label) -> String {
+    if l >= ELLIPSIS {
+        "...".into()
+    } else {
+        char::from_u32(l).map_or("?".into(), String::from)
+    }
+}
+
 /// Splits one side of the equation into letters and the `...` marker position.
 fn letters(node: &NodeProto, s: &str) -> Result<(Vec<Label>, Option<usize>)> {
     let mut out = Vec::new();
@@ -98,7 +107,10 @@ fn diagonal(node: &NodeProto, mut term: Term) -> Result<Term> {
     while let Some((i, j)) = repeated(&term.labels) {
         let (n, m) = (term.t.dims()[i], term.t.dims()[j]);
         if n != m {
-            return Err(node_err(node, format!("repeated label on axes of {n} and {m}")));
+            return Err(node_err(
+                node,
+                format!("label `{}` repeats on axes of sizes {n} and {m}", shown(term.labels[i])),
+            ));
         }
         // Move the pair last, flatten it and pick every (n + 1)-th element: the diagonal.
         let rank = term.t.rank();
@@ -151,7 +163,9 @@ fn contract(node: &NodeProto, a: Term, b: Term, keep: &[Label]) -> Result<Term> 
         match (da, db) {
             (x, y) if x == y || y == 1 => Ok(x),
             (1, y) => Ok(y),
-            (x, y) => Err(node_err(node, format!("a label has sizes {x} and {y}"))),
+            (x, y) => {
+                Err(node_err(node, format!("label `{}` has size {x} in one operand and {y} in the other", shown(l))))
+            }
         }
     };
     let dims = |ls: &[Label]| ls.iter().map(|&l| size(l)).collect::<Result<Vec<usize>>>();
@@ -176,10 +190,7 @@ pub fn einsum(node: &NodeProto, equation: &str, xs: &[&Tensor]) -> Result<Tensor
     let ranks: Vec<usize> = xs.iter().map(|t| t.rank()).collect();
     let (labels, out) = parse(node, equation, &ranks)?;
     if let Some(l) = out.iter().find(|l| !labels.iter().flatten().any(|m| m == *l)) {
-        return Err(node_err(
-            node,
-            format!("output label `{}` is not in any operand", char::from_u32(*l).unwrap_or('?')),
-        ));
+        return Err(node_err(node, format!("output label `{}` is not in any operand", shown(*l))));
     }
     let dtype = xs.first().map(|t| t.dtype()).unwrap_or(DType::F32);
     // Integer operands are contracted in float64 (candle's matmul is float-only) and cast back.

@@ -2,11 +2,14 @@
 """Export a timm Swin Transformer to ONNX for automm.
 
   python models/export_swin_tiny.py --variant tiny --output models/swin_tiny.onnx [--pretrained] [--features]
+  python models/export_swin_tiny.py --variant tiny --features --parameters --output /tmp/swin_params.onnx
   python models/export_swin_tiny.py --variant fixture --output models/fixtures/swin_fixture.onnx
 
 `tiny` is timm's swin_tiny_patch4_window7_224 (random init unless --pretrained and a model hub is reachable).
 `fixture` is a Swin with the same op patterns at tiny widths (112x112 input, 3 stages, shifted windows,
-padding), random init with a fixed seed: a few hundred KB, committed for tests. With --reference, the
+padding), random init with a fixed seed. With --parameters every one of the model's parameters stays an
+initializer under its PyTorch name (training-mode export, no constant folding, drop-path 0): the graph
+full fine-tuning trains (`automm bench finetune`): a few hundred KB, committed for tests. With --reference, the
 fixture script also writes an input batch and ONNX Runtime's outputs next to the model (.npy), so Rust
 tests check import parity without Python.
 
@@ -25,7 +28,8 @@ def build(variant: str, pretrained: bool, features: bool, num_classes: int):
     torch.manual_seed(0)
     if variant == "tiny":
         model = timm.create_model(
-            "swin_tiny_patch4_window7_224", pretrained=pretrained, num_classes=0 if features else 1000
+            "swin_tiny_patch4_window7_224", pretrained=pretrained, num_classes=0 if features else 1000,
+            drop_path_rate=0.0,
         )
         size = 224
     else:
@@ -50,6 +54,8 @@ def main():
     ap.add_argument("--dynamo", action="store_true",
                     help="use PyTorch's newer exporter (torch.export, opset 18; needs onnxscript)")
     ap.add_argument("--reference", action="store_true", help="also write <output>.input.npy and ORT outputs")
+    ap.add_argument("--parameters", action="store_true",
+                    help="keep every parameter as a named initializer (what full fine-tuning trains)")
     args = ap.parse_args()
 
     model, size = build(args.variant, args.pretrained, args.features, args.num_classes)
@@ -69,9 +75,10 @@ def main():
         if os.path.exists(tmp + ".data"):
             os.remove(tmp + ".data")
     else:
+        keep = {"training": torch.onnx.TrainingMode.TRAINING, "do_constant_folding": False} if args.parameters else {}
         torch.onnx.export(
             model, x, tmp, opset_version=args.opset, dynamo=False, input_names=["input"],
-            output_names=[out_name], dynamic_axes={"input": {0: "batch"}, out_name: {0: "batch"}},
+            output_names=[out_name], dynamic_axes={"input": {0: "batch"}, out_name: {0: "batch"}}, **keep,
         )
     os.replace(tmp, args.output)
     print(f"wrote {args.output} ({os.path.getsize(args.output)} bytes)")

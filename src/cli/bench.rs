@@ -56,6 +56,35 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Fine-tuning cost: ms/img of a forward pass and of a training step (forward + backward + AdamW)
+    /// through an ONNX backbone, and peak RSS, next to PyTorch's same architecture measured by
+    /// `models/bench_finetune.py` in the same run (ratios ours / PyTorch).
+    Finetune {
+        /// The backbone ONNX (for full fine-tuning, an export that keeps every parameter as an
+        /// initializer, e.g. `models/export_swin_tiny.py --features --parameters`).
+        #[arg(long)]
+        model: PathBuf,
+        /// The timm architecture PyTorch runs (e.g. swin_tiny_patch4_window7_224, efficientnet_lite0);
+        /// without it only automm's figures are printed.
+        #[arg(long)]
+        torch_arch: Option<String>,
+        /// Images per step.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Timed steps (after one warm-up; medians are reported).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// What trains: `full` (model.backbone.freeze=false), `bit_fit`, `norm_fit` or `frozen`
+        /// (the head on features computed without gradients).
+        #[arg(long, default_value = "full")]
+        finetune: String,
+        /// The Python with torch and timm installed.
+        #[arg(long, default_value = "python3")]
+        python: PathBuf,
+        /// PyTorch's side.
+        #[arg(long, default_value = "models/bench_finetune.py")]
+        script: PathBuf,
+    },
 }
 
 /// Runs one benchmark.
@@ -83,7 +112,73 @@ pub fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Soak { model, clients, seconds, sample_seconds, json } => {
             soak(model, clients, seconds, sample_seconds, json)
         }
+        BenchCommand::Finetune { model, torch_arch, batch, steps, finetune, python, script } => {
+            finetune_bench(&model, torch_arch.as_deref(), batch, steps, &finetune, &python, &script)
+        }
     }
+}
+
+fn finetune_bench(
+    model: &std::path::Path,
+    torch_arch: Option<&str>,
+    batch: usize,
+    steps: usize,
+    finetune: &str,
+    python: &std::path::Path,
+    script: &std::path::Path,
+) -> Result<()> {
+    use automm::app::finetune_bench::{measure, FinetuneBench, FinetuneFigures};
+    use automm::model::hparams::{HyperParams, FULL_FINETUNE_LR};
+    let mut hp = HyperParams { learning_rate: FULL_FINETUNE_LR, ..Default::default() };
+    match finetune {
+        "full" => hp.freeze = false,
+        "frozen" => {}
+        m => hp.efficient_finetune = m.parse().map_err(|e| anyhow::anyhow!("--finetune: {e} (or full, frozen)"))?,
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // PyTorch first, in its own process, so that neither side's memory or caches affect the other's.
+    let torch: Option<FinetuneFigures> = match torch_arch {
+        None => None,
+        Some(arch) => {
+            let torch_mode = if finetune == "norm_fit" { "bit_fit" } else { finetune };
+            let out = std::process::Command::new(python)
+                .arg(script)
+                .args(["--arch", arch, "--finetune", torch_mode])
+                .args(["--batch", &batch.to_string(), "--threads", &threads.to_string(), "--steps", &steps.to_string()])
+                .output()
+                .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+            if !out.status.success() {
+                anyhow::bail!("PyTorch's side failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let line = String::from_utf8_lossy(&out.stdout);
+            Some(serde_json::from_str(line.trim()).with_context(|| format!("PyTorch's side printed `{line}`"))?)
+        }
+    };
+    let b = FinetuneBench { batch, steps, classes: 4, hp };
+    let ours = measure(model, &b)?;
+    println!("batch {batch}, {threads} threads, mode {finetune}, median of {steps} steps");
+    println!("{:<10} {:>14} {:>16} {:>14} {:>12}", "", "forward ms/img", "train step ms/img", "peak RSS GB", "trained");
+    let row = |who: &str, f: &FinetuneFigures| {
+        println!(
+            "{who:<10} {:>14.1} {:>16.1} {:>14.2} {:>12}",
+            f.fwd_ms_per_img,
+            f.step_ms_per_img,
+            f.peak_rss_bytes as f64 / 1e9,
+            f.params
+        )
+    };
+    row("automm", &ours);
+    if let Some(t) = &torch {
+        row("PyTorch", t);
+        println!(
+            "{:<10} {:>14.2} {:>16.2} {:>14.2}",
+            "ratio",
+            ours.fwd_ms_per_img / t.fwd_ms_per_img,
+            ours.step_ms_per_img / t.step_ms_per_img,
+            ours.peak_rss_bytes as f64 / t.peak_rss_bytes as f64
+        );
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

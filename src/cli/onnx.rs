@@ -68,7 +68,7 @@ pub enum OnnxCommand {
         /// Weights of the features (.npy, same shape as the features).
         #[arg(long)]
         weights: PathBuf,
-        /// `bit_fit` or `norm_fit`.
+        /// `bit_fit`, `norm_fit` or `full` (every parameter, as `model.backbone.freeze=false`).
         #[arg(long, default_value = "norm_fit")]
         finetune: String,
         /// Initializer-name prefixes that train too.
@@ -105,11 +105,15 @@ fn grads(
     tensor: Option<String>,
     output: PathBuf,
 ) -> Result<()> {
-    let mode = finetune.parse().map_err(|e| anyhow::anyhow!("--finetune: {e}"))?;
+    let mut hp = automm::model::hparams::HyperParams { trainable_layers: layers, ..Default::default() };
+    match finetune.as_str() {
+        "full" => hp.freeze = false,
+        m => hp.efficient_finetune = m.parse().map_err(|e| anyhow::anyhow!("--finetune: {e} (or `full`)"))?,
+    }
     let x = automm::onnx::read_npy(&input)?;
     let r = automm::onnx::read_npy(&weights)?;
     let t0 = std::time::Instant::now();
-    let out = automm::train::finetune::feature_gradients(&model, &x, &r, mode, &layers, tensor)?;
+    let out = automm::train::finetune::feature_gradients(&model, &x, &r, &hp, tensor)?;
     candle_core::Tensor::write_npz(&out.iter().map(|(n, t)| (n.as_str(), t)).collect::<Vec<_>>(), &output)?;
     println!(
         "{} initializers, forward+backward {:.1}s, wrote {}",

@@ -145,16 +145,60 @@ pub struct HyperParams {
     /// `model.timm_image.train_transforms`: augmentations of training images (none by default).
     #[serde(default)]
     pub train_transforms: Vec<Transform>,
+    /// `model.backbone.freeze`: false = full fine-tuning, every parameter of the backbone trains with the
+    /// head (true, the default, keeps automm's frozen-feature head unless `efficient_finetune` or
+    /// `trainable_layers` pick some).
+    #[serde(default = "frozen")]
+    pub freeze: bool,
 }
 
 fn default_tau() -> f64 {
     1.0
 }
 
+fn frozen() -> bool {
+    true
+}
+
+/// The learning rate of a full fine-tuning run that sets none (AutoMM's default, for a whole backbone).
+pub const FULL_FINETUNE_LR: f64 = 1e-4;
+
+/// How much of the backbone trains with the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackboneMode {
+    /// Frozen: features are computed once and cached, only the linear head trains (the default; fastest).
+    Frozen,
+    /// Parameter-efficient: `efficient_finetune` (bit_fit/norm_fit) and/or `trainable_layers` train too.
+    Efficient,
+    /// Full fine-tuning (`model.backbone.freeze=false`): every parameter of the backbone trains.
+    Full,
+}
+
+impl std::fmt::Display for BackboneMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackboneMode::Frozen => "frozen backbone (head only)",
+            BackboneMode::Efficient => "parameter-efficient fine-tuning",
+            BackboneMode::Full => "full fine-tuning",
+        })
+    }
+}
+
 impl HyperParams {
     /// True when part of the backbone trains (the backbone then runs every epoch).
     pub fn finetunes_backbone(&self) -> bool {
-        self.efficient_finetune != EfficientFinetune::None || !self.trainable_layers.is_empty()
+        self.backbone_mode() != BackboneMode::Frozen
+    }
+
+    /// How much of the backbone trains.
+    pub fn backbone_mode(&self) -> BackboneMode {
+        if !self.freeze {
+            BackboneMode::Full
+        } else if self.efficient_finetune != EfficientFinetune::None || !self.trainable_layers.is_empty() {
+            BackboneMode::Efficient
+        } else {
+            BackboneMode::Frozen
+        }
     }
 }
 
@@ -184,6 +228,7 @@ impl Default for HyperParams {
             efficient_finetune: EfficientFinetune::None,
             trainable_layers: Vec::new(),
             train_transforms: Vec::new(),
+            freeze: true,
         }
     }
 }

@@ -134,12 +134,15 @@ fn gelu(g: &View<'_>, n: &NodeProto, out: &str) -> Option<([usize; 4], Fused)> {
 }
 
 /// Finds fusable patterns among `steps`. Returns the steps left to run and the fused ones by node index.
+/// A `training` plan (gradients tracked) fuses only GELU, the one pattern with a backward pass of its own
+/// ([`super::kernels::grad::GeluOp`]).
 pub(crate) fn fuse(
     nodes: &[NodeProto],
     steps: &[usize],
     statics: &HashMap<String, Tensor>,
     outputs: &[String],
     opset: i64,
+    training: bool,
 ) -> (Vec<usize>, HashMap<usize, Fused>) {
     let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
     for &i in steps {
@@ -155,6 +158,7 @@ pub(crate) fn fuse(
         let n = &nodes[i];
         let Some(out) = n.output.first().filter(|_| !removed.contains(&i)) else { continue };
         let found = match n.op_type.as_str() {
+            "Conv" | "MatMul" | "Sigmoid" if training => None,
             "Conv" => conv_act(&g, out, opset).map(|(j, f)| (vec![j], f)),
             "MatMul" => matmul_bias(&g, n, out).map(|(j, f)| (vec![j], f)),
             "Sigmoid" => silu(&g, n, out).map(|(j, f)| (vec![j], f)),
@@ -169,7 +173,9 @@ pub(crate) fn fuse(
             fused.insert(i, f);
         }
     }
-    absorb_gelu(&g, &mut fused, &mut removed, &gelu_chains);
+    if !training {
+        absorb_gelu(&g, &mut fused, &mut removed, &gelu_chains);
+    }
     (steps.iter().copied().filter(|i| !removed.contains(i)).collect(), fused)
 }
 

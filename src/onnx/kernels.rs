@@ -444,6 +444,7 @@ macro_rules! simd_dispatch {
 }
 
 mod depthwise;
+pub mod grad;
 pub mod nchwc;
 mod pointwise;
 pub mod pool;

@@ -109,12 +109,15 @@ impl Graph {
             .filter(|(k, _)| is_static.contains(k) && needed.contains(k.as_str()))
             .map(|(k, t)| t.contiguous().map(|t| (k, t)))
             .collect::<candle_core::Result<_>>()?;
-        // Fused kernels are inference-only: keep every node when gradients are tracked or off the CPU.
+        // Fused kernels are inference-only, but for GELU (which has a backward pass); nothing fuses off the CPU.
         let tracked = feeds.iter().any(|(_, t)| t.track_op()) || (track && !self.trainable.is_empty());
         let (steps, fused, blocked) = if self.device.is_cpu() && !tracked {
-            let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset);
+            let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset, false);
             let blocked = layout::plan(&self.nodes, &steps, &fused, &statics, &self.outputs);
             (steps, fused, blocked)
+        } else if self.device.is_cpu() {
+            let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset, true);
+            (steps, fused, layout::Blocked::default())
         } else {
             (steps, HashMap::new(), layout::Blocked::default())
         };
@@ -296,7 +299,13 @@ impl Graph {
             fuse::Fused::Silu { out } => (out.clone(), ops::unary::silu(&arg(0)?)?),
             fuse::Fused::Gelu { out, .. } => {
                 let x = arg(0)?;
-                let y = if kernels::usable(&[&x]) { kernels::unary(kernels::Unary::Gelu, &x)? } else { x.gelu_erf()? };
+                let y = if kernels::usable(&[&x]) {
+                    kernels::unary(kernels::Unary::Gelu, &x)?
+                } else if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+                    x.contiguous()?.apply_op1(kernels::grad::GeluOp)?
+                } else {
+                    x.gelu_erf()?
+                };
                 (out.clone(), y)
             }
         })

@@ -11,7 +11,7 @@ use std::path::Path;
 use serde_yaml::Value;
 
 use crate::error::{Error, Result};
-use crate::model::hparams::{Alpha, HyperParams, Reduction, Transform};
+use crate::model::hparams::{Alpha, HyperParams, Reduction, Transform, FULL_FINETUNE_LR};
 
 /// A hyperparameter automm implements: its canonical (AutoMM `optimization.*`) name, the other
 /// spellings AutoMM accepts (`optim.*` and older ones), and how a value sets it.
@@ -161,6 +161,15 @@ const KEYS: &[Key] = &[
             Ok(())
         },
     },
+    Key {
+        name: "model.backbone.freeze",
+        aliases: &[],
+        set: |hp, k, v| {
+            hp.freeze =
+                v.as_bool().ok_or_else(|| Error::config(k, format!("expected true or false, got {}", describe(v))))?;
+            Ok(())
+        },
+    },
     Key { name: "model.timm_image.train_transforms", aliases: &[], set: set_transforms },
 ];
 
@@ -169,7 +178,7 @@ const ACCEPTED_UNSUPPORTED: &[(&str, &str)] = &[
     ("model.names", "choose which AutoMM model towers to fuse; automm trains one ONNX image backbone plus a linear head"),
     ("model.mmdet_image.", "configure MMDetection object detection; automm does image classification only"),
     ("model.hf_text.", "configure a Hugging Face text tower; automm has no text models"),
-    ("model.timm_image.checkpoint_name", "download a timm checkpoint; automm imports a backbone ONNX file given by --backbone"),
+    ("model.timm_image.checkpoint_name", "download a timm checkpoint and fine-tune all of it; automm imports the backbone ONNX file given by --backbone and trains a frozen-feature head on it unless model.backbone.freeze=false"),
     ("model.timm_image.", "configure timm image towers; automm takes the backbone and its preprocessing from --backbone and --normalization"),
     ("model.clip.", "configure a CLIP tower; not available in automm"),
     ("model.fusion_mlp.", "configure late fusion of several towers; automm has one tower"),
@@ -177,12 +186,12 @@ const ACCEPTED_UNSUPPORTED: &[(&str, &str)] = &[
     ("data.", "configure AutoMM's data processors; automm reads images and labels as given by --image-column/--label"),
     ("optimization.optim_type", "pick the optimizer; automm always uses AdamW (AutoMM's default)"),
     ("optim.optim_type", "pick the optimizer; automm always uses AdamW (AutoMM's default)"),
-    ("optimization.lr_decay", "layer-wise learning-rate decay through the backbone; the backbone is frozen in automm"),
-    ("optim.lr_decay", "layer-wise learning-rate decay through the backbone; the backbone is frozen in automm"),
-    ("optimization.lr_mult", "a learning-rate multiplier for the head vs the backbone; the backbone is frozen in automm"),
-    ("optim.lr_mult", "a learning-rate multiplier for the head vs the backbone; the backbone is frozen in automm"),
-    ("optimization.lr_choice", "choose layer-wise lr decay or two-stage lr; the backbone is frozen in automm"),
-    ("optim.lr_choice", "choose layer-wise lr decay or two-stage lr; the backbone is frozen in automm"),
+    ("optimization.lr_decay", "layer-wise learning-rate decay through the backbone; automm uses one learning rate for the head and any backbone parameters"),
+    ("optim.lr_decay", "layer-wise learning-rate decay through the backbone; automm uses one learning rate for the head and any backbone parameters"),
+    ("optimization.lr_mult", "a learning-rate multiplier for the head vs the backbone; automm uses one learning rate for both"),
+    ("optim.lr_mult", "a learning-rate multiplier for the head vs the backbone; automm uses one learning rate for both"),
+    ("optimization.lr_choice", "choose layer-wise lr decay or two-stage lr; automm uses one learning rate for the head and the backbone"),
+    ("optim.lr_choice", "choose layer-wise lr decay or two-stage lr; automm uses one learning rate for the head and the backbone"),
     ("optimization.top_k", "average the top-k checkpoints; automm keeps the single best epoch"),
     ("optim.top_k", "average the top-k checkpoints; automm keeps the single best epoch"),
     ("optimization.top_k_average_method", "average the top-k checkpoints; automm keeps the single best epoch"),
@@ -305,6 +314,7 @@ impl HyperParamsBuilder {
     /// Like [`build`](Self::build), but the entries override `base` instead of the defaults (used by
     /// `automm train --resume` to change a saved run's settings).
     pub fn build_on(&self, base: HyperParams) -> Result<(HyperParams, Vec<String>)> {
+        let base_frozen = base.freeze;
         let mut hp = base;
         let mut warnings = Vec::new();
         // Later spellings of the same key override earlier ones; keys apply in table order.
@@ -321,8 +331,15 @@ impl HyperParamsBuilder {
                 ));
             }
         }
+        let sets_lr =
+            resolved.values().any(|(k, _)| canonical(k).is_some_and(|c| c.name == "optimization.learning_rate"));
         for (index, (key, v)) in resolved {
             (KEYS[index].set)(&mut hp, key, v)?;
+        }
+        // A whole backbone needs a smaller step than a head on frozen features (AutoMM's 1e-4).
+        if base_frozen && !hp.freeze && !sets_lr {
+            hp.learning_rate = FULL_FINETUNE_LR;
+            tracing::info!("full fine-tuning: optimization.learning_rate defaults to {FULL_FINETUNE_LR} (AutoMM's)");
         }
         Ok((hp, warnings))
     }

@@ -1,6 +1,7 @@
-//! Efficient fine-tuning of the imported backbone, with AutoMM's names: `optimization.efficient_finetune`
-//! = `bit_fit` (biases) or `norm_fit` (normalisation scales and shifts plus biases), and
-//! `model.backbone.trainable_layers` (initializer-name prefixes, e.g. the last stage). The chosen
+//! Fine-tuning the imported backbone, with AutoMM's names: `model.backbone.freeze=false` (full
+//! fine-tuning, every parameter), `optimization.efficient_finetune` = `bit_fit` (biases) or `norm_fit`
+//! (normalisation scales and shifts plus biases), and `model.backbone.trainable_layers` (initializer-name
+//! prefixes, e.g. the last stage). The chosen
 //! initializers of the ONNX graph become `Var`s that train with the head; gradients flow back through the
 //! imported graph (our depthwise conv has its own backward pass, the rest is candle autograd).
 //!
@@ -15,12 +16,18 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_onnx::onnx::ModelProto;
 
 use crate::error::{Error, Result};
-use crate::model::hparams::EfficientFinetune;
+use crate::model::hparams::{EfficientFinetune, HyperParams};
 use crate::onnx::Graph;
 
-/// Initializers of `graph` that train: biases for `bit_fit`; normalisation scales/shifts and biases for
-/// `norm_fit`; plus every float initializer whose name starts with one of `prefixes`. Sorted by name.
-pub fn select_trainable(graph: &Graph, mode: EfficientFinetune, prefixes: &[String]) -> Vec<String> {
+/// Initializers of `graph` that train, by `hp`'s backbone settings: every parameter when
+/// `model.backbone.freeze` is false ([`parameters`]); else biases for `bit_fit`, normalisation
+/// scales/shifts and biases for `norm_fit`, plus every float initializer whose name starts with one of
+/// `trainable_layers`. Sorted by name.
+pub fn select_trainable(graph: &Graph, hp: &HyperParams) -> Vec<String> {
+    select(graph, !hp.freeze, hp.efficient_finetune, &hp.trainable_layers)
+}
+
+fn select(graph: &Graph, full: bool, mode: EfficientFinetune, prefixes: &[String]) -> Vec<String> {
     let inits: HashSet<String> = graph.initializer_names().into_iter().collect();
     let is_float = |n: &str| graph.initializer(n).is_some_and(|t| t.dtype().is_float() && t.elem_count() > 0);
     let mut biases = HashSet::new();
@@ -52,10 +59,51 @@ pub fn select_trainable(graph: &Graph, mode: EfficientFinetune, prefixes: &[Stri
         EfficientFinetune::BitFit => biases,
         EfficientFinetune::NormFit => biases.union(&norms).cloned().collect(),
     };
+    if full {
+        out.extend(parameters(graph));
+    }
     out.extend(inits.iter().filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str()))).cloned());
     let mut v: Vec<String> = out.into_iter().filter(|n| is_float(n)).collect();
     v.sort();
     v
+}
+
+/// The backbone's parameters, what full fine-tuning trains: float initializers of more than one value
+/// that some node reads (directly or through a Transpose) as a weight, bias, normalisation scale/shift, embedding table, token or
+/// elementwise Add/Mul operand (layer scale, position embedding). Not parameters: scalars (GELU's
+/// constants, Clip bounds), BatchNorm's running statistics, Sub/Div operands (normalisation constants
+/// baked into a graph), and tensors read only through shape or mask plumbing (an attention mask reaches
+/// its Add through Unsqueeze; index tables are integers), nor an additive attention mask fed straight to
+/// an Add (values 0 and one large negative number).
+pub fn parameters(graph: &Graph) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for n in graph.nodes() {
+        let slots = match n.op_type.as_str() {
+            "Conv" | "ConvTranspose" | "Gemm" => 0..3,
+            "MatMul" | "Add" | "Mul" => 0..2,
+            "LayerNormalization" | "BatchNormalization" | "InstanceNormalization" | "GroupNormalization" => 1..3,
+            "Gather" | "Expand" | "Transpose" => 0..1,
+            "PRelu" => 1..2,
+            "Concat" => 0..n.input.len(),
+            _ => 0..0,
+        };
+        for i in slots {
+            let Some(name) = n.input.get(i) else { continue };
+            if graph.initializer(name).is_some_and(|t| t.dtype().is_float() && t.elem_count() > 1 && !is_mask(t)) {
+                out.insert(name.clone());
+            }
+        }
+    }
+    out
+}
+
+/// An additive attention mask: only zeros and one value <= -100 (or -inf), both present.
+fn is_mask(t: &Tensor) -> bool {
+    let Ok(v) = t.flatten_all().and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1::<f32>()) else {
+        return false;
+    };
+    let neg = v.iter().copied().find(|&x| x != 0.0);
+    neg.is_some_and(|m| m <= -100.0 && v.iter().all(|&x| x == 0.0 || x == m)) && v.contains(&0.0)
 }
 
 /// A backbone being fine-tuned: the frozen prefix (when the graph splits cleanly) and the trainable rest.
@@ -81,8 +129,9 @@ impl TunedBackbone {
     ) -> Result<TunedBackbone> {
         if trainable.is_empty() {
             return Err(Error::Train(
-                "fine-tuning selected no initializer of the backbone (check optimization.efficient_finetune and \
-                 model.backbone.trainable_layers against the ONNX initializer names)"
+                "fine-tuning selected no initializer of the backbone (check model.backbone.freeze, \
+                 optimization.efficient_finetune and model.backbone.trainable_layers against the ONNX \
+                 initializer names)"
                     .into(),
             ));
         }
@@ -157,15 +206,14 @@ impl TunedBackbone {
     }
 }
 
-/// Gradients of `sum(features * weights)` with respect to every initializer `mode` and `prefixes` select
+/// Gradients of `sum(features * weights)` with respect to every initializer `hp`'s backbone settings select
 /// in the backbone `model` (up to `feature`, detected when None), for the input batch `x`. What
 /// `automm onnx grads` writes, to check our backward passes against PyTorch's.
 pub fn feature_gradients(
     model: &std::path::Path,
     x: &Tensor,
     weights: &Tensor,
-    mode: EfficientFinetune,
-    prefixes: &[String],
+    hp: &HyperParams,
     feature: Option<String>,
 ) -> Result<Vec<(String, Tensor)>> {
     let proto = crate::onnx::read_model(model)?;
@@ -175,7 +223,7 @@ pub fn feature_gradients(
     };
     let (dev, name) = (Device::Cpu, model.display().to_string());
     let g = Graph::from_model(&proto, &name, &dev, Some(vec![feature.clone()]))?;
-    let trainable = select_trainable(&g, mode, prefixes);
+    let trainable = select_trainable(&g, hp);
     let input = g.inputs().first().map(|i| i.name.clone()).unwrap_or_default();
     let size = x.dims().get(2).copied().unwrap_or(224);
     let tb = TunedBackbone::new(&proto, &name, &dev, &input, &feature, &trainable, size)?;

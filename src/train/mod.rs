@@ -420,10 +420,15 @@ impl Setup<'_> {
         let t0 = Instant::now();
         on_event(&Event::Phase(Phase::FineTune));
         let model = read_model(&req.backbone)?;
-        let trainable = select_trainable(backbone.graph(), hp.efficient_finetune, &hp.trainable_layers);
+        let trainable = select_trainable(backbone.graph(), hp);
         let count: usize =
             trainable.iter().filter_map(|n| backbone.graph().initializer(n)).map(|t| t.elem_count()).sum();
-        tracing::info!("fine-tuning {} backbone initializers ({count} values) with the head", trainable.len());
+        tracing::info!(
+            "{}: {} backbone initializers ({count} values) train with the head, learning rate {}",
+            hp.backbone_mode(),
+            trainable.len(),
+            hp.learning_rate
+        );
         let tb = TunedBackbone::new(
             &model,
             &req.backbone.display().to_string(),

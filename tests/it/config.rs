@@ -157,3 +157,26 @@ fn schedule_warms_up_then_decays() {
     assert!(Schedule::new(&hp, 100).lr_at(99) < 0.01);
     assert!((Schedule::new(&hp, 100).lr_at(55) - 0.5).abs() < 0.02);
 }
+
+#[test]
+fn backbone_freeze_selects_the_mode_and_full_finetuning_gets_automm_learning_rate() {
+    use automm::model::hparams::{BackboneMode, FULL_FINETUNE_LR};
+    assert_eq!(build(&[]).unwrap().backbone_mode(), BackboneMode::Frozen);
+    assert_eq!(build(&["optimization.efficient_finetune=bit_fit"]).unwrap().backbone_mode(), BackboneMode::Efficient);
+    let full = build(&["model.backbone.freeze=false"]).unwrap();
+    assert_eq!((full.backbone_mode(), full.learning_rate), (BackboneMode::Full, FULL_FINETUNE_LR));
+    assert!(full.finetunes_backbone());
+    // An explicit learning rate wins, in either order.
+    for kvs in [
+        ["model.backbone.freeze=false", "optimization.learning_rate=3e-5"],
+        ["optim.lr=3e-5", "model.backbone.freeze=false"],
+    ] {
+        assert_eq!(build(&kvs).unwrap().learning_rate, 3e-5);
+    }
+    assert_eq!(build(&["model.backbone.freeze=true"]).unwrap().learning_rate, 1e-3);
+    assert!(err(&["model.backbone.freeze=maybe"]).contains("expected true or false"));
+    // AutoMM's intent to fine-tune a timm checkpoint is named, with the key that does it here.
+    let (_, w) =
+        HyperParamsBuilder::new().set_str("model.timm_image.checkpoint_name=swin_tiny").unwrap().build().unwrap();
+    assert!(w.len() == 1 && w[0].contains("frozen-feature head unless model.backbone.freeze=false"), "{w:?}");
+}

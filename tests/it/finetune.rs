@@ -4,31 +4,35 @@
 
 use std::path::Path;
 
-use automm::model::hparams::EfficientFinetune;
+use automm::model::hparams::{EfficientFinetune, HyperParams};
 use automm::onnx::{detect_feature_tensor, read_model, read_npy, Graph};
-use automm::train::finetune::{select_trainable, TunedBackbone};
+use automm::train::finetune::{select_trainable as select_by, TunedBackbone};
 use candle_core::{Device, Tensor};
 
 fn fixture(name: &str) -> String {
     format!("{}/models/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// What `efficient_finetune = mode` plus `trainable_layers = prefixes` select.
+fn select_trainable(g: &Graph, mode: EfficientFinetune, prefixes: &[String]) -> Vec<String> {
+    select_by(g, &HyperParams { efficient_finetune: mode, trainable_layers: prefixes.to_vec(), ..Default::default() })
+}
+
+/// What full fine-tuning (`model.backbone.freeze = false`) selects.
+fn full(g: &Graph) -> Vec<String> {
+    select_by(g, &HyperParams { freeze: false, ..Default::default() })
+}
+
 /// Autograd gradients of sum(features * r) w.r.t. every trainable initializer vs central differences
 /// (float32, step `h`), on a few elements of each.
 /// `cached_prefix`: whether the graph must split into a frozen, cached prefix and a trainable rest.
-fn check_gradients(
-    model_file: &str,
-    mode: EfficientFinetune,
-    prefixes: &[String],
-    h: f32,
-    cached_prefix: bool,
-) -> usize {
+fn check_gradients(model_file: &str, select: &dyn Fn(&Graph) -> Vec<String>, h: f32, cached_prefix: bool) -> usize {
     let path = fixture(model_file);
     let model = read_model(Path::new(&path)).unwrap();
     let feature = detect_feature_tensor(&model).unwrap();
     let graph = Graph::from_model(&model, &path, &Device::Cpu, Some(vec![feature.clone()])).unwrap();
     let input = graph.inputs()[0].name.clone();
-    let trainable = select_trainable(&graph, mode, prefixes);
+    let trainable = select(&graph);
     assert!(!trainable.is_empty());
     let x = read_npy(Path::new(&format!("{path}.input.npy"))).unwrap();
     let size = x.dims()[2];
@@ -99,21 +103,38 @@ fn check_gradients(
 fn bit_fit_gradients_match_finite_differences_through_a_cnn() {
     // Depthwise and dense convs, Clip, residual Add, GlobalAveragePool. A small step: ReLU6 kinks sit
     // among pre-activations of ~0.01.
-    let n = check_gradients("cnn_fixture.onnx", EfficientFinetune::BitFit, &[], 1e-3, false);
+    let n = check_gradients("cnn_fixture.onnx", &|g| select_trainable(g, EfficientFinetune::BitFit, &[]), 1e-3, false);
     assert!(n >= 15, "only {n} elements checked");
 }
 
 #[test]
 fn norm_fit_gradients_match_finite_differences_through_a_swin() {
     // LayerNorm scales/shifts and biases of attention, MLP and patch merging.
-    let n = check_gradients("swin_fixture.onnx", EfficientFinetune::NormFit, &[], 1e-2, false);
+    let n =
+        check_gradients("swin_fixture.onnx", &|g| select_trainable(g, EfficientFinetune::NormFit, &[]), 1e-2, false);
     assert!(n >= 30, "only {n} elements checked");
+}
+
+#[test]
+fn full_finetuning_gradients_match_finite_differences_through_a_cnn_and_a_swin() {
+    // Every parameter: conv weights (dense, depthwise, 1x1) and biases of the CNN; patch embedding,
+    // every MatMul weight, LayerNorm, biases and the folded relative-position biases of the Swin, through
+    // our LayerNorm, Softmax and GELU backward passes.
+    let n = check_gradients("cnn_fixture.onnx", &full, 1e-3, false);
+    assert!(n >= 30, "only {n} elements checked");
+    let n = check_gradients("swin_fixture.onnx", &full, 1e-2, false);
+    assert!(n >= 120, "only {n} elements checked");
 }
 
 #[test]
 fn trainable_layers_gradients_with_a_cached_prefix() {
     // The last conv stage trains; everything before it is a frozen, cached prefix.
-    let n = check_gradients("cnn_fixture.onnx", EfficientFinetune::None, &["pw2".to_string()], 1e-3, true);
+    let n = check_gradients(
+        "cnn_fixture.onnx",
+        &|g| select_trainable(g, EfficientFinetune::None, &["pw2".into()]),
+        1e-3,
+        true,
+    );
     assert!(n >= 3);
 }
 
@@ -139,6 +160,18 @@ fn selection_follows_the_graph() {
     );
     assert!(bit.contains(&"layers.0.blocks.0.attn.qkv.bias".to_string()));
     assert!(bit.iter().all(|n| norm.contains(n)));
+    // Full fine-tuning: every float initializer of this export is a parameter (weights, biases, norms, the
+    // folded relative-position biases); none of the CNN's scalar Clip bounds is.
+    let all = full(&g);
+    assert!(norm.iter().all(|n| all.contains(n)));
+    assert!(all.iter().any(|n| n.starts_with("onnx::MatMul_")) && all.contains(&"patch_embed.proj.weight".to_string()));
+    let path = fixture("cnn_fixture.onnx");
+    let model = read_model(Path::new(&path)).unwrap();
+    let feature = detect_feature_tensor(&model).unwrap();
+    let g = Graph::from_model(&model, &path, &Device::Cpu, Some(vec![feature])).unwrap();
+    let all = full(&g);
+    assert_eq!(all.len(), 10, "{all:?}");
+    assert!(all.iter().all(|n| n.ends_with("_W") || n.ends_with("_B")), "{all:?}");
 }
 
 use crate::common;

@@ -1,7 +1,7 @@
 //! ONNX ops, family: normalisation and reductions: Softmax, Layer/Batch/Instance/GroupNormalization,
 //! Reduce{Mean, Sum, Max, Min, L1, L2, SumSquare, LogSum, LogSumExp}.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_onnx::onnx::NodeProto;
 
 use super::*;
@@ -46,6 +46,8 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
                 one(kernels::softmax_last(t)?)
             } else if axis + 1 == t.rank() && !t.track_op() {
                 one(candle_nn::ops::softmax_last_dim(&t.contiguous()?)?)
+            } else if axis + 1 == t.rank() && t.device().is_cpu() && t.dtype() == DType::F32 {
+                one(t.contiguous()?.apply_op1(kernels::grad::SoftmaxOp)?)
             } else {
                 one(candle_nn::ops::softmax(t, axis)?)
             }
@@ -63,6 +65,16 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
                 return one(kernels::layer_norm(t, inner, scale, opt_input(ins, 2), eps as f32)?);
             }
             let x2 = t.contiguous()?.reshape(((t.elem_count() / inner.max(1)), inner))?;
+            let f32_cpu = |v: &Tensor| v.device().is_cpu() && v.dtype() == DType::F32;
+            if !stats && f32_cpu(t) && f32_cpu(scale) && opt_input(ins, 2).is_none_or(f32_cpu) {
+                // Training on the CPU: one op forward, one fused pass backward.
+                let bias = match opt_input(ins, 2) {
+                    Some(b) => b.flatten_all()?,
+                    None => Tensor::zeros(inner, DType::F32, t.device())?,
+                };
+                let y = x2.apply_op3(&scale.flatten_all()?, &bias, kernels::grad::LayerNormOp { eps: eps as f32 })?;
+                return one(y.reshape(t.dims())?);
+            }
             if stats || [Some(t), Some(scale), opt_input(ins, 2)].iter().flatten().any(|v| v.track_op()) {
                 // candle-nn's layer_norm has no backward pass: compose it from differentiable ops.
                 let mean = x2.mean_keepdim(1)?;

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""PyTorch's side of `automm bench finetune`: ms per image of a forward pass and of a fine-tuning step
+(forward + backward + AdamW step) of a timm model plus a linear head, and the process's peak RSS.
+
+  python models/bench_finetune.py --arch swin_tiny_patch4_window7_224 --batch 8 --threads 2 --steps 5
+  python models/bench_finetune.py --arch efficientnet_lite0 --finetune bit_fit
+
+Random weights (timm's init, seed 0): speed does not depend on them. The model runs in training mode for
+the step (BatchNorm batch statistics, no dropout or drop-path: rates 0) and in eval mode under no_grad for
+the forward; the loss is cross-entropy on `--classes` classes, the optimizer AdamW (lr 1e-4). `--finetune`:
+`full` (every parameter), `bit_fit` (biases and the head), `frozen` (head only, features under no_grad).
+Prints one JSON object: fwd_ms_per_img, step_ms_per_img, peak_rss_bytes, params, torch.
+Needs: pip install torch timm (about 3 GB).
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+import timm
+
+
+def timed(fn, steps):
+    fn()  # warm-up: allocator, oneDNN primitive caches
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", required=True, help="timm model name")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--classes", type=int, default=4)
+    ap.add_argument("--finetune", choices=["full", "bit_fit", "frozen"], default="full")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.arch, num_classes=0, drop_rate=0.0, drop_path_rate=0.0)
+    dim = model.num_features
+    head = torch.nn.Linear(dim, args.classes)
+    for name, p in model.named_parameters():
+        p.requires_grad = args.finetune == "full" or (args.finetune == "bit_fit" and name.endswith("bias"))
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-3)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, args.classes, (args.batch,))
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    def step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        if args.finetune == "frozen":
+            with torch.no_grad():
+                f = model(x)
+        else:
+            f = model(x)
+        loss = torch.nn.functional.cross_entropy(head(f), y)
+        loss.backward()
+        opt.step()
+
+    fwd = timed(forward, args.steps)
+    st = timed(step, args.steps)
+    print(json.dumps({
+        "fwd_ms_per_img": fwd * 1e3 / args.batch,
+        "step_ms_per_img": st * 1e3 / args.batch,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "params": sum(p.numel() for p in params),
+        "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()

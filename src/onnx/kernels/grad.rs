@@ -1,0 +1,292 @@
+//! Training-path ops: candle custom ops whose forward is our inference kernel and whose backward is one
+//! fused pass of our own, for the ops a fine-tuning step spends its time in. Composed from candle's basic
+//! ops, LayerNorm is eight ops forward and more backward, each a full-size temporary; GELU is five and
+//! Softmax three. Here each is one pass forward and one (two for LayerNorm's parameter sums) backward.
+//! The backward passes recompute what they need from the op's input or output (a row's mean and
+//! inverse deviation, `erf`) instead of keeping extra tensors alive until the backward pass.
+
+use std::mem::MaybeUninit;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{cpu_slice, exp, gelu_in_place, lane_sum, layer_norm_chunk, par_build, softmax_chunk};
+
+fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// Mean and inverse standard deviation of one row.
+#[inline(always)]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = lane_sum(x) / n;
+    let mut sq = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &v) in sq.iter_mut().zip(c) {
+            *a += (v - mean) * (v - mean);
+        }
+    }
+    let rest: f32 = chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum();
+    (mean, 1.0 / ((sq.iter().sum::<f32>() + rest) / n + eps).sqrt())
+}
+
+/// LayerNorm over the last dim of `x` with scale `g` and shift `b` (both of that dim's length), as one
+/// op with a backward pass: `dx = inv * (dy*g - mean(dy*g) - xhat * mean(dy*g*xhat))`, `dg = sum dy*xhat`,
+/// `db = sum dy` over rows.
+pub struct LayerNormOp {
+    /// Added to the variance.
+    pub eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, g, b) =
+            (cpu_slice(s1, l1, "layer norm")?, cpu_slice(s2, l2, "layer norm")?, cpu_slice(s3, l3, "layer norm")?);
+        let d = l1.dims().last().copied().unwrap_or(1).max(1);
+        if g.len() != d || b.len() != d {
+            candle_core::bail!("layer norm: scale/shift of {}/{} values for rows of {d}", g.len(), b.len());
+        }
+        let out = par_build(x.len(), d, |s, o| layer_norm_chunk(o, &x[s..s + o.len()], g, b, d, self.eps));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dims().last().copied().unwrap_or(1).max(1);
+        let (xv, gv, dyv) = (flat(x)?, flat(g)?, flat(dy)?);
+        let eps = self.eps;
+        // Rows in blocks: each block writes its dx rows and returns its partial dg and db sums.
+        let rows_per = (super::CHUNK / d).max(1);
+        let mut dx = vec![0f32; xv.len()];
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(rows_per * d)
+            .zip(xv.par_chunks(rows_per * d).zip(dyv.par_chunks(rows_per * d)))
+            .map(|(o, (xs, dys))| {
+                let (mut dg, mut db) = (vec![0f32; d], vec![0f32; d]);
+                ln_bwd_block(o, xs, dys, &gv, &mut dg, &mut db, eps);
+                (dg, db)
+            })
+            .collect();
+        let (mut dg, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (pg, pb) in partial {
+            dg.iter_mut().zip(pg).for_each(|(a, v)| *a += v);
+            db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.dims(), dev)?),
+            Some(Tensor::from_vec(dg, g.dims(), dev)?),
+            Some(Tensor::from_vec(db, g.dims(), dev)?),
+        ))
+    }
+}
+
+#[inline(always)]
+fn ln_bwd_body(o: &mut [f32], x: &[f32], dy: &[f32], g: &[f32], dg: &mut [f32], db: &mut [f32], eps: f32) {
+    let d = g.len();
+    for ((orow, xrow), dyrow) in o.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+        let (mean, inv) = row_stats(xrow, eps);
+        // Sums of dy*g and dy*g*xhat over the row, with xhat = (x - mean) * inv.
+        let (mut s1, mut s2) = ([0f32; 16], [0f32; 16]);
+        for (i, ((&xv, &dv), &gv)) in xrow.iter().zip(dyrow).zip(g).enumerate() {
+            let xh = (xv - mean) * inv;
+            let dgy = dv * gv;
+            s1[i % 16] += dgy;
+            s2[i % 16] += dgy * xh;
+            dg[i] += dv * xh;
+            db[i] += dv;
+        }
+        let (m1, m2) = (s1.iter().sum::<f32>() / d as f32, s2.iter().sum::<f32>() / d as f32);
+        for (((o, &xv), &dv), &gv) in orow.iter_mut().zip(xrow).zip(dyrow).zip(g) {
+            let xh = (xv - mean) * inv;
+            *o = inv * (dv * gv - m1 - xh * m2);
+        }
+    }
+}
+
+simd_dispatch!(
+    ln_bwd_block,
+    <>,
+    (o: &mut [f32], x: &[f32], dy: &[f32], g: &[f32], dg: &mut [f32], db: &mut [f32], eps: f32),
+    ln_bwd_body(o, x, dy, g, dg, db, eps)
+);
+
+/// Softmax over the last dim with a backward pass from its output: `dx = y * (dy - sum(dy * y))`.
+pub struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_slice(s, l, "softmax")?;
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let out = par_build(x.len(), d, |s, o| softmax_chunk(o, &x[s..s + o.len()], d));
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let d = y.dims().last().copied().unwrap_or(1).max(1);
+        let (yv, dyv) = (flat(y)?, flat(dy)?);
+        let out = par_build(yv.len(), d, |s, o| softmax_bwd_chunk(o, &yv[s..s + o.len()], &dyv[s..s + o.len()], d));
+        Ok(Some(Tensor::from_vec(out, y.dims(), y.device())?))
+    }
+}
+
+#[inline(always)]
+fn softmax_bwd_body(o: &mut [MaybeUninit<f32>], y: &[f32], dy: &[f32], d: usize) {
+    for ((orow, yrow), dyrow) in o.chunks_mut(d).zip(y.chunks(d)).zip(dy.chunks(d)) {
+        let mut acc = [0f32; 16];
+        for (i, (&a, &b)) in yrow.iter().zip(dyrow).enumerate() {
+            acc[i % 16] += a * b;
+        }
+        let dot: f32 = acc.iter().sum();
+        for ((o, &a), &b) in orow.iter_mut().zip(yrow).zip(dyrow) {
+            o.write(a * (b - dot));
+        }
+    }
+}
+
+simd_dispatch!(
+    softmax_bwd_chunk,
+    <>,
+    (o: &mut [MaybeUninit<f32>], y: &[f32], dy: &[f32], d: usize),
+    softmax_bwd_body(o, y, dy, d)
+);
+
+/// The erf GELU `x * Phi(x)` with a backward pass recomputed from its input:
+/// `d/dx = Phi(x) + x * phi(x)`.
+pub struct GeluOp;
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut out = cpu_slice(s, l, "gelu")?.to_vec();
+        out.par_chunks_mut(super::CHUNK).for_each(gelu_in_place);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (xv, dyv) = (flat(x)?, flat(dy)?);
+        let out = par_build(xv.len(), 1, |s, o| gelu_bwd_chunk(o, &xv[s..s + o.len()], &dyv[s..s + o.len()]));
+        Ok(Some(Tensor::from_vec(out, x.dims(), x.device())?))
+    }
+}
+
+#[inline(always)]
+fn gelu_bwd_body(o: &mut [MaybeUninit<f32>], x: &[f32], dy: &[f32]) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for ((o, &v), &g) in o.iter_mut().zip(x).zip(dy) {
+        let cdf = 0.5 * (1.0 + super::erf(v * std::f32::consts::FRAC_1_SQRT_2));
+        o.write(g * (cdf + v * INV_SQRT_2PI * exp(-0.5 * v * v)));
+    }
+}
+
+simd_dispatch!(gelu_bwd_chunk, <>, (o: &mut [MaybeUninit<f32>], x: &[f32], dy: &[f32]), gelu_bwd_body(o, x, dy));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn seq(n: usize, scale: f32, shift: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i + shift) * 7919 % 101) as f32 / 50.0 - 1.0) * scale).collect()
+    }
+
+    /// d sum(f(x) * r) / dx by the op's backward vs central differences (in f64 on the f32 op).
+    fn check_grad(name: &str, f: &dyn Fn(&Tensor) -> Tensor, x: &[f32], dims: &[usize], got: &[f32], tol: f32) {
+        let dev = Device::Cpu;
+        let r = Tensor::from_vec(seq(x.len(), 1.0, 3), dims, &dev).unwrap();
+        let loss = |v: &[f32]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), dims, &dev).unwrap();
+            f(&t).mul(&r).unwrap().sum_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_scalar().unwrap()
+        };
+        let h = 1e-2f32;
+        for i in (0..x.len()).step_by(7) {
+            let (mut a, mut b) = (x.to_vec(), x.to_vec());
+            a[i] += h;
+            b[i] -= h;
+            let fd = ((loss(&a) - loss(&b)) / (2.0 * h as f64)) as f32;
+            assert!(
+                (fd - got[i]).abs() <= tol * (1.0 + fd.abs()),
+                "{name}[{i}]: backward {} vs differences {fd}",
+                got[i]
+            );
+        }
+    }
+
+    fn grads_of(op: &dyn Fn(&Tensor) -> Tensor, x: &Var, r: &Tensor) -> candle_core::backprop::GradStore {
+        op(x.as_tensor()).mul(r).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
+    #[test]
+    fn layer_norm_backward_matches_central_differences_and_composed_ops() {
+        let (dev, dims) = (Device::Cpu, [6usize, 20]);
+        let xv = seq(120, 2.0, 0);
+        let x = Var::from_vec(xv.clone(), &dims[..], &dev).unwrap();
+        let g = Var::from_vec(seq(20, 1.5, 5), 20, &dev).unwrap();
+        let b = Var::from_vec(seq(20, 0.5, 9), 20, &dev).unwrap();
+        let r = Tensor::from_vec(seq(120, 1.0, 3), &dims[..], &dev).unwrap();
+        let ours = x.apply_op3(g.as_tensor(), b.as_tensor(), LayerNormOp { eps: 1e-5 }).unwrap();
+        let gs = ours.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        // The same LayerNorm from candle's differentiable basic ops.
+        let xt = x.as_tensor();
+        let xc = xt.broadcast_sub(&xt.mean_keepdim(1).unwrap()).unwrap();
+        let inv = (xc.sqr().unwrap().mean_keepdim(1).unwrap() + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
+        let theirs =
+            xc.broadcast_mul(&inv).unwrap().broadcast_mul(g.as_tensor()).unwrap().broadcast_add(b.as_tensor()).unwrap();
+        let gt = theirs.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(diff(&ours, &theirs).to_scalar::<f32>().unwrap() < 1e-5);
+        for v in [&x, &g, &b] {
+            let d = diff(gs.get(v).unwrap(), gt.get(v).unwrap()).to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "gradient differs from the composed ops by {d}");
+        }
+        let (gv, bv) = (g.as_tensor().clone(), b.as_tensor().clone());
+        let f = |t: &Tensor| t.apply_op3_no_bwd(&gv, &bv, &LayerNormOp { eps: 1e-5 }).unwrap();
+        let got = gs.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        check_grad("layer norm dx", &f, &xv, &dims, &got, 2e-2);
+    }
+
+    #[test]
+    fn softmax_and_gelu_backward_match_central_differences() {
+        let (dev, dims) = (Device::Cpu, [5usize, 49]);
+        let xv = seq(245, 3.0, 1);
+        let r = Tensor::from_vec(seq(245, 1.0, 3), &dims[..], &dev).unwrap();
+        let ops: [(&str, &dyn Fn(&Tensor) -> Tensor, &dyn Fn(&Tensor) -> Tensor); 2] = [
+            ("softmax", &|t| t.apply_op1(SoftmaxOp).unwrap(), &|t| candle_nn::ops::softmax_last_dim(t).unwrap()),
+            ("gelu", &|t| t.apply_op1(GeluOp).unwrap(), &|t| t.gelu_erf().unwrap()),
+        ];
+        for (name, op, reference) in ops {
+            let x = Var::from_vec(xv.clone(), &dims[..], &dev).unwrap();
+            let d = (op(x.as_tensor()) - reference(x.as_tensor())).unwrap().abs().unwrap();
+            assert!(d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() < 1e-5, "{name} forward");
+            let got = grads_of(op, &x, &r).get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            check_grad(name, &|t| op(t), &xv, &dims, &got, 2e-2);
+        }
+    }
+}

@@ -297,3 +297,32 @@ fn trainable_layers_train_the_last_stage_through_a_cached_prefix() {
     let err = String::from_utf8_lossy(&e.stderr);
     assert!(!e.status.success() && err.contains("optimization.efficient_finetune") && err.contains("bit_fit"), "{err}");
 }
+
+#[test]
+fn full_finetuning_trains_every_parameter_with_automm_learning_rate_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = automm::app::synth::make_dataset(dir.path(), "train", &[10, 6, 4], 40, 6).unwrap();
+    let model = train_cli(dir.path(), "full", &train, &["model.backbone.freeze=false"]);
+    let md = automm::model::ModelDir::new(&model);
+    let cfg = md.read_config().unwrap();
+    assert_eq!((cfg.hyperparameters.freeze, cfg.hyperparameters.learning_rate), (false, 1e-4));
+    let src = read_model(&common::fixture("cnn_fixture.onnx")).unwrap();
+    let feature = detect_feature_tensor(&src).unwrap();
+    let g = Graph::from_model(&src, "fixture", &Device::Cpu, Some(vec![feature])).unwrap();
+    assert_eq!(cfg.finetuned, full(&g));
+    // Every weight and bias moved, the stem's included (gradients crossed the whole graph).
+    for (name, t) in &md.read_backbone_update(&cfg, &Device::Cpu).unwrap() {
+        let d =
+            (t - g.initializer(name).unwrap()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d > 0.0, "`{name}` did not change");
+    }
+    let out = dir.path().join("full.onnx");
+    let opts = automm::deploy::export::ExportOptions {
+        verify: true,
+        verify_data: Some(train.clone()),
+        verify_images: 8,
+        ..automm::deploy::export::ExportOptions::merged()
+    };
+    let v = automm::deploy::export::export(&model, &out, &opts).unwrap().verification.unwrap();
+    assert!(v.passed && v.max_abs_diff <= 1e-4, "{v:?}");
+}

@@ -27,6 +27,18 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, _device: &Dev
                     return one(t);
                 }
             }
+            // Training: a bias added along one dim gets its one-pass backward.
+            if node.op_type == "Add" && (a.track_op() || b.track_op()) {
+                let biased =
+                    match (a.rank() >= b.rank() && a.elem_count() > b.elem_count(), b.elem_count() > a.elem_count()) {
+                        (true, _) => kernels::grad::bias_add(a, b)?,
+                        (_, true) => kernels::grad::bias_add(b, a)?,
+                        _ => None,
+                    };
+                if let Some(t) = biased {
+                    return one(t);
+                }
+            }
             let t = match node.op_type.as_str() {
                 "Add" => a.broadcast_add(b)?,
                 "Sub" => a.broadcast_sub(b)?,

@@ -103,7 +103,7 @@ pub fn conv_act(
         dense_candle(node, x, w, &pads, (sh, sw), (dh, dw), group)?
     };
     let y = match b {
-        Some(b) => y.broadcast_add(&b.reshape((1, m, 1, 1))?)?,
+        Some(b) => bias_add(&y, &b.reshape((1, m, 1, 1))?)?,
         None => y,
     };
     match act {
@@ -274,7 +274,15 @@ fn transpose_2d(
     }
     let y = xp.contiguous()?.conv2d(&wt, 0, 1, dh, group)?;
     Ok(match b {
-        Some(b) => y.broadcast_add(&b.reshape((1, group * mg, 1, 1))?)?,
+        Some(b) => bias_add(&y, &b.reshape((1, group * mg, 1, 1))?)?,
         None => y,
     })
+}
+
+/// `y + b` for a per-channel bias: with a one-pass backward on the CPU ([`kernels::grad::bias_add`]).
+fn bias_add(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match kernels::grad::bias_add(y, b)? {
+        Some(t) => Ok(t),
+        None => Ok(y.broadcast_add(b)?),
+    }
 }

@@ -9,7 +9,8 @@ Random weights (timm's init, seed 0): speed does not depend on them. The model r
 the step (BatchNorm batch statistics, no dropout or drop-path: rates 0) and in eval mode under no_grad for
 the forward; the loss is cross-entropy on `--classes` classes, the optimizer AdamW (lr 1e-4). `--finetune`:
 `full` (every parameter), `bit_fit` (biases and the head), `frozen` (head only, features under no_grad).
-Prints one JSON object: fwd_ms_per_img, step_ms_per_img, peak_rss_bytes, params, torch.
+Prints one JSON object: fwd_ms_per_img, step_ms_per_img and its parts step_{fwd,bwd,opt}_ms_per_img,
+peak_rss_bytes, params, torch.
 Needs: pip install torch timm (about 3 GB).
 """
 import argparse
@@ -60,8 +61,11 @@ def main():
         with torch.no_grad():
             model(x)
 
+    parts = []
+
     def step():
         model.train()
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         if args.finetune == "frozen":
             with torch.no_grad():
@@ -69,14 +73,21 @@ def main():
         else:
             f = model(x)
         loss = torch.nn.functional.cross_entropy(head(f), y)
+        t1 = time.perf_counter()
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
+        parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
     fwd = timed(forward, args.steps)
     st = timed(step, args.steps)
+    part = [statistics.median(p[i] for p in parts[1:]) for i in range(3)]
     print(json.dumps({
         "fwd_ms_per_img": fwd * 1e3 / args.batch,
         "step_ms_per_img": st * 1e3 / args.batch,
+        "step_fwd_ms_per_img": part[0] * 1e3 / args.batch,
+        "step_bwd_ms_per_img": part[1] * 1e3 / args.batch,
+        "step_opt_ms_per_img": part[2] * 1e3 / args.batch,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "params": sum(p.numel() for p in params),
         "torch": torch.__version__,

@@ -157,12 +157,18 @@ fn finetune_bench(
     let b = FinetuneBench { batch, steps, classes: 4, hp };
     let ours = measure(model, &b)?;
     println!("batch {batch}, {threads} threads, mode {finetune}, median of {steps} steps");
-    println!("{:<10} {:>14} {:>16} {:>14} {:>12}", "", "forward ms/img", "train step ms/img", "peak RSS GB", "trained");
+    println!(
+        "{:<8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "ms/img", "forward", "train step", "= fwd", "+ bwd", "+ AdamW", "peak GB", "trained"
+    );
     let row = |who: &str, f: &FinetuneFigures| {
         println!(
-            "{who:<10} {:>14.1} {:>16.1} {:>14.2} {:>12}",
+            "{who:<8} {:>9.1} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>10}",
             f.fwd_ms_per_img,
             f.step_ms_per_img,
+            f.step_fwd_ms_per_img,
+            f.step_bwd_ms_per_img,
+            f.step_opt_ms_per_img,
             f.peak_rss_bytes as f64 / 1e9,
             f.params
         )
@@ -170,12 +176,16 @@ fn finetune_bench(
     row("automm", &ours);
     if let Some(t) = &torch {
         row("PyTorch", t);
+        let r = |a: f64, b: f64| a / b;
         println!(
-            "{:<10} {:>14.2} {:>16.2} {:>14.2}",
+            "{:<8} {:>9.2} {:>10.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
             "ratio",
-            ours.fwd_ms_per_img / t.fwd_ms_per_img,
-            ours.step_ms_per_img / t.step_ms_per_img,
-            ours.peak_rss_bytes as f64 / t.peak_rss_bytes as f64
+            r(ours.fwd_ms_per_img, t.fwd_ms_per_img),
+            r(ours.step_ms_per_img, t.step_ms_per_img),
+            r(ours.step_fwd_ms_per_img, t.step_fwd_ms_per_img),
+            r(ours.step_bwd_ms_per_img, t.step_bwd_ms_per_img),
+            r(ours.step_opt_ms_per_img, t.step_opt_ms_per_img),
+            r(ours.peak_rss_bytes as f64, t.peak_rss_bytes as f64)
         );
     }
     Ok(())

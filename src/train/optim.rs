@@ -109,6 +109,14 @@ impl AdamW {
         let (scale_m, scale_v) = (1.0 / (1.0 - c.beta1.powi(t)), 1.0 / (1.0 - c.beta2.powi(t)));
         for (i, theta) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(i).and_then(|g| g.as_ref()) else { continue };
+            if let Some((th, m, v)) =
+                fused_step(theta.as_tensor(), g, &self.state.m[i], &self.state.v[i], c, (scale_m, scale_v))?
+            {
+                theta.set(&th)?;
+                self.state.m[i] = m;
+                self.state.v[i] = v;
+                continue;
+            }
             let m = ((&self.state.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.state.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let decayed = (theta.as_tensor() * (1.0 - c.lr * c.weight_decay))?;
@@ -119,6 +127,66 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// A contiguous CPU f32 tensor's values, borrowed.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),
+        _ => None,
+    }
+}
+
+/// One AdamW update of one variable in a single parallel pass over parameter, gradient and both moments
+/// (the tensor-op form makes ten full-size temporaries per variable): the new (parameter, m, v), or None
+/// off the CPU / for other dtypes or layouts.
+fn fused_step(
+    theta: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    c: AdamWConfig,
+    (scale_m, scale_v): (f64, f64),
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    use rayon::prelude::*;
+    let n = theta.elem_count();
+    if [g, m, v].iter().any(|t| t.elem_count() != n) {
+        return Ok(None);
+    }
+    let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+    let (decay, lr, eps) = ((1.0 - c.lr * c.weight_decay) as f32, c.lr as f32, c.eps as f32);
+    let (sm, sv) = (scale_m as f32, scale_v as f32);
+    let out = with_f32(theta, |th| {
+        with_f32(g, |gs| {
+            with_f32(m, |ms| {
+                with_f32(v, |vs| {
+                    let (mut t2, mut m2, mut v2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                    const CHUNK: usize = 1 << 14;
+                    t2.par_chunks_mut(CHUNK)
+                        .zip(m2.par_chunks_mut(CHUNK))
+                        .zip(v2.par_chunks_mut(CHUNK))
+                        .enumerate()
+                        .for_each(|(k, ((to, mo), vo))| {
+                            let s = k * CHUNK;
+                            for j in 0..to.len() {
+                                let gj = gs[s + j];
+                                let mj = b1 * ms[s + j] + (1.0 - b1) * gj;
+                                let vj = b2 * vs[s + j] + (1.0 - b2) * gj * gj;
+                                to[j] = th[s + j] * decay - lr * (mj * sm) / ((vj * sv).sqrt() + eps);
+                                mo[j] = mj;
+                                vo[j] = vj;
+                            }
+                        });
+                    (t2, m2, v2)
+                })
+            })
+        })
+    });
+    let Some(Some(Some(Some((t2, m2, v2))))) = out else { return Ok(None) };
+    let dims = theta.dims();
+    let dev = theta.device();
+    Ok(Some((Tensor::from_vec(t2, dims, dev)?, Tensor::from_vec(m2, dims, dev)?, Tensor::from_vec(v2, dims, dev)?)))
 }
 
 #[cfg(test)]

@@ -36,6 +36,9 @@ pub struct FinetuneFigures {
     pub peak_rss_bytes: u64,
     /// Values that train (backbone parameters plus the head).
     pub params: usize,
+    /// The tracked forward pass by op type (ms per image, slowest first); empty for PyTorch.
+    #[serde(default)]
+    pub forward_ops: Vec<(String, f64)>,
 }
 
 /// What to measure.
@@ -141,6 +144,10 @@ pub fn measure(model: &Path, b: &FinetuneBench) -> Result<FinetuneFigures> {
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
     let per = 1e3 / b.batch as f64;
+    let forward_ops = match &src {
+        Source::Tuned(tb) => tb.profile(&front)?.into_iter().map(|o| (o.op, o.seconds * per)).collect(),
+        Source::Frozen(_) => Vec::new(),
+    };
     Ok(FinetuneFigures {
         fwd_ms_per_img: fwd * per,
         step_ms_per_img: step * per,
@@ -149,5 +156,6 @@ pub fn measure(model: &Path, b: &FinetuneBench) -> Result<FinetuneFigures> {
         step_opt_ms_per_img: part(2) * per,
         peak_rss_bytes: peak_rss_bytes(),
         params,
+        forward_ops,
     })
 }

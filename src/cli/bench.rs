@@ -59,32 +59,39 @@ pub enum BenchCommand {
     /// Fine-tuning cost: ms/img of a forward pass and of a training step (forward + backward + AdamW)
     /// through an ONNX backbone, and peak RSS, next to PyTorch's same architecture measured by
     /// `models/bench_finetune.py` in the same run (ratios ours / PyTorch).
-    Finetune {
-        /// The backbone ONNX (for full fine-tuning, an export that keeps every parameter as an
-        /// initializer, e.g. `models/export_swin_tiny.py --features --parameters`).
-        #[arg(long)]
-        model: PathBuf,
-        /// The timm architecture PyTorch runs (e.g. swin_tiny_patch4_window7_224, efficientnet_lite0);
-        /// without it only automm's figures are printed.
-        #[arg(long)]
-        torch_arch: Option<String>,
-        /// Images per step.
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        /// Timed steps (after one warm-up; medians are reported).
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-        /// What trains: `full` (model.backbone.freeze=false), `bit_fit`, `norm_fit` or `frozen`
-        /// (the head on features computed without gradients).
-        #[arg(long, default_value = "full")]
-        finetune: String,
-        /// The Python with torch and timm installed.
-        #[arg(long, default_value = "python3")]
-        python: PathBuf,
-        /// PyTorch's side.
-        #[arg(long, default_value = "models/bench_finetune.py")]
-        script: PathBuf,
-    },
+    Finetune(FinetuneArgs),
+}
+
+/// `automm bench finetune`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct FinetuneArgs {
+    /// The backbone ONNX (for full fine-tuning, an export that keeps every parameter as an
+    /// initializer, e.g. `models/export_swin_tiny.py --features --parameters`).
+    #[arg(long)]
+    model: PathBuf,
+    /// The timm architecture PyTorch runs (e.g. swin_tiny_patch4_window7_224, efficientnet_lite0);
+    /// without it only automm's figures are printed.
+    #[arg(long)]
+    torch_arch: Option<String>,
+    /// Images per step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Timed steps (after one warm-up; medians are reported).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// What trains: `full` (model.backbone.freeze=false), `bit_fit`, `norm_fit` or `frozen`
+    /// (the head on features computed without gradients).
+    #[arg(long, default_value = "full")]
+    finetune: String,
+    /// The Python with torch and timm installed.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
+    /// PyTorch's side.
+    #[arg(long, default_value = "models/bench_finetune.py")]
+    script: PathBuf,
+    /// Also print where automm's tracked forward pass spends its time, by op type.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Runs one benchmark.
@@ -112,21 +119,12 @@ pub fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Soak { model, clients, seconds, sample_seconds, json } => {
             soak(model, clients, seconds, sample_seconds, json)
         }
-        BenchCommand::Finetune { model, torch_arch, batch, steps, finetune, python, script } => {
-            finetune_bench(&model, torch_arch.as_deref(), batch, steps, &finetune, &python, &script)
-        }
+        BenchCommand::Finetune(a) => finetune_bench(&a),
     }
 }
 
-fn finetune_bench(
-    model: &std::path::Path,
-    torch_arch: Option<&str>,
-    batch: usize,
-    steps: usize,
-    finetune: &str,
-    python: &std::path::Path,
-    script: &std::path::Path,
-) -> Result<()> {
+fn finetune_bench(a: &FinetuneArgs) -> Result<()> {
+    let (batch, steps, finetune) = (a.batch, a.steps, a.finetune.as_str());
     use automm::app::finetune_bench::{measure, FinetuneBench, FinetuneFigures};
     use automm::model::hparams::{HyperParams, FULL_FINETUNE_LR};
     let mut hp = HyperParams { learning_rate: FULL_FINETUNE_LR, ..Default::default() };
@@ -137,16 +135,16 @@ fn finetune_bench(
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // PyTorch first, in its own process, so that neither side's memory or caches affect the other's.
-    let torch: Option<FinetuneFigures> = match torch_arch {
+    let torch: Option<FinetuneFigures> = match a.torch_arch.as_deref() {
         None => None,
         Some(arch) => {
             let torch_mode = if finetune == "norm_fit" { "bit_fit" } else { finetune };
-            let out = std::process::Command::new(python)
-                .arg(script)
+            let out = std::process::Command::new(&a.python)
+                .arg(&a.script)
                 .args(["--arch", arch, "--finetune", torch_mode])
                 .args(["--batch", &batch.to_string(), "--threads", &threads.to_string(), "--steps", &steps.to_string()])
                 .output()
-                .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+                .with_context(|| format!("running {} {}", a.python.display(), a.script.display()))?;
             if !out.status.success() {
                 anyhow::bail!("PyTorch's side failed: {}", String::from_utf8_lossy(&out.stderr));
             }
@@ -155,7 +153,7 @@ fn finetune_bench(
         }
     };
     let b = FinetuneBench { batch, steps, classes: 4, hp };
-    let ours = measure(model, &b)?;
+    let ours = measure(&a.model, &b)?;
     println!("batch {batch}, {threads} threads, mode {finetune}, median of {steps} steps");
     println!(
         "{:<8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10}",
@@ -187,6 +185,12 @@ fn finetune_bench(
             r(ours.step_opt_ms_per_img, t.step_opt_ms_per_img),
             r(ours.peak_rss_bytes as f64, t.peak_rss_bytes as f64)
         );
+    }
+    if a.profile {
+        println!("automm's forward pass with gradients tracked, by op type (ms/img):");
+        for (op, ms) in ours.forward_ops.iter().take(15) {
+            println!("  {op:<28} {ms:>8.2}");
+        }
     }
     Ok(())
 }

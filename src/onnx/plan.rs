@@ -161,21 +161,33 @@ impl Graph {
 
     /// The inference plan for `feeds`, built by a first run when missing.
     fn plan_for(&self, feeds: &[(&str, Tensor)]) -> Result<Arc<Plan>> {
-        let key = (feeds.iter().map(|(_, t)| t.dims().to_vec()).collect::<Vec<_>>(), false);
+        self.plan_mode(feeds, false)
+    }
+
+    /// The plan for `feeds` with gradients tracked (`track`, as [`Graph::run`] with trainable
+    /// initializers) or not, built by a first run when missing.
+    fn plan_mode(&self, feeds: &[(&str, Tensor)], track: bool) -> Result<Arc<Plan>> {
+        let key = (feeds.iter().map(|(_, t)| t.dims().to_vec()).collect::<Vec<_>>(), track);
         let cached = |g: &Graph| {
             g.plans.lock().map_err(|_| Error::onnx(&g.name, "plan cache poisoned")).map(|p| p.get(&key).cloned())
         };
         if let Some(p) = cached(self)? {
             return Ok(p);
         }
-        self.run_frozen(feeds)?;
+        self.run_mode(feeds, track)?;
         cached(self)?.ok_or_else(|| Error::onnx(&self.name, "no plan after a run"))
     }
 
     /// Runs the graph once (planning first if needed) and returns the time spent per op type, slowest
     /// first: where the importer's time goes.
     pub fn profile(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<OpTime>> {
-        let plan = self.plan_for(feeds)?;
+        self.profile_mode(feeds, false)
+    }
+
+    /// Like [`Graph::profile`], for the forward pass of training (`track`: gradients to the trainable
+    /// initializers tracked).
+    pub fn profile_mode(&self, feeds: &[(&str, Tensor)], track: bool) -> Result<Vec<OpTime>> {
+        let plan = self.plan_mode(feeds, track)?;
         let mut times: HashMap<String, OpTime> = HashMap::new();
         self.run_plan_timed(&plan, feeds, Some(&mut times))?;
         let mut v: Vec<OpTime> = times.into_values().collect();

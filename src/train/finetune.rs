@@ -195,6 +195,12 @@ impl TunedBackbone {
         Ok(f.reshape((n, ()))?)
     }
 
+    /// Time per op type of one forward pass from frontier values with gradients tracked, slowest first.
+    pub fn profile(&self, front: &[Tensor]) -> Result<Vec<crate::onnx::OpTime>> {
+        let feeds: Vec<(&str, Tensor)> = self.frontier.iter().map(String::as_str).zip(front.iter().cloned()).collect();
+        self.suffix.profile_mode(&feeds, true)
+    }
+
     /// The device the graph runs on.
     pub fn device(&self) -> &Device {
         self.suffix.device()

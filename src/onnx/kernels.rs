@@ -321,21 +321,42 @@ fn broadcast_run(big: &[usize], small: &[usize]) -> Option<(usize, usize)> {
 /// Returns None for other layouts, leaving them to candle.
 pub fn binary(op: Binary, a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
     let (big, small, swapped) = if a.elem_count() >= b.elem_count() { (a, b, false) } else { (b, a, true) };
-    let Some((len, inner)) = broadcast_run(big.dims(), small.dims()) else {
-        return binary_hole(op, big, small, swapped);
-    };
-    let n = big.elem_count();
-    let out = with_data(big, |x| {
-        with_data(small, |y| match (op, swapped) {
+    let out = with_data(big, |x| with_data(small, |y| binary_data(op, x, big.dims(), y, small.dims(), swapped)))??;
+    out.map(|v| tensor(v, big.dims())).transpose()
+}
+
+/// [`binary`] on slices: `x` (dims `xd`, the whole side) against `y` (dims `yd`, broadcast along a run of
+/// dims or with a hole of ones); `swapped` = `y op x`. None for other layouts.
+pub(crate) fn binary_data(
+    op: Binary,
+    x: &[f32],
+    xd: &[usize],
+    y: &[f32],
+    yd: &[usize],
+    swapped: bool,
+) -> Option<Vec<f32>> {
+    let n = x.len();
+    if let Some((len, inner)) = broadcast_run(xd, yd) {
+        return Some(match (op, swapped) {
             (Binary::Add, _) => binary_into(|p, q| p + q, x, y, len, inner, n),
             (Binary::Mul, _) => binary_into(|p, q| p * q, x, y, len, inner, n),
             (Binary::Sub, false) => binary_into(|p, q| p - q, x, y, len, inner, n),
             (Binary::Sub, true) => binary_into(|p, q| q - p, x, y, len, inner, n),
             (Binary::Div, false) => binary_into(|p, q| p / q, x, y, len, inner, n),
             (Binary::Div, true) => binary_into(|p, q| q / p, x, y, len, inner, n),
-        })
-    })??;
-    Ok(Some(tensor(out, big.dims())?))
+        });
+    }
+    let (_, hole, inner) = hole_run(xd, yd)?;
+    let block = hole * inner;
+    // One instantiation per op (as above), so the inner loop is branch-free and vectorises.
+    Some(match (op, swapped) {
+        (Binary::Add, _) => hole_par(|p, q| p + q, x, y, block, inner),
+        (Binary::Mul, _) => hole_par(|p, q| p * q, x, y, block, inner),
+        (Binary::Sub, false) => hole_par(|p, q| p - q, x, y, block, inner),
+        (Binary::Sub, true) => hole_par(|p, q| q - p, x, y, block, inner),
+        (Binary::Div, false) => hole_par(|p, q| p / q, x, y, block, inner),
+        (Binary::Div, true) => hole_par(|p, q| q / p, x, y, block, inner),
+    })
 }
 
 /// How the smaller operand maps onto the larger when it is 1 along one run of dims and equal elsewhere:
@@ -350,23 +371,6 @@ fn hole_run(big: &[usize], small: &[usize]) -> Option<(usize, usize, usize)> {
         return None;
     }
     Some((big[..p].iter().product(), big[p..=q].iter().product(), big[q + 1..].iter().product()))
-}
-
-fn binary_hole(op: Binary, big: &Tensor, small: &Tensor, swapped: bool) -> Result<Option<Tensor>> {
-    let Some((_, hole, inner)) = hole_run(big.dims(), small.dims()) else { return Ok(None) };
-    let block = hole * inner;
-    // One instantiation per op (as in `binary`), so the inner loop is branch-free and vectorises.
-    let out = with_data(big, |x| {
-        with_data(small, |y| match (op, swapped) {
-            (Binary::Add, _) => hole_par(|p, q| p + q, x, y, block, inner),
-            (Binary::Mul, _) => hole_par(|p, q| p * q, x, y, block, inner),
-            (Binary::Sub, false) => hole_par(|p, q| p - q, x, y, block, inner),
-            (Binary::Sub, true) => hole_par(|p, q| q - p, x, y, block, inner),
-            (Binary::Div, false) => hole_par(|p, q| p / q, x, y, block, inner),
-            (Binary::Div, true) => hole_par(|p, q| q / p, x, y, block, inner),
-        })
-    })??;
-    Ok(Some(tensor(out, big.dims())?))
 }
 
 /// `f(x, y)` with x in blocks of `block` elements, block `b` against row `b` (`inner` long) of y.

@@ -208,19 +208,20 @@ fn gelu_bwd_body(o: &mut [MaybeUninit<f32>], x: &[f32], dy: &[f32]) {
 
 simd_dispatch!(gelu_bwd_chunk, <>, (o: &mut [MaybeUninit<f32>], x: &[f32], dy: &[f32]), gelu_bwd_body(o, x, dy));
 
-/// `x + b` with `b` one value per index of `x`'s dim `axis` (a conv's per-channel bias, a linear layer's
-/// bias row), with a backward pass that sums `dy` over the other dims in one pass; candle's broadcast
-/// backward reduces over strided dims, which was 28% of an EfficientNet-Lite0 fine-tuning step.
+/// `x + b` with `b` one value per index of a run of `x`'s dims `axes` (a conv's per-channel bias, a
+/// linear layer's bias row, a relative-position bias over heads and tokens), with a backward pass that
+/// sums `dy` over the other dims in one pass; candle's broadcast backward reduces over strided dims,
+/// which was 28% of an EfficientNet-Lite0 fine-tuning step.
 pub struct BiasAddOp {
-    /// The dim of `x` the bias runs along.
-    pub axis: usize,
+    /// The dims of `x` the bias runs along: `start..end`.
+    pub axes: (usize, usize),
 }
 
 impl BiasAddOp {
-    /// (outer, channels, inner) of `dims` around the axis.
+    /// (outer, bias length, inner) of `dims` around the axes.
     fn split(&self, dims: &[usize]) -> (usize, usize, usize) {
-        let c = dims.get(self.axis).copied().unwrap_or(1);
-        (dims[..self.axis].iter().product(), c, dims.get(self.axis + 1..).map_or(1, |d| d.iter().product()))
+        let (s, e) = self.axes;
+        (dims[..s].iter().product(), dims[s..e].iter().product(), dims[e..].iter().product())
     }
 }
 
@@ -239,7 +240,7 @@ impl CustomOp2 for BiasAddOp {
         let (x, b) = (cpu_slice(s1, l1, "bias add")?, cpu_slice(s2, l2, "bias add")?);
         let (_, c, inner) = self.split(l1.dims());
         if b.len() != c {
-            candle_core::bail!("bias add: {} bias values for dim {} of {:?}", b.len(), self.axis, l1.dims());
+            candle_core::bail!("bias add: {} bias values for dims {:?} of {:?}", b.len(), self.axes, l1.dims());
         }
         let block = c * inner;
         let mut out = x.to_vec();
@@ -295,25 +296,78 @@ fn bias_sum_row_body(acc: &mut [f32], row: &[f32], inner: usize) {
 
 simd_dispatch!(bias_sum_row, <>, (acc: &mut [f32], row: &[f32], inner: usize), bias_sum_row_body(acc, row, inner));
 
-/// `x + b` through [`BiasAddOp`] when `b` (of any rank) holds one value per index of a single dim of
-/// `x` and broadcasts along the rest, on the CPU in f32; None otherwise.
+/// `x + b` through [`BiasAddOp`] when `b` (of any rank) equals `x` along one run of dims and is 1
+/// elsewhere, on the CPU in f32; None otherwise.
 pub fn bias_add(x: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let cpu32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     if !cpu32(x) || !cpu32(b) || b.rank() > x.rank() || b.elem_count() < 2 {
         return Ok(None);
     }
     let off = x.rank() - b.rank();
-    let mut axis = None;
-    for (i, &d) in b.dims().iter().enumerate() {
-        if d != 1 {
-            if axis.is_some() || d != x.dims()[off + i] {
-                return Ok(None);
-            }
-            axis = Some(off + i);
+    let varying: Vec<usize> = (0..b.rank()).filter(|&i| b.dims()[i] != 1).map(|i| i + off).collect();
+    let (Some(&s), Some(&e)) = (varying.first(), varying.last()) else { return Ok(None) };
+    if (s..=e).any(|i| b.dims()[i - off] != x.dims()[i]) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op2(&b.flatten_all()?, BiasAddOp { axes: (s, e + 1) })?))
+}
+
+/// `x op c` (`c op x` when `swapped`) for a constant `c` that does not train, with a backward pass for
+/// `x` alone: candle's own binary backward also computes a full-size gradient for the constant (an
+/// attention mask, a scale), and keeps it until the step ends.
+pub struct ConstBinaryOp {
+    /// The operation.
+    pub op: super::Binary,
+    /// The constant side (contiguous, broadcast against `x`).
+    pub c: Tensor,
+    /// True for `c op x`.
+    pub swapped: bool,
+}
+
+impl CustomOp1 for ConstBinaryOp {
+    fn name(&self) -> &'static str {
+        "const-binary"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_slice(s, l, "binary")?;
+        let c = flat(&self.c)?;
+        match super::binary_data(self.op, x, l.dims(), &c, self.c.dims(), self.swapped) {
+            Some(out) => Ok((CpuStorage::F32(out), l.shape().clone())),
+            None => candle_core::bail!("binary: {:?} against {:?} does not broadcast here", l.dims(), self.c.dims()),
         }
     }
-    let Some(axis) = axis else { return Ok(None) };
-    Ok(Some(x.contiguous()?.apply_op2(&b.flatten_all()?, BiasAddOp { axis })?))
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        use super::Binary;
+        let scaled = |op: Binary| {
+            super::binary(op, dy, &self.c)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                .ok_or_else(|| candle_core::Error::Msg("binary backward: layout not handled".into()))
+        };
+        Ok(Some(match (self.op, self.swapped) {
+            (Binary::Add, _) | (Binary::Sub, false) => dy.clone(),
+            (Binary::Sub, true) => dy.neg()?,
+            (Binary::Mul, _) => scaled(Binary::Mul)?,
+            (Binary::Div, false) => scaled(Binary::Div)?,
+            (Binary::Div, true) => candle_core::bail!("const / x has no backward pass here"),
+        }))
+    }
+}
+
+/// `x op c` through [`ConstBinaryOp`] when `x` trains, `c` does not, `x` is the whole side and `c`
+/// broadcasts along one run of dims (CPU, f32); None otherwise (`c / x` included).
+pub fn const_binary(op: super::Binary, x: &Tensor, c: &Tensor, swapped: bool) -> candle_core::Result<Option<Tensor>> {
+    let cpu32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    let fits = super::broadcast_run(x.dims(), c.dims()).is_some() || super::hole_run(x.dims(), c.dims()).is_some();
+    if !x.track_op() || c.track_op() || !cpu32(x) || !cpu32(c) || x.elem_count() < c.elem_count() || !fits {
+        return Ok(None);
+    }
+    if matches!((op, swapped), (super::Binary::Div, true)) {
+        return Ok(None);
+    }
+    let op = ConstBinaryOp { op, c: c.contiguous()?, swapped };
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
 #[cfg(test)]
@@ -402,7 +456,12 @@ mod tests {
     fn bias_add_matches_candle_broadcast_forward_and_backward() {
         let dev = Device::Cpu;
         // A conv's per-channel bias [1, C, 1, 1] on NCHW, and a linear bias row [D] on [B, L, D].
-        for (xd, bd) in [(vec![3usize, 5, 4, 6], vec![1usize, 5, 1, 1]), (vec![2, 7, 9], vec![9])] {
+        // ... and a relative-position bias [1, heads, N, N] on [windows, heads, N, N].
+        for (xd, bd) in [
+            (vec![3usize, 5, 4, 6], vec![1usize, 5, 1, 1]),
+            (vec![2, 7, 9], vec![9]),
+            (vec![4, 2, 5, 5], vec![1, 2, 5, 5]),
+        ] {
             let n: usize = xd.iter().product();
             let x = Var::from_vec(seq(n, 1.0, 2), xd.as_slice(), &dev).unwrap();
             let b = Var::from_vec(seq(bd.iter().product(), 0.5, 4), bd.as_slice(), &dev).unwrap();
@@ -418,8 +477,37 @@ mod tests {
                 assert!(diff(go.get(v).unwrap(), gt.get(v).unwrap()) < 1e-4, "{xd:?} + {bd:?}");
             }
         }
-        // Two broadcast dims is not a bias: left to candle.
+        // A broadcast with a hole (per-row and per-column) is not a bias: left to candle.
         let x = Tensor::zeros((2, 3, 4), candle_core::DType::F32, &dev).unwrap();
-        assert!(bias_add(&x, &Tensor::ones((1, 3, 4), candle_core::DType::F32, &dev).unwrap()).unwrap().is_none());
+        assert!(bias_add(&x, &Tensor::ones((2, 1, 4), candle_core::DType::F32, &dev).unwrap()).unwrap().is_none());
+    }
+
+    #[test]
+    fn constant_operands_get_no_gradient_and_the_trained_side_the_right_one() {
+        let dev = Device::Cpu;
+        let (xd, cd) = ([3usize, 4, 5], [1usize, 4, 1]);
+        let x = Var::from_vec(seq(60, 1.0, 2), &xd[..], &dev).unwrap();
+        let c = Tensor::from_vec(seq(4, 0.5, 7).iter().map(|v| v + 2.0).collect::<Vec<_>>(), &cd[..], &dev).unwrap();
+        let r = Tensor::from_vec(seq(60, 1.0, 3), &xd[..], &dev).unwrap();
+        use super::super::Binary;
+        for (op, swapped) in [(Binary::Add, false), (Binary::Sub, true), (Binary::Mul, false), (Binary::Div, false)] {
+            let ours = const_binary(op, x.as_tensor(), &c, swapped).unwrap().expect("handled");
+            let xt = x.as_tensor();
+            let theirs = match (op, swapped) {
+                (Binary::Add, _) => xt.broadcast_add(&c),
+                (Binary::Sub, _) => c.broadcast_sub(xt),
+                (Binary::Mul, _) => xt.broadcast_mul(&c),
+                _ => xt.broadcast_div(&c),
+            }
+            .unwrap();
+            let diff = |a: &Tensor, b: &Tensor| {
+                (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            };
+            assert!(diff(&ours, &theirs) < 1e-6, "{op:?} forward");
+            let (go, gt) = (grads_of(&|_| ours.clone(), &x, &r), grads_of(&|_| theirs.clone(), &x, &r));
+            assert!(diff(go.get(&x).unwrap(), gt.get(&x).unwrap()) < 1e-5, "{op:?} gradient");
+            assert!(go.get(&c).is_none(), "{op:?}: the constant got a gradient");
+        }
+        assert!(const_binary(Binary::Div, x.as_tensor(), &c, true).unwrap().is_none());
     }
 }

@@ -39,6 +39,15 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, _device: &Dev
                     return one(t);
                 }
             }
+            // Training: a constant operand gets no gradient of its own.
+            if let Some(op) = kernels::Binary::from_op(&node.op_type) {
+                if let Some(t) = kernels::grad::const_binary(op, a, b, false)? {
+                    return one(t);
+                }
+                if let Some(t) = kernels::grad::const_binary(op, b, a, true)? {
+                    return one(t);
+                }
+            }
             let t = match node.op_type.as_str() {
                 "Add" => a.broadcast_add(b)?,
                 "Sub" => a.broadcast_sub(b)?,

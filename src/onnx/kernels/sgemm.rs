@@ -1,7 +1,9 @@
 //! Products by a constant matrix (`x[rows, k] @ w[k, n] (+ bias)`: the linear layers of a transformer)
-//! with the weight packed once per plan into 16-column panels and AVX2 register tiles of 6 rows x 16
-//! columns. On this project's 2-core machine the `gemm` crate reaches 50-110 GFLOP/s on Swin's linear
-//! shapes; these tiles reach about 170 (`docs/benchmarks.md`).
+//! with the weight packed once per plan into 16-column panels and register tiles of 6 rows x 16 columns
+//! (AVX2) or, where the CPU has AVX-512, 6 rows x 32 columns (two panels, one zmm register each; a
+//! narrow or unpaired last panel still takes the AVX2 tile). On this project's 2-core machine the `gemm`
+//! crate reaches 50-110 GFLOP/s on Swin's linear shapes; the AVX2 tiles reach about 170
+//! (`docs/benchmarks.md`).
 //!
 //! Blocking: each task owns a run of output rows; for each slice of `k` (at most [`KC`]) and each panel, the
 //! panel's `KC x 16` weights stay in L1 while the task's rows stream past them from L2.
@@ -64,6 +66,30 @@ pub fn available() -> bool {
     }
 }
 
+/// The widest tiles this CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// 6 x 16 tiles in ymm registers.
+    Avx2,
+    /// 6 x 32 tiles in zmm registers (AVX-512F).
+    Avx512,
+}
+
+/// The widest tiles this CPU has (None without AVX2+FMA).
+pub fn best_isa() -> Option<Isa> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !available() {
+            return None;
+        }
+        Some(if std::is_x86_feature_detected!("avx512f") { Isa::Avx512 } else { Isa::Avx2 })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
 /// `a[rows, k] @ b (+ bias per column)`, row-major `[rows, n]`. `after(segment)` runs on each finished
 /// row segment of a task while it is still in cache (a fused activation). Panics if [`available`] is false.
 ///
@@ -71,7 +97,20 @@ pub fn available() -> bool {
 /// Swin's last stages: 49 rows), the column panels are split among tasks as well, so each thread streams
 /// only its share of `b`.
 pub fn matmul_packed(a: &[f32], b: &PackedB, bias: Option<&[f32]>, after: &(dyn Fn(&mut [f32]) + Sync)) -> Vec<f32> {
+    matmul_packed_on(best_isa().expect("sgemm tiles need AVX2 and FMA"), a, b, bias, after)
+}
+
+/// [`matmul_packed`] with the tiles of `isa` (which the CPU must have): to test one path against another.
+pub fn matmul_packed_on(
+    isa: Isa,
+    a: &[f32],
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    after: &(dyn Fn(&mut [f32]) + Sync),
+) -> Vec<f32> {
     assert!(available(), "sgemm tiles need AVX2 and FMA");
+    #[cfg(target_arch = "x86_64")]
+    assert!(isa == Isa::Avx2 || std::is_x86_feature_detected!("avx512f"), "this CPU has no AVX-512F");
     let (k, n) = (b.k, b.n);
     assert!(k > 0 && a.len().is_multiple_of(k) && bias.is_none_or(|v| v.len() == n));
     let rows = a.len() / k;
@@ -94,7 +133,11 @@ pub fn matmul_packed(a: &[f32], b: &PackedB, bias: Option<&[f32]>, after: &(dyn 
             // all in the first k slice before reading any back, so each segment is initialised when `after`
             // sees it.
             unsafe {
-                rows_task(&a[r0 * k..(r0 + nrows) * k], nrows, b, bias, o.at(r0 * n), (p0, p1), packed);
+                let rows_a = &a[r0 * k..(r0 + nrows) * k];
+                match isa {
+                    Isa::Avx2 => rows_task(rows_a, nrows, b, bias, o.at(r0 * n), (p0, p1), packed),
+                    Isa::Avx512 => rows_task512(rows_a, nrows, b, bias, o.at(r0 * n), (p0, p1), packed),
+                }
                 for r in 0..nrows {
                     after(std::slice::from_raw_parts_mut(o.at((r0 + r) * n + c0), c1 - c0));
                 }
@@ -153,6 +196,116 @@ unsafe fn rows_task(
         k0 += kn;
     }
 }
+
+/// [`rows_task`] with AVX-512 tiles over pairs of full panels (a narrow or unpaired last panel takes the
+/// AVX2 tile).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn rows_task512(
+    a: &[f32],
+    nrows: usize,
+    b: &PackedB,
+    bias: Option<&[f32]>,
+    o: *mut f32,
+    (p0, p1): (usize, usize),
+    packed: &mut Vec<f32>,
+) {
+    let (k, n) = (b.k, b.n);
+    let mut k0 = 0;
+    while k0 < k {
+        let kn = KC.min(k - k0);
+        pack_rows(a, nrows, k, k0, kn, packed);
+        let mut p = p0;
+        while p < p1 {
+            let c0 = p * NR;
+            let pair = p + 1 < p1 && (p + 2) * NR <= n;
+            let panel = b.data.as_ptr().add(p * k * NR + k0 * NR);
+            let next = b.data.as_ptr().add((p + 1).min(p1 - 1) * k * NR + k0 * NR);
+            let mut r = 0;
+            while r < nrows {
+                let mr = MR.min(nrows - r);
+                let t = Tile {
+                    a: packed.as_ptr().add(r * kn),
+                    b: panel,
+                    kn,
+                    c: o.add(r * n + c0),
+                    ldc: n,
+                    width: NR.min(n - c0),
+                    bias: if k0 == 0 { bias.map(|v| v.as_ptr().add(c0)) } else { None },
+                    first: k0 == 0,
+                };
+                match (pair, mr) {
+                    (true, 6) => tile512::<6>(t, next),
+                    (true, 5) => tile512::<5>(t, next),
+                    (true, 4) => tile512::<4>(t, next),
+                    (true, 3) => tile512::<3>(t, next),
+                    (true, 2) => tile512::<2>(t, next),
+                    (true, _) => tile512::<1>(t, next),
+                    (false, 6) => tile::<6>(t),
+                    (false, 5) => tile::<5>(t),
+                    (false, 4) => tile::<4>(t),
+                    (false, 3) => tile::<3>(t),
+                    (false, 2) => tile::<2>(t),
+                    (false, _) => tile::<1>(t),
+                }
+                r += mr;
+            }
+            p += if pair { 2 } else { 1 };
+        }
+        k0 += kn;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_task512(
+    _: &[f32],
+    _: usize,
+    _: &PackedB,
+    _: Option<&[f32]>,
+    _: *mut f32,
+    _: (usize, usize),
+    _: &mut Vec<f32>,
+) {
+    unreachable!("sgemm tiles need x86_64")
+}
+
+/// One `R x 32` tile over one k slice: panel `t.b` and the next one, `next`, both full width.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile512<const R: usize>(t: Tile, next: *const f32) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    if t.first {
+        if let Some(bp) = t.bias {
+            let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(NR)));
+            for r in 0..R {
+                acc[r] = [b0, b1];
+            }
+        }
+    } else {
+        for r in 0..R {
+            acc[r] = [_mm512_loadu_ps(t.c.add(r * t.ldc)), _mm512_loadu_ps(t.c.add(r * t.ldc + NR))];
+        }
+    }
+    for kk in 0..t.kn {
+        let b0 = _mm512_loadu_ps(t.b.add(kk * NR));
+        let b1 = _mm512_loadu_ps(next.add(kk * NR));
+        for r in 0..R {
+            let av = _mm512_set1_ps(*t.a.add(kk * R + r));
+            acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+        }
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(t.c.add(r * t.ldc), acc[r][0]);
+        _mm512_storeu_ps(t.c.add(r * t.ldc + NR), acc[r][1]);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile512<const R: usize>(_: Tile, _: *const f32) {}
 
 /// Columns `k0..k0+kn` of the rows, as `[kn][mr]` micro-panels of up to 6 rows, one after another (the
 /// panel of rows r..r+mr starts at `r * kn`).
@@ -271,12 +424,16 @@ mod tests {
             return;
         }
         // Rows across task and tile tails, columns across a narrow last panel, k across slices.
-        for &(rows, k, n) in &[(1usize, 3usize, 16usize), (13, 40, 37), (80, 300, 48), (151, 520, 20)] {
+        for &(rows, k, n) in &[(1usize, 3usize, 16usize), (13, 40, 37), (80, 300, 48), (151, 520, 20), (20, 400, 96)] {
             let a = seq(rows * k, 1.0);
             let w = seq(k * n, 0.2);
             let bias = seq(n, 0.5);
             let b = PackedB::new(&w, k, n);
             let got = matmul_packed(&a, &b, Some(&bias), &|_| {});
+            // Every ISA path this CPU has gives the same sums (to rounding) as the AVX2 tiles.
+            let avx2 = matmul_packed_on(Isa::Avx2, &a, &b, Some(&bias), &|_| {});
+            let worst = got.iter().zip(&avx2).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{:?} vs AVX2 tiles: {worst} (rows {rows} k {k} n {n})", best_isa());
             let plain = matmul_packed(&a, &b, None, &|o| o.iter_mut().for_each(|v| *v *= 2.0));
             for r in 0..rows {
                 for c in 0..n {

@@ -1,6 +1,6 @@
 //! Products by a constant matrix (`x[rows, k] @ w[k, n] (+ bias)`: the linear layers of a transformer)
 //! with the weight packed once per plan into 16-column panels and register tiles of 6 rows x 16 columns
-//! (AVX2) or, where the CPU has AVX-512, 6 rows x 32 columns (two panels, one zmm register each; a
+//! (AVX2) or, where the CPU has AVX-512, 6 rows x 32 or 48 columns (two or three panels, a zmm register each; a
 //! narrow or unpaired last panel still takes the AVX2 tile). On this project's 2-core machine the `gemm`
 //! crate reaches 50-110 GFLOP/s on Swin's linear shapes; the AVX2 tiles reach about 170
 //! (`docs/benchmarks.md`).
@@ -218,9 +218,9 @@ unsafe fn rows_task512(
         let mut p = p0;
         while p < p1 {
             let c0 = p * NR;
-            let pair = p + 1 < p1 && (p + 2) * NR <= n;
+            // Full panels from p: two or three go in one AVX-512 tile, a single or narrow one in an AVX2 tile.
+            let full = (p1 - p).min((n - c0) / NR).min(3);
             let panel = b.data.as_ptr().add(p * k * NR + k0 * NR);
-            let next = b.data.as_ptr().add((p + 1).min(p1 - 1) * k * NR + k0 * NR);
             let mut r = 0;
             while r < nrows {
                 let mr = MR.min(nrows - r);
@@ -234,23 +234,30 @@ unsafe fn rows_task512(
                     bias: if k0 == 0 { bias.map(|v| v.as_ptr().add(c0)) } else { None },
                     first: k0 == 0,
                 };
-                match (pair, mr) {
-                    (true, 6) => tile512::<6>(t, next),
-                    (true, 5) => tile512::<5>(t, next),
-                    (true, 4) => tile512::<4>(t, next),
-                    (true, 3) => tile512::<3>(t, next),
-                    (true, 2) => tile512::<2>(t, next),
-                    (true, _) => tile512::<1>(t, next),
-                    (false, 6) => tile::<6>(t),
-                    (false, 5) => tile::<5>(t),
-                    (false, 4) => tile::<4>(t),
-                    (false, 3) => tile::<3>(t),
-                    (false, 2) => tile::<2>(t),
-                    (false, _) => tile::<1>(t),
+                let stride = k * NR;
+                match (full, mr) {
+                    (3, 6) => tile512::<6, 3>(t, stride),
+                    (3, 5) => tile512::<5, 3>(t, stride),
+                    (3, 4) => tile512::<4, 3>(t, stride),
+                    (3, 3) => tile512::<3, 3>(t, stride),
+                    (3, 2) => tile512::<2, 3>(t, stride),
+                    (3, _) => tile512::<1, 3>(t, stride),
+                    (2, 6) => tile512::<6, 2>(t, stride),
+                    (2, 5) => tile512::<5, 2>(t, stride),
+                    (2, 4) => tile512::<4, 2>(t, stride),
+                    (2, 3) => tile512::<3, 2>(t, stride),
+                    (2, 2) => tile512::<2, 2>(t, stride),
+                    (2, _) => tile512::<1, 2>(t, stride),
+                    (_, 6) => tile::<6>(t),
+                    (_, 5) => tile::<5>(t),
+                    (_, 4) => tile::<4>(t),
+                    (_, 3) => tile::<3>(t),
+                    (_, 2) => tile::<2>(t),
+                    (_, _) => tile::<1>(t),
                 }
                 r += mr;
             }
-            p += if pair { 2 } else { 1 };
+            p += full.max(1);
         }
         k0 += kn;
     }
@@ -270,42 +277,51 @@ unsafe fn rows_task512(
     unreachable!("sgemm tiles need x86_64")
 }
 
-/// One `R x 32` tile over one k slice: panel `t.b` and the next one, `next`, both full width.
+/// One `R x 16P` tile over one k slice: `P` consecutive full-width panels starting at `t.b`, `stride`
+/// floats apart.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile512<const R: usize>(t: Tile, next: *const f32) {
+unsafe fn tile512<const R: usize, const P: usize>(t: Tile, stride: usize) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
     if t.first {
         if let Some(bp) = t.bias {
-            let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(NR)));
-            for r in 0..R {
-                acc[r] = [b0, b1];
+            for j in 0..P {
+                let bj = _mm512_loadu_ps(bp.add(j * NR));
+                for r in 0..R {
+                    acc[r][j] = bj;
+                }
             }
         }
     } else {
         for r in 0..R {
-            acc[r] = [_mm512_loadu_ps(t.c.add(r * t.ldc)), _mm512_loadu_ps(t.c.add(r * t.ldc + NR))];
+            for j in 0..P {
+                acc[r][j] = _mm512_loadu_ps(t.c.add(r * t.ldc + j * NR));
+            }
         }
     }
     for kk in 0..t.kn {
-        let b0 = _mm512_loadu_ps(t.b.add(kk * NR));
-        let b1 = _mm512_loadu_ps(next.add(kk * NR));
+        let mut bv = [_mm512_setzero_ps(); P];
+        for j in 0..P {
+            bv[j] = _mm512_loadu_ps(t.b.add(j * stride + kk * NR));
+        }
         for r in 0..R {
             let av = _mm512_set1_ps(*t.a.add(kk * R + r));
-            acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+            for j in 0..P {
+                acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+            }
         }
     }
     for r in 0..R {
-        _mm512_storeu_ps(t.c.add(r * t.ldc), acc[r][0]);
-        _mm512_storeu_ps(t.c.add(r * t.ldc + NR), acc[r][1]);
+        for j in 0..P {
+            _mm512_storeu_ps(t.c.add(r * t.ldc + j * NR), acc[r][j]);
+        }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile512<const R: usize>(_: Tile, _: *const f32) {}
+unsafe fn tile512<const R: usize, const P: usize>(_: Tile, _: usize) {}
 
 /// Columns `k0..k0+kn` of the rows, as `[kn][mr]` micro-panels of up to 6 rows, one after another (the
 /// panel of rows r..r+mr starts at `r * kn`).

@@ -2,7 +2,8 @@
 # The focal-loss seed protocol of AutoGluon's tutorial as a reproducible experiment:
 # trains cross-entropy, cross-entropy weighted by alpha (focal with gamma 0), focal without alpha, focal
 # with alpha=auto, the logit-adjusted loss (la), the default (no loss key: auto) and cross-entropy with
-# post-hoc prior correction at evaluation (ce_prior) on
+# post-hoc prior correction at evaluation (ce_prior), and focal with alpha=auto fine-tuning the whole
+# backbone (focal_alpha_full: model.backbone.freeze=false; not in the default set, minutes per run) on
 # DATA_DIR/imbalanced4_train.csv, SEEDS times each, evaluates on
 # DATA_DIR/imbalanced4_validation.csv, and prints a markdown table (mean ± std).
 #
@@ -34,6 +35,7 @@ hp_of() {
     ce_alpha) echo "--hp optimization.loss_function=focal_loss --hp optimization.focal_loss.alpha=auto --hp optimization.focal_loss.gamma=0 --hp optimization.focal_loss.reduction=sum" ;;
     focal) echo "--hp optimization.loss_function=focal_loss --hp optimization.focal_loss.alpha=null --hp optimization.focal_loss.gamma=1.0 --hp optimization.focal_loss.reduction=sum" ;;
     focal_alpha) echo "--hp optimization.loss_function=focal_loss --hp optimization.focal_loss.alpha=auto --hp optimization.focal_loss.gamma=1.0 --hp optimization.focal_loss.reduction=sum" ;;
+    focal_alpha_full) echo "$(hp_of focal_alpha) --hp model.backbone.freeze=false" ;;
     *) echo "unknown config $1" >&2; exit 2 ;;
   esac
 }

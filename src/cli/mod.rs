@@ -39,7 +39,8 @@ pub struct Cli {
 /// The commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Train a classifier head on a frozen ONNX backbone.
+    /// Train a classifier head on an ONNX backbone (frozen by default, or fine-tuned with it).
+    #[command(after_long_help = train::MODES)]
     Train(TrainArgs),
     /// Score a trained model on a labelled table.
     Evaluate(EvaluateArgs),

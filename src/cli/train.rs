@@ -10,6 +10,20 @@ use automm::model::metrics;
 use automm::train::config::HyperParamsBuilder;
 use automm::train::{resume, train, Event, ResumeOptions, TrainRequest};
 
+/// The three training modes, for `automm train --help` (figures: README "Three modes").
+pub const MODES: &str = "\
+How much of the backbone trains (--hp KEY=VALUE):
+  frozen-feature head (default)  features computed once and cached; only the linear head trains.
+                                 Cost: one forward pass per image, then microseconds per epoch.
+  parameter-efficient            optimization.efficient_finetune=bit_fit|norm_fit and/or
+                                 model.backbone.trainable_layers=PREFIX,...: those initializers train too.
+                                 Cost: forward + backward through the trainable part, every epoch.
+  full fine-tuning               model.backbone.freeze=false: every parameter of the backbone trains
+                                 (learning rate 1e-4 unless set, AutoMM's). Cost: forward + backward through
+                                 the whole graph every epoch; EfficientNet-Lite0 ~1.3-1.7x and Swin-Tiny
+                                 ~2.4-2.9x PyTorch's CPU step time (2-core AVX-512 host, batch 8;
+                                 `automm bench finetune` measures it next to PyTorch).";
+
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Training table (CSV or Parquet) with an image-path column and a label column.

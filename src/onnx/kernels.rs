@@ -168,13 +168,36 @@ pub fn matmul_bias(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Opti
     if a.rank() < 2 || b.rank() < 2 {
         return Ok(None);
     }
-    let (ra, rb) = (a.rank(), b.rank());
-    let (m, k) = (a.dims()[ra - 2], a.dims()[ra - 1]);
-    let (k2, n) = (b.dims()[rb - 2], b.dims()[rb - 1]);
+    let bias = match bias {
+        Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let r = with_f32(a, |av, al| with_f32(b, |bv, bl| matmul_layouts(av, al, bv, bl, bias.as_deref())));
+    match r {
+        Some(Some(Some((out, dims)))) => Ok(Some(tensor(out?, &dims)?)),
+        Some(Some(None)) | Some(None) | None => Ok(None),
+    }
+}
+
+/// [`matmul_bias`] on storage: `av` laid out by `al`, `bv` by `bl` (strided views read in place). The
+/// output and its dims, or None when the bias does not fit; an error for mismatched dims.
+pub(crate) fn matmul_layouts(
+    av: &[f32],
+    al: &Layout,
+    bv: &[f32],
+    bl: &Layout,
+    bias: Option<&[f32]>,
+) -> Option<(Result<Vec<f32>>, Vec<usize>)> {
+    let (ad, bd) = (al.dims(), bl.dims());
+    let (ra, rb) = (ad.len(), bd.len());
+    if ra < 2 || rb < 2 {
+        return None;
+    }
+    let (m, k) = (ad[ra - 2], ad[ra - 1]);
+    let (k2, n) = (bd[rb - 2], bd[rb - 1]);
+    let fail = |msg: String| Some((Err(candle_core::Error::Msg(msg).into()), Vec::new()));
     if k != k2 {
-        return Err(
-            candle_core::Error::Msg(format!("matmul: {:?} x {:?}: inner dims differ", a.dims(), b.dims())).into()
-        );
+        return fail(format!("matmul: {ad:?} x {bd:?}: inner dims differ"));
     }
     let rank = ra.max(rb);
     // Batch dims, right-aligned, with each operand's stride (0 where it broadcasts).
@@ -182,24 +205,19 @@ pub fn matmul_bias(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Opti
     let mut sa = vec![0isize; rank - 2];
     let mut sb = vec![0isize; rank - 2];
     for i in 0..rank - 2 {
-        let da = (i + ra >= rank).then(|| (a.dims()[i + ra - rank], a.layout().stride()[i + ra - rank]));
-        let db = (i + rb >= rank).then(|| (b.dims()[i + rb - rank], b.layout().stride()[i + rb - rank]));
+        let da = (i + ra >= rank).then(|| (ad[i + ra - rank], al.stride()[i + ra - rank]));
+        let db = (i + rb >= rank).then(|| (bd[i + rb - rank], bl.stride()[i + rb - rank]));
         let (xa, xb) = (da.map_or(1, |d| d.0), db.map_or(1, |d| d.0));
         if xa != xb && xa != 1 && xb != 1 {
-            return Err(candle_core::Error::Msg(format!(
-                "matmul: batch dims of {:?} and {:?} differ",
-                a.dims(),
-                b.dims()
-            ))
-            .into());
+            return fail(format!("matmul: batch dims of {ad:?} and {bd:?} differ"));
         }
         bdims[i] = xa.max(xb);
         sa[i] = if xa == 1 { 0 } else { da.map_or(0, |d| d.1 as isize) };
         sb[i] = if xb == 1 { 0 } else { db.map_or(0, |d| d.1 as isize) };
     }
     let batch: usize = bdims.iter().product();
-    let (a_rs, a_cs) = (a.layout().stride()[ra - 2] as isize, a.layout().stride()[ra - 1] as isize);
-    let (b_rs, b_cs) = (b.layout().stride()[rb - 2] as isize, b.layout().stride()[rb - 1] as isize);
+    let (a_rs, a_cs) = (al.stride()[ra - 2] as isize, al.stride()[ra - 1] as isize);
+    let (b_rs, b_cs) = (bl.stride()[rb - 2] as isize, bl.stride()[rb - 1] as isize);
     let offsets = |strides: &[isize], start: usize| -> Vec<isize> {
         let mut out = Vec::with_capacity(batch);
         let mut idx = vec![0usize; bdims.len()];
@@ -217,21 +235,17 @@ pub fn matmul_bias(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Opti
     };
     let mut out_dims = bdims.clone();
     out_dims.extend([m, n]);
-    let bias = match bias {
-        Some(t) => Some(t.flatten_all()?.to_vec1::<f32>()?),
-        None => None,
-    };
-    if bias.as_ref().is_some_and(|v| v.len() != n) {
-        return Ok(None);
+    if bias.is_some_and(|v| v.len() != n) {
+        return None;
     }
-    let mut out = match &bias {
+    let mut out = match bias {
         Some(v) => v.iter().copied().cycle().take(batch * m * n).collect(),
         None => vec![0f32; batch * m * n],
     };
     let read_dst = bias.is_some();
     let threads = rayon::current_num_threads();
-    let r = with_f32(a, |av, al| {
-        with_f32(b, |bv, bl| {
+    {
+        {
             let oa = offsets(&sa, al.start_offset());
             let ob = offsets(&sb, bl.start_offset());
             // Rows of a batch fold into one tall product when b is shared and a's rows are evenly spaced.
@@ -263,12 +277,9 @@ pub fn matmul_bias(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Opti
                     gemm_one(o, m, oa[i], ob[i], Parallelism::Rayon(threads));
                 }
             }
-        })
-    });
-    match r {
-        Some(Some(())) => Ok(Some(tensor(out, &out_dims)?)),
-        _ => Ok(None),
+        }
     }
+    Some((Ok(out), out_dims))
 }
 
 /// A binary arithmetic op.

@@ -3,7 +3,8 @@
 //! (normalisation scales and shifts plus biases), and `model.backbone.trainable_layers` (initializer-name
 //! prefixes, e.g. the last stage). The chosen
 //! initializers of the ONNX graph become `Var`s that train with the head; gradients flow back through the
-//! imported graph (our depthwise conv has its own backward pass, the rest is candle autograd).
+//! imported graph on candle's autograd, with backward passes of our own for the hot ops (depthwise and 1x1
+//! convs, Clip, LayerNorm, Softmax, GELU, bias adds, constant operands: `onnx::kernels::grad`).
 //!
 //! The graph is split at its *frontier*: the part before the first trainable initializer is frozen, so
 //! without augmentation its outputs are computed once per image and cached; each epoch then runs only the

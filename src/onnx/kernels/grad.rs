@@ -370,6 +370,80 @@ pub fn const_binary(op: super::Binary, x: &Tensor, c: &Tensor, swapped: bool) ->
     Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
+/// A matrix product for training: forward and both backward products on our batched gemm over strided
+/// views (the weight's Transpose is read in place, batched attention products run one gemm per matrix in
+/// parallel), instead of candle's broadcast matmul. `b` is a matrix (a linear layer) or has `a`'s batch
+/// dims exactly.
+pub struct MatMulOp;
+
+fn storage_f32<'a>(s: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => candle_core::bail!("{what}: expected f32"),
+    }
+}
+
+fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    super::matmul(a, b)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+        .ok_or_else(|| candle_core::Error::Msg("matmul backward: layout not handled".into()))
+}
+
+impl CustomOp2 for MatMulOp {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (storage_f32(s1, "matmul")?, storage_f32(s2, "matmul")?);
+        match super::matmul_layouts(a, l1, b, l2, None) {
+            Some((Ok(out), dims)) => Ok((CpuStorage::F32(out), Shape::from(dims))),
+            Some((Err(e), _)) => Err(candle_core::Error::Msg(e.to_string())),
+            None => candle_core::bail!("matmul: {:?} x {:?} not handled", l1.dims(), l2.dims()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (ra, rb) = (a.rank(), b.rank());
+        let da = product(dy, &b.transpose(rb - 2, rb - 1)?)?;
+        let db = if rb == 2 && ra > 2 {
+            // A linear layer: all rows of a against all rows of dy, one tall product.
+            let k = a.dims()[ra - 1];
+            let n = dy.dims()[dy.rank() - 1];
+            let a2 = a.contiguous()?.reshape(((), k))?;
+            let dy2 = dy.contiguous()?.reshape(((), n))?;
+            product(&a2.t()?, &dy2)?
+        } else {
+            product(&a.transpose(ra - 2, ra - 1)?, dy)?
+        };
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// `a @ b` through [`MatMulOp`] when a side trains, both are CPU f32 of rank >= 2, and `b` is a matrix or
+/// has exactly `a`'s batch dims; None otherwise.
+pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let cpu32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    let (ra, rb) = (a.rank(), b.rank());
+    let shapes = ra >= 2 && (rb == 2 || (ra == rb && a.dims()[..ra - 2] == b.dims()[..rb - 2]));
+    if !(a.track_op() || b.track_op()) || !cpu32(a) || !cpu32(b) || !shapes || a.dims()[ra - 1] != b.dims()[rb - 2] {
+        return Ok(None);
+    }
+    Ok(Some(a.apply_op2(b, MatMulOp)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,5 +583,29 @@ mod tests {
             assert!(go.get(&c).is_none(), "{op:?}: the constant got a gradient");
         }
         assert!(const_binary(Binary::Div, x.as_tensor(), &c, true).unwrap().is_none());
+    }
+
+    #[test]
+    fn matmul_forward_and_gradients_match_candle_for_linear_and_batched_products() {
+        let dev = Device::Cpu;
+        // A linear layer whose weight is a transposed view (as exporters write it), and a batched product.
+        let cases: [(Vec<usize>, Vec<usize>, bool); 2] =
+            [(vec![2, 5, 6], vec![4, 6], true), (vec![3, 2, 5, 4], vec![3, 2, 4, 7], false)];
+        for (ad, bd, transposed) in cases {
+            let a = Var::from_vec(seq(ad.iter().product(), 1.0, 1), ad.as_slice(), &dev).unwrap();
+            let b = Var::from_vec(seq(bd.iter().product(), 0.7, 5), bd.as_slice(), &dev).unwrap();
+            let bt = if transposed { b.as_tensor().t().unwrap() } else { b.as_tensor().clone() };
+            let ours = matmul(a.as_tensor(), &bt).unwrap().expect("handled");
+            let theirs = a.as_tensor().broadcast_matmul(&bt.contiguous().unwrap()).unwrap();
+            let r = Tensor::from_vec(seq(theirs.elem_count(), 1.0, 3), theirs.dims(), &dev).unwrap();
+            let diff = |x: &Tensor, y: &Tensor| {
+                (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            };
+            assert!(diff(&ours, &theirs) < 1e-5, "{ad:?} x {bd:?} forward");
+            let (go, gt) = (grads_of(&|_| ours.clone(), &a, &r), grads_of(&|_| theirs.clone(), &a, &r));
+            for v in [&a, &b] {
+                assert!(diff(go.get(v).unwrap(), gt.get(v).unwrap()) < 1e-4, "{ad:?} x {bd:?} gradient");
+            }
+        }
     }
 }

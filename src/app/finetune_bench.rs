@@ -56,8 +56,8 @@ pub struct FinetuneBench {
 
 /// Where the step's features come from.
 enum Source {
-    Frozen(Graph),
-    Tuned(TunedBackbone),
+    Frozen(Box<Graph>),
+    Tuned(Box<TunedBackbone>),
 }
 
 /// Peak resident set size of this process (`VmHWM`), bytes (Linux; 0 elsewhere).
@@ -93,10 +93,10 @@ pub fn measure(model: &Path, b: &FinetuneBench) -> Result<FinetuneFigures> {
     // Head only (`frozen`): features without gradients from the graph itself; else the tuned backbone
     // (and the full graph is dropped, so that it does not count in the peak).
     let src = if trainable.is_empty() {
-        Source::Frozen(g)
+        Source::Frozen(Box::new(g))
     } else {
         drop(g);
-        Source::Tuned(TunedBackbone::new(&proto, &name, &dev, &input.name, &feature, &trainable, size)?)
+        Source::Tuned(Box::new(TunedBackbone::new(&proto, &name, &dev, &input.name, &feature, &trainable, size)?))
     };
     drop(proto);
     let mut rng = ChaCha8Rng::seed_from_u64(0);

@@ -513,7 +513,8 @@ mod tests {
         let (dev, dims) = (Device::Cpu, [5usize, 49]);
         let xv = seq(245, 3.0, 1);
         let r = Tensor::from_vec(seq(245, 1.0, 3), &dims[..], &dev).unwrap();
-        let ops: [(&str, &dyn Fn(&Tensor) -> Tensor, &dyn Fn(&Tensor) -> Tensor); 2] = [
+        type Op<'a> = &'a dyn Fn(&Tensor) -> Tensor;
+        let ops: [(&str, Op, Op); 2] = [
             ("softmax", &|t| t.apply_op1(SoftmaxOp).unwrap(), &|t| candle_nn::ops::softmax_last_dim(t).unwrap()),
             ("gelu", &|t| t.apply_op1(GeluOp).unwrap(), &|t| t.gelu_erf().unwrap()),
         ];

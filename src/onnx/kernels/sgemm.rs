@@ -134,10 +134,7 @@ pub fn matmul_packed_on(
             // sees it.
             unsafe {
                 let rows_a = &a[r0 * k..(r0 + nrows) * k];
-                match isa {
-                    Isa::Avx2 => rows_task(rows_a, nrows, b, bias, o.at(r0 * n), (p0, p1), packed),
-                    Isa::Avx512 => rows_task512(rows_a, nrows, b, bias, o.at(r0 * n), (p0, p1), packed),
-                }
+                rows_task(isa, rows_a, nrows, b, bias, o.at(r0 * n), (p0, p1), packed);
                 for r in 0..nrows {
                     after(std::slice::from_raw_parts_mut(o.at((r0 + r) * n + c0), c1 - c0));
                 }
@@ -148,60 +145,11 @@ pub fn matmul_packed_on(
 
 /// All of `nrows` rows times panels `p0..p1` of `b`, into `o` (row stride n): per k slice, the rows are
 /// packed into `[k][6]` micro-panels (each tile then reads its six rows from one contiguous run instead of
-/// six strided ones), then each panel passes over them.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+/// six strided ones), then each panel passes over them: with AVX-512 two or three full panels at a time,
+/// a single or narrow one in an AVX2 tile.
+#[allow(clippy::too_many_arguments)]
 unsafe fn rows_task(
-    a: &[f32],
-    nrows: usize,
-    b: &PackedB,
-    bias: Option<&[f32]>,
-    o: *mut f32,
-    (p0, p1): (usize, usize),
-    packed: &mut Vec<f32>,
-) {
-    let (k, n) = (b.k, b.n);
-    let mut k0 = 0;
-    while k0 < k {
-        let kn = KC.min(k - k0);
-        pack_rows(a, nrows, k, k0, kn, packed);
-        for p in p0..p1 {
-            let panel = b.data.as_ptr().add(p * k * NR + k0 * NR);
-            let c0 = p * NR;
-            let width = NR.min(n - c0);
-            let mut r = 0;
-            while r < nrows {
-                let mr = MR.min(nrows - r);
-                let t = Tile {
-                    a: packed.as_ptr().add(r * kn),
-                    b: panel,
-                    kn,
-                    c: o.add(r * n + c0),
-                    ldc: n,
-                    width,
-                    bias: if k0 == 0 { bias.map(|v| v.as_ptr().add(c0)) } else { None },
-                    first: k0 == 0,
-                };
-                match mr {
-                    6 => tile::<6>(t),
-                    5 => tile::<5>(t),
-                    4 => tile::<4>(t),
-                    3 => tile::<3>(t),
-                    2 => tile::<2>(t),
-                    _ => tile::<1>(t),
-                }
-                r += mr;
-            }
-        }
-        k0 += kn;
-    }
-}
-
-/// [`rows_task`] with AVX-512 tiles over pairs of full panels (a narrow or unpaired last panel takes the
-/// AVX2 tile).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn rows_task512(
+    isa: Isa,
     a: &[f32],
     nrows: usize,
     b: &PackedB,
@@ -219,7 +167,7 @@ unsafe fn rows_task512(
         while p < p1 {
             let c0 = p * NR;
             // Full panels from p: two or three go in one AVX-512 tile, a single or narrow one in an AVX2 tile.
-            let full = (p1 - p).min((n - c0) / NR).min(3);
+            let full = if isa == Isa::Avx512 { (p1 - p).min((n - c0) / NR).min(3) } else { 0 };
             let panel = b.data.as_ptr().add(p * k * NR + k0 * NR);
             let mut r = 0;
             while r < nrows {
@@ -261,20 +209,6 @@ unsafe fn rows_task512(
         }
         k0 += kn;
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_task512(
-    _: &[f32],
-    _: usize,
-    _: &PackedB,
-    _: Option<&[f32]>,
-    _: *mut f32,
-    _: (usize, usize),
-    _: &mut Vec<f32>,
-) {
-    unreachable!("sgemm tiles need x86_64")
 }
 
 /// One `R x 16P` tile over one k slice: `P` consecutive full-width panels starting at `t.b`, `stride`
@@ -340,20 +274,6 @@ fn pack_rows(a: &[f32], nrows: usize, k: usize, k0: usize, kn: usize, packed: &m
         }
         r += mr;
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_task(
-    _: &[f32],
-    _: usize,
-    _: &PackedB,
-    _: Option<&[f32]>,
-    _: *mut f32,
-    _: (usize, usize),
-    _: &mut Vec<f32>,
-) {
-    unreachable!("sgemm tiles need x86_64")
 }
 
 /// One `R x 16` tile over one k slice.

@@ -242,13 +242,9 @@ impl CustomOp2 for BiasAddOp {
         if b.len() != c {
             candle_core::bail!("bias add: {} bias values for dims {:?} of {:?}", b.len(), self.axes, l1.dims());
         }
-        let block = c * inner;
-        let mut out = x.to_vec();
-        out.par_chunks_mut(block.max(1)).for_each(|o| {
-            for (plane, &bv) in o.chunks_mut(inner.max(1)).zip(b) {
-                plane.iter_mut().for_each(|v| *v += bv);
-            }
-        });
+        // One pass: each chunk is whole outer rows, written as x + b.
+        let block = (c * inner).max(1);
+        let out = par_build(x.len(), block, |s, o| bias_add_chunk(o, &x[s..s + o.len()], b, inner.max(1)));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -282,6 +278,31 @@ impl CustomOp2 for BiasAddOp {
         Ok((Some(dy.clone()), Some(Tensor::from_vec(db, b.dims(), b.device())?)))
     }
 }
+
+#[inline(always)]
+fn bias_add_body(o: &mut [MaybeUninit<f32>], x: &[f32], b: &[f32], inner: usize) {
+    for (orow, xrow) in o.chunks_mut(b.len() * inner).zip(x.chunks(b.len() * inner)) {
+        if inner == 1 {
+            // A bias row: the row and the bias side by side.
+            for ((d, &v), &bv) in orow.iter_mut().zip(xrow).zip(b) {
+                d.write(v + bv);
+            }
+            continue;
+        }
+        for ((op, xp), &bv) in orow.chunks_mut(inner).zip(xrow.chunks(inner)).zip(b) {
+            for (d, &v) in op.iter_mut().zip(xp) {
+                d.write(v + bv);
+            }
+        }
+    }
+}
+
+simd_dispatch!(
+    bias_add_chunk,
+    <>,
+    (o: &mut [MaybeUninit<f32>], x: &[f32], b: &[f32], inner: usize),
+    bias_add_body(o, x, b, inner)
+);
 
 #[inline(always)]
 fn bias_sum_row_body(acc: &mut [f32], row: &[f32], inner: usize) {

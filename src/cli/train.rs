@@ -20,8 +20,8 @@ How much of the backbone trains (--hp KEY=VALUE):
                                  Cost: forward + backward through the trainable part, every epoch.
   full fine-tuning               model.backbone.freeze=false: every parameter of the backbone trains
                                  (learning rate 1e-4 unless set, AutoMM's). Cost: forward + backward through
-                                 the whole graph every epoch; EfficientNet-Lite0 1.3-1.7x and Swin-Tiny
-                                 1.6-1.7x PyTorch's CPU step time (2-core AVX-512 host, batch 8;
+                                 the whole graph every epoch; EfficientNet-Lite0 1.25-1.7x and Swin-Tiny
+                                 1.6-1.9x PyTorch's CPU step time (2-core AVX-512 host, batch 8;
                                  `automm bench finetune` measures it next to PyTorch).";
 
 #[derive(Args, Debug)]

@@ -27,7 +27,7 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], _opset: i64, _device: &Dev
                     return one(t);
                 }
             }
-            // Training: a bias added along one dim gets its one-pass backward.
+            // Training: a bias added along a run of dims gets its one-pass backward.
             if node.op_type == "Add" && (a.track_op() || b.track_op()) {
                 let biased =
                     match (a.rank() >= b.rank() && a.elem_count() > b.elem_count(), b.elem_count() > a.elem_count()) {

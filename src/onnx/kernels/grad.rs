@@ -352,8 +352,11 @@ impl CustomOp1 for ConstBinaryOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = cpu_slice(s, l, "binary")?;
-        let c = flat(&self.c)?;
-        match super::binary_data(self.op, x, l.dims(), &c, self.c.dims(), self.swapped) {
+        // The constant is read in place (it was made contiguous once, when the op was built).
+        let out =
+            super::with_data(&self.c, |c| super::binary_data(self.op, x, l.dims(), c, self.c.dims(), self.swapped))
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        match out {
             Some(out) => Ok((CpuStorage::F32(out), l.shape().clone())),
             None => candle_core::bail!("binary: {:?} against {:?} does not broadcast here", l.dims(), self.c.dims()),
         }

@@ -8,7 +8,8 @@
 Random weights (timm's init, seed 0): speed does not depend on them. The model runs in training mode for
 the step (BatchNorm batch statistics, no dropout or drop-path: rates 0) and in eval mode under no_grad for
 the forward; the loss is cross-entropy on `--classes` classes, the optimizer AdamW (lr 1e-4). `--finetune`:
-`full` (every parameter), `bit_fit` (biases and the head), `frozen` (head only, features under no_grad).
+`full` (every parameter), `bit_fit` (biases and the head), `norm_fit` (normalisation weights, biases and
+the head), `frozen` (head only, features under no_grad).
 Prints one JSON object: fwd_ms_per_img, step_ms_per_img and its parts step_{fwd,bwd,opt}_ms_per_img,
 peak_rss_bytes, params, torch.
 Needs: pip install torch timm (about 3 GB).
@@ -41,7 +42,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--classes", type=int, default=4)
-    ap.add_argument("--finetune", choices=["full", "bit_fit", "frozen"], default="full")
+    ap.add_argument("--finetune", choices=["full", "bit_fit", "norm_fit", "frozen"], default="full")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -50,7 +51,9 @@ def main():
     dim = model.num_features
     head = torch.nn.Linear(dim, args.classes)
     for name, p in model.named_parameters():
-        p.requires_grad = args.finetune == "full" or (args.finetune == "bit_fit" and name.endswith("bias"))
+        is_norm = any(part.startswith(("norm", "bn")) for part in name.split(".")[:-1])
+        p.requires_grad = (args.finetune == "full" or (args.finetune in ("bit_fit", "norm_fit") and name.endswith("bias"))
+                           or (args.finetune == "norm_fit" and is_norm))
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-3)
     x = torch.randn(args.batch, 3, args.size, args.size)

@@ -138,10 +138,9 @@ fn finetune_bench(a: &FinetuneArgs) -> Result<()> {
     let torch: Option<FinetuneFigures> = match a.torch_arch.as_deref() {
         None => None,
         Some(arch) => {
-            let torch_mode = if finetune == "norm_fit" { "bit_fit" } else { finetune };
             let out = std::process::Command::new(&a.python)
                 .arg(&a.script)
-                .args(["--arch", arch, "--finetune", torch_mode])
+                .args(["--arch", arch, "--finetune", finetune])
                 .args(["--batch", &batch.to_string(), "--threads", &threads.to_string(), "--steps", &steps.to_string()])
                 .output()
                 .with_context(|| format!("running {} {}", a.python.display(), a.script.display()))?;

@@ -266,7 +266,12 @@ impl CustomOp2 for DepthwiseOp {
             let ch = idx % c;
             bwd_input_plane(d, scratch, &gys[idx * plane..(idx + 1) * plane], &ws[ch * taps..(ch + 1) * taps], p);
         });
-        // Weight gradient: per channel, summed over the images.
+        let dx = Tensor::from_vec(dx, (n, c, h, wd), x.device())?;
+        // Weight gradient, per channel summed over the images; skipped for a weight that does not train
+        // (bit_fit, norm_fit).
+        if !w.track_op() {
+            return Ok((Some(dx), None));
+        }
         let mut dw = vec![0f32; c * taps];
         dw.par_chunks_mut(taps).enumerate().for_each_init(Vec::new, |scratch, (ch, dk)| {
             for img in 0..n {
@@ -280,7 +285,6 @@ impl CustomOp2 for DepthwiseOp {
                 );
             }
         });
-        let dx = Tensor::from_vec(dx, (n, c, h, wd), x.device())?;
         let dw = Tensor::from_vec(dw, w.dims(), w.device())?;
         Ok((Some(dx), Some(dw)))
     }

@@ -57,7 +57,12 @@ impl CustomOp2 for PointwiseOp {
             let g = &gys[i * m * p..(i + 1) * m * p];
             sgemm((c, p, m), d, &ws, (1, c as isize), g, (p as isize, 1), false, Parallelism::None);
         });
-        // dW = sum_n dY[n] X[n]^T: per-thread partial sums over images, then added.
+        let dx = Tensor::from_vec(dx, (n, c, h, wd), x.device())?;
+        // dW = sum_n dY[n] X[n]^T: per-thread partial sums over images, then added; skipped for a weight
+        // that does not train (bit_fit, norm_fit).
+        if !w.track_op() {
+            return Ok((Some(dx), None));
+        }
         let threads = rayon::current_num_threads().max(1);
         let per = n.div_ceil(threads);
         let partial: Vec<Vec<f32>> = (0..n.div_ceil(per))
@@ -76,7 +81,7 @@ impl CustomOp2 for PointwiseOp {
         for part in partial {
             dw.iter_mut().zip(part).for_each(|(d, v)| *d += v);
         }
-        Ok((Some(Tensor::from_vec(dx, (n, c, h, wd), x.device())?), Some(Tensor::from_vec(dw, w.dims(), w.device())?)))
+        Ok((Some(dx), Some(Tensor::from_vec(dw, w.dims(), w.device())?)))
     }
 }
 

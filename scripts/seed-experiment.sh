@@ -14,7 +14,7 @@
 # Needs: a release build (cargo build --release) and python3 (standard library only) for the table.
 set -euo pipefail
 data=${1:?usage: $0 DATA_DIR [BACKBONE] [NORMALIZATION]}
-backbone=${2:-models/efficientnet_lite0.onnx}
+backbone=${2:-models/pretrained/efficientnet_lite0.onnx}
 norm=${3:-symmetric}
 seeds=${SEEDS:-0 1 2 3 4}
 configs=${CONFIGS:-ce ce_alpha focal focal_alpha la default ce_prior}

@@ -35,6 +35,17 @@ pub enum Normalization {
 }
 
 impl Normalization {
+    /// The name `parse` reads back: `imagenet`, `symmetric` or `mean_std:m0,m1,m2:s0,s1,s2`.
+    pub fn name(&self) -> String {
+        match self {
+            n if *n == Self::imagenet() => "imagenet".into(),
+            Normalization::Symmetric => "symmetric".into(),
+            Normalization::MeanStd { mean: m, std: s } => {
+                format!("mean_std:{},{},{}:{},{},{}", m[0], m[1], m[2], s[0], s[1], s[2])
+            }
+        }
+    }
+
     /// ImageNet mean/std, timm's default.
     pub fn imagenet() -> Self {
         Normalization::MeanStd { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] }

@@ -18,7 +18,7 @@ mod plan;
 pub mod tensor;
 
 pub(crate) use model::toposort_pruned;
-pub use model::{detect_feature_tensor, opset_of, read_model, read_npy, value_dims};
+pub use model::{detect_feature_tensor, metadata_value, opset_of, read_model, read_npy, value_dims};
 use model::{fmt_dims, input_type_error, resolve_cast_like, unsupported_ops};
 pub use plan::{OpTime, PlanStats};
 use plan::{Plan, PlanKey};

@@ -31,6 +31,12 @@ pub fn read_model(path: &Path) -> Result<ModelProto> {
     Ok(model)
 }
 
+/// The value of metadata key `key` (`metadata_props`) of the ONNX file at `path`, if it has one.
+pub fn metadata_value(path: &Path, key: &str) -> Result<Option<String>> {
+    let model = read_model(path)?;
+    Ok(model.metadata_props.iter().find(|p| p.key == key).map(|p| p.value.clone()))
+}
+
 /// The default-domain opset of a model.
 pub fn opset_of(model: &ModelProto) -> i64 {
     model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version).unwrap_or(13)

@@ -495,7 +495,9 @@ fn save(
     write_atomic(&dir.metrics(), &crate::util::fs::to_json(&summary, "metrics.json")?)?;
     let losses: Vec<f64> = summary.history.iter().map(|h| h.train_loss).collect();
     let scores: Vec<f64> = summary.history.iter().map(|h| h.val_score).collect();
-    plots::curve_svg(&losses, &scores, summary.val_metric.name(), &req.output.join("training_curve.svg"))?;
-    plots::confusion_svg(&summary.validation, &req.output.join("confusion_matrix.svg"))?;
+    let curve = req.output.join("training_curve.svg");
+    plots::curve_svg(&losses, &scores, summary.val_metric.name(), summary.best_epoch, &curve)?;
+    let split = format!("validation rows: {}", summary.validation_source);
+    plots::confusion_svg(&summary.validation, &split, &req.output.join("confusion_matrix.svg"))?;
     Ok(summary)
 }

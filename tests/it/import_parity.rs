@@ -241,3 +241,27 @@ fn mixed_blocked_and_nchw_readers_match_the_unplanned_run() {
     assert_eq!(planned.dims(), &[2, 8]);
     assert!(max_abs_diff(&planned, &first) <= 1e-5, "{}", max_abs_diff(&planned, &first));
 }
+
+/// The shipped pretrained backbone (`models/pretrained/efficientnet_lite0.onnx`, made without torch by
+/// models/make_efficientnet_lite0.py --features) computes the same pooled feature as the reference
+/// EfficientNet-Lite0 in ../shared, where that exists (a fresh clone has no ../shared: then this only
+/// checks that the shipped file loads and gives [N, 1280]).
+#[test]
+fn shipped_backbone_gives_the_reference_lite0_features() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let g = Graph::load(&repo.join("models/pretrained/efficientnet_lite0.onnx"), &Device::Cpu, None).unwrap();
+    let x = Tensor::rand(-1f32, 1f32, (2, 3, 224, 224), &Device::Cpu).unwrap();
+    let y = g.run(&[("input", x.clone())]).unwrap().remove(0);
+    assert_eq!(y.dims(), &[2, 1280]);
+    let reference = repo.join("../shared/models/efficientnet_lite0.onnx");
+    if !reference.is_file() {
+        eprintln!("no {}: compared shapes only", reference.display());
+        return;
+    }
+    let m = read_model(&reference).unwrap();
+    let feat = detect_feature_tensor(&m).unwrap();
+    let r = Graph::from_model(&m, "reference", &Device::Cpu, Some(vec![feat])).unwrap();
+    let want = r.run(&[("input", x)]).unwrap().remove(0);
+    let d = max_abs_diff(&y, &want);
+    assert!(d <= 1e-5, "max |shipped - reference| = {d}");
+}

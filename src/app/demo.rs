@@ -223,7 +223,7 @@ fn photos(per_class: Option<usize>, data_dir: &Path) -> Result<Splits> {
         train = capped(&train, n, &data_dir.join("train.csv"))?;
         test = capped(&test, n, &data_dir.join("test.csv"))?;
     }
-    let what = format!("real clothing photos ({}; test split: validation.csv)", dir.display());
+    let what = format!("real clothing photos in {} (train.csv; test: validation.csv)", dir.display());
     Ok(Splits { train, test, label: "label".into(), what })
 }
 

@@ -61,7 +61,7 @@ pub fn cmd_demo(a: DemoArgs) -> Result<()> {
 }
 
 fn print_report(r: &DemoReport) {
-    println!("\nTest-split results ({}; backbone {}):\n", r.data, r.backbone.display());
+    println!("\nResults on the test split of {}\nbackbone: {}\n", r.data, r.backbone.display());
     print!("{}", automm::app::demo::comparison_table(r));
     for run in &r.runs {
         println!("  {:<16} trained with {}", run.title, run.loss);
@@ -84,8 +84,11 @@ fn print_report(r: &DemoReport) {
         if r.server_labels_equal { "identical" } else { "DIFFER" }
     );
     println!("\nartefacts:");
+    // Relative to where the user stands, when they are below it.
+    let here = std::env::current_dir().ok().and_then(|d| std::fs::canonicalize(d).ok());
     for (what, p) in &r.artefacts {
-        println!("  {what:<34} {}", p.display());
+        let shown = here.as_deref().and_then(|h| p.strip_prefix(h).ok()).unwrap_or(p);
+        println!("  {what:<34} {}", shown.display());
     }
     println!("\ndone in {:.0}s", r.seconds);
 }

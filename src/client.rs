@@ -64,6 +64,31 @@ impl Client {
         Ok(Client { inner, channel })
     }
 
+    /// Connects like [`Client::connect`] and waits up to `wait` for the server to answer health SERVING
+    /// (retrying every 200 ms): a server started a moment ago is still loading its model.
+    pub async fn connect_ready(
+        url: &str,
+        token: Option<&str>,
+        ca_pem: Option<&[u8]>,
+        wait: std::time::Duration,
+    ) -> Result<Client> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let last = match Client::connect(url, token, ca_pem).await {
+                Ok(c) => match c.health("").await {
+                    Ok(true) => return Ok(c),
+                    Ok(false) => "health says NOT_SERVING".to_string(),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Server(format!("{url} not ready after {wait:?}: {last}")));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     /// Classifies encoded images (JPEG/PNG bytes).
     pub async fn predict(&self, images: Vec<Vec<u8>>) -> Result<PredictResponse> {
         self.predict_request(PredictRequest { images, tensor: None }, None).await

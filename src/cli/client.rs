@@ -19,6 +19,9 @@ pub struct ServerArgs {
     /// CA certificate (PEM) to trust for https:// servers.
     #[arg(long)]
     pub ca_cert: Option<PathBuf>,
+    /// Wait up to this many seconds for the server to be ready (health SERVING) before calling it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+    pub wait: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,6 +80,10 @@ async fn connect(s: &ServerArgs) -> Result<automm::client::Client> {
         Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
+    if s.wait > 0.0 {
+        let wait = std::time::Duration::try_from_secs_f64(s.wait).context("--wait: seconds must be finite")?;
+        return Ok(automm::client::Client::connect_ready(&s.server, token.as_deref(), ca.as_deref(), wait).await?);
+    }
     Ok(automm::client::Client::connect(&s.server, token.as_deref(), ca.as_deref()).await?)
 }
 

@@ -351,11 +351,14 @@ pub async fn serve(
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("automm.v1.Inference", tonic_health::ServingStatus::Serving).await;
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Server(format!("reflection: {e}")))?;
+    // Both reflection versions: grpcurl before 1.8.8 (PyPI's is 1.8.6) and older grpcui/evans speak only v1alpha.
+    let described = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = described().build_v1().map_err(|e| Error::Server(format!("reflection: {e}")))?;
+    let reflection_alpha = described().build_v1alpha().map_err(|e| Error::Server(format!("reflection: {e}")))?;
     let auth = AuthCheck { want: cfg.auth_token.as_deref().map(|t| digest(t.as_bytes())) };
     let svc = tonic::service::interceptor::InterceptedService::new(
         InferenceServer::new(Service { state: state.clone() })
@@ -399,6 +402,7 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(standard_codes))
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, shutdown);
     // A connection that never finishes its handshake, ignores GOAWAY or holds a Watch stream would keep

@@ -587,3 +587,57 @@ async fn silent_connections_are_dropped_after_the_handshake_timeout() {
     assert!(c.predict(images(&test)[..1].to_vec()).await.is_ok());
     server.stop().await;
 }
+
+/// Lists the services through server reflection version `alpha` (v1alpha when true, else v1).
+async fn reflected_services(url: &str, alpha: bool) -> Vec<String> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
+    macro_rules! list {
+        ($m:ident) => {{
+            use tonic_reflection::pb::$m::{
+                server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse, ServerReflectionRequest,
+            };
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut stream = ServerReflectionClient::new(channel)
+                .server_reflection_info(tokio_stream::iter([req]))
+                .await
+                .unwrap()
+                .into_inner();
+            match stream.message().await.unwrap().unwrap().message_response {
+                Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect(),
+                other => panic!("unexpected reflection answer {other:?}"),
+            }
+        }};
+    }
+    if alpha {
+        list!(v1alpha)
+    } else {
+        list!(v1)
+    }
+}
+
+/// grpcurl before 1.8.8 (PyPI's 1.8.6) speaks only reflection v1alpha; both versions list our service.
+/// `connect_ready` (the client's `--wait`) fails with a clear message when nothing answers in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1_and_v1alpha_and_a_readiness_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_folder, onnx, _test) = model(dir.path());
+    let server = start(config(&onnx, dir.path())).await;
+    for alpha in [false, true] {
+        let names = reflected_services(&server.0.url(), alpha).await;
+        assert!(names.iter().any(|n| n == "automm.v1.Inference"), "alpha={alpha}: {names:?}");
+    }
+    let c = Client::connect_ready(&server.0.url(), None, None, Duration::from_secs(5)).await.unwrap();
+    assert!(c.health("").await.unwrap());
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let url = format!("http://{free}");
+    let Err(e) = Client::connect_ready(&url, None, None, Duration::from_millis(500)).await else {
+        panic!("nothing listens on {url}, yet connect_ready succeeded")
+    };
+    let e = e.to_string();
+    assert!(e.contains("not ready after"), "{e}");
+    server.stop().await;
+}

@@ -101,6 +101,8 @@ pub struct LossRun {
     pub dir: PathBuf,
     /// Test-split metrics.
     pub report: Report,
+    /// Test-split predictions (the default run's are compared with the server's).
+    pub predictions: crate::model::Predictions,
 }
 
 /// Everything the demo found.
@@ -312,6 +314,7 @@ fn run_loss(
     backbone: &Path,
     norm: &Normalization,
     spec: &(&'static str, &'static str, Vec<String>),
+    test: &Table,
 ) -> Result<LossRun> {
     let (name, title, hps) = spec;
     let req = request(opts, s, backbone, norm, name, hps)?;
@@ -321,10 +324,11 @@ fn run_loss(
         Some(k) => k.name().to_string(),
         None => "?".into(),
     };
-    let test = Table::load(&s.test, Some(&s.label), None)?;
-    let report = Predictor::load(&req.output, &candle_core::Device::Cpu)?.evaluate(&test, opts.quiet)?;
+    let predictor = Predictor::load(&req.output, &candle_core::Device::Cpu)?;
+    let predictions = predictor.predict_table(test, opts.quiet)?;
+    let report = predictor.score(test, &predictions)?;
     crate::train::plots::confusion_svg(&report, "test split", &req.output.join("confusion_matrix_test.svg"))?;
-    Ok(LossRun { name, title, loss, dir: req.output, report })
+    Ok(LossRun { name, title, loss, dir: req.output, report, predictions })
 }
 
 /// The class with the fewest training rows of the run in `dir`, and that count.
@@ -349,10 +353,11 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
     };
     say(&format!("data: {}", splits.what));
     say(&format!("backbone: {} (normalisation {})", backbone.display(), norm.name()));
+    let test = Table::load(&splits.test, Some(&splits.label), None)?;
     let mut runs = Vec::new();
     for spec in losses() {
         say(&format!("training with {} ({} epochs)", spec.1, opts.epochs));
-        runs.push(run_loss(opts, &splits, &backbone, &norm, &spec)?);
+        runs.push(run_loss(opts, &splits, &backbone, &norm, &spec, &test)?);
     }
     let default_dir = dir.join("default");
     let minority = minority_of(&default_dir, &splits)?;
@@ -364,8 +369,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
     let export_max_abs_diff = e.verification.map(|v| v.max_abs_diff).unwrap_or(f32::NAN);
 
     say("serving it on a free local port and predicting the test images through the gRPC client");
-    let test = Table::load(&splits.test, Some(&splits.label), None)?;
-    let local = Predictor::load(&default_dir, &candle_core::Device::Cpu)?.predict_table(&test, true)?;
+    let local =
+        &runs.iter().find(|r| r.name == "default").ok_or_else(|| Error::Train("no default run".into()))?.predictions;
     let images: Vec<Vec<u8>> =
         test.rows.iter().map(|r| std::fs::read(&r.image).map_err(|e| Error::io(&r.image, e))).collect::<Result<_>>()?;
     let served_images = images.len();

@@ -82,9 +82,14 @@ impl Predictor {
 
     /// Scores `table` (which must have the label column).
     pub fn evaluate(&self, table: &Table, quiet: bool) -> Result<Report> {
+        let p = self.predict_table(table, quiet)?;
+        self.score(table, &p)
+    }
+
+    /// Scores predictions `p` already made for `table` against its label column.
+    pub fn score(&self, table: &Table, p: &Predictions) -> Result<Report> {
         let classes = crate::data::ClassList { names: self.config.classes.clone() };
         let truth = table.targets(&classes)?;
-        let p = self.predict_table(table, quiet)?;
         metrics::compute(&truth, &p.preds, Some(&p.probs), &self.config.classes)
     }
 }

@@ -81,7 +81,7 @@ fn curve_panel(
         .map_err(|e| err(e.to_string()))?;
     let points = values.iter().enumerate().map(|(i, &v)| (i as i32 + 1, v));
     c.draw_series(LineSeries::new(points, &colour)).map_err(|e| err(e.to_string()))?;
-    if let Some(&v) = values.get(best.wrapping_sub(1)) {
+    if let Some(&v) = best.checked_sub(1).and_then(|i| values.get(i)) {
         let mark = Circle::new((best as i32, v), 5, colour.filled());
         c.draw_series(std::iter::once(mark)).map_err(|e| err(e.to_string()))?;
         let note = format!("kept: epoch {best} ({v:.3})");

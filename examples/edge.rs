@@ -3,10 +3,11 @@
 //! RGB images [N, S, S, 3] and does the scaling/normalisation inside the graph.
 //!
 //!   automm export --model runs/focal --output edge.onnx --with-preprocessing
-//!   ORT_DYLIB_PATH=/path/to/libonnxruntime.so cargo run --release --example edge -- edge.onnx photo.jpg
+//!   cargo run --release --example edge -- edge.onnx photo.jpg
 //!
 //! The class labels and the input size come from the model's metadata (`automm.classes`,
-//! `automm.preprocess`), so the device needs nothing but the .onnx file.
+//! `automm.preprocess`), so the device needs nothing but the .onnx file and the ONNX Runtime library,
+//! found as `automm` finds it: `ORT_DYLIB_PATH`, next to the program, or python3's `onnxruntime` package.
 
 use ort::session::Session;
 use ort::value::Tensor;
@@ -16,7 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [_, model, image] = args.as_slice() else {
         return Err("usage: edge MODEL.onnx IMAGE".into());
     };
-    let lib = std::env::var("ORT_DYLIB_PATH").map_err(|_| "set ORT_DYLIB_PATH to the ONNX Runtime library")?;
+    let lib = onnx_runtime_library().ok_or(
+        "ONNX Runtime library not found: set ORT_DYLIB_PATH, put libonnxruntime.so next to this program, \
+         or `python3 -m pip install onnxruntime==1.31.1`",
+    )?;
     let env = ort::init_from(lib)?.with_name("edge").build()?;
     let mut session = Session::builder(&env)?.commit_from_file(model)?;
 
@@ -44,4 +48,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("  {c:<16} {p:.4}");
     }
     Ok(())
+}
+
+/// `ORT_DYLIB_PATH`, else a `libonnxruntime.so*` next to this program, else the one inside python3's
+/// `onnxruntime` package (`onnxruntime/capi/`).
+fn onnx_runtime_library() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Some(p.into());
+    }
+    let in_dir = |dir: &std::path::Path| -> Option<std::path::PathBuf> {
+        let mut libs: Vec<_> = std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).collect();
+        libs.retain(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")));
+        libs.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        libs.into_iter().next()
+    };
+    let exe_dir = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    if let Some(p) = in_dir(&exe_dir) {
+        return Some(p);
+    }
+    let script = "import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'))";
+    let out = std::process::Command::new("python3").args(["-c", script]).output().ok()?;
+    in_dir(std::path::Path::new(String::from_utf8_lossy(&out.stdout).trim()))
 }

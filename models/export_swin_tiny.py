@@ -43,6 +43,16 @@ def build(variant: str, pretrained: bool, features: bool, num_classes: int):
     return model.eval(), size
 
 
+def record_normalization(path):
+    """timm's Swin expects ImageNet mean/std; `automm train` reads this instead of guessing."""
+    import onnx
+
+    m = onnx.load(path)
+    del m.metadata_props[:]
+    m.metadata_props.add(key="automm.normalization", value="imagenet")
+    onnx.save(m, path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=["tiny", "fixture"], default="tiny")
@@ -80,6 +90,7 @@ def main():
             model, x, tmp, opset_version=args.opset, dynamo=False, input_names=["input"],
             output_names=[out_name], dynamic_axes={"input": {0: "batch"}, out_name: {0: "batch"}}, **keep,
         )
+    record_normalization(tmp)
     os.replace(tmp, args.output)
     print(f"wrote {args.output} ({os.path.getsize(args.output)} bytes)")
 

@@ -37,6 +37,13 @@ pub use error::{Error, Result};
 pub mod proto {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("automm.v1");
-    /// The encoded file descriptor set, for server reflection.
+    /// The encoded file descriptor set (automm.v1 and inference), for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("automm_descriptor");
+}
+
+/// Generated gRPC types and services of `proto/inference/grpc_service.proto`: the KServe Open Inference
+/// Protocol v2 (`inference.GRPCInferenceService`) with Triton's ModelConfig and ModelStatistics.
+pub mod inference_proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("inference");
 }

@@ -8,6 +8,7 @@ fn main() -> std::process::ExitCode {
     automm::onnx::kernels::keep_freed_memory();
     let cli = cli::Cli::parse();
     let level = match cli.verbose {
+        _ if cli.quiet => "warn",
         0 => "warn,automm=info",
         1 => "info",
         _ => "debug",

@@ -164,16 +164,6 @@ fn default_backbone(data: &DemoData) -> PathBuf {
     }
 }
 
-/// The backbone's own word on its normalisation (`automm.normalization` metadata), else a guess from the
-/// file name (EfficientNet-Lite: symmetric), else ImageNet's.
-fn normalization_of(backbone: &Path) -> Result<Normalization> {
-    if let Some(v) = crate::onnx::metadata_value(backbone, "automm.normalization")? {
-        return Normalization::parse(&v);
-    }
-    let name = backbone.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
-    Ok(if name.contains("efficientnet_lite") { Normalization::Symmetric } else { Normalization::imagenet() })
-}
-
 /// Writes `rows` of `table` as a CSV with absolute image paths.
 fn write_split(table: &Table, rows: &[usize], path: &Path) -> Result<()> {
     let mut csv = String::from("image,label\n");
@@ -298,7 +288,7 @@ fn request(
         tuning_data: None,
         backbone: backbone.to_path_buf(),
         feature_tensor: None,
-        normalization: norm.clone(),
+        normalization: Some(norm.clone()),
         output: opts.work_dir.join(name),
         hp: b.build()?.0,
         quiet: opts.quiet,
@@ -347,10 +337,7 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let splits = prepare_data(opts, &mut say)?;
     let backbone = opts.backbone.clone().unwrap_or_else(|| default_backbone(&opts.data));
-    let norm = match &opts.normalization {
-        Some(n) => n.clone(),
-        None => normalization_of(&backbone)?,
-    };
+    let norm = crate::model::normalization::choose(&backbone, opts.normalization.as_ref())?;
     say(&format!("data: {}", splits.what));
     say(&format!("backbone: {} (normalisation {})", backbone.display(), norm.name()));
     let test = Table::load(&splits.test, Some(&splits.label), None)?;
@@ -385,7 +372,8 @@ pub fn run(opts: &DemoOptions, mut say: impl FnMut(&str)) -> Result<DemoReport> 
         artefacts.push((format!("{} confusion (test)", r.title), r.dir.join("confusion_matrix_test.svg")));
     }
     artefacts.push(("exported ONNX".into(), exported.clone()));
-    artefacts.iter_mut().for_each(|(_, p)| *p = std::fs::canonicalize(&*p).unwrap_or_else(|_| p.clone()));
+    // Absolute without resolving symlinks, so a linked data folder is shown where the user put it.
+    artefacts.iter_mut().for_each(|(_, p)| *p = std::path::absolute(&*p).unwrap_or_else(|_| p.clone()));
     Ok(DemoReport {
         data: splits.what,
         backbone,

@@ -14,8 +14,7 @@ pub struct DemoArgs {
     /// random-init Swin fixture with --synthetic).
     #[arg(long)]
     pub backbone: Option<PathBuf>,
-    /// Normalisation (default: what the backbone's metadata says, else symmetric for EfficientNet-Lite
-    /// files, else imagenet).
+    /// Normalisation (default: what the backbone records, as `automm train` reads it, else imagenet).
     #[arg(long)]
     pub normalization: Option<String>,
     /// Your own table instead of the shipped photos (split 80/20 into train and test).
@@ -33,8 +32,8 @@ pub struct DemoArgs {
     /// Epochs per training run.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
-    /// No progress bars.
-    #[arg(long)]
+    /// Set from the global `--quiet`: no progress bars, no INFO lines.
+    #[arg(skip)]
     pub quiet: bool,
 }
 
@@ -85,7 +84,7 @@ fn print_report(r: &DemoReport) {
     );
     println!("\nartefacts:");
     // Relative to where the user stands, when they are below it.
-    let here = std::env::current_dir().ok().and_then(|d| std::fs::canonicalize(d).ok());
+    let here = std::env::current_dir().ok();
     for (what, p) in &r.artefacts {
         let shown = here.as_deref().and_then(|h| p.strip_prefix(h).ok()).unwrap_or(p);
         println!("  {what:<34} {}", shown.display());

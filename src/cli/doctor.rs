@@ -9,6 +9,10 @@ pub fn cmd_doctor() -> Result<()> {
     match automm::deploy::engine::ort::locate() {
         Ok(loc) => {
             println!("ONNX Runtime: {} (found via {})", loc.path.display(), loc.source);
+            if loc.source != "ORT_DYLIB_PATH" {
+                // A venv's library is found only while the venv is active; this makes it permanent.
+                println!("  to use it from any shell: export ORT_DYLIB_PATH={}", loc.path.display());
+            }
             match automm::deploy::engine::ort::loaded() {
                 Ok((_, info)) => println!("  {info}"),
                 Err(e) => println!("  cannot load it: {e}"),

@@ -18,14 +18,18 @@ pub struct EvaluateArgs {
     /// Labelled table.
     #[arg(long)]
     pub data: PathBuf,
+    /// Where the model folder's backbone is now, when it moved since training (its sha256 is checked).
+    #[arg(long, value_name = "ONNX")]
+    pub backbone: Option<PathBuf>,
+
     /// Comma-separated metric names (AutoGluon's).
     #[arg(long, default_value = "accuracy,balanced_accuracy,f1_macro")]
     pub metrics: String,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
-    /// No progress bars.
-    #[arg(long)]
+    /// Set from the global `--quiet`: no progress bars, no INFO lines.
+    #[arg(skip)]
     pub quiet: bool,
     /// Post-hoc prior correction: predict from logits - TAU * log(training class frequencies).
     #[arg(long, value_name = "TAU")]
@@ -38,7 +42,7 @@ pub struct EvaluateArgs {
 pub fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
     let names: Vec<String> = a.metrics.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     let names = metrics::parse_names("--metrics", &names)?;
-    let mut p = Predictor::load(&a.model, &select_device(0))?;
+    let mut p = Predictor::load_with_backbone(&a.model, &select_device(0), a.backbone.as_deref())?;
     if let Some(c) = super::prior_correction(a.prior_correction, a.target_prior.as_deref())? {
         p.correct_prior(&c)?;
     }
@@ -53,14 +57,7 @@ pub fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
         m.insert("confusion_matrix".into(), serde_json::json!(r.confusion));
         println!("{}", serde_json::to_string_pretty(&m)?);
     } else {
-        for n in &names {
-            match r.get(*n) {
-                Some(v) => println!("{:<18} {v:.4}", n.name()),
-                None => println!("{:<18} n/a", n.name()),
-            }
-        }
-        println!();
-        print!("{}", metrics::summary_table(&r));
+        print!("{}", metrics::summary_table_of(&r, &names));
     }
     Ok(())
 }

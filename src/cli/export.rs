@@ -16,6 +16,10 @@ pub struct ExportArgs {
     /// Output .onnx file.
     #[arg(long)]
     pub output: PathBuf,
+    /// Where the model folder's backbone is now, when it moved since training (its sha256 is checked).
+    #[arg(long, value_name = "ONNX")]
+    pub backbone: Option<PathBuf>,
+
     /// Write the head alone (input `features` [N, D]).
     #[arg(long, conflicts_with = "with_preprocessing")]
     pub head_only: bool,
@@ -58,6 +62,7 @@ pub fn cmd_export(a: ExportArgs) -> Result<()> {
         verify_data: a.verify_data,
         verify_images: a.verify_images,
         prior: super::prior_correction(a.prior_correction, a.target_prior.as_deref())?,
+        backbone: a.backbone,
     };
     let r = automm::deploy::export::export(&a.model, &a.output, &opts)?;
     println!("wrote {} ({}, {:.1} MB)", r.path.display(), kind.name(), r.bytes as f64 / 1e6);

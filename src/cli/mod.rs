@@ -34,12 +34,16 @@ pub struct Cli {
     /// More logging (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Quiet: no progress bars and no INFO lines, only warnings, errors and the results.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
 }
 
 /// The commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Train a classifier head on an ONNX backbone (frozen by default, or fine-tuned with it).
+    /// Train a classifier on an ONNX backbone: a head on frozen features (default), or with part or all of
+    /// the backbone fine-tuned (`automm train --help` explains the three modes).
     #[command(after_long_help = train::MODES)]
     Train(TrainArgs),
     /// Score a trained model on a labelled table.
@@ -55,8 +59,8 @@ pub enum Command {
     Doctor,
     /// Serve a model over gRPC with dynamic batching.
     Serve(ServeArgs),
-    /// The whole product in one offline command: generated imbalanced data, cross-entropy vs focal loss,
-    /// export with verification, gRPC serving and client predictions.
+    /// The whole product in one offline command: the shipped clothing photos and pretrained backbone,
+    /// cross-entropy vs focal loss vs automm's default, export with verification, gRPC serving.
     Demo(DemoArgs),
     /// Call an automm server.
     #[command(subcommand)]
@@ -68,14 +72,15 @@ pub enum Command {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
+    let quiet = cli.quiet;
     match cli.command {
-        Command::Train(a) => train::cmd_train(a),
-        Command::Evaluate(a) => evaluate::cmd_evaluate(a),
-        Command::Predict(a) => predict::cmd_predict(a),
+        Command::Train(a) => train::cmd_train(TrainArgs { quiet, ..a }),
+        Command::Evaluate(a) => evaluate::cmd_evaluate(EvaluateArgs { quiet, ..a }),
+        Command::Predict(a) => predict::cmd_predict(PredictArgs { quiet, ..a }),
         Command::Export(a) => export::cmd_export(a),
         Command::Doctor => doctor::cmd_doctor(),
         Command::Serve(a) => serve::cmd_serve(a),
-        Command::Demo(a) => demo::cmd_demo(a),
+        Command::Demo(a) => demo::cmd_demo(DemoArgs { quiet, ..a }),
         Command::Bench(c) => bench::run(c),
         Command::Client(c) => tokio::runtime::Runtime::new()?.block_on(client::cmd_client(c)),
         Command::Onnx(c) => onnx::run(c),

@@ -29,14 +29,18 @@ pub struct PredictArgs {
     /// Table of images.
     #[arg(long)]
     pub data: PathBuf,
+    /// Where the model folder's backbone is now, when it moved since training (its sha256 is checked).
+    #[arg(long, value_name = "ONNX")]
+    pub backbone: Option<PathBuf>,
+
     /// Output CSV.
     #[arg(long)]
     pub output: PathBuf,
     /// Like env.num_gpus: non-zero asks ONNX Runtime for its CUDA execution provider.
     #[arg(long, default_value_t = 0)]
     pub num_gpus: i64,
-    /// No progress bars.
-    #[arg(long)]
+    /// Set from the global `--quiet`: no progress bars, no INFO lines.
+    #[arg(skip)]
     pub quiet: bool,
     /// Post-hoc prior correction (model folders): predict from logits - TAU * log(training class
     /// frequencies). An exported model carries its own (`automm export --prior-correction`).
@@ -68,11 +72,17 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
         // A model folder on ORT: export it (merged) to a temporary file and run that.
         let tmp = tempfile::tempdir()?;
         let onnx = tmp.path().join("model.onnx");
-        let opts = ExportOptions { prior, ..ExportOptions::merged() };
+        let opts = ExportOptions { prior, backbone: a.backbone.clone(), ..ExportOptions::merged() };
         automm::deploy::export::export(&a.model, &onnx, &opts)?;
-        return cmd_predict(PredictArgs { model: onnx, prior_correction: None, target_prior: None, ..a });
+        return cmd_predict(PredictArgs {
+            model: onnx,
+            prior_correction: None,
+            target_prior: None,
+            backbone: None,
+            ..a
+        });
     } else {
-        let mut p = Predictor::load(&a.model, &select_device(0))?;
+        let mut p = Predictor::load_with_backbone(&a.model, &select_device(0), a.backbone.as_deref())?;
         p.batch_size = a.batch_size;
         if let Some(c) = &prior {
             p.correct_prior(c)?;

@@ -44,9 +44,11 @@ pub struct TrainArgs {
     /// Tensor read as features (default: input of the final classifier, or the graph output).
     #[arg(long)]
     pub feature_tensor: Option<String>,
-    /// Pixel normalisation: imagenet (default), symmetric (x/255*2-1, EfficientNet-Lite) or mean_std:R,G,B:R,G,B.
-    #[arg(long, default_value = "imagenet")]
-    pub normalization: String,
+    /// Pixel normalisation: imagenet, symmetric (x/255*2-1, EfficientNet-Lite) or mean_std:R,G,B:R,G,B.
+    /// Default: what the backbone records (its metadata, or timm's config.json / Hugging Face's
+    /// preprocessor_config.json next to it), else imagenet with a warning.
+    #[arg(long)]
+    pub normalization: Option<String>,
     /// Output model folder.
     #[arg(long, required_unless_present = "resume")]
     pub output: Option<PathBuf>,
@@ -60,8 +62,8 @@ pub struct TrainArgs {
     /// Hyperparameter override KEY=VALUE (repeatable), e.g. optimization.focal_loss.gamma=1.0.
     #[arg(long = "hp")]
     pub hp: Vec<String>,
-    /// No progress bars.
-    #[arg(long)]
+    /// Set from the global `--quiet`: no progress bars, no INFO lines.
+    #[arg(skip)]
     pub quiet: bool,
     /// Print the summary as JSON.
     #[arg(long)]
@@ -81,7 +83,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     let log_phase = |e: &Event| {
         if let Event::Phase(p) = e {
-            tracing::info!("phase: {p}");
+            tracing::debug!("phase: {p}");
         }
     };
     let (summary, output) = if let Some(dir) = a.resume {
@@ -102,7 +104,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             tuning_data: a.tuning_data,
             backbone: a.backbone.ok_or_else(|| need("backbone"))?,
             feature_tensor: a.feature_tensor,
-            normalization: Normalization::parse(&a.normalization)?,
+            normalization: a.normalization.as_deref().map(Normalization::parse).transpose()?,
             output: output.clone(),
             hp,
             quiet: a.quiet,

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::model::hparams::LossKind;
 use crate::model::{Head, ModelConfig, ModelDir, VERSION};
 use crate::onnx::{opset_of, read_model, tensor::f32_to_proto};
-use crate::util::fs::{sha256_file, stage_atomic};
+use crate::util::fs::stage_atomic;
 
 fn attr_int(name: &str, v: i64) -> AttributeProto {
     AttributeProto { name: name.into(), i: v, r#type: AttributeType::Int as i32, ..Default::default() }
@@ -336,6 +336,8 @@ pub struct ExportOptions {
     pub verify_images: usize,
     /// A post-hoc prior correction baked into the head's bias (recorded as `automm.prior_correction`).
     pub prior: Option<crate::model::prior::PriorCorrection>,
+    /// Where the backbone is now, when it moved since training (its sha256 is checked).
+    pub backbone: Option<PathBuf>,
 }
 
 impl ExportOptions {
@@ -348,6 +350,7 @@ impl ExportOptions {
             verify_data: None,
             verify_images: 0,
             prior: None,
+            backbone: None,
         }
     }
 }
@@ -366,19 +369,10 @@ pub struct ExportReport {
 /// Exports the model folder `model` to `output` as `opts` say; atomic, and verified before it lands.
 pub fn export(model: &Path, output: &Path, opts: &ExportOptions) -> Result<ExportReport> {
     let md = ModelDir::new(model);
-    let cfg = md.read_config()?;
-    if opts.kind != ExportKind::HeadOnly {
-        let sha = sha256_file(&cfg.backbone.path).map_err(|_| Error::Model {
-            path: model.to_path_buf(),
-            msg: format!("its backbone {} is missing; put the ONNX file back there", cfg.backbone.path.display()),
-        })?;
-        if sha != cfg.backbone.sha256 {
-            return Err(Error::Model {
-                path: model.to_path_buf(),
-                msg: format!("backbone {} changed since training (sha256 differs)", cfg.backbone.path.display()),
-            });
-        }
-    }
+    let cfg = match opts.kind {
+        ExportKind::HeadOnly => md.read_config()?,
+        _ => md.read_config_with_backbone(opts.backbone.as_deref())?,
+    };
     let mut head = Head::load(&md.head(), cfg.classes.len(), cfg.backbone.feature_dim, &candle_core::Device::Cpu)?;
     if let Some(c) = &opts.prior {
         head = head.shifted(&c.shift(&cfg.classes, &cfg.class_counts)?)?;
@@ -402,6 +396,7 @@ pub fn export(model: &Path, output: &Path, opts: &ExportOptions) -> Result<Expor
             opts.verify_data.as_deref(),
             opts.verify_images,
             opts.prior.as_ref(),
+            opts.backbone.as_deref(),
         )?;
         if !v.passed {
             return Err(Error::Model {

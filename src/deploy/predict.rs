@@ -12,7 +12,6 @@ use crate::error::{Error, Result};
 use crate::model::metrics::{self, Report};
 use crate::model::{Backbone, Predictions};
 use crate::model::{Head, ModelConfig, ModelDir};
-use crate::util::fs::sha256_file;
 
 /// A loaded model folder ready to predict on the candle engine.
 pub struct Predictor {
@@ -27,30 +26,15 @@ pub struct Predictor {
 impl Predictor {
     /// Loads a model folder; the backbone is read from where it was at training time (its sha256 is checked).
     pub fn load(dir: &Path, device: &Device) -> Result<Predictor> {
+        Self::load_with_backbone(dir, device, None)
+    }
+
+    /// [`load`](Self::load) with the backbone read from `backbone` when given (it moved since training;
+    /// its sha256 must still be the recorded one).
+    pub fn load_with_backbone(dir: &Path, device: &Device, backbone: Option<&Path>) -> Result<Predictor> {
         let md = ModelDir::new(dir);
-        let config = md.read_config()?;
+        let config = md.read_config_with_backbone(backbone)?;
         let bpath = &config.backbone.path;
-        if !bpath.is_file() {
-            return Err(Error::Model {
-                path: dir.to_path_buf(),
-                msg: format!(
-                    "its backbone {} is missing; put the ONNX file back there (sha256 {})",
-                    bpath.display(),
-                    config.backbone.sha256
-                ),
-            });
-        }
-        let sha = sha256_file(bpath)?;
-        if sha != config.backbone.sha256 {
-            return Err(Error::Model {
-                path: dir.to_path_buf(),
-                msg: format!(
-                    "backbone {} changed since training (sha256 {sha}, expected {})",
-                    bpath.display(),
-                    config.backbone.sha256
-                ),
-            });
-        }
         let mut backbone = Backbone::load(
             bpath,
             device,

@@ -35,15 +35,17 @@ pub struct Verification {
     pub engine: EngineKind,
 }
 
-/// Compares `exported` with the model folder `model` on `n` images of `data` (default: the training table).
+/// Compares `exported` with the model folder `model` on `n` images of `data` (default: the training table);
+/// `backbone` says where the folder's backbone is when it moved since training.
 pub fn verify(
     model: &Path,
     exported: &Path,
     data: Option<&Path>,
     n: usize,
     prior: Option<&crate::model::prior::PriorCorrection>,
+    backbone: Option<&Path>,
 ) -> Result<Verification> {
-    let mut predictor = Predictor::load(model, &Device::Cpu)?;
+    let mut predictor = Predictor::load_with_backbone(model, &Device::Cpu, backbone)?;
     if let Some(c) = prior {
         predictor.correct_prior(c)?;
     }

@@ -156,6 +156,36 @@ impl ModelDir {
             .map_err(|e| Error::Model { path: p, msg: format!("config.json is not a valid automm model config: {e}") })
     }
 
+    /// [`read_config`](Self::read_config) with the backbone located: at `over` when given (the backbone
+    /// moved since training), else where it was at training time. Either way its sha256 must be the
+    /// recorded one, so a different model can never pass for it.
+    pub fn read_config_with_backbone(&self, over: Option<&std::path::Path>) -> Result<ModelConfig> {
+        let mut config = self.read_config()?;
+        let path = over.map(std::path::Path::to_path_buf).unwrap_or_else(|| config.backbone.path.clone());
+        let expected = &config.backbone.sha256;
+        if !path.is_file() {
+            let msg = match over {
+                Some(_) => format!("--backbone {} is not a file", path.display()),
+                None => format!(
+                    "its backbone {} is missing; pass --backbone PATH where it is now (sha256 {expected}), or put it back",
+                    path.display()
+                ),
+            };
+            return Err(Error::Model { path: self.root.clone(), msg });
+        }
+        let sha = crate::util::fs::sha256_file(&path)?;
+        if sha != *expected {
+            let what =
+                if over.is_some() { "is not the backbone this model was trained on" } else { "changed since training" };
+            return Err(Error::Model {
+                path: self.root.clone(),
+                msg: format!("backbone {} {what} (sha256 {sha}, expected {expected})", path.display()),
+            });
+        }
+        config.backbone.path = path;
+        Ok(config)
+    }
+
     /// Writes `config.json`.
     pub fn write_config(&self, c: &ModelConfig) -> Result<()> {
         write_atomic(&self.config(), &crate::util::fs::to_json(c, "config.json")?)

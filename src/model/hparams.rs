@@ -202,6 +202,53 @@ impl HyperParams {
     }
 }
 
+impl HyperParams {
+    /// The settings this configuration carries but will not use, one sentence each: loss-specific keys
+    /// set away from their defaults while another loss trains (call it once `loss_function` is resolved),
+    /// and parameter-efficient choices under full fine-tuning, which trains everything anyway.
+    pub fn ignored_settings(&self) -> Vec<String> {
+        let d = HyperParams::default();
+        let loss = self.loss_function;
+        let mut out = Vec::new();
+        let mut unused = |keys: &[&str], applies: LossKind| {
+            if loss != applies && loss != LossKind::Auto {
+                out.push(format!(
+                    "{} {} ignored: the loss is {loss}, and {} only with optimization.loss_function={applies}",
+                    keys.join(", "),
+                    if keys.len() == 1 { "is" } else { "are" },
+                    if keys.len() == 1 { "it applies" } else { "they apply" },
+                ));
+            }
+        };
+        let mut focal = Vec::new();
+        if self.focal_alpha != d.focal_alpha {
+            focal.push("optimization.focal_loss.alpha");
+        }
+        if self.focal_gamma != d.focal_gamma {
+            focal.push("optimization.focal_loss.gamma");
+        }
+        if self.focal_reduction != d.focal_reduction {
+            focal.push("optimization.focal_loss.reduction");
+        }
+        if !focal.is_empty() {
+            unused(&focal, LossKind::FocalLoss);
+        }
+        if self.logit_tau != d.logit_tau {
+            unused(&["optimization.logit_adjustment.tau"], LossKind::LogitAdjusted);
+        }
+        if self.label_smoothing != d.label_smoothing {
+            unused(&["optimization.label_smoothing"], LossKind::CrossEntropy);
+        }
+        if !self.freeze && (self.efficient_finetune != EfficientFinetune::None || !self.trainable_layers.is_empty()) {
+            out.push(
+                "optimization.efficient_finetune / model.backbone.trainable_layers are ignored:                  model.backbone.freeze=false trains every parameter of the backbone"
+                    .to_string(),
+            );
+        }
+        out
+    }
+}
+
 impl Default for HyperParams {
     fn default() -> Self {
         HyperParams {
@@ -230,5 +277,32 @@ impl Default for HyperParams {
             train_transforms: Vec::new(),
             freeze: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_the_chosen_loss_ignores_are_named() {
+        let mut hp = HyperParams { focal_gamma: 1.0, focal_reduction: Reduction::Sum, ..HyperParams::default() };
+        hp.loss_function = LossKind::CrossEntropy;
+        let w = hp.ignored_settings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("optimization.focal_loss.gamma, optimization.focal_loss.reduction are ignored"),
+            "{}",
+            w[0]
+        );
+        assert!(w[0].contains("the loss is cross_entropy"), "{}", w[0]);
+        hp.loss_function = LossKind::FocalLoss;
+        assert!(hp.ignored_settings().is_empty());
+        hp.label_smoothing = 0.1;
+        hp.logit_tau = 0.5;
+        assert_eq!(hp.ignored_settings().len(), 2, "{:?}", hp.ignored_settings());
+        let full = HyperParams { freeze: false, trainable_layers: vec!["b1".into()], ..HyperParams::default() };
+        assert!(full.ignored_settings()[0].contains("freeze=false"));
+        assert!(HyperParams::default().ignored_settings().is_empty());
     }
 }

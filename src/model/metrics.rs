@@ -152,6 +152,13 @@ pub fn parse_names(flag: &str, names: &[String]) -> Result<Vec<Metric>> {
 
 /// A text table: per-class recall and support, the headline scores, and the confusion matrix.
 pub fn summary_table(r: &Report) -> String {
+    let shown = [Metric::Accuracy, Metric::BalancedAccuracy, Metric::F1Macro, Metric::Mcc, Metric::LogLoss];
+    let present: Vec<Metric> = shown.into_iter().filter(|&m| r.get(m).is_some()).collect();
+    summary_table_of(r, &present)
+}
+
+/// [`summary_table`] with the given metrics (in that order; `n/a` where the report has none).
+pub fn summary_table_of(r: &Report, metrics: &[Metric]) -> String {
     use std::fmt::Write;
     let w = r.classes.iter().map(|c| c.len()).max().unwrap_or(5).clamp(5, 24);
     let mut out = String::new();
@@ -160,20 +167,23 @@ pub fn summary_table(r: &Report) -> String {
         let _ = writeln!(out, "{:<w$}  {:>7}  {:>7.3}", c, r.support[i], r.per_class_recall[i]);
     }
     let _ = writeln!(out);
-    for m in [Metric::Accuracy, Metric::BalancedAccuracy, Metric::F1Macro, Metric::Mcc, Metric::LogLoss] {
-        if let Some(v) = r.get(m) {
-            let m = m.name();
-            let _ = writeln!(out, "{m:<18} {v:.4}");
+    for &m in metrics {
+        match r.get(m) {
+            Some(v) => writeln!(out, "{:<18} {v:.4}", m.name()),
+            None => writeln!(out, "{:<18} n/a", m.name()),
         }
+        .ok();
     }
     let _ = writeln!(out, "\nconfusion matrix (rows: true, columns: predicted)");
+    let labels: Vec<String> = r.classes.iter().enumerate().map(|(i, c)| format!("[{i}] {c}")).collect();
+    let w = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0);
     let _ = write!(out, "{:<w$}", "");
     for i in 0..r.classes.len() {
         let _ = write!(out, " {:>6}", format!("[{i}]"));
     }
     let _ = writeln!(out);
     for (i, row) in r.confusion.iter().enumerate() {
-        let _ = write!(out, "{:<w$}", format!("[{i}] {}", r.classes[i]));
+        let _ = write!(out, "{:<w$}", labels[i]);
         for v in row {
             let _ = write!(out, " {v:>6}");
         }

@@ -8,6 +8,7 @@ pub mod folder;
 pub mod head;
 pub mod hparams;
 pub mod metrics;
+pub mod normalization;
 pub mod prior;
 
 pub use backbone::Backbone;

@@ -14,6 +14,7 @@ use tonic::Status;
 
 use super::prometheus::Metrics;
 use super::ServingModel;
+use crate::deploy::engine::exported::Scores;
 use crate::deploy::engine::ort::Feed;
 
 /// Batching limits.
@@ -46,8 +47,8 @@ pub struct Job {
     pub enqueued: Instant,
     /// The client's deadline.
     pub deadline: Option<Instant>,
-    /// Where the probabilities (`[n, C]`) go.
-    pub reply: oneshot::Sender<Result<Vec<f32>, Status>>,
+    /// Where its logits and probabilities (`[n, C]` each) go.
+    pub reply: oneshot::Sender<Result<Scores, Status>>,
 }
 
 /// The queue's sending side plus the worker thread.
@@ -152,6 +153,7 @@ fn run_batch(batch: Vec<Job>, metrics: &Metrics) {
     let mut live = Vec::with_capacity(batch.len());
     for job in batch {
         metrics.queue_duration_us.fetch_add(now.duration_since(job.enqueued).as_micros() as u64, Relaxed);
+        metrics.queue_count.fetch_add(1, Relaxed);
         if job.reply.is_closed() {
             continue; // the client went away
         }
@@ -175,23 +177,29 @@ fn run_batch(batch: Vec<Job>, metrics: &Metrics) {
         let t0 = Instant::now();
         // A panic inside an engine must not take the server down: it becomes INTERNAL for this batch.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.model.run(Feed::F32(vec![n, 3, s, s], data))
+            model.model.run_scores(Feed::F32(vec![n, 3, s, s], data))
         }));
-        metrics.compute_duration_us.fetch_add(t0.elapsed().as_micros() as u64, Relaxed);
+        let took = t0.elapsed();
+        metrics.compute_duration_us.fetch_add(took.as_micros() as u64, Relaxed);
         metrics.execution_count.fetch_add(1, Relaxed);
+        metrics.record_batch(n, took);
         let k = model.classes.len();
         match result {
-            Ok(Ok(probs)) if probs.len() == n * k => {
+            Ok(Ok(sc)) if sc.probabilities.len() == n * k && sc.logits.len() == n * k => {
                 metrics.inference_count.fetch_add(n as u64, Relaxed);
                 let mut off = 0;
                 for j in group {
-                    let part = probs[off * k..(off + j.n) * k].to_vec();
+                    let rows = off * k..(off + j.n) * k;
                     off += j.n;
+                    let part = Scores {
+                        logits: sc.logits[rows.clone()].to_vec(),
+                        probabilities: sc.probabilities[rows].to_vec(),
+                    };
                     let _ = j.reply.send(Ok(part));
                 }
             }
-            Ok(Ok(probs)) => {
-                let msg = format!("the model returned {} values for {n} items x {k} classes", probs.len());
+            Ok(Ok(sc)) => {
+                let msg = format!("the model returned {} values for {n} items x {k} classes", sc.probabilities.len());
                 for j in group {
                     let _ = j.reply.send(Err(Status::internal(msg.clone())));
                 }

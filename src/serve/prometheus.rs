@@ -25,6 +25,41 @@ pub struct Metrics {
     pub fit_success: AtomicU64,
     /// Fit calls that failed.
     pub fit_failure: AtomicU64,
+    /// Sum of the durations of inference requests answered OK / with an error, nanoseconds.
+    pub success_ns: AtomicU64,
+    /// See [`Metrics::success_ns`].
+    pub failure_ns: AtomicU64,
+    /// Requests decoded, and the time their decoding took (nanoseconds): the "compute input" step.
+    pub decode_count: AtomicU64,
+    /// See [`Metrics::decode_count`].
+    pub decode_ns: AtomicU64,
+    /// Requests that reached the model after queueing (the count behind `queue_duration_us`).
+    pub queue_count: AtomicU64,
+    /// Milliseconds since the Unix epoch of the last executed batch (0: none yet).
+    pub last_inference_ms: AtomicU64,
+    /// Executed batches by size: how many, and their summed model time in nanoseconds.
+    pub batches: std::sync::Mutex<std::collections::BTreeMap<usize, (u64, u64)>>,
+}
+
+impl Metrics {
+    /// Records one executed batch of `n` items that took `took` in the model.
+    pub fn record_batch(&self, n: usize, took: std::time::Duration) {
+        if let Ok(mut b) = self.batches.lock() {
+            let e = b.entry(n).or_insert((0, 0));
+            e.0 += 1;
+            e.1 += took.as_nanos() as u64;
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.last_inference_ms.store(now.as_millis() as u64, Relaxed);
+    }
+
+    /// Records one answered inference request (either protocol) and how long it took.
+    pub fn record_request(&self, ok: bool, took: std::time::Duration) {
+        let (count, ns) =
+            if ok { (&self.request_success, &self.success_ns) } else { (&self.request_failure, &self.failure_ns) };
+        count.fetch_add(1, Relaxed);
+        ns.fetch_add(took.as_nanos() as u64, Relaxed);
+    }
 }
 
 impl Metrics {

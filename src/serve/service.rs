@@ -3,7 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,7 +115,8 @@ impl Service {
                 .map_err(|_| Status::deadline_exceeded("deadline exceeded"))?,
             None => rx.await,
         }
-        .map_err(|_| Status::internal("the batcher dropped the request"))??;
+        .map_err(|_| Status::internal("the batcher dropped the request"))??
+        .probabilities;
         let k = model.classes.len();
         let predictions = probs
             .chunks(k)
@@ -129,16 +130,16 @@ impl Service {
     }
 }
 
-/// Records a Predict call's outcome when dropped.
-struct Outcome<'a> {
-    metrics: &'a Metrics,
-    ok: bool,
+/// Records an inference call's outcome and duration when dropped.
+pub(super) struct Outcome<'a> {
+    pub(super) metrics: &'a Metrics,
+    pub(super) ok: bool,
+    pub(super) started: Instant,
 }
 
 impl Drop for Outcome<'_> {
     fn drop(&mut self) {
-        let c = if self.ok { &self.metrics.request_success } else { &self.metrics.request_failure };
-        c.fetch_add(1, Relaxed);
+        self.metrics.record_request(self.ok, self.started.elapsed());
     }
 }
 
@@ -175,7 +176,7 @@ impl Service {
 impl Inference for Service {
     async fn predict(&self, req: Request<PredictRequest>) -> std::result::Result<Response<PredictResponse>, Status> {
         // Counted on drop, so a call abandoned mid-way (client gone, deadline) still counts as failed.
-        let mut outcome = Outcome { metrics: &self.state.metrics, ok: false };
+        let mut outcome = Outcome { metrics: &self.state.metrics, ok: false, started: Instant::now() };
         let r = self.predict_inner(req).await;
         outcome.ok = r.is_ok();
         r
@@ -243,7 +244,7 @@ impl Inference for Service {
             tuning_data,
             backbone,
             feature_tensor: None,
-            normalization: current.preprocess.normalization.clone(),
+            normalization: Some(current.preprocess.normalization.clone()),
             output: run_dir.clone(),
             hp,
             quiet: true,

@@ -53,8 +53,10 @@ pub struct TrainRequest {
     pub backbone: PathBuf,
     /// Feature tensor override.
     pub feature_tensor: Option<String>,
-    /// Pixel normalisation for the backbone.
-    pub normalization: Normalization,
+    /// Pixel normalisation for the backbone; None: what the backbone records
+    /// ([`crate::model::normalization`]), else ImageNet's with a warning. [`train`] resolves it before
+    /// saving `run.json`, so a resumed run keeps the same choice.
+    pub normalization: Option<Normalization>,
     /// Output model folder.
     pub output: PathBuf,
     /// Hyperparameters.
@@ -184,6 +186,8 @@ pub fn train(req: &TrainRequest, on_event: impl FnMut(&Event)) -> Result<TrainSu
         );
     }
     ck.clear()?;
+    let normalization = Some(crate::model::normalization::choose(&req.backbone, req.normalization.as_ref())?);
+    let req = &TrainRequest { normalization, ..req.clone() };
     ck.write_run(req)?;
     let result = run(req, &ck, None, on_event);
     if result.is_err() && !ck.state_file().exists() {
@@ -329,6 +333,9 @@ fn resolved_loss(hp: &HyperParams, rows: &Rows) -> HyperParams {
     let mut hp = hp.clone();
     hp.loss_function = kind;
     hp.loss_reason = Some(why);
+    for w in hp.ignored_settings() {
+        tracing::warn!("{w}");
+    }
     hp
 }
 
@@ -341,8 +348,9 @@ fn run(
     let rows = rows(req)?;
     let hp = &resolved_loss(&req.hp, &rows);
     let device = crate::util::device::select_device(hp.num_gpus);
+    let normalization = req.normalization.clone().unwrap_or_else(Normalization::imagenet);
     on_event(&Event::Phase(Phase::Features));
-    let backbone = Backbone::load(&req.backbone, &device, req.feature_tensor.as_deref(), req.normalization.clone())?;
+    let backbone = Backbone::load(&req.backbone, &device, req.feature_tensor.as_deref(), normalization)?;
     let t0 = Instant::now();
     let log_prior = loss::log_prior(&rows.counts)?;
     let data = FitData {

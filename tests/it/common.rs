@@ -40,7 +40,7 @@ pub fn train_request(
         tuning_data: None,
         backbone: fixture("cnn_fixture.onnx"),
         feature_tensor: None,
-        normalization: automm::data::Normalization::imagenet(),
+        normalization: Some(automm::data::Normalization::imagenet()),
         output,
         hp,
         quiet: true,

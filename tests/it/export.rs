@@ -32,7 +32,7 @@ fn trained(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn opts(kind: ExportKind, verify: bool) -> ExportOptions {
-    ExportOptions { kind, opset: None, verify, verify_data: None, verify_images: 8, prior: None }
+    ExportOptions { kind, opset: None, verify, verify_data: None, verify_images: 8, prior: None, backbone: None }
 }
 
 #[test]

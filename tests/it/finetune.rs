@@ -253,6 +253,7 @@ fn bit_fit_with_augmentation_trains_saves_predicts_and_exports_the_tuned_backbon
         verify_data: Some(test.clone()),
         verify_images: 12,
         prior: None,
+        backbone: None,
     };
     let r = automm::deploy::export::export(&model, &out, &opts).unwrap();
     let v = r.verification.unwrap();

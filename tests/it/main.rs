@@ -14,6 +14,7 @@ mod hostile;
 mod import_parity;
 mod ort_engine;
 mod pooling;
+mod readme;
 mod resume;
 mod serve;
 mod train_cli;

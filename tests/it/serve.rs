@@ -32,6 +32,7 @@ fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         verify_data: None,
         verify_images: 0,
         prior: None,
+        backbone: None,
     };
     automm::deploy::export::export(&folder, &onnx, &opts).unwrap();
     (folder, onnx, test)

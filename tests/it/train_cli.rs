@@ -273,9 +273,12 @@ fn train_never_overwrites_foreign_files_and_failed_runs_leave_nothing() {
 fn the_default_loss_follows_the_class_imbalance_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let (imbalanced, balanced) = data(dir.path());
+    // Not --quiet: the choice is logged at INFO level.
     let train = |data: &Path, name: &str, extra: &[&str]| -> (serde_json::Value, String) {
         let out = dir.path().join(name);
-        let mut cmd = train_cmd(data, &out);
+        let mut cmd = bin();
+        cmd.args(["train", "--label", "label", "--train-data"]).arg(data);
+        cmd.arg("--backbone").arg(backbone()).arg("--output").arg(&out);
         cmd.args(["--hp", "optimization.max_epochs=2", "--hp", "env.num_gpus=0"]);
         for kv in extra {
             cmd.args(["--hp", kv]);
@@ -303,6 +306,18 @@ fn the_default_loss_follows_the_class_imbalance_and_says_why() {
     );
     assert_eq!(cfg["hyperparameters"]["loss_function"], "logit_adjusted");
     assert_eq!(cfg["hyperparameters"]["logit_tau"], 0.5);
+    // Focal keys under `auto` (which picks logit_adjusted here) are named as ignored.
+    let (_, log) = train(&imbalanced, "ignored", &["optimization.focal_loss.gamma=1"]);
+    assert!(log.contains("optimization.focal_loss.gamma is ignored: the loss is logit_adjusted"), "{log}");
+    // --quiet keeps warnings and drops INFO lines.
+    let out = dir.path().join("quiet");
+    let mut cmd = train_cmd(&imbalanced, &out);
+    cmd.args(["--hp", "optimization.max_epochs=1", "--hp", "optimization.loss_function=cross_entropy"]);
+    cmd.args(["--hp", "optimization.focal_loss.reduction=sum"]);
+    let (ok, _, log) = run(&mut cmd);
+    assert!(ok, "{log}");
+    assert!(log.contains("optimization.focal_loss.reduction is ignored: the loss is cross_entropy"), "{log}");
+    assert!(!log.contains("INFO"), "--quiet printed INFO lines:\n{log}");
 }
 
 /// The probability columns of a predictions CSV, row by row, and the predicted labels.
@@ -373,4 +388,44 @@ fn prior_correction_in_predict_equals_the_baked_export_on_onnx_runtime() {
         .arg(dir.path().join("x.csv"))
         .args(correction));
     assert!(!ok && stderr.contains("automm export --prior-correction"), "{stderr}");
+}
+
+/// A model folder whose backbone moved: evaluate says how to point at it, `--backbone` does, and a
+/// different file is refused by its sha256.
+#[test]
+fn a_moved_backbone_is_pointed_at_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, test) = data(dir.path());
+    let old = dir.path().join("old/backbone.onnx");
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    std::fs::copy(backbone(), &old).unwrap();
+    let out = dir.path().join("model");
+    let mut cmd = bin();
+    cmd.args(["train", "--quiet", "--label", "label", "--train-data"]).arg(&train);
+    cmd.arg("--backbone").arg(&old).arg("--output").arg(&out).args(["--hp", "optimization.max_epochs=1"]);
+    let (ok, _, err) = run(&mut cmd);
+    assert!(ok, "{err}");
+    let moved = dir.path().join("new/backbone.onnx");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(&old, &moved).unwrap();
+    let eval = |extra: Option<&Path>| {
+        let mut c = bin();
+        c.args(["evaluate", "--json", "--model"]).arg(&out).arg("--data").arg(&test);
+        if let Some(b) = extra {
+            c.arg("--backbone").arg(b);
+        }
+        run(&mut c)
+    };
+    let (ok, _, err) = eval(None);
+    assert!(!ok && err.contains("is missing; pass --backbone PATH"), "{err}");
+    let (ok, json, err) = eval(Some(&moved));
+    assert!(ok, "{err}");
+    assert!(json.contains("balanced_accuracy"), "{json}");
+    let other = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fixtures/swin_fixture.onnx");
+    let (ok, _, err) = eval(Some(&other));
+    assert!(!ok && err.contains("is not the backbone this model was trained on"), "{err}");
+    let onnx = dir.path().join("m.onnx");
+    let (ok, _, err) =
+        run(bin().args(["export", "--model"]).arg(&out).arg("--output").arg(&onnx).arg("--backbone").arg(&moved));
+    assert!(ok && onnx.is_file(), "{err}");
 }

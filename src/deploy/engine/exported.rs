@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use super::ort::{Feed, OrtSession};
 use super::EngineKind;
 use crate::data::ImageRef;
-use crate::deploy::meta::{ExportKind, ExportMeta, PROBABILITIES};
+use crate::deploy::meta::{ExportKind, ExportMeta, LOGITS, PROBABILITIES};
 use crate::error::{Error, Result};
 use crate::model::Predictions;
 use crate::onnx::{read_model, Graph};
@@ -66,7 +66,8 @@ impl ExportedModel {
         let runner = match engine {
             EngineKind::Ort => Runner::Ort(OrtSession::open_with(path, threads, cuda, spin)?),
             EngineKind::Candle => {
-                Runner::Candle(Graph::from_model(&proto, &what, &Device::Cpu, Some(vec![PROBABILITIES.to_string()]))?)
+                let outputs = Some(vec![LOGITS.to_string(), PROBABILITIES.to_string()]);
+                Runner::Candle(Graph::from_model(&proto, &what, &Device::Cpu, outputs)?)
             }
         };
         Ok(ExportedModel { meta, engine, runner, path: path.to_path_buf() })
@@ -103,16 +104,25 @@ impl ExportedModel {
 
     /// Runs one batch and returns the probabilities, row-major.
     pub fn run(&self, feed: Feed) -> Result<Vec<f32>> {
+        Ok(self.run_scores(feed)?.probabilities)
+    }
+
+    /// Runs one batch and returns both outputs, `[N, C]` row-major each.
+    pub fn run_scores(&self, feed: Feed) -> Result<Scores> {
         let input = self.meta.input.as_str();
         match &self.runner {
             Runner::Ort(s) => {
-                let outs = s.run(vec![(input, feed)])?;
-                let i = s
-                    .outputs
-                    .iter()
-                    .position(|o| o == PROBABILITIES)
-                    .ok_or_else(|| Error::onnx(self.path.display().to_string(), "no `probabilities` output"))?;
-                Ok(outs.into_iter().nth(i).map(|(_, d)| d).unwrap_or_default())
+                let mut outs = s.run(vec![(input, feed)])?;
+                let mut take = |name: &str| {
+                    let i =
+                        s.outputs.iter().position(|o| o == name).ok_or_else(|| {
+                            Error::onnx(self.path.display().to_string(), format!("no `{name}` output"))
+                        })?;
+                    let out =
+                        outs.get_mut(i).ok_or_else(|| Error::Runtime(format!("ONNX Runtime returned no `{name}`")))?;
+                    Ok::<_, Error>(std::mem::take(&mut out.1))
+                };
+                Ok(Scores { logits: take(LOGITS)?, probabilities: take(PROBABILITIES)? })
             }
             Runner::Candle(g) => {
                 let t = match feed {
@@ -120,9 +130,22 @@ impl ExportedModel {
                     Feed::U8(shape, d) => Tensor::from_vec(d, shape, &Device::Cpu)?,
                     Feed::I64(shape, d) => Tensor::from_vec(d, shape, &Device::Cpu)?,
                 };
-                let y = g.run(&[(input, t)])?.remove(0);
-                Ok(y.flatten_all()?.to_vec1::<f32>()?)
+                let mut ys = g.run(&[(input, t)])?.into_iter();
+                let mut next = || -> Result<Vec<f32>> {
+                    let y = ys.next().ok_or_else(|| Error::onnx(self.path.display().to_string(), "missing output"))?;
+                    Ok(y.flatten_all()?.to_vec1::<f32>()?)
+                };
+                Ok(Scores { logits: next()?, probabilities: next()? })
             }
         }
     }
+}
+
+/// One batch's outputs: `logits` and `probabilities`, `[N, C]` row-major each.
+#[derive(Debug, Clone, Default)]
+pub struct Scores {
+    /// Raw class scores.
+    pub logits: Vec<f32>,
+    /// Softmax of the logits.
+    pub probabilities: Vec<f32>,
 }

@@ -15,6 +15,10 @@ pub struct ServeArgs {
     /// gRPC address (loopback unless told otherwise).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: std::net::SocketAddr,
+    /// The model's name on the KServe v2 / Triton protocol (`inference.GRPCInferenceService`, served on
+    /// the same port); default: the model file's stem.
+    #[arg(long)]
+    pub model_name: Option<String>,
     /// Most items per executed batch.
     #[arg(long, default_value_t = 32)]
     pub max_batch_size: usize,
@@ -85,6 +89,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let cfg = automm::serve::ServeConfig {
         model: a.model,
         listen: a.listen,
+        model_name: a.model_name,
         metrics_listen: a.metrics_listen,
         batch: automm::serve::batcher::BatchConfig {
             max_batch_size: a.max_batch_size.max(1),

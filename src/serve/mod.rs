@@ -11,6 +11,7 @@ mod fit_job;
 pub mod prometheus;
 pub mod request;
 mod service;
+pub mod v2;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,11 @@ use crate::deploy::engine::EngineKind;
 use crate::deploy::export::ExportOptions;
 use crate::deploy::meta::ExportKind;
 use crate::error::{Error, Result};
+use crate::inference_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::proto::inference_server::InferenceServer;
+
+/// The KServe v2 / Triton service name, for health checks.
+pub const V2_SERVICE: &str = "inference.GRPCInferenceService";
 
 /// A model being served.
 pub struct ServingModel {
@@ -85,6 +90,8 @@ pub struct ServeConfig {
     pub model: PathBuf,
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// The model's name on the KServe v2 / Triton protocol (None: the model file's stem).
+    pub model_name: Option<String>,
     /// Prometheus listen address.
     pub metrics_listen: Option<SocketAddr>,
     /// Batching.
@@ -123,6 +130,7 @@ impl ServeConfig {
         ServeConfig {
             model: model.to_path_buf(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            model_name: None,
             metrics_listen: None,
             batch: BatchConfig::default(),
             engine: None,
@@ -199,6 +207,13 @@ pub struct State {
 }
 
 impl State {
+    /// The model's name on the v2 protocol: `--model-name`, else the model file's (or folder's) stem.
+    pub fn model_name(&self) -> String {
+        self.cfg.model_name.clone().unwrap_or_else(|| {
+            self.cfg.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        })
+    }
+
     /// The model new requests use.
     pub fn current(&self) -> Arc<ServingModel> {
         self.current.read().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
@@ -350,6 +365,7 @@ pub async fn serve(
     };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("automm.v1.Inference", tonic_health::ServingStatus::Serving).await;
+    reporter.set_service_status(V2_SERVICE, tonic_health::ServingStatus::Serving).await;
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     // Both reflection versions: grpcurl before 1.8.8 (PyPI's is 1.8.6) and older grpcui/evans speak only v1alpha.
     let described = || {
@@ -362,6 +378,13 @@ pub async fn serve(
     let auth = AuthCheck { want: cfg.auth_token.as_deref().map(|t| digest(t.as_bytes())) };
     let svc = tonic::service::interceptor::InterceptedService::new(
         InferenceServer::new(Service { state: state.clone() })
+            .max_decoding_message_size(cfg.max_request_bytes)
+            .max_encoding_message_size(64 << 20),
+        auth.clone(),
+    );
+    // The same RPCs' v2 face, behind the same auth and size limits.
+    let v2 = tonic::service::interceptor::InterceptedService::new(
+        GrpcInferenceServiceServer::new(v2::V2 { inner: Service { state: state.clone() } })
             .max_decoding_message_size(cfg.max_request_bytes)
             .max_encoding_message_size(64 << 20),
         auth,
@@ -391,6 +414,7 @@ pub async fn serve(
     let shutdown = async move {
         shutdown.await;
         notify.set_service_status("automm.v1.Inference", tonic_health::ServingStatus::NotServing).await;
+        notify.set_service_status(V2_SERVICE, tonic_health::ServingStatus::NotServing).await;
         notify.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         let _ = fired_tx.send(());
     };
@@ -404,6 +428,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(svc)
+        .add_service(v2)
         .serve_with_incoming_shutdown(incoming, shutdown);
     // A connection that never finishes its handshake, ignores GOAWAY or holds a Watch stream would keep
     // a graceful shutdown waiting forever: after `shutdown_timeout` the rest is dropped.

@@ -17,7 +17,7 @@ use crate::proto::{FitEvent, FitRequest, GetModelRequest, ModelInfo, PredictRequ
 use super::*;
 
 /// A request's share of [`ServeConfig::max_inflight_bytes`], given back when the request ends.
-struct Reserved(Arc<std::sync::atomic::AtomicUsize>, usize);
+pub(super) struct Reserved(Arc<std::sync::atomic::AtomicUsize>, usize);
 
 impl Drop for Reserved {
     fn drop(&mut self) {
@@ -28,7 +28,7 @@ impl Drop for Reserved {
 impl Service {
     /// Reserves the decoded size of `items` images of side `s`, or RESOURCE_EXHAUSTED when the requests
     /// in flight already hold too much (known before decoding: every item becomes `3 * s * s` floats).
-    fn reserve(&self, items: usize, s: usize) -> std::result::Result<Reserved, Status> {
+    pub(super) fn reserve(&self, items: usize, s: usize) -> std::result::Result<Reserved, Status> {
         let need = items.saturating_mul(3 * s * s * 4);
         let (limit, counter) = (self.state.cfg.max_inflight_bytes, &self.state.inflight);
         let mut now = counter.load(SeqCst);
@@ -48,7 +48,7 @@ impl Service {
 }
 
 /// Sets its flag when dropped (a request future dropped because its caller went away).
-struct CancelOnDrop(Arc<AtomicBool>);
+pub(super) struct CancelOnDrop(pub(super) Arc<AtomicBool>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
@@ -63,7 +63,7 @@ pub struct Service {
 }
 
 /// Parses the `grpc-timeout` header (`<at most 8 digits><H|M|S|m|u|n>`, as the gRPC spec bounds it).
-fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+pub(super) fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     if num.is_empty() || num.len() > 8 {
@@ -82,6 +82,40 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
 }
 
 impl Service {
+    /// Decodes `req` within `budget` (off the async runtime; the budget's cancel flag stops it when the
+    /// caller leaves), queues it on the batcher under `model`, and waits for its scores.
+    pub(super) async fn infer(
+        &self,
+        model: &Arc<ServingModel>,
+        req: PredictRequest,
+        budget: request::Budget,
+    ) -> std::result::Result<crate::deploy::engine::exported::Scores, Status> {
+        let (s, pp, deadline) = (model.input_size, model.preprocess.clone(), budget.deadline);
+        let metrics = self.state.metrics.clone();
+        // Tensor checks are cheap; decoding is CPU work: both off the async runtime, images in parallel.
+        let (data, n) = tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            let r = request::prepare(req, s, &pp, &budget);
+            metrics.decode_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics.decode_ns.fetch_add(t0.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+            r
+        })
+        .await
+        .map_err(|e| Status::internal(format!("decoding task failed: {e}")))??;
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(Status::deadline_exceeded("the deadline passed before the request was queued"));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.state.submit(Job { model: model.clone(), data, n, enqueued: Instant::now(), deadline, reply: tx })?;
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), rx)
+                .await
+                .map_err(|_| Status::deadline_exceeded("deadline exceeded"))?,
+            None => rx.await,
+        }
+        .map_err(|_| Status::internal("the batcher dropped the request"))?
+    }
+
     async fn predict_inner(
         &self,
         req: Request<PredictRequest>,
@@ -89,7 +123,7 @@ impl Service {
         let deadline = grpc_timeout(&req).and_then(|d| Instant::now().checked_add(d));
         let model = self.state.current();
         let req = req.into_inner();
-        let (s, pp) = (model.input_size, model.preprocess.clone());
+        let s = model.input_size;
         // Over the item limit is refused in `prepare`, with its own message.
         let items = request::items(&req).min(self.state.cfg.batch.max_batch_size);
         let _reserved = self.reserve(items, s)?;
@@ -100,23 +134,7 @@ impl Service {
             deadline,
             cancelled: Some(gone.0.clone()),
         };
-        // Tensor checks are cheap; decoding is CPU work: both off the async runtime, images in parallel.
-        let (data, n) = tokio::task::spawn_blocking(move || request::prepare(req, s, &pp, &budget))
-            .await
-            .map_err(|e| Status::internal(format!("decoding task failed: {e}")))??;
-        if deadline.is_some_and(|d| d <= Instant::now()) {
-            return Err(Status::deadline_exceeded("the deadline passed before the request was queued"));
-        }
-        let (tx, rx) = oneshot::channel();
-        self.state.submit(Job { model: model.clone(), data, n, enqueued: Instant::now(), deadline, reply: tx })?;
-        let probs = match deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), rx)
-                .await
-                .map_err(|_| Status::deadline_exceeded("deadline exceeded"))?,
-            None => rx.await,
-        }
-        .map_err(|_| Status::internal("the batcher dropped the request"))??
-        .probabilities;
+        let probs = self.infer(&model, req, budget).await?.probabilities;
         let k = model.classes.len();
         let predictions = probs
             .chunks(k)

@@ -12,6 +12,7 @@ mod focal_loss;
 mod head_pin;
 mod hostile;
 mod import_parity;
+mod kserve;
 mod ort_engine;
 mod pooling;
 mod readme;

@@ -16,7 +16,7 @@ use automm::serve::{spawn, ServeConfig};
 use tonic::Code;
 
 /// Trains and exports a small model; returns (model folder, exported onnx, test table, data dir).
-fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+pub(crate) fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let train = automm::app::synth::make_dataset(dir, "train", &[12, 8, 6, 4], 40, 5).unwrap();
     let test = automm::app::synth::make_dataset(dir, "test", &[3, 3, 3, 3], 40, 6).unwrap();
     let (hp, _) =
@@ -38,7 +38,7 @@ fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (folder, onnx, test)
 }
 
-fn config(onnx: &Path, dir: &Path) -> ServeConfig {
+pub(crate) fn config(onnx: &Path, dir: &Path) -> ServeConfig {
     let mut c = ServeConfig::local(onnx, &dir.join("serve"));
     c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     c.batch = BatchConfig { max_batch_size: 16, max_queue_delay: Duration::from_millis(20), max_queue_size: 256 };
@@ -49,9 +49,9 @@ fn config(onnx: &Path, dir: &Path) -> ServeConfig {
     c
 }
 
-struct Server(automm::serve::Spawned);
+pub(crate) struct Server(pub(crate) automm::serve::Spawned);
 
-async fn start(cfg: ServeConfig) -> Server {
+pub(crate) async fn start(cfg: ServeConfig) -> Server {
     Server(
         tokio::time::timeout(Duration::from_secs(60), spawn(cfg))
             .await
@@ -72,7 +72,7 @@ impl Server {
         s.read_to_string(&mut out).await.unwrap();
         out
     }
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         tokio::time::timeout(Duration::from_secs(30), self.0.stop()).await.expect("shutdown timed out").unwrap();
     }
 }
@@ -81,7 +81,7 @@ fn metric(text: &str, name: &str) -> f64 {
     automm::serve::prometheus::parse_metric(text, name).unwrap_or_else(|| panic!("{name} missing in {text}"))
 }
 
-fn images(test: &Path) -> Vec<Vec<u8>> {
+pub(crate) fn images(test: &Path) -> Vec<Vec<u8>> {
     let t = automm::data::Table::load(test, None, None).unwrap();
     t.rows.iter().map(|r| std::fs::read(&r.image).unwrap()).collect()
 }

@@ -15,8 +15,8 @@ import os
 import re
 import sys
 
-# Lower rank first. `proto` is the generated gRPC code declared in lib.rs.
-LAYERS = ["error", "util", "proto", "data", "onnx", "model", "train", "deploy", "serve", "client", "app"]
+# Lower rank first. `proto` and `inference_proto` are the generated gRPC code declared in lib.rs.
+LAYERS = ["error", "util", "proto", "inference_proto", "data", "onnx", "model", "train", "deploy", "serve", "client", "app"]
 FORBIDDEN = {
     "onnx": {m for m in LAYERS if m not in ("error", "util", "onnx")},
     "deploy": {"train"},

@@ -14,8 +14,21 @@ pub struct ExportArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Output .onnx file.
-    #[arg(long)]
-    pub output: PathBuf,
+    #[arg(long, required_unless_present = "triton_repository")]
+    pub output: Option<PathBuf>,
+    /// Write a Triton model repository entry instead: DIR/<name>/config.pbtxt, DIR/<name>/1/model.onnx
+    /// (merged) and DIR/<name>/labels.txt, for Triton's ONNX Runtime backend.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["output", "head_only", "with_preprocessing"])]
+    pub triton_repository: Option<PathBuf>,
+    /// With --triton-repository: the model's name (default: the model folder's name).
+    #[arg(long, requires = "triton_repository")]
+    pub model_name: Option<String>,
+    /// With --triton-repository: Triton's max_batch_size.
+    #[arg(long, default_value_t = 32, requires = "triton_repository")]
+    pub max_batch_size: usize,
+    /// With --triton-repository: Triton's dynamic_batching max_queue_delay_microseconds.
+    #[arg(long, default_value_t = 2000, requires = "triton_repository")]
+    pub max_queue_delay_us: u64,
     /// Where the model folder's backbone is now, when it moved since training (its sha256 is checked).
     #[arg(long, value_name = "ONNX")]
     pub backbone: Option<PathBuf>,
@@ -64,7 +77,25 @@ pub fn cmd_export(a: ExportArgs) -> Result<()> {
         prior: super::prior_correction(a.prior_correction, a.target_prior.as_deref())?,
         backbone: a.backbone,
     };
-    let r = automm::deploy::export::export(&a.model, &a.output, &opts)?;
+    let r = match (&a.triton_repository, &a.output) {
+        (Some(repo), _) => {
+            let name = match a.model_name {
+                Some(n) => n,
+                None => a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()),
+            };
+            let t = automm::deploy::triton::TritonOptions {
+                name,
+                max_batch_size: a.max_batch_size.max(1),
+                max_queue_delay_us: a.max_queue_delay_us,
+                gpu: false,
+            };
+            let (r, dir) = automm::deploy::triton::write_repository(&a.model, repo, &opts, &t)?;
+            println!("wrote Triton model repository entry {} (config.pbtxt, labels.txt, 1/model.onnx)", dir.display());
+            r
+        }
+        (None, Some(out)) => automm::deploy::export::export(&a.model, out, &opts)?,
+        (None, None) => anyhow::bail!("give --output FILE or --triton-repository DIR"),
+    };
     println!("wrote {} ({}, {:.1} MB)", r.path.display(), kind.name(), r.bytes as f64 / 1e6);
     if let Some(v) = r.verification {
         println!(

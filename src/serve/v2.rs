@@ -84,14 +84,13 @@ fn about(name: &str, s: Status) -> Status {
     Status::new(s.code(), format!("input `{name}`: {}", s.message()))
 }
 
-/// The `PredictRequest` a ModelInfer's one input means.
-fn to_predict(req: &mut pb::ModelInferRequest, model: &ServingModel) -> Result<PredictRequest, Status> {
+/// The `PredictRequest` a ModelInfer's one input means, for a model whose image input is `input_name`
+/// with side `s`.
+fn to_predict(req: &mut pb::ModelInferRequest, input_name: &str, s: usize) -> Result<PredictRequest, Status> {
     let [input] = req.inputs.as_mut_slice() else {
         return Err(Status::invalid_argument(format!(
-            "expected 1 input (`{}` FP32 [N, 3, {s}, {s}] or BYTES [N] of encoded images), got {}",
-            model.model.meta.input,
-            req.inputs.len(),
-            s = model.input_size
+            "expected 1 input (`{input_name}` FP32 [N, 3, {s}, {s}] or BYTES [N] of encoded images), got {}",
+            req.inputs.len()
         )));
     };
     let raw = match req.raw_input_contents.len() {
@@ -106,7 +105,11 @@ fn to_predict(req: &mut pb::ModelInferRequest, model: &ServingModel) -> Result<P
             let (data, raw_data) = match raw {
                 Some(r) if contents.fp32_contents.is_empty() => (vec![], r),
                 None => (contents.fp32_contents, vec![]),
-                Some(_) => return Err(Status::invalid_argument(format!("input `{name}`: both contents and raw_input_contents"))),
+                Some(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "input `{name}`: both contents and raw_input_contents"
+                    )))
+                }
             };
             let need = input.shape.iter().try_fold(4u64, |a, &d| u64::try_from(d).ok().and_then(|d| a.checked_mul(d)));
             if !raw_data.is_empty() && need != Some(raw_data.len() as u64) {
@@ -136,10 +139,21 @@ fn to_predict(req: &mut pb::ModelInferRequest, model: &ServingModel) -> Result<P
             Ok(PredictRequest { images, tensor: None })
         }
         other => Err(Status::invalid_argument(format!(
-            "input `{name}`: datatype {other} is not served; send FP32 [N, 3, {s}, {s}] or BYTES [N] of JPEG/PNG images",
-            s = model.input_size
+            "input `{name}`: datatype {other} is not served; send FP32 [N, 3, {s}, {s}] or BYTES [N] of JPEG/PNG images"
         ))),
     }
+}
+
+/// Decodes wire bytes as a `ModelInferRequest`, turns it into the `PredictRequest` it means and
+/// [`request::prepare`]s that (16 items at most): the v2 request path short of the model (the fuzz
+/// target `v2_infer_request` drives it).
+pub fn decode_and_prepare(bytes: &[u8], s: usize, pp: &crate::data::Preprocess) -> Result<request::Input, Status> {
+    use prost::Message;
+    let mut req =
+        pb::ModelInferRequest::decode(bytes).map_err(|e| Status::invalid_argument(format!("bad request: {e}")))?;
+    wanted(&req, 4)?;
+    let predict = to_predict(&mut req, "input", s)?;
+    request::prepare(predict, s, pp, &request::Budget::items(16))
 }
 
 /// An output as the request asked for it: a tensor, or top-`k` "value:index:label" strings.
@@ -230,7 +244,7 @@ impl V2 {
         let deadline = timeout.and_then(|d| Instant::now().checked_add(d));
         let outs = wanted(&req, model.classes.len())?;
         let input_name = req.inputs.first().map(|i| i.name.clone()).unwrap_or_default();
-        let predict = to_predict(&mut req, &model)?;
+        let predict = to_predict(&mut req, &model.model.meta.input, model.input_size)?;
         let max = self.state().cfg.batch.max_batch_size;
         let _reserved = self.inner.reserve(request::items(&predict).min(max), model.input_size)?;
         let gone = CancelOnDrop(Arc::new(AtomicBool::new(false)));
@@ -444,5 +458,35 @@ mod tests {
         let e = split_bytes(&raw[..raw.len() - 1], "images").unwrap_err();
         assert!(e.message().contains("input `images`"), "{}", e.message());
         assert_eq!(numeric_version("3-1a2b3c"), "3");
+    }
+
+    /// What the fuzz target does, on mutations of a valid request: every answer is a status, never a panic.
+    #[test]
+    fn mutated_requests_never_panic() {
+        use prost::Message;
+        let pp = crate::data::Preprocess::new(4, crate::data::Normalization::imagenet());
+        let good = pb::ModelInferRequest {
+            model_name: "m".into(),
+            inputs: vec![pb::model_infer_request::InferInputTensor {
+                name: "input".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 3, 4, 4],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![vec![0; 192]],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(decode_and_prepare(&good, 4, &pp).unwrap().1, 1);
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..3000 {
+            let mut b = good.clone();
+            for _ in 0..1 + (x % 4) {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let i = (x >> 33) as usize % b.len();
+                b[i] = (x >> 13) as u8;
+            }
+            let _ = decode_and_prepare(&b, 4, &pp);
+        }
     }
 }

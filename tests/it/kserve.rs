@@ -195,15 +195,19 @@ async fn v2_protocol_health_metadata_infer_config_statistics() {
     server.stop().await;
 }
 
-/// tritonclient[grpc]==2.73.0 (PyPI, in a venv) against the running server, when CI allows the network.
-fn tritonclient_check(url: &str, image: &Path, first_probs: &[f32]) {
+/// The python3 of a venv with tritonclient[grpc]==2.73.0 from PyPI (made once per machine), or None
+/// (reported as NOT RUN) unless `AUTOMM_README_NETWORK=1` allows the download, as in CI.
+fn tritonclient_python() -> Option<std::path::PathBuf> {
     if std::env::var("AUTOMM_README_NETWORK").map_or(true, |v| v != "1") {
         eprintln!("NOT RUN (tritonclient part): set AUTOMM_README_NETWORK=1 to install tritonclient from PyPI");
-        return;
+        return None;
     }
-    let venv = std::env::temp_dir().join("automm-tritonclient-venv");
+    static VENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = VENV.lock().unwrap_or_else(|p| p.into_inner());
+    let venv = std::env::temp_dir().join("automm-tritonclient-2.73.0");
     let py = venv.join("bin/python3");
-    if !py.is_file() {
+    let ready = venv.join("installed");
+    if !ready.is_file() {
         let ok = std::process::Command::new("python3").arg("-m").arg("venv").arg(&venv).status().unwrap().success();
         assert!(ok, "python3 -m venv failed");
         let ok = std::process::Command::new(&py)
@@ -212,7 +216,14 @@ fn tritonclient_check(url: &str, image: &Path, first_probs: &[f32]) {
             .unwrap()
             .success();
         assert!(ok, "pip install tritonclient[grpc]==2.73.0 failed");
+        std::fs::write(&ready, b"").unwrap();
     }
+    Some(py)
+}
+
+/// tritonclient against the running server (`tests/kserve_tritonclient.py`).
+fn tritonclient_check(url: &str, image: &Path, first_probs: &[f32]) {
+    let Some(py) = tritonclient_python() else { return };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kserve_tritonclient.py");
     let probs: Vec<String> = first_probs.iter().map(|p| p.to_string()).collect();
     let out = std::process::Command::new(&py)
@@ -225,4 +236,69 @@ fn tritonclient_check(url: &str, image: &Path, first_probs: &[f32]) {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("tritonclient: all checks passed"), "{text}");
     eprintln!("{text}");
+}
+
+/// `automm export --triton-repository` writes Triton's layout; its config.pbtxt parses with
+/// tritonclient's own `model_config_pb2` (when the venv is allowed) and says what we wrote.
+#[test]
+fn triton_repository_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, _, _) = model(dir.path());
+    let repo = dir.path().join("repo");
+    let out = crate::common::bin()
+        .args(["export", "--quiet", "--model"])
+        .arg(&folder)
+        .arg("--triton-repository")
+        .arg(&repo)
+        .args(["--model-name", "shapes", "--max-batch-size", "8"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let entry = repo.join("shapes");
+    assert!(entry.join("1/model.onnx").is_file());
+    assert_eq!(std::fs::read_to_string(entry.join("labels.txt")).unwrap(), "circle\nring\nsquare\ntriangle\n");
+    let cfg = entry.join("config.pbtxt");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("platform: \"onnxruntime_onnx\"") && text.contains("max_batch_size: 8"), "{text}");
+    let Some(py) = tritonclient_python() else { return };
+    let parse =
+        "import sys\nfrom google.protobuf import text_format\nfrom tritonclient.grpc import model_config_pb2 as mc\n\
+        c = text_format.Parse(open(sys.argv[1]).read(), mc.ModelConfig())\n\
+        print(c.name, c.platform, c.max_batch_size, list(c.input[0].dims), c.input[0].data_type == mc.TYPE_FP32, \
+        [o.name for o in c.output], list(c.output[1].dims), c.output[1].label_filename, \
+        c.dynamic_batching.max_queue_delay_microseconds, c.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU)";
+    let out = std::process::Command::new(py).arg("-c").arg(parse).arg(&cfg).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        said.trim(),
+        "shapes onnxruntime_onnx 8 [3, 33, 33] True ['logits', 'probabilities'] [4] labels.txt 2000 True"
+    );
+}
+
+/// The KServe ServingRuntime starts `automm serve` with flags it has, listens on the port it declares,
+/// and its readiness probe asks about the service the server reports in grpc.health.v1.
+#[test]
+fn kserve_runtime_uses_real_serve_flags() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("deploy/kserve/servingruntime.yaml")).unwrap();
+    let rt: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let c = &rt["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(args[0], "serve");
+    let help = crate::common::bin().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(help.contains(&format!("{flag} ")), "`automm serve` has no {flag}:\n{help}");
+    }
+    let listen = args[args.iter().position(|a| *a == "--listen").unwrap() + 1];
+    let port = c["ports"][0]["containerPort"].as_u64().unwrap();
+    assert_eq!(listen, format!("0.0.0.0:{port}"));
+    assert_eq!(c["readinessProbe"]["grpc"]["service"].as_str(), Some(automm::serve::V2_SERVICE));
+    assert_eq!(rt["spec"]["protocolVersions"][0].as_str(), Some("grpc-v2"));
+    let docker = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
+    let cmd = docker.lines().find(|l| l.starts_with("CMD")).unwrap();
+    for flag in cmd.split('"').filter(|a| a.starts_with("--")) {
+        assert!(help.contains(&format!("{flag} ")), "Dockerfile CMD uses {flag}, which `automm serve` lacks");
+    }
 }

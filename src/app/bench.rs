@@ -13,6 +13,66 @@ use crate::proto::PredictRequest;
 use crate::serve::batcher::BatchConfig;
 use crate::serve::{spawn, ServeConfig};
 
+/// Which protocol the load generator speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// `automm.v1.Inference/Predict` with a raw float32 tensor.
+    Automm,
+    /// KServe v2 / Triton `inference.GRPCInferenceService/ModelInfer` with `raw_input_contents`.
+    V2,
+}
+
+/// One client's closed loop until `deadline`: request latencies (ms) and the failed-request count.
+async fn client_loop(
+    url: String,
+    size: usize,
+    deadline: Instant,
+    protocol: Protocol,
+    name: String,
+) -> Result<(Vec<f64>, usize)> {
+    let data = vec![0.1f32; 3 * size * size];
+    let (mut lat, mut errs) = (Vec::new(), 0usize);
+    let shape = vec![1, 3, size as i64, size as i64];
+    match protocol {
+        Protocol::Automm => {
+            let client = crate::client::Client::connect(&url, None, None).await?;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match client.predict_tensor(shape.clone(), data.clone()).await {
+                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(_) => errs += 1,
+                }
+            }
+        }
+        Protocol::V2 => {
+            use crate::inference_proto as pb;
+            let mut client = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(url)
+                .await
+                .map_err(|e| Error::Server(format!("connect: {e}")))?;
+            let raw: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            while Instant::now() < deadline {
+                let req = pb::ModelInferRequest {
+                    model_name: name.clone(),
+                    inputs: vec![pb::model_infer_request::InferInputTensor {
+                        name: "input".into(),
+                        datatype: "FP32".into(),
+                        shape: shape.clone(),
+                        ..Default::default()
+                    }],
+                    raw_input_contents: vec![raw.clone()],
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                match client.model_infer(req).await {
+                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(_) => errs += 1,
+                }
+            }
+        }
+    }
+    Ok((lat, errs))
+}
+
 /// One row of the benchmark table.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LoadRow {
@@ -112,7 +172,9 @@ pub fn serve_load(
     soak_seconds: f64,
     batch: BatchConfig,
     server_bin: Option<&Path>,
+    protocol: Protocol,
 ) -> Result<(Vec<LoadRow>, Option<Soak>)> {
+    let name = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let meta = crate::deploy::meta::ExportMeta::read(&crate::onnx::read_model(model)?, &model.display().to_string())?;
     let size = meta.preprocess.size as usize;
     let raw = OrtSession::open(model, 0)?;
@@ -154,25 +216,12 @@ pub fn serve_load(
         let server_rss = |c: &Option<ChildServer>| c.as_ref().map_or_else(rss_bytes, |c| c.rss());
         let mut rows = Vec::new();
         let load = |c: usize, secs: f64| {
-            let url = url.clone();
+            let (url, name) = (url.clone(), name.clone());
             async move {
                 let mut tasks = Vec::new();
                 let deadline = Instant::now() + Duration::from_secs_f64(secs);
                 for _ in 0..c {
-                    let url = url.clone();
-                    tasks.push(tokio::spawn(async move {
-                        let client = crate::client::Client::connect(&url, None, None).await?;
-                        let data = vec![0.1f32; 3 * size * size];
-                        let (mut lat, mut errs) = (Vec::new(), 0usize);
-                        while Instant::now() < deadline {
-                            let t = Instant::now();
-                            match client.predict_tensor(vec![1, 3, size as i64, size as i64], data.clone()).await {
-                                Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
-                                Err(_) => errs += 1,
-                            }
-                        }
-                        Ok::<_, Error>((lat, errs))
-                    }));
+                    tasks.push(tokio::spawn(client_loop(url.clone(), size, deadline, protocol, name.clone())));
                 }
                 let t0 = Instant::now();
                 let (mut lat, mut errs) = (Vec::new(), 0);

@@ -35,6 +35,9 @@ pub enum BenchCommand {
         /// the server's process; on a small machine it still shares its cores).
         #[arg(long)]
         server_process: bool,
+        /// The protocol the clients speak: automm (automm.v1 Predict) or v2 (KServe v2 / Triton ModelInfer).
+        #[arg(long, value_enum, default_value = "automm")]
+        protocol: automm::app::bench::Protocol,
     },
     /// A mixed-load soak against a separate `automm serve` process: good images, bad images, tight
     /// deadlines and clients that leave mid-request; checks every status code, RSS, queue drain and a
@@ -106,6 +109,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
             max_queue_delay_us,
             repeat,
             server_process,
+            protocol,
         } => serve_load(
             model,
             seconds,
@@ -115,6 +119,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
             max_queue_delay_us,
             repeat,
             server_process,
+            protocol,
         ),
         BenchCommand::Soak { model, clients, seconds, sample_seconds, json } => {
             soak(model, clients, seconds, sample_seconds, json)
@@ -204,6 +209,7 @@ fn serve_load(
     max_queue_delay_us: u64,
     repeat: usize,
     server_process: bool,
+    protocol: automm::app::bench::Protocol,
 ) -> Result<()> {
     let clients: Vec<usize> = clients
         .split(',')
@@ -225,7 +231,8 @@ fn serve_load(
     for run in 1..=repeat.max(1) {
         // The soak runs once, after the last repetition.
         let soak_now = if run == repeat.max(1) { soak_seconds } else { 0.0 };
-        let (rows, s) = automm::app::bench::serve_load(&model, &clients, seconds, soak_now, batch, child.as_deref())?;
+        let (rows, s) =
+            automm::app::bench::serve_load(&model, &clients, seconds, soak_now, batch, child.as_deref(), protocol)?;
         soak = s;
         for r in &rows {
             ratios.entry(r.clients).or_default().push(r.server_ips / r.raw_ips);

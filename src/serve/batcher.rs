@@ -154,6 +154,7 @@ fn run_batch(batch: Vec<Job>, metrics: &Metrics) {
     for job in batch {
         metrics.queue_duration_us.fetch_add(now.duration_since(job.enqueued).as_micros() as u64, Relaxed);
         metrics.queue_count.fetch_add(1, Relaxed);
+        metrics.queue_latency.observe(now.duration_since(job.enqueued));
         if job.reply.is_closed() {
             continue; // the client went away
         }
@@ -183,6 +184,7 @@ fn run_batch(batch: Vec<Job>, metrics: &Metrics) {
         metrics.compute_duration_us.fetch_add(took.as_micros() as u64, Relaxed);
         metrics.execution_count.fetch_add(1, Relaxed);
         metrics.record_batch(n, took);
+        metrics.compute_latency.observe(took);
         let k = model.classes.len();
         match result {
             Ok(Ok(sc)) if sc.probabilities.len() == n * k && sc.logits.len() == n * k => {

@@ -310,7 +310,7 @@ async fn metrics_endpoint(
         "/metrics",
         axum::routing::get(move || {
             let st = state.clone();
-            async move { st.metrics.render(&st.current().version) }
+            async move { st.metrics.render(&st.model_name(), &st.current().version) }
         }),
     );
     tokio::spawn(async move {

@@ -148,16 +148,31 @@ impl Service {
     }
 }
 
-/// Records an inference call's outcome and duration when dropped.
+/// An inference call in flight: counted as pending while it lives, and its outcome and duration
+/// recorded when dropped (a call abandoned mid-way, client gone or deadline, counts as CANCELLED).
 pub(super) struct Outcome<'a> {
-    pub(super) metrics: &'a Metrics,
-    pub(super) ok: bool,
-    pub(super) started: Instant,
+    metrics: &'a Metrics,
+    failed: Option<tonic::Code>,
+    started: Instant,
+}
+
+impl<'a> Outcome<'a> {
+    pub(super) fn start(metrics: &'a Metrics) -> Self {
+        metrics.pending.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Outcome { metrics, failed: Some(tonic::Code::Cancelled), started: Instant::now() }
+    }
+
+    /// Records how the call ended and passes its result on.
+    pub(super) fn finish<T>(&mut self, r: std::result::Result<T, Status>) -> std::result::Result<T, Status> {
+        self.failed = r.as_ref().err().map(|s| s.code());
+        r
+    }
 }
 
 impl Drop for Outcome<'_> {
     fn drop(&mut self) {
-        self.metrics.record_request(self.ok, self.started.elapsed());
+        self.metrics.pending.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.record_request(self.failed, self.started.elapsed());
     }
 }
 
@@ -194,10 +209,9 @@ impl Service {
 impl Inference for Service {
     async fn predict(&self, req: Request<PredictRequest>) -> std::result::Result<Response<PredictResponse>, Status> {
         // Counted on drop, so a call abandoned mid-way (client gone, deadline) still counts as failed.
-        let mut outcome = Outcome { metrics: &self.state.metrics, ok: false, started: Instant::now() };
+        let mut outcome = Outcome::start(&self.state.metrics);
         let r = self.predict_inner(req).await;
-        outcome.ok = r.is_ok();
-        r
+        outcome.finish(r)
     }
 
     async fn get_model(&self, _req: Request<GetModelRequest>) -> std::result::Result<Response<ModelInfo>, Status> {

@@ -416,10 +416,9 @@ impl GrpcInferenceService for V2 {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         // Counted with v1's calls, so the statistics and Prometheus counters cover both protocols.
-        let mut outcome = Outcome { metrics: &self.state().metrics, ok: false, started: Instant::now() };
+        let mut outcome = Outcome::start(&self.state().metrics);
         let r = self.infer(req).await;
-        outcome.ok = r.is_ok();
-        r
+        outcome.finish(r)
     }
 
     async fn model_config(

@@ -190,6 +190,25 @@ async fn v2_protocol_health_metadata_infer_config_statistics() {
     assert!(inf.queue.unwrap().count >= 3 && inf.compute_infer.unwrap().ns > 0);
     let batched: u64 = stats.batch_stats.iter().map(|b| b.batch_size * b.compute_infer.unwrap().count).sum();
     assert_eq!(batched, stats.inference_count);
+    // Prometheus: model and version labels, failures by code, latency histograms, nothing pending.
+    let text = server.metrics().await;
+    let labels = "model=\"model\",version=\"1-";
+    assert!(text.contains(&format!("automm_request_success_total{{{labels}")), "{text}");
+    let by_code = |code: &str| {
+        text.lines()
+            .find(|l| l.starts_with("automm_request_failure_by_code_total") && l.contains(&format!("code=\"{code}\"")))
+            .and_then(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+    };
+    assert_eq!((by_code("InvalidArgument"), by_code("NotFound")), (Some(5), Some(2)), "{text}");
+    let count = text.lines().find(|l| l.starts_with("automm_request_duration_seconds_count")).unwrap();
+    assert!(count.ends_with(" 10"), "{count}");
+    let inf =
+        text.lines().find(|l| l.starts_with("automm_request_duration_seconds_bucket") && l.contains("+Inf")).unwrap();
+    assert!(inf.ends_with(" 10"), "{inf}");
+    assert!(
+        text.contains("automm_queue_duration_seconds_bucket") && text.contains("automm_compute_duration_seconds_sum")
+    );
+    assert!(text.lines().any(|l| l.starts_with("automm_pending_requests{") && l.ends_with(" 0")), "{text}");
     let first = automm::data::Table::load(&test, None, None).unwrap().rows[0].image.clone();
     tritonclient_check(&server.0.url(), &first, &local.probs[..4]);
     server.stop().await;

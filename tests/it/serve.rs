@@ -64,7 +64,7 @@ impl Server {
     async fn client(&self, token: Option<&str>) -> Client {
         Client::connect(&self.0.url(), token, None).await.unwrap()
     }
-    async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(self.0.running.metrics_addr.unwrap()).await.unwrap();
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();

@@ -204,6 +204,8 @@ pub struct State {
     fits: std::sync::atomic::AtomicU64,
     /// Decoded input bytes of the requests in flight (see [`ServeConfig::max_inflight_bytes`]).
     inflight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set when shutdown began: v2 ServerReady/ModelReady answer false while the queue drains.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -335,6 +337,7 @@ impl State {
             fit_lock: Arc::new(tokio::sync::Mutex::new(())),
             fits: std::sync::atomic::AtomicU64::new(0),
             inflight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -411,8 +414,10 @@ pub async fn serve(
     // On the signal, health turns NOT_SERVING (Watch streams see it) and the graceful period starts.
     let (fired_tx, fired_rx) = oneshot::channel::<()>();
     let notify = reporter.clone();
+    let stopping = state.clone();
     let shutdown = async move {
         shutdown.await;
+        stopping.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         notify.set_service_status("automm.v1.Inference", tonic_health::ServingStatus::NotServing).await;
         notify.set_service_status(V2_SERVICE, tonic_health::ServingStatus::NotServing).await;
         notify.set_service_status("", tonic_health::ServingStatus::NotServing).await;

@@ -367,8 +367,8 @@ impl GrpcInferenceService for V2 {
         &self,
         _: Request<pb::ServerReadyRequest>,
     ) -> Result<Response<pb::ServerReadyResponse>, Status> {
-        // A hot swap replaces the model atomically, so there is always one to serve.
-        Ok(Response::new(pb::ServerReadyResponse { ready: true }))
+        // A hot swap replaces the model atomically, so there is always one to serve until shutdown.
+        Ok(Response::new(pb::ServerReadyResponse { ready: !self.state().stopping.load(Relaxed) }))
     }
 
     async fn model_ready(
@@ -376,7 +376,8 @@ impl GrpcInferenceService for V2 {
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        Ok(Response::new(pb::ModelReadyResponse { ready: self.model(&r.name, &r.version).is_ok() }))
+        let ready = !self.state().stopping.load(Relaxed) && self.model(&r.name, &r.version).is_ok();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(

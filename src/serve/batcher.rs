@@ -152,9 +152,7 @@ fn run_batch(batch: Vec<Job>, metrics: &Metrics) {
     let now = Instant::now();
     let mut live = Vec::with_capacity(batch.len());
     for job in batch {
-        metrics.queue_duration_us.fetch_add(now.duration_since(job.enqueued).as_micros() as u64, Relaxed);
-        metrics.queue_count.fetch_add(1, Relaxed);
-        metrics.queue_latency.observe(now.duration_since(job.enqueued));
+        metrics.record_queued(now.duration_since(job.enqueued));
         if job.reply.is_closed() {
             continue; // the client went away
         }
@@ -180,11 +178,7 @@ fn run_batch(batch: Vec<Job>, metrics: &Metrics) {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             model.model.run_scores(Feed::F32(vec![n, 3, s, s], data))
         }));
-        let took = t0.elapsed();
-        metrics.compute_duration_us.fetch_add(took.as_micros() as u64, Relaxed);
-        metrics.execution_count.fetch_add(1, Relaxed);
-        metrics.record_batch(n, took);
-        metrics.compute_latency.observe(took);
+        metrics.record_batch(n, t0.elapsed());
         let k = model.classes.len();
         match result {
             Ok(Ok(sc)) if sc.probabilities.len() == n * k && sc.logits.len() == n * k => {

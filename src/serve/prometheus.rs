@@ -92,8 +92,19 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Records one executed batch of `n` items that took `took` in the model.
+    /// Records one request's wait in the queue (the cumulative time, the count and the histogram).
+    pub fn record_queued(&self, waited: std::time::Duration) {
+        self.queue_duration_us.fetch_add(waited.as_micros() as u64, Relaxed);
+        self.queue_count.fetch_add(1, Relaxed);
+        self.queue_latency.observe(waited);
+    }
+
+    /// Records one executed batch of `n` items that took `took` in the model: the execution count, the
+    /// cumulative compute time, its histogram, the per-size statistics and the last-inference time.
     pub fn record_batch(&self, n: usize, took: std::time::Duration) {
+        self.compute_duration_us.fetch_add(took.as_micros() as u64, Relaxed);
+        self.execution_count.fetch_add(1, Relaxed);
+        self.compute_latency.observe(took);
         if let Ok(mut b) = self.batches.lock() {
             let e = b.entry(n).or_insert((0, 0));
             e.0 += 1;

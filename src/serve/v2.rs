@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::service::{grpc_timeout, CancelOnDrop, Outcome, Service};
 use super::{request, ServingModel, State};
+use crate::deploy::meta::{LOGITS, PROBABILITIES};
 use crate::inference_proto as pb;
 use crate::inference_proto::grpc_inference_service_server::GrpcInferenceService;
 use crate::inference_proto::infer_parameter::ParameterChoice;
@@ -164,14 +165,14 @@ enum Wanted {
 
 fn wanted(req: &pb::ModelInferRequest, classes: usize) -> Result<Vec<Wanted>, Status> {
     if req.outputs.is_empty() {
-        return Ok(vec![Wanted::Tensor("logits"), Wanted::Tensor("probabilities")]);
+        return Ok(vec![Wanted::Tensor(LOGITS), Wanted::Tensor(PROBABILITIES)]);
     }
     req.outputs
         .iter()
         .map(|o| {
             let name = match o.name.as_str() {
-                "logits" => "logits",
-                "probabilities" => "probabilities",
+                LOGITS => LOGITS,
+                PROBABILITIES => PROBABILITIES,
                 other => {
                     return Err(Status::invalid_argument(format!(
                         "unknown output `{other}`; the outputs are `logits` and `probabilities`"
@@ -197,7 +198,7 @@ fn output(
     classes: &[String],
 ) -> (InferOutputTensor, Vec<u8>) {
     let k = classes.len();
-    let pick = |name: &str| if name == "logits" { &scores.logits } else { &scores.probabilities };
+    let pick = |name: &str| if name == LOGITS { &scores.logits } else { &scores.probabilities };
     match want {
         Wanted::Tensor(name) => {
             let raw = pick(name).iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -288,7 +289,7 @@ impl V2 {
                 format: pb::model_input::Format::Nchw as i32,
                 dims: vec![3, s, s],
             }],
-            output: vec![out("logits"), out("probabilities")],
+            output: vec![out(LOGITS), out(PROBABILITIES)],
             instance_group: vec![pb::ModelInstanceGroup {
                 name: "automm".into(),
                 count: 1,
@@ -408,7 +409,7 @@ impl GrpcInferenceService for V2 {
             versions: vec![numeric_version(&m.version).to_string()],
             platform: "onnxruntime_onnx".into(),
             inputs: vec![t(&m.model.meta.input, "FP32", vec![-1, 3, s, s])],
-            outputs: vec![t("logits", "FP32", vec![-1, k]), t("probabilities", "FP32", vec![-1, k])],
+            outputs: vec![t(LOGITS, "FP32", vec![-1, k]), t(PROBABILITIES, "FP32", vec![-1, k])],
         }))
     }
 

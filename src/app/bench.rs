@@ -181,7 +181,7 @@ pub fn serve_load(
     let rt = tokio::runtime::Runtime::new().map_err(|e| Error::Server(e.to_string()))?;
     let work = tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
     let mut cfg = ServeConfig::local(model, work.path());
-    cfg.batch = batch;
+    cfg.batch = batch.clone();
     cfg.engine = Some(crate::deploy::engine::EngineKind::Ort);
     cfg.metrics_listen = Some(([127, 0, 0, 1], 0).into());
     rt.block_on(async move {

@@ -220,6 +220,7 @@ fn serve_load(
         max_batch_size,
         max_queue_delay: std::time::Duration::from_micros(max_queue_delay_us),
         max_queue_size: 4096,
+        ..Default::default()
     };
     let child = if server_process { Some(std::env::current_exe()?) } else { None };
     println!(
@@ -232,7 +233,7 @@ fn serve_load(
         // The soak runs once, after the last repetition.
         let soak_now = if run == repeat.max(1) { soak_seconds } else { 0.0 };
         let (rows, s) =
-            automm::app::bench::serve_load(&model, &clients, seconds, soak_now, batch, child.as_deref(), protocol)?;
+            automm::app::bench::serve_load(&model, &clients, seconds, soak_now, batch.clone(), child.as_deref(), protocol)?;
         soak = s;
         for r in &rows {
             ratios.entry(r.clients).or_default().push(r.server_ips / r.raw_ips);

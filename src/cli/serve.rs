@@ -28,6 +28,17 @@ pub struct ServeArgs {
     /// Most queued requests; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     pub max_queue_size: usize,
+    /// A batch size to run as soon as the queue can form it, without waiting out the queue delay
+    /// (Triton's preferred_batch_size; repeatable, each at most --max-batch-size).
+    #[arg(long = "preferred-batch-size", value_name = "N")]
+    pub preferred_batch_sizes: Vec<usize>,
+    /// Priority levels of the queue (KServe v2 `priority` parameter: 1 runs first, N last).
+    #[arg(long, default_value_t = 2)]
+    pub priority_levels: u32,
+    /// The level of requests that ask for none (automm.v1 Predict, v2 without `priority`) or for one out
+    /// of range; default: the lowest (= --priority-levels).
+    #[arg(long)]
+    pub default_priority_level: Option<u32>,
     /// Largest request message, bytes (bigger -> RESOURCE_EXHAUSTED).
     #[arg(long, default_value_t = 64 << 20)]
     pub max_request_bytes: usize,
@@ -95,6 +106,9 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
             max_batch_size: a.max_batch_size.max(1),
             max_queue_delay: std::time::Duration::from_micros(a.max_queue_delay_us),
             max_queue_size: a.max_queue_size.max(1),
+            preferred_batch_sizes: a.preferred_batch_sizes,
+            priority_levels: a.priority_levels,
+            default_priority_level: a.default_priority_level.unwrap_or(a.priority_levels),
         },
         engine: a.engine,
         threads: a.threads,

@@ -331,7 +331,7 @@ impl State {
         let metrics = Arc::new(Metrics::default());
         Arc::new(State {
             current: RwLock::new(Arc::new(model)),
-            batcher: std::sync::Mutex::new(Batcher::start(cfg.batch, metrics.clone())),
+            batcher: std::sync::Mutex::new(Batcher::start(cfg.batch.clone(), metrics.clone())),
             metrics,
             cfg: cfg.clone(),
             fit_lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -350,6 +350,7 @@ pub async fn serve(
     ready: Option<oneshot::Sender<Running>>,
 ) -> Result<()> {
     check_auth_config(&cfg)?;
+    cfg.batch.check()?;
     std::fs::create_dir_all(&cfg.work_dir).map_err(|e| Error::io(&cfg.work_dir, e))?;
     let model = {
         let cfg = cfg.clone();

@@ -83,12 +83,13 @@ pub(super) fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
 
 impl Service {
     /// Decodes `req` within `budget` (off the async runtime; the budget's cancel flag stops it when the
-    /// caller leaves), queues it on the batcher under `model`, and waits for its scores.
+    /// caller leaves), queues it on the batcher under `model` at priority `level`, and waits for its scores.
     pub(super) async fn infer(
         &self,
         model: &Arc<ServingModel>,
         req: PredictRequest,
         budget: request::Budget,
+        level: u32,
     ) -> std::result::Result<crate::deploy::engine::exported::Scores, Status> {
         let (s, pp, deadline) = (model.input_size, model.preprocess.clone(), budget.deadline);
         let metrics = self.state.metrics.clone();
@@ -106,7 +107,8 @@ impl Service {
             return Err(Status::deadline_exceeded("the deadline passed before the request was queued"));
         }
         let (tx, rx) = oneshot::channel();
-        self.state.submit(Job { model: model.clone(), data, n, enqueued: Instant::now(), deadline, reply: tx })?;
+        let job = Job { model: model.clone(), data, n, level, enqueued: Instant::now(), deadline, reply: tx };
+        self.state.submit(job)?;
         match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), rx)
                 .await
@@ -134,7 +136,8 @@ impl Service {
             deadline,
             cancelled: Some(gone.0.clone()),
         };
-        let probs = self.infer(&model, req, budget).await?.probabilities;
+        let level = self.state.cfg.batch.default_priority_level;
+        let probs = self.infer(&model, req, budget, level).await?.probabilities;
         let k = model.classes.len();
         let predictions = probs
             .chunks(k)

@@ -237,8 +237,9 @@ impl V2 {
         let header_deadline = grpc_timeout(&req);
         let mut req = req.into_inner();
         let model = self.model(&req.model_name, &req.model_version)?;
-        // `timeout` (microseconds) tightens the call's own deadline; `priority` and Triton's other
-        // parameters (e.g. perf_analyzer's triton_enable_empty_final_response) are accepted and ignored.
+        // `timeout` (microseconds) tightens the call's own deadline; `priority` picks the queue level (0 or
+        // out of range: the default, as Triton does); Triton's other parameters (e.g. perf_analyzer's
+        // triton_enable_empty_final_response) are accepted and ignored.
         let param_timeout =
             req.parameters.get("timeout").and_then(param_u64).filter(|&us| us > 0).map(Duration::from_micros);
         let timeout = [header_deadline, param_timeout].into_iter().flatten().min();
@@ -250,7 +251,8 @@ impl V2 {
         let _reserved = self.inner.reserve(request::items(&predict).min(max), model.input_size)?;
         let gone = CancelOnDrop(Arc::new(AtomicBool::new(false)));
         let budget = request::Budget { max_items: max, deadline, cancelled: Some(gone.0.clone()) };
-        let scores = self.inner.infer(&model, predict, budget).await.map_err(|s| match s.code() {
+        let level = self.state().cfg.batch.level(req.parameters.get("priority").and_then(param_u64));
+        let scores = self.inner.infer(&model, predict, budget, level).await.map_err(|s| match s.code() {
             tonic::Code::InvalidArgument => about(&input_name, s),
             // A full queue is UNAVAILABLE in Triton's protocol (clients retry it).
             tonic::Code::ResourceExhausted if s.message().contains("queue is full") => Status::unavailable(s.message()),
@@ -302,11 +304,11 @@ impl V2 {
             }],
             default_model_filename: "model.onnx".into(),
             dynamic_batching: Some(pb::ModelDynamicBatching {
-                preferred_batch_size: vec![],
+                preferred_batch_size: cfg.batch.preferred_batch_sizes.iter().map(|&p| p as i32).collect(),
                 max_queue_delay_microseconds: cfg.batch.max_queue_delay.as_micros() as u64,
                 preserve_ordering: false,
-                priority_levels: 0,
-                default_priority_level: 0,
+                priority_levels: cfg.batch.priority_levels as u64,
+                default_priority_level: cfg.batch.default_priority_level as u64,
                 default_queue_policy: Some(pb::ModelQueuePolicy {
                     timeout_action: pb::model_queue_policy::TimeoutAction::Reject as i32,
                     default_timeout_microseconds: 0,

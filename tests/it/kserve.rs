@@ -214,6 +214,78 @@ async fn v2_protocol_health_metadata_infer_config_statistics() {
     server.stop().await;
 }
 
+/// `priority` is honoured: a level-1 request overtakes level-2 requests queued before it. The batch is
+/// held by a long queue delay, so the order is decided by the queue, not by timing: two low requests
+/// (4 + 3 items) wait for company; a high one (4 items) then fills a batch of 8 with the first low one
+/// and runs at once, while the second low one waits out the delay (FIFO would run the two low ones and
+/// keep the high one waiting). ModelConfig reports the levels and preferred sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_priority_levels_let_a_request_overtake_the_queue() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let (_folder, onnx, test) = model(dir.path());
+    let mut cfg = config(&onnx, dir.path());
+    cfg.batch.max_batch_size = 8;
+    cfg.batch.max_queue_delay = std::time::Duration::from_millis(1500);
+    cfg.batch.preferred_batch_sizes = vec![8];
+    let server = start(cfg).await;
+    let state = server.0.running.state.clone();
+    let url = server.0.url();
+    let pp = automm::data::Preprocess::new(33, automm::data::Normalization::imagenet());
+    let x = pp.bytes_to_chw(&images(&test)[0], Path::new("x")).unwrap();
+    let request = |items: usize, priority: Option<u64>| {
+        let raw: Vec<u8> = (0..items).flat_map(|_| x.iter().flat_map(|v| v.to_le_bytes())).collect();
+        let mut r = fp32_request("model", vec![items as i64, 3, 33, 33], raw);
+        if let Some(p) = priority {
+            r.parameters
+                .insert("priority".into(), pb::InferParameter { parameter_choice: Some(ParameterChoice::Uint64Param(p)) });
+        }
+        r
+    };
+    let finished = std::sync::Arc::new(std::sync::Mutex::new(Vec::<&str>::new()));
+    let send = |name: &'static str, r: pb::ModelInferRequest| {
+        let (url, finished) = (url.clone(), finished.clone());
+        tokio::spawn(async move {
+            let mut c = V2Client::connect(url).await.unwrap();
+            let out = c.model_infer(r).await.unwrap().into_inner();
+            finished.lock().unwrap().push(name);
+            out
+        })
+    };
+    let queued = |n: i64| {
+        let state = state.clone();
+        async move {
+            while state.metrics.queue_depth.load(Relaxed) < n {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let low_a = send("low-a", request(4, None));
+    queued(1).await;
+    // An out-of-range priority falls back to the default level (2 here), as Triton's does: not an error.
+    let low_b = send("low-b", request(3, Some(9)));
+    queued(2).await;
+    let high = send("high", request(4, Some(1)));
+    let out = high.await.unwrap();
+    assert_eq!(out.outputs[1].shape, vec![4, 4]);
+    assert!(!finished.lock().unwrap().contains(&"low-b"), "low-b must still wait when high is answered");
+    low_a.await.unwrap();
+    low_b.await.unwrap();
+    let order = finished.lock().unwrap().clone();
+    assert_eq!(order.last(), Some(&"low-b"), "the second low request waited out the delay: {order:?}");
+    let mut c = V2Client::connect(url.clone()).await.unwrap();
+    let cfg = c
+        .model_config(pb::ModelConfigRequest { name: "model".into(), version: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    let db = cfg.dynamic_batching.unwrap();
+    assert_eq!((db.priority_levels, db.default_priority_level, db.preferred_batch_size), (2, 2, vec![8]));
+    server.stop().await;
+}
+
 /// The python3 of a venv with tritonclient[grpc]==2.73.0 from PyPI (made once per machine), or None
 /// (reported as NOT RUN) unless `AUTOMM_README_NETWORK=1` allows the download, as in CI.
 fn tritonclient_python() -> Option<std::path::PathBuf> {

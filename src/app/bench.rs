@@ -1,6 +1,7 @@
 //! `automm bench serve`: a load benchmark of the gRPC server against a raw ONNX Runtime session on the same
 //! model, in one run. Clients send one preprocessed image per Predict (so both sides do the same work);
-//! the raw session runs batches of the same size as the client count. Prints throughput, p50/p99 latency,
+//! the raw session runs batches of the same size as the client count, in windows alternating with the
+//! server's (the machine's speed drifts). Prints throughput, p50/p99 latency,
 //! errors and the server's average batch, then optionally a soak at the highest concurrency with RSS
 //! before and after.
 
@@ -233,18 +234,28 @@ pub fn serve_load(
                 Ok::<_, Error>((lat, errs, t0.elapsed().as_secs_f64()))
             }
         };
+        // The VM's speed drifts by 10-20% within a minute, so server and raw baseline alternate in windows
+        // of about 3 s (the clients idle while the raw session runs) and each side sums its windows.
+        let rounds = (seconds / 3.0).round().max(1.0) as usize;
+        let window = seconds / rounds as f64;
         for &c in clients {
             let e0 = metric(maddr, "automm_execution_count_total").await?;
             let i0 = metric(maddr, "automm_inference_count_total").await?;
-            let (mut lat, errors, secs) = load(c, seconds).await?;
+            let (mut lat, mut errors, mut secs, mut raw_n, mut raw_secs) = (Vec::new(), 0, 0.0, 0.0, 0.0);
+            for _ in 0..rounds {
+                let (l, e, s) = load(c, window).await?;
+                (errors, secs) = (errors + e, secs + s);
+                lat.extend(l);
+                let ips = raw_ips(&raw, &meta.input, size, c, window)?;
+                (raw_n, raw_secs) = (raw_n + ips * window, raw_secs + window);
+            }
             let e1 = metric(maddr, "automm_execution_count_total").await?;
             let i1 = metric(maddr, "automm_inference_count_total").await?;
             lat.sort_by(|a, b| a.total_cmp(b));
-            let raw_ips = raw_ips(&raw, &meta.input, size, c, seconds.min(5.0))?;
             rows.push(LoadRow {
                 clients: c,
                 server_ips: lat.len() as f64 / secs,
-                raw_ips,
+                raw_ips: raw_n / raw_secs,
                 p50_ms: pct(&lat, 0.5),
                 p99_ms: pct(&lat, 0.99),
                 errors,

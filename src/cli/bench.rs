@@ -232,8 +232,15 @@ fn serve_load(
     for run in 1..=repeat.max(1) {
         // The soak runs once, after the last repetition.
         let soak_now = if run == repeat.max(1) { soak_seconds } else { 0.0 };
-        let (rows, s) =
-            automm::app::bench::serve_load(&model, &clients, seconds, soak_now, batch.clone(), child.as_deref(), protocol)?;
+        let (rows, s) = automm::app::bench::serve_load(
+            &model,
+            &clients,
+            seconds,
+            soak_now,
+            batch.clone(),
+            child.as_deref(),
+            protocol,
+        )?;
         soak = s;
         for r in &rows {
             ratios.entry(r.clients).or_default().push(r.server_ips / r.raw_ips);

@@ -235,7 +235,7 @@ impl Blocked {
         if fast && group == 1 && !pointwise && m.is_multiple_of(LANES) && g.k.0 <= 16 {
             // A dense conv (a stem) reads NCHW and writes blocked directly.
             let x = if x_blocked { from_blocked(&x)? } else { x };
-            let packed = self.packed_weights(i, node, &w, statics, |ws| nchwc::pack_pointwise(ws, m, ws.len() / m))?;
+            let packed = self.packed_weights(i, node, &w, statics, |ws| nchwc::pack_dense(ws, m, ws.len() / m))?;
             let y = kernels::with_data(&x, |xs| {
                 nchwc::dense_to_blocked(xs, (n, c, h, wd), &packed, &bias, m, g, nact, false)
             })?;

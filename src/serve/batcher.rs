@@ -64,7 +64,10 @@ impl BatchConfig {
             return bad("max-queue-size", "expected at least 1".into());
         }
         if let Some(p) = self.preferred_batch_sizes.iter().find(|&&p| p == 0 || p > self.max_batch_size) {
-            return bad("preferred-batch-size", format!("{p} is outside 1..={} (--max-batch-size)", self.max_batch_size));
+            return bad(
+                "preferred-batch-size",
+                format!("{p} is outside 1..={} (--max-batch-size)", self.max_batch_size),
+            );
         }
         if self.priority_levels == 0 {
             return bad("priority-levels", "expected at least 1".into());
@@ -269,7 +272,11 @@ fn worker(shared: &Shared, cfg: &BatchConfig, metrics: &Metrics) {
                 q = shared.lock();
             }
             Plan::WaitUntil(t) => {
-                q = shared.arrived.wait_timeout(q, t.saturating_duration_since(now)).unwrap_or_else(|p| p.into_inner()).0;
+                q = shared
+                    .arrived
+                    .wait_timeout(q, t.saturating_duration_since(now))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         }
     }
@@ -426,7 +433,10 @@ mod tests {
     #[test]
     fn levels_and_limits_are_checked_as_triton_reads_them() {
         let c = BatchConfig { priority_levels: 3, default_priority_level: 2, ..Default::default() };
-        assert_eq!([c.level(Some(1)), c.level(Some(3)), c.level(Some(0)), c.level(Some(9)), c.level(None)], [1, 3, 2, 2, 2]);
+        assert_eq!(
+            [c.level(Some(1)), c.level(Some(3)), c.level(Some(0)), c.level(Some(9)), c.level(None)],
+            [1, 3, 2, 2, 2]
+        );
         assert!(c.check().is_ok());
         let e = BatchConfig { preferred_batch_sizes: vec![64], ..Default::default() }.check().unwrap_err().to_string();
         assert!(e.contains("--preferred-batch-size") && e.contains("64"), "{e}");

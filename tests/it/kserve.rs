@@ -237,8 +237,10 @@ async fn v2_priority_levels_let_a_request_overtake_the_queue() {
         let raw: Vec<u8> = (0..items).flat_map(|_| x.iter().flat_map(|v| v.to_le_bytes())).collect();
         let mut r = fp32_request("model", vec![items as i64, 3, 33, 33], raw);
         if let Some(p) = priority {
-            r.parameters
-                .insert("priority".into(), pb::InferParameter { parameter_choice: Some(ParameterChoice::Uint64Param(p)) });
+            r.parameters.insert(
+                "priority".into(),
+                pb::InferParameter { parameter_choice: Some(ParameterChoice::Uint64Param(p)) },
+            );
         }
         r
     };

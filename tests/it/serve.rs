@@ -41,7 +41,12 @@ pub(crate) fn model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 pub(crate) fn config(onnx: &Path, dir: &Path) -> ServeConfig {
     let mut c = ServeConfig::local(onnx, &dir.join("serve"));
     c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-    c.batch = BatchConfig { max_batch_size: 16, max_queue_delay: Duration::from_millis(20), max_queue_size: 256, ..Default::default() };
+    c.batch = BatchConfig {
+        max_batch_size: 16,
+        max_queue_delay: Duration::from_millis(20),
+        max_queue_size: 256,
+        ..Default::default()
+    };
     c.threads = 1;
     c.max_request_bytes = 4 << 20;
     c.data_root = Some(dir.to_path_buf());
@@ -324,7 +329,12 @@ async fn deadlines_and_a_full_queue() {
     let imgs = images(&test);
     // A long batching window: a request with a short deadline expires while queued.
     let mut cfg = config(&onnx, dir.path());
-    cfg.batch = BatchConfig { max_batch_size: 1000, max_queue_delay: Duration::from_millis(600), max_queue_size: 256, ..Default::default() };
+    cfg.batch = BatchConfig {
+        max_batch_size: 1000,
+        max_queue_delay: Duration::from_millis(600),
+        max_queue_size: 256,
+        ..Default::default()
+    };
     let server = start(cfg).await;
     let c = server.client(None).await;
     let s = c
@@ -344,7 +354,12 @@ async fn deadlines_and_a_full_queue() {
 
     // A one-slot queue with one-item batches: a burst overflows it at once.
     let mut cfg = config(&onnx, dir.path());
-    cfg.batch = BatchConfig { max_batch_size: 1, max_queue_delay: Duration::from_millis(0), max_queue_size: 1, ..Default::default() };
+    cfg.batch = BatchConfig {
+        max_batch_size: 1,
+        max_queue_delay: Duration::from_millis(0),
+        max_queue_size: 1,
+        ..Default::default()
+    };
     let server = start(cfg).await;
     let c = Arc::new(server.client(None).await);
     let mut tasks = Vec::new();
@@ -472,7 +487,12 @@ async fn shutdown_drains_requests_in_flight() {
     let (_, onnx, test) = model(dir.path());
     let imgs = images(&test);
     let mut cfg = config(&onnx, dir.path());
-    cfg.batch = BatchConfig { max_batch_size: 1000, max_queue_delay: Duration::from_millis(300), max_queue_size: 256, ..Default::default() };
+    cfg.batch = BatchConfig {
+        max_batch_size: 1000,
+        max_queue_delay: Duration::from_millis(300),
+        max_queue_size: 256,
+        ..Default::default()
+    };
     let server = start(cfg).await;
     let c = Arc::new(server.client(None).await);
     let mut tasks = Vec::new();

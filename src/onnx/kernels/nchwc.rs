@@ -9,7 +9,8 @@
 //! handled as the tile is stored, so each activation is written once.
 //!
 //! The tiles use AVX2+FMA intrinsics when the CPU has them and a scalar loop with the same arithmetic
-//! otherwise (tested against each other).
+//! otherwise; the 1x1 conv also has AVX-512 tiles (`6 pixels x 64 output channels` in 24 zmm registers),
+//! chosen at run time. All are tested against each other on the same inputs.
 
 use std::mem::MaybeUninit;
 
@@ -21,8 +22,35 @@ use super::{build, ConvGeom};
 pub const LANES: usize = 8;
 /// Pixels per 1x1-conv tile.
 const PW_PIXELS: usize = 6;
-/// Output channel blocks per 1x1-conv tile.
+/// Output channel blocks per AVX2 1x1-conv tile.
 const PW_BLOCKS: usize = 2;
+/// Output channels of one packed 1x1 weight panel: two blocks, one zmm register.
+const PAIR: usize = 2 * LANES;
+/// Output channel blocks per AVX-512 1x1-conv tile (four panels).
+const PW_BLOCKS_512: usize = 8;
+
+/// Which tiles run: the widest the CPU has, or the scalar ones (tests, other CPUs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain loops.
+    Scalar,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512F (1x1 convs; the other kernels use their AVX2 tiles).
+    Avx512,
+}
+
+impl Isa {
+    /// The widest this CPU runs (`portable`: scalar).
+    pub fn detect(portable: bool) -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if !portable && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return if std::is_x86_feature_detected!("avx512f") { Isa::Avx512 } else { Isa::Avx2 };
+        }
+        let _ = portable;
+        Isa::Scalar
+    }
+}
 
 /// Each `[rows, cols]` plane of `x` (planes one after another) transposed to `[cols, rows]`, in parallel.
 fn transpose_planes(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -56,9 +84,26 @@ pub fn unblock(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
     transpose_planes(x, hw, LANES)
 }
 
-/// 1x1 weights `[m, c]` packed for [`pointwise`]: `[m/8][c][8]` (the weight blocked like an activation).
+/// 1x1 weights `[m, c]` packed for [`pointwise`]: panels of 16 output channels, `[m/16][c][16]` (the last
+/// panel zero-padded when `m` is an odd number of blocks), so one AVX-512 load reads two output blocks'
+/// weights for one input channel and an AVX2 tile reads either half.
 pub fn pack_pointwise(w: &[f32], m: usize, c: usize) -> Vec<f32> {
-    block(w, 1, m, c)
+    assert_eq!(w.len(), m * c);
+    let panels = m.div_ceil(PAIR);
+    let mut out = vec![0f32; panels * c * PAIR];
+    for (o, row) in w.chunks_exact(c.max(1)).enumerate().take(m) {
+        let (q, l) = (o / PAIR, o % PAIR);
+        for (k, &v) in row.iter().enumerate() {
+            out[(q * c + k) * PAIR + l] = v;
+        }
+    }
+    out
+}
+
+/// Dense-conv weights `[m, taps]` packed for [`dense_to_blocked`]: `[m/8][taps][8]` (blocked like an
+/// activation).
+pub fn pack_dense(w: &[f32], m: usize, taps: usize) -> Vec<f32> {
+    block(w, 1, m, taps)
 }
 
 /// Depthwise weights `[c, taps]` packed for [`depthwise`]: `[c/8][taps][8]`.
@@ -66,16 +111,18 @@ pub fn pack_depthwise(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
     block(w, 1, c, taps)
 }
 
-/// One 1x1-conv tile: `R` pixels x `OB` output channel blocks, summed over every input channel.
+/// One 1x1-conv tile: `R` pixels x `OB` output channel blocks, summed over every input channel. The
+/// tile starts at an even output block (a panel boundary of [`pack_pointwise`]).
 #[derive(Clone, Copy)]
 struct PwTile {
     /// Input at (block 0, first pixel); blocks `x_stride` apart.
     x: *const f32,
     x_stride: usize,
     cblocks: usize,
-    /// Packed weights at the first output block; blocks `w_stride` apart.
+    /// Packed weights at the tile's first panel (input channel k of block o in it at `o * 8 + k * 16`);
+    /// panels `w_panel` apart.
     w: *const f32,
-    w_stride: usize,
+    w_panel: usize,
     bias: *const f32,
     /// Output at (first output block, first pixel); blocks `out_stride` apart.
     out: *mut f32,
@@ -88,7 +135,7 @@ struct PwTile {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{DenseRow, DwRow, PwTile, LANES};
+    use super::{DenseRow, DwRow, PwTile, LANES, PAIR};
 
     /// Clamp that keeps NaN (the operand order of max/min picks the second operand on NaN).
     #[inline(always)]
@@ -106,11 +153,11 @@ mod avx2 {
         }
         for cb in 0..t.cblocks {
             let xp = t.x.add(cb * t.x_stride);
-            let wp = t.w.add(cb * LANES * LANES);
+            let wp = t.w.add(cb * LANES * PAIR);
             for k in 0..LANES {
                 let mut wv = [_mm256_setzero_ps(); OB];
                 for (o, v) in wv.iter_mut().enumerate() {
-                    *v = _mm256_loadu_ps(wp.add(o * t.w_stride + k * LANES));
+                    *v = _mm256_loadu_ps(wp.add(o * LANES + k * PAIR));
                 }
                 for r in 0..R {
                     let xv = _mm256_broadcast_ss(&*xp.add(r * LANES + k));
@@ -196,6 +243,56 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{PwTile, LANES, PAIR};
+
+    /// The high eight lanes of `v` (AVX-512F only: no DQ extract).
+    #[inline(always)]
+    unsafe fn high(v: __m512) -> __m256 {
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+    }
+
+    /// `R` pixels x `P` whole panels (two output blocks each, one zmm register), summed over every
+    /// input channel in the AVX2 tile's order (so both give the same bits).
+    #[allow(clippy::needless_range_loop)] // acc is indexed [p][r] inside an r loop: clearer than zips
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pw_tile<const R: usize, const P: usize>(t: PwTile) {
+        let mut acc = [[_mm512_setzero_ps(); R]; P];
+        for (p, row) in acc.iter_mut().enumerate() {
+            let b = _mm512_loadu_ps(t.bias.add(p * PAIR));
+            row.iter_mut().for_each(|a| *a = b);
+        }
+        for cb in 0..t.cblocks {
+            let xp = t.x.add(cb * t.x_stride);
+            let wp = t.w.add(cb * LANES * PAIR);
+            for k in 0..LANES {
+                let mut wv = [_mm512_setzero_ps(); P];
+                for (p, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(wp.add(p * t.w_panel + k * PAIR));
+                }
+                for r in 0..R {
+                    let xv = _mm512_set1_ps(*xp.add(r * LANES + k));
+                    for p in 0..P {
+                        acc[p][r] = _mm512_fmadd_ps(wv[p], xv, acc[p][r]);
+                    }
+                }
+            }
+        }
+        let (lo, hi) = (_mm512_set1_ps(t.lo), _mm512_set1_ps(t.hi));
+        for (p, row) in acc.iter().enumerate() {
+            for (r, &a) in row.iter().enumerate() {
+                // Clamp that keeps NaN, as the AVX2 tile's.
+                let v = _mm512_min_ps(hi, _mm512_max_ps(lo, a));
+                _mm256_storeu_ps(t.out.add(2 * p * t.out_stride + r * LANES), _mm512_castps512_ps256(v));
+                _mm256_storeu_ps(t.out.add((2 * p + 1) * t.out_stride + r * LANES), high(v));
+            }
+        }
+    }
+}
+
 /// The portable form of a 1x1 tile (same sums in the same order, without fused multiply-adds).
 unsafe fn pw_tile_scalar(t: PwTile, r_n: usize, ob_n: usize) {
     for o in 0..ob_n {
@@ -207,7 +304,7 @@ unsafe fn pw_tile_scalar(t: PwTile, r_n: usize, ob_n: usize) {
             for cb in 0..t.cblocks {
                 for k in 0..LANES {
                     let xv = *t.x.add(cb * t.x_stride + r * LANES + k);
-                    let wp = t.w.add(o * t.w_stride + (cb * LANES + k) * LANES);
+                    let wp = t.w.add(o * LANES + (cb * LANES + k) * PAIR);
                     for (l, a) in acc.iter_mut().enumerate() {
                         *a += *wp.add(l) * xv;
                     }
@@ -234,41 +331,61 @@ fn clamp1(v: f32, lo: f32, hi: f32) -> f32 {
 
 /// Whether the AVX2+FMA tiles run (checked once per call of the drivers below).
 fn use_avx2(portable: bool) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        !portable && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = portable;
-        false
-    }
+    Isa::detect(portable) >= Isa::Avx2
 }
 
-/// Runs one tile of `r` pixels x `ob` blocks (`r` <= 6, `ob` <= 2).
+/// `$k::<R, $p>($t)` for the tile's pixel count `$r` (1..=6).
+macro_rules! by_pixels {
+    ($k:ident, $r:expr, $p:literal, $t:expr) => {
+        match $r {
+            6 => $k::<6, $p>($t),
+            5 => $k::<5, $p>($t),
+            4 => $k::<4, $p>($t),
+            3 => $k::<3, $p>($t),
+            2 => $k::<2, $p>($t),
+            _ => $k::<1, $p>($t),
+        }
+    };
+}
+
+/// Runs one tile of `r` pixels x `ob` blocks (`r` <= 6; `ob` <= 2, or <= 8 with AVX-512: whole panels in
+/// zmm tiles, an odd last block on the AVX2 tile).
 ///
 /// # Safety
-/// The tile's pointers must cover `r` pixels x `ob` blocks of input, weights and output.
-unsafe fn pw_run(t: PwTile, r: usize, ob: usize, simd: bool) {
+/// The tile's pointers must cover `r` pixels x `ob` blocks of input, weights and output, and `isa` must
+/// be one this CPU runs.
+unsafe fn pw_run(t: PwTile, r: usize, ob: usize, isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        use avx2::pw_tile as k;
-        return match (r, ob) {
-            (6, 2) => k::<6, 2>(t),
-            (5, 2) => k::<5, 2>(t),
-            (4, 2) => k::<4, 2>(t),
-            (3, 2) => k::<3, 2>(t),
-            (2, 2) => k::<2, 2>(t),
-            (1, 2) => k::<1, 2>(t),
-            (6, _) => k::<6, 1>(t),
-            (5, _) => k::<5, 1>(t),
-            (4, _) => k::<4, 1>(t),
-            (3, _) => k::<3, 1>(t),
-            (2, _) => k::<2, 1>(t),
-            _ => k::<1, 1>(t),
-        };
+    {
+        use avx2::pw_tile as k2;
+        use avx512::pw_tile as k512;
+        match isa {
+            Isa::Avx512 => {
+                let panels = ob / 2;
+                match panels {
+                    0 => {}
+                    1 => by_pixels!(k512, r, 1, t),
+                    2 => by_pixels!(k512, r, 2, t),
+                    3 => by_pixels!(k512, r, 3, t),
+                    _ => by_pixels!(k512, r, 4, t),
+                }
+                if ob % 2 == 1 {
+                    let last = PwTile {
+                        w: t.w.add(panels * t.w_panel),
+                        bias: t.bias.add(panels * PAIR),
+                        out: t.out.add(2 * panels * t.out_stride),
+                        ..t
+                    };
+                    by_pixels!(k2, r, 1, last)
+                }
+                return;
+            }
+            Isa::Avx2 if ob >= 2 => return by_pixels!(k2, r, 2, t),
+            Isa::Avx2 => return by_pixels!(k2, r, 1, t),
+            Isa::Scalar => {}
+        }
     }
-    let _ = simd;
+    let _ = isa;
     pw_tile_scalar(t, r, ob)
 }
 
@@ -301,24 +418,40 @@ impl Act {
 #[allow(clippy::too_many_arguments)]
 pub fn pointwise(
     x: &[f32],
-    (n, c, hw): (usize, usize, usize),
+    dims: (usize, usize, usize),
     w: &[f32],
     bias: &[f32],
     m: usize,
     act: Act,
     portable: bool,
 ) -> Vec<f32> {
+    pointwise_with(x, dims, w, bias, m, act, Isa::detect(portable))
+}
+
+/// [`pointwise`] on the tiles of `isa` (capped at what this CPU runs): tests and benchmarks compare them.
+#[allow(clippy::too_many_arguments)]
+pub fn pointwise_with(
+    x: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    w: &[f32],
+    bias: &[f32],
+    m: usize,
+    act: Act,
+    isa: Isa,
+) -> Vec<f32> {
     assert!(c.is_multiple_of(LANES) && m.is_multiple_of(LANES));
-    assert!(x.len() == n * c * hw && w.len() == m * c && bias.len() == m);
+    assert!(x.len() == n * c * hw && w.len() == m.div_ceil(PAIR) * c * PAIR && bias.len() == m);
     if n * hw == 0 {
         return Vec::new();
     }
-    let simd = use_avx2(portable);
+    let isa = isa.min(Isa::detect(false));
+    let step = if isa == Isa::Avx512 { PW_BLOCKS_512 } else { PW_BLOCKS };
     let (cb, mb) = (c / LANES, m / LANES);
     // A chunk of pixels whose input (all channels) stays in L2 while every output block is computed.
     let chunk = ((64 * 1024 / c.max(1)) / PW_PIXELS).max(1) * PW_PIXELS;
     let chunks = hw.div_ceil(chunk);
-    // Split the output channels too when images x chunks would leave threads idle.
+    // Split the output channels too when images x chunks would leave threads idle (groups start on a
+    // panel boundary).
     let want = 4 * rayon::current_num_threads();
     let groups = want.div_ceil(n * chunks).clamp(1, mb.div_ceil(PW_BLOCKS));
     let per_group = mb.div_ceil(groups).div_ceil(PW_BLOCKS) * PW_BLOCKS;
@@ -330,28 +463,28 @@ pub fn pointwise(
             let (p0, p1) = (ch * chunk, ((ch + 1) * chunk).min(hw));
             let (o0, o1) = (g * per_group, ((g + 1) * per_group).min(mb));
             let xi = x[img * c * hw..].as_ptr();
-            for ob in (o0..o1).step_by(PW_BLOCKS) {
-                let obn = PW_BLOCKS.min(o1 - ob);
+            for ob in (o0..o1).step_by(step) {
+                let obn = step.min(o1 - ob);
                 let mut p = p0;
                 while p < p1 {
                     let r = pixel_tile(p1 - p);
                     // SAFETY: (img, blocks ob..ob+obn, pixels p..p+r) lie inside `x`, `w`, `bias` and the
-                    // output; tasks cover disjoint (img, pixel chunk, block group) parts of the output,
-                    // and together all of it.
+                    // output (`ob` is even: a panel start); tasks cover disjoint (img, pixel chunk, block
+                    // group) parts of the output, and together all of it; `isa` is capped above.
                     unsafe {
                         let t = PwTile {
                             x: xi.add(p * LANES),
                             x_stride: hw * LANES,
                             cblocks: cb,
-                            w: w.as_ptr().add(ob * c * LANES),
-                            w_stride: c * LANES,
+                            w: w.as_ptr().add(ob / 2 * c * PAIR),
+                            w_panel: c * PAIR,
                             bias: bias.as_ptr().add(ob * LANES),
                             out: out.at((img * mb + ob) * hw * LANES + p * LANES),
                             out_stride: hw * LANES,
                             lo: act.lo,
                             hi: act.hi,
                         };
-                        pw_run(t, r, obn, simd);
+                        pw_run(t, r, obn, isa);
                     }
                     p += r;
                 }
@@ -576,7 +709,7 @@ unsafe fn dense_row_scalar(d: &DenseRow, ow: usize, blocks: usize) {
 }
 
 /// A dense (group 1) convolution of NCHW input `x` (`[n, c, h, w]`, any `c`: a 3-channel stem) straight
-/// into blocked `[n, m/8, oh, ow, 8]`, weights packed by [`pack_pointwise`] of `[m, c*kh*kw]`.
+/// into blocked `[n, m/8, oh, ow, 8]`, weights packed by [`pack_dense`] of `[m, c*kh*kw]`.
 #[allow(clippy::too_many_arguments)]
 pub fn dense_to_blocked(
     x: &[f32],
@@ -718,29 +851,35 @@ mod tests {
 
     #[test]
     fn pointwise_matches_direct_sums_on_every_tile_shape() {
-        // 3 output blocks (a 2-block and a 1-block tile), 13 pixels (6+6+1), both code paths.
-        for &(n, c, m, hw) in &[(2usize, 16usize, 24usize, 13usize), (1, 8, 8, 5), (3, 24, 40, 49)] {
+        // Output blocks 3, 1, 5, 9 and 17 (AVX-512: whole panels 1..=4 and an odd last block; AVX2: pairs
+        // and singles), pixel counts with short tails, several images; every ISA this CPU has.
+        let shapes =
+            [(2usize, 16usize, 24usize, 13usize), (1, 8, 8, 5), (3, 24, 40, 49), (1, 32, 72, 7), (2, 40, 136, 20)];
+        let isas: Vec<Isa> =
+            [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= Isa::detect(false)).collect();
+        for &(n, c, m, hw) in &shapes {
             let x = seq(n * c * hw, 1.0);
             let w = seq(m * c, 0.3);
             let b = seq(m, 0.5);
             let want = pointwise_ref(&x, (n, c, hw), &w, &b, m);
-            for portable in [false, true] {
-                let got =
-                    pointwise(&block(&x, n, c, hw), (n, c, hw), &pack_pointwise(&w, m, c), &b, m, Act::NONE, portable);
-                assert!(max_diff(&unblock(&got, n, m, hw), &want) < 1e-4, "n {n} c {c} m {m} hw {hw}");
-                let relu6 = pointwise(
-                    &block(&x, n, c, hw),
-                    (n, c, hw),
-                    &pack_pointwise(&w, m, c),
-                    &b,
-                    m,
-                    Act { lo: 0.0, hi: 6.0 },
-                    portable,
-                );
+            let (xb, wp) = (block(&x, n, c, hw), pack_pointwise(&w, m, c));
+            let mut simd_results = Vec::new();
+            for &isa in &isas {
+                let got = pointwise_with(&xb, (n, c, hw), &wp, &b, m, Act::NONE, isa);
+                assert!(max_diff(&unblock(&got, n, m, hw), &want) < 1e-4, "n {n} c {c} m {m} hw {hw} {isa:?}");
+                let relu6 = pointwise_with(&xb, (n, c, hw), &wp, &b, m, Act { lo: 0.0, hi: 6.0 }, isa);
                 let clamped: Vec<f32> = want.iter().map(|v| v.clamp(0.0, 6.0)).collect();
-                assert!(max_diff(&unblock(&relu6, n, m, hw), &clamped) < 1e-4);
+                assert!(max_diff(&unblock(&relu6, n, m, hw), &clamped) < 1e-4, "{isa:?} relu6");
+                if isa != Isa::Scalar {
+                    simd_results.push((isa, got));
+                }
+            }
+            // The AVX-512 tiles add in the AVX2 tiles' order: the same bits.
+            if let [(_, a), (_, b)] = &simd_results[..] {
+                assert!(a == b, "AVX2 and AVX-512 differ: n {n} c {c} m {m} hw {hw}");
             }
         }
+        println!("pointwise checked on {isas:?}");
     }
 
     /// Direct sums of a depthwise conv in NCHW.
@@ -863,7 +1002,7 @@ mod tests {
             let want = dense_ref(&x, (n, c, h, w), &kv, &b, m, g);
             let (oh, ow) = g.out_size(h, w);
             for portable in [false, true] {
-                let packed = pack_pointwise(&kv, m, c * k * k);
+                let packed = pack_dense(&kv, m, c * k * k);
                 let got = dense_to_blocked(&x, (n, c, h, w), &packed, &b, m, g, Act::NONE, portable);
                 let got = unblock(&got, n, m, oh * ow);
                 assert!(max_diff(&got, &want) < 1e-4, "c {c} h {h} w {w} k {k} s {s} portable {portable}");

@@ -1,9 +1,11 @@
 //! Our kernels per instruction set on the same inputs, in one run (criterion): the packed sgemm's AVX2
 //! and AVX-512 tiles on Swin-Tiny's linear-layer shapes at batch 8 (rows = tokens x images), against the
-//! `gemm` crate (candle's matmul) as the baseline.
+//! `gemm` crate (candle's matmul) as the baseline; the channel-blocked 1x1 conv's scalar, AVX2 and
+//! AVX-512 tiles on EfficientNet-Lite0's 1x1 shapes at batch 1 and 8.
 //!
 //!   cargo bench --bench kernels
 
+use automm::onnx::kernels::nchwc;
 use automm::onnx::kernels::sgemm::{best_isa, matmul_packed_on, Isa, PackedB};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -12,6 +14,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 const SHAPES: &[(usize, usize, usize)] = &[(25088, 96, 288), (25088, 384, 96), (6272, 192, 576), (1568, 384, 1536)];
 
 fn bench(c: &mut Criterion) {
+    // As the automm binary does: big outputs are reused, not page-faulted in afresh on every call.
+    automm::onnx::kernels::keep_freed_memory();
     let Some(best) = best_isa() else {
         eprintln!("no AVX2+FMA here: the sgemm tiles do not run on this CPU");
         return;
@@ -39,5 +43,40 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// (c, m, pixels) of EfficientNet-Lite0's 1x1 convs: an expansion and a projection per resolution,
+/// and the 1280-channel head.
+const PW_SHAPES: &[(usize, usize, usize)] = &[
+    (16, 96, 112 * 112),
+    (144, 24, 56 * 56),
+    (40, 240, 28 * 28),
+    (480, 80, 14 * 14),
+    (112, 672, 14 * 14),
+    (1152, 192, 7 * 7),
+    (320, 1280, 7 * 7),
+];
+
+fn pointwise(c: &mut Criterion) {
+    let best = nchwc::Isa::detect(false);
+    let isas: Vec<nchwc::Isa> =
+        [nchwc::Isa::Scalar, nchwc::Isa::Avx2, nchwc::Isa::Avx512].into_iter().filter(|&i| i <= best).collect();
+    let mut group = c.benchmark_group("pointwise");
+    group.sample_size(10);
+    for &(ch, m, hw) in PW_SHAPES {
+        for n in [1usize, 8] {
+            let x: Vec<f32> = (0..n * ch * hw).map(|i| ((i * 7919 % 101) as f32 - 50.0) / 50.0).collect();
+            let w: Vec<f32> = (0..m * ch).map(|i| ((i * 31 % 97) as f32 - 48.0) / 48.0).collect();
+            let (xb, wp, bias) = (nchwc::block(&x, n, ch, hw), nchwc::pack_pointwise(&w, m, ch), vec![0.1f32; m]);
+            let shape = format!("n{n}_c{ch}_m{m}_px{hw}");
+            group.throughput(Throughput::Elements((2 * n * hw * ch * m) as u64));
+            for &isa in isas.iter().filter(|&&i| i != nchwc::Isa::Scalar || n == 1) {
+                group.bench_with_input(BenchmarkId::new(format!("{isa:?}"), &shape), &(), |b, _| {
+                    b.iter(|| nchwc::pointwise_with(&xb, (n, ch, hw), &wp, &bias, m, nchwc::Act::NONE, isa))
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, pointwise);
 criterion_main!(benches);

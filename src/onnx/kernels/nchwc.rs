@@ -450,11 +450,11 @@ pub fn pointwise_with(
     // A chunk of pixels whose input (all channels) stays in L2 while every output block is computed.
     let chunk = ((64 * 1024 / c.max(1)) / PW_PIXELS).max(1) * PW_PIXELS;
     let chunks = hw.div_ceil(chunk);
-    // Split the output channels too when images x chunks would leave threads idle (groups start on a
-    // panel boundary).
+    // Split the output channels too when images x chunks would leave threads idle, in whole tiles (a
+    // narrower tile has too few accumulators to hide the multiply-add latency).
     let want = 4 * rayon::current_num_threads();
-    let groups = want.div_ceil(n * chunks).clamp(1, mb.div_ceil(PW_BLOCKS));
-    let per_group = mb.div_ceil(groups).div_ceil(PW_BLOCKS) * PW_BLOCKS;
+    let groups = want.div_ceil(n * chunks).clamp(1, mb.div_ceil(step));
+    let per_group = mb.div_ceil(groups).div_ceil(step) * step;
     let groups = mb.div_ceil(per_group);
     build(n * m * hw, |out| {
         (0..n * chunks * groups).into_par_iter().for_each(|task| {

@@ -218,7 +218,8 @@ async fn v2_protocol_health_metadata_infer_config_statistics() {
 /// held by a long queue delay, so the order is decided by the queue, not by timing: two low requests
 /// (4 + 3 items) wait for company; a high one (4 items) then fills a batch of 8 with the first low one
 /// and runs at once, while the second low one waits out the delay (FIFO would run the two low ones and
-/// keep the high one waiting). ModelConfig reports the levels and preferred sizes.
+/// keep the high one waiting). ModelConfig reports the levels and preferred sizes; readiness turns false
+/// when shutdown begins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_priority_levels_let_a_request_overtake_the_queue() {
     use std::sync::atomic::Ordering::Relaxed;
@@ -285,6 +286,13 @@ async fn v2_priority_levels_let_a_request_overtake_the_queue() {
         .unwrap();
     let db = cfg.dynamic_batching.unwrap();
     assert_eq!((db.priority_levels, db.default_priority_level, db.preferred_batch_size), (2, 2, vec![8]));
+    // Once shutdown begins (the flag the shutdown path sets first), readiness says no while live stays yes,
+    // so a load balancer stops routing here while the queue drains.
+    state.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(!c.server_ready(pb::ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    let ready = pb::ModelReadyRequest { name: "model".into(), version: String::new() };
+    assert!(!c.model_ready(ready).await.unwrap().into_inner().ready);
+    assert!(c.server_live(pb::ServerLiveRequest {}).await.unwrap().into_inner().live);
     server.stop().await;
 }
 

@@ -456,6 +456,15 @@ pub fn pointwise_with(
     let groups = want.div_ceil(n * chunks).clamp(1, mb.div_ceil(step));
     let per_group = mb.div_ceil(groups).div_ceil(step) * step;
     let groups = mb.div_ceil(per_group);
+    // Still too few tasks to balance the threads (one small image, few output tiles): smaller pixel
+    // chunks, in whole pixel tiles.
+    let (chunk, chunks) = if n * chunks * groups < want {
+        let c2 = hw.div_ceil(want.div_ceil(n * groups)).div_ceil(PW_PIXELS).max(1) * PW_PIXELS;
+        let c2 = c2.min(chunk);
+        (c2, hw.div_ceil(c2))
+    } else {
+        (chunk, chunks)
+    };
     build(n * m * hw, |out| {
         (0..n * chunks * groups).into_par_iter().for_each(|task| {
             let (img, rest) = (task / (chunks * groups), task % (chunks * groups));

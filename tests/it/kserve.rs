@@ -56,6 +56,12 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
+/// The served model's ModelConfig.
+async fn model_config(c: &mut V2Client) -> pb::ModelConfig {
+    let r = pb::ModelConfigRequest { name: "model".into(), version: String::new() };
+    c.model_config(r).await.unwrap().into_inner().config.unwrap()
+}
+
 async fn code_of(c: &mut V2Client, r: pb::ModelInferRequest) -> (Code, String) {
     let e = c.model_infer(r).await.expect_err("a bad request must fail");
     (e.code(), e.message().to_string())
@@ -142,13 +148,7 @@ async fn v2_protocol_health_metadata_infer_config_statistics() {
     assert!(max_diff(&floats(&out.raw_output_contents[1]), &local.probs[..4]) <= 1e-4);
 
     // ModelConfig says what the server was started with.
-    let cfg = c
-        .model_config(pb::ModelConfigRequest { name: "model".into(), version: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .config
-        .unwrap();
+    let cfg = model_config(&mut c).await;
     assert_eq!((cfg.max_batch_size, cfg.input[0].dims.clone()), (16, vec![3, 33, 33]));
     let db = cfg.dynamic_batching.unwrap();
     assert_eq!(db.max_queue_delay_microseconds, 20_000);
@@ -277,13 +277,7 @@ async fn v2_priority_levels_let_a_request_overtake_the_queue() {
     let order = finished.lock().unwrap().clone();
     assert_eq!(order.last(), Some(&"low-b"), "the second low request waited out the delay: {order:?}");
     let mut c = V2Client::connect(url.clone()).await.unwrap();
-    let cfg = c
-        .model_config(pb::ModelConfigRequest { name: "model".into(), version: String::new() })
-        .await
-        .unwrap()
-        .into_inner()
-        .config
-        .unwrap();
+    let cfg = model_config(&mut c).await;
     let db = cfg.dynamic_batching.unwrap();
     assert_eq!((db.priority_levels, db.default_priority_level, db.preferred_batch_size), (2, 2, vec![8]));
     // Once shutdown begins (the flag the shutdown path sets first), readiness says no while live stays yes,

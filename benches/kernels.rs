@@ -6,7 +6,8 @@
 //!   cargo bench --bench kernels
 
 use automm::onnx::kernels::nchwc;
-use automm::onnx::kernels::sgemm::{best_isa, matmul_packed_on, Isa, PackedB};
+use automm::onnx::kernels::sgemm::{best_isa, matmul_packed_on, PackedB};
+use automm::onnx::kernels::Isa;
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -56,9 +57,8 @@ const PW_SHAPES: &[(usize, usize, usize)] = &[
 ];
 
 fn pointwise(c: &mut Criterion) {
-    let best = nchwc::Isa::detect(false);
-    let isas: Vec<nchwc::Isa> =
-        [nchwc::Isa::Scalar, nchwc::Isa::Avx2, nchwc::Isa::Avx512].into_iter().filter(|&i| i <= best).collect();
+    let best = Isa::detect(false);
+    let isas: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best).collect();
     let mut group = c.benchmark_group("pointwise");
     group.sample_size(10);
     for &(ch, m, hw) in PW_SHAPES {
@@ -68,7 +68,7 @@ fn pointwise(c: &mut Criterion) {
             let (xb, wp, bias) = (nchwc::block(&x, n, ch, hw), nchwc::pack_pointwise(&w, m, ch), vec![0.1f32; m]);
             let shape = format!("n{n}_c{ch}_m{m}_px{hw}");
             group.throughput(Throughput::Elements((2 * n * hw * ch * m) as u64));
-            for &isa in isas.iter().filter(|&&i| i != nchwc::Isa::Scalar || n == 1) {
+            for &isa in isas.iter().filter(|&&i| i != Isa::Scalar || n == 1) {
                 group.bench_with_input(BenchmarkId::new(format!("{isa:?}"), &shape), &(), |b, _| {
                     b.iter(|| nchwc::pointwise_with(&xb, (n, ch, hw), &wp, &bias, m, nchwc::Act::NONE, isa))
                 });

@@ -103,9 +103,9 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         model_name: a.model_name,
         metrics_listen: a.metrics_listen,
         batch: automm::serve::batcher::BatchConfig {
-            max_batch_size: a.max_batch_size.max(1),
+            max_batch_size: a.max_batch_size,
             max_queue_delay: std::time::Duration::from_micros(a.max_queue_delay_us),
-            max_queue_size: a.max_queue_size.max(1),
+            max_queue_size: a.max_queue_size,
             preferred_batch_sizes: a.preferred_batch_sizes,
             priority_levels: a.priority_levels,
             default_priority_level: a.default_priority_level.unwrap_or(a.priority_levels),

@@ -63,6 +63,31 @@ pub(crate) fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle
     }
 }
 
+/// Which of our SIMD tiles run: the widest the CPU has, or the scalar ones (tests, other CPUs). Ordered,
+/// so `isa.min(Isa::detect(false))` caps a requested set at what this CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain loops.
+    Scalar,
+    /// AVX2 + FMA (ymm tiles).
+    Avx2,
+    /// AVX-512F (zmm tiles where a kernel has them: the packed sgemm and the blocked 1x1 conv; the
+    /// others run their AVX2 tiles).
+    Avx512,
+}
+
+impl Isa {
+    /// The widest this CPU runs (`portable`: scalar).
+    pub fn detect(portable: bool) -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if !portable && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return if std::is_x86_feature_detected!("avx512f") { Isa::Avx512 } else { Isa::Avx2 };
+        }
+        let _ = portable;
+        Isa::Scalar
+    }
+}
+
 /// Makes glibc keep freed memory for reuse instead of returning large blocks to the kernel at once.
 ///
 /// Every op output is a fresh buffer of up to ~40 MB; by default glibc serves those with `mmap` and

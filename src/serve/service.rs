@@ -136,7 +136,7 @@ impl Service {
             deadline,
             cancelled: Some(gone.0.clone()),
         };
-        let level = self.state.cfg.batch.default_priority_level;
+        let level = self.state.cfg.batch.level(None);
         let probs = self.infer(&model, req, budget, level).await?.probabilities;
         let k = model.classes.len();
         let predictions = probs

@@ -16,6 +16,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+pub use super::Isa;
 use super::{build, ConvGeom};
 
 /// Channels per block.
@@ -28,29 +29,6 @@ const PW_BLOCKS: usize = 2;
 const PAIR: usize = 2 * LANES;
 /// Output channel blocks per AVX-512 1x1-conv tile (four panels).
 const PW_BLOCKS_512: usize = 8;
-
-/// Which tiles run: the widest the CPU has, or the scalar ones (tests, other CPUs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Isa {
-    /// Plain loops.
-    Scalar,
-    /// AVX2 + FMA.
-    Avx2,
-    /// AVX-512F (1x1 convs; the other kernels use their AVX2 tiles).
-    Avx512,
-}
-
-impl Isa {
-    /// The widest this CPU runs (`portable`: scalar).
-    pub fn detect(portable: bool) -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        if !portable && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return if std::is_x86_feature_detected!("avx512f") { Isa::Avx512 } else { Isa::Avx2 };
-        }
-        let _ = portable;
-        Isa::Scalar
-    }
-}
 
 /// Each `[rows, cols]` plane of `x` (planes one after another) transposed to `[cols, rows]`, in parallel.
 fn transpose_planes(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {

@@ -11,6 +11,7 @@
 use rayon::prelude::*;
 
 use super::build;
+pub use super::Isa;
 
 /// Columns per panel.
 const NR: usize = 16;
@@ -56,38 +57,13 @@ impl PackedB {
 
 /// Whether [`matmul_packed`] runs its own tiles here (AVX2+FMA); callers use another path otherwise.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    best_isa().is_some()
 }
 
-/// The widest tiles this CPU runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// 6 x 16 tiles in ymm registers.
-    Avx2,
-    /// 6 x 32 tiles in zmm registers (AVX-512F).
-    Avx512,
-}
-
-/// The widest tiles this CPU has (None without AVX2+FMA).
+/// The widest tiles this CPU has for the packed sgemm (6 x 16 in ymm on AVX2, 6 x 32/48 in zmm on
+/// AVX-512F); None without AVX2+FMA.
 pub fn best_isa() -> Option<Isa> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if !available() {
-            return None;
-        }
-        Some(if std::is_x86_feature_detected!("avx512f") { Isa::Avx512 } else { Isa::Avx2 })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        None
-    }
+    Some(Isa::detect(false)).filter(|&i| i != Isa::Scalar)
 }
 
 /// `a[rows, k] @ b (+ bias per column)`, row-major `[rows, n]`. `after(segment)` runs on each finished
@@ -108,9 +84,7 @@ pub fn matmul_packed_on(
     bias: Option<&[f32]>,
     after: &(dyn Fn(&mut [f32]) + Sync),
 ) -> Vec<f32> {
-    assert!(available(), "sgemm tiles need AVX2 and FMA");
-    #[cfg(target_arch = "x86_64")]
-    assert!(isa == Isa::Avx2 || std::is_x86_feature_detected!("avx512f"), "this CPU has no AVX-512F");
+    assert!(isa != Isa::Scalar && isa <= Isa::detect(false), "this CPU has no {isa:?} tiles for the sgemm");
     let (k, n) = (b.k, b.n);
     assert!(k > 0 && a.len().is_multiple_of(k) && bias.is_none_or(|v| v.len() == n));
     let rows = a.len() / k;

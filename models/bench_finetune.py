@@ -12,6 +12,7 @@ the forward; the loss is cross-entropy on `--classes` classes, the optimizer Ada
 the head), `frozen` (head only, features under no_grad).
 Prints one JSON object: fwd_ms_per_img, step_ms_per_img and its parts step_{fwd,bwd,opt}_ms_per_img,
 peak_rss_bytes, params, torch.
+`--device cuda` runs on GPU 0 (every timing waits for the device; peak memory is then the GPU's).
 Needs: pip install torch timm (about 3 GB).
 """
 import argparse
@@ -24,12 +25,18 @@ import torch
 import timm
 
 
+def sync():
+    pass
+
+
 def timed(fn, steps):
     fn()  # warm-up: allocator, oneDNN primitive caches
+    sync()
     out = []
     for _ in range(steps):
         t0 = time.perf_counter()
         fn()
+        sync()  # a GPU runs the kernels after the calls return
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
 
@@ -43,21 +50,27 @@ def main():
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--finetune", choices=["full", "bit_fit", "norm_fit", "frozen"], default="full")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        global sync
+        sync = torch.cuda.synchronize
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = timm.create_model(args.arch, num_classes=0, drop_rate=0.0, drop_path_rate=0.0)
     dim = model.num_features
     head = torch.nn.Linear(dim, args.classes)
+    model, head = model.to(dev), head.to(dev)
     for name, p in model.named_parameters():
         is_norm = any(part.startswith(("norm", "bn")) for part in name.split(".")[:-1])
         p.requires_grad = (args.finetune == "full" or (args.finetune in ("bit_fit", "norm_fit") and name.endswith("bias"))
                            or (args.finetune == "norm_fit" and is_norm))
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-3)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, args.classes, (args.batch,))
+    x = torch.randn(args.batch, 3, args.size, args.size).to(dev)
+    y = torch.randint(0, args.classes, (args.batch,)).to(dev)
 
     def forward():
         model.eval()
@@ -76,10 +89,13 @@ def main():
         else:
             f = model(x)
         loss = torch.nn.functional.cross_entropy(head(f), y)
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         opt.step()
+        sync()
         parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
     fwd = timed(forward, args.steps)
@@ -91,7 +107,9 @@ def main():
         "step_fwd_ms_per_img": part[0] * 1e3 / args.batch,
         "step_bwd_ms_per_img": part[1] * 1e3 / args.batch,
         "step_opt_ms_per_img": part[2] * 1e3 / args.batch,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # On a GPU: the device's peak allocation (what bounds the batch there), not the host's RSS.
+        "peak_rss_bytes": (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
         "params": sum(p.numel() for p in params),
         "torch": torch.__version__,
     }))

@@ -52,6 +52,8 @@ pub struct FinetuneBench {
     pub classes: usize,
     /// Which backbone parameters train (`freeze`, `efficient_finetune`, `trainable_layers`).
     pub hp: HyperParams,
+    /// Where the graph runs (a CUDA device: every timed call ends with a synchronisation).
+    pub device: Device,
 }
 
 /// Where the step's features come from.
@@ -69,12 +71,15 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn median_seconds(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn median_seconds(dev: &Device, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?; // warm-up: builds the plan for this shape
+    dev.synchronize()?;
     let mut t = Vec::with_capacity(steps);
     for _ in 0..steps.max(1) {
         let t0 = Instant::now();
         f()?;
+        // A GPU runs the kernels after the calls return: wait for them.
+        dev.synchronize()?;
         t.push(t0.elapsed().as_secs_f64());
     }
     t.sort_by(f64::total_cmp);
@@ -83,7 +88,7 @@ fn median_seconds(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64
 
 /// Measures `model` (an ONNX backbone; its feature tensor detected) on random images.
 pub fn measure(model: &Path, b: &FinetuneBench) -> Result<FinetuneFigures> {
-    let (dev, name) = (Device::Cpu, model.display().to_string());
+    let (dev, name) = (b.device.clone(), model.display().to_string());
     let proto = read_model(model)?;
     let feature = detect_feature_tensor(&proto)?;
     let g = Graph::from_model(&proto, &name, &dev, Some(vec![feature.clone()]))?;
@@ -112,7 +117,7 @@ pub fn measure(model: &Path, b: &FinetuneBench) -> Result<FinetuneFigures> {
             Source::Frozen(g) => Ok(g.run(&[(input.name.as_str(), x.clone())])?.remove(0).reshape((b.batch, ()))?),
         }
     };
-    let fwd = median_seconds(b.steps, || features(false).map(drop))?;
+    let fwd = median_seconds(&dev, b.steps, || features(false).map(drop))?;
     let dim = features(false)?.dims()[1];
     let head = Head::init(b.classes, dim, &mut rng, &dev)?;
     let (w, bias) = (Var::from_tensor(&head.weight)?, Var::from_tensor(&head.bias)?);
@@ -124,15 +129,17 @@ pub fn measure(model: &Path, b: &FinetuneBench) -> Result<FinetuneFigures> {
     let mut opt = AdamW::new(vars, AdamWConfig::new(b.hp.learning_rate, b.hp.weight_decay))?;
     // The step in its three parts, each timed; the medians are taken per part.
     let mut parts: Vec<[f64; 3]> = Vec::new();
-    let step = median_seconds(b.steps, || {
+    let step = median_seconds(&dev, b.steps, || {
         let t0 = Instant::now();
         let f = features(true)?;
         let logits = f.matmul(&w.as_tensor().t()?)?.broadcast_add(bias.as_tensor())?;
         let loss = cross_entropy(&logits.to_dtype(DType::F32)?, &y, 0.0, Reduction::Mean)?;
+        dev.synchronize()?;
         let t1 = Instant::now();
         let grads = loss.backward()?;
         let g: Vec<Option<Tensor>> = opt.vars().iter().map(|v| grads.get(v).cloned()).collect();
         drop(grads);
+        dev.synchronize()?;
         let t2 = Instant::now();
         opt.step(&g)?;
         parts.push([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64()]);

@@ -95,6 +95,10 @@ pub struct FinetuneArgs {
     /// Also print where automm's tracked forward pass spends its time, by op type.
     #[arg(long)]
     profile: bool,
+    /// Like env.num_gpus: 1 runs both sides on GPU 0 (automm built with --features cuda; PyTorch with
+    /// `--device cuda`). Peak memory is then the GPU's (PyTorch) and the host's RSS (automm).
+    #[arg(long, default_value_t = 0)]
+    num_gpus: i64,
 }
 
 /// Runs one benchmark.
@@ -139,13 +143,15 @@ fn finetune_bench(a: &FinetuneArgs) -> Result<()> {
         m => hp.efficient_finetune = m.parse().map_err(|e| anyhow::anyhow!("--finetune: {e} (or full, frozen)"))?,
     }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let device = automm::util::device::select_device(a.num_gpus);
+    let torch_device = if device.is_cuda() { "cuda" } else { "cpu" };
     // PyTorch first, in its own process, so that neither side's memory or caches affect the other's.
     let torch: Option<FinetuneFigures> = match a.torch_arch.as_deref() {
         None => None,
         Some(arch) => {
             let out = std::process::Command::new(&a.python)
                 .arg(&a.script)
-                .args(["--arch", arch, "--finetune", finetune])
+                .args(["--arch", arch, "--finetune", finetune, "--device", torch_device])
                 .args(["--batch", &batch.to_string(), "--threads", &threads.to_string(), "--steps", &steps.to_string()])
                 .output()
                 .with_context(|| format!("running {} {}", a.python.display(), a.script.display()))?;
@@ -156,9 +162,10 @@ fn finetune_bench(a: &FinetuneArgs) -> Result<()> {
             Some(serde_json::from_str(line.trim()).with_context(|| format!("PyTorch's side printed `{line}`"))?)
         }
     };
-    let b = FinetuneBench { batch, steps, classes: 4, hp };
+    let b = FinetuneBench { batch, steps, classes: 4, hp, device: device.clone() };
     let ours = measure(&a.model, &b)?;
-    println!("batch {batch}, {threads} threads, mode {finetune}, median of {steps} steps");
+    let on = if device.is_cuda() { "GPU 0".to_string() } else { format!("{threads} threads") };
+    println!("batch {batch}, {on}, mode {finetune}, median of {steps} steps");
     println!(
         "{:<8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10}",
         "ms/img", "forward", "train step", "= fwd", "+ bwd", "+ AdamW", "peak GB", "trained"
@@ -187,7 +194,8 @@ fn finetune_bench(a: &FinetuneArgs) -> Result<()> {
             r(ours.step_fwd_ms_per_img, t.step_fwd_ms_per_img),
             r(ours.step_bwd_ms_per_img, t.step_bwd_ms_per_img),
             r(ours.step_opt_ms_per_img, t.step_opt_ms_per_img),
-            r(ours.peak_rss_bytes as f64, t.peak_rss_bytes as f64)
+            // On a GPU PyTorch reports the device's peak and automm the host's: not comparable.
+            if device.is_cuda() { f64::NAN } else { r(ours.peak_rss_bytes as f64, t.peak_rss_bytes as f64) }
         );
     }
     if a.profile {

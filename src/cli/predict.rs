@@ -36,7 +36,8 @@ pub struct PredictArgs {
     /// Output CSV.
     #[arg(long)]
     pub output: PathBuf,
-    /// Like env.num_gpus: non-zero asks ONNX Runtime for its CUDA execution provider.
+    /// Like env.num_gpus: non-zero runs a model folder on candle's CUDA device 0 (automm built with
+    /// --features cuda) and an .onnx file on ONNX Runtime's CUDA execution provider; CPU fallback, logged.
     #[arg(long, default_value_t = 0)]
     pub num_gpus: i64,
     /// Set from the global `--quiet`: no progress bars, no INFO lines.
@@ -82,7 +83,7 @@ pub fn cmd_predict(a: PredictArgs) -> Result<()> {
             ..a
         });
     } else {
-        let mut p = Predictor::load_with_backbone(&a.model, &select_device(0), a.backbone.as_deref())?;
+        let mut p = Predictor::load_with_backbone(&a.model, &select_device(a.num_gpus), a.backbone.as_deref())?;
         p.batch_size = a.batch_size;
         if let Some(c) = &prior {
             p.correct_prior(c)?;

@@ -6,12 +6,13 @@
 //! time (see FACTS.md: 5-100x behind ONNX Runtime per op). These kernels are used only for inference: when
 //! any input is tracked for gradients (fine-tuning), the caller keeps candle's differentiable ops.
 
-use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use crate::error::Result;
+use crate::util::device::own_kernels_for;
 
 /// Elements per parallel task for elementwise work (small enough to split, big enough to amortise).
 const CHUNK: usize = 1 << 15;
@@ -106,11 +107,14 @@ pub fn keep_freed_memory() {
 
 /// True when every tensor is a CPU f32 tensor that no gradient needs: our kernels may run.
 pub fn usable(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
+    ts.iter().all(|t| own_kernels_for(t) && !t.track_op())
 }
 
 /// Runs `f` on a tensor's f32 storage and layout.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32], &Layout) -> R) -> Option<R> {
+    if !own_kernels_for(t) {
+        return None;
+    }
     let (storage, layout) = t.storage_and_layout();
     match &*storage {
         Storage::Cpu(CpuStorage::F32(v)) => Some(f(v, layout)),
@@ -190,7 +194,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
 /// [`matmul`] plus a bias of one value per output column, added by the gemm itself (the output starts as
 /// the bias rows and the product accumulates into it): MatMul followed by Add, fused.
 pub fn matmul_bias(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    if a.rank() < 2 || b.rank() < 2 {
+    if a.rank() < 2 || b.rank() < 2 || !own_kernels_for(a) || !own_kernels_for(b) {
         return Ok(None);
     }
     let bias = match bias {

@@ -111,11 +111,12 @@ impl Graph {
             .collect::<candle_core::Result<_>>()?;
         // Fused kernels are inference-only, but for GELU (which has a backward pass); nothing fuses off the CPU.
         let tracked = feeds.iter().any(|(_, t)| t.track_op()) || (track && !self.trainable.is_empty());
-        let (steps, fused, blocked) = if self.device.is_cpu() && !tracked {
+        let own_cpu = self.device.is_cpu() && !crate::util::device::candle_ops_only();
+        let (steps, fused, blocked) = if own_cpu && !tracked {
             let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset, false);
             let blocked = layout::plan(&self.nodes, &steps, &fused, &statics, &self.outputs);
             (steps, fused, blocked)
-        } else if self.device.is_cpu() {
+        } else if own_cpu {
             let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset, true);
             (steps, fused, layout::Blocked::default())
         } else {
@@ -313,7 +314,7 @@ impl Graph {
                 let x = arg(0)?;
                 let y = if kernels::usable(&[&x]) {
                     kernels::unary(kernels::Unary::Gelu, &x)?
-                } else if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+                } else if crate::util::device::own_kernels_for(&x) {
                     x.contiguous()?.apply_op1(kernels::grad::GeluOp)?
                 } else {
                     x.gelu_erf()?

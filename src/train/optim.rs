@@ -131,6 +131,9 @@ impl AdamW {
 
 /// A contiguous CPU f32 tensor's values, borrowed.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if crate::util::device::candle_ops_only() {
+        return None;
+    }
     let (storage, layout) = t.storage_and_layout();
     match (&*storage, layout.contiguous_offsets()) {
         (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => Some(f(&v[a..b])),

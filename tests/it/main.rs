@@ -3,6 +3,7 @@
 
 mod common;
 
+mod candle_path;
 mod config;
 mod conformance;
 mod demo;

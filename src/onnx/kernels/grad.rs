@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Te
 use rayon::prelude::*;
 
 use super::{cpu_slice, exp, gelu_in_place, lane_sum, layer_norm_chunk, par_build, softmax_chunk};
+use crate::util::device::own_kernels_for;
 
 fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.contiguous()?.flatten_all()?.to_vec1::<f32>()
@@ -320,7 +321,7 @@ simd_dispatch!(bias_sum_row, <>, (acc: &mut [f32], row: &[f32], inner: usize), b
 /// `x + b` through [`BiasAddOp`] when `b` (of any rank) equals `x` along one run of dims and is 1
 /// elsewhere, on the CPU in f32; None otherwise.
 pub fn bias_add(x: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let cpu32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    let cpu32 = own_kernels_for;
     if !cpu32(x) || !cpu32(b) || b.rank() > x.rank() || b.elem_count() < 2 {
         return Ok(None);
     }
@@ -382,7 +383,7 @@ impl CustomOp1 for ConstBinaryOp {
 /// `x op c` through [`ConstBinaryOp`] when `x` trains, `c` does not, `x` is the whole side and `c`
 /// broadcasts along one run of dims (CPU, f32); None otherwise (`c / x` included).
 pub fn const_binary(op: super::Binary, x: &Tensor, c: &Tensor, swapped: bool) -> candle_core::Result<Option<Tensor>> {
-    let cpu32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    let cpu32 = own_kernels_for;
     let fits = super::broadcast_run(x.dims(), c.dims()).is_some() || super::hole_run(x.dims(), c.dims()).is_some();
     if !x.track_op() || c.track_op() || !cpu32(x) || !cpu32(c) || x.elem_count() < c.elem_count() || !fits {
         return Ok(None);
@@ -459,7 +460,7 @@ impl CustomOp2 for MatMulOp {
 /// `a @ b` through [`MatMulOp`] when a side trains, both are CPU f32 of rank >= 2, and `b` is a matrix or
 /// has exactly `a`'s batch dims; None otherwise.
 pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let cpu32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    let cpu32 = own_kernels_for;
     let (ra, rb) = (a.rank(), b.rank());
     let shapes = ra >= 2 && (rb == 2 || (ra == rb && a.dims()[..ra - 2] == b.dims()[..rb - 2]));
     if !(a.track_op() || b.track_op()) || !cpu32(a) || !cpu32(b) || !shapes || a.dims()[ra - 1] != b.dims()[rb - 2] {

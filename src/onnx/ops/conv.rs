@@ -8,6 +8,7 @@ use candle_onnx::onnx::NodeProto;
 use super::{node_err, pad_spatial, Attrs};
 use crate::error::Result;
 use crate::onnx::kernels;
+use crate::util::device::own_kernels_for;
 
 /// ONNX Conv on an NCHW tensor.
 pub fn conv(node: &NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -93,7 +94,7 @@ pub fn conv_act(
     if fast && group > 1 {
         return kernels::conv_grouped(x, w, b, geom, group, act);
     }
-    let cpu_f32 = x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == candle_core::DType::F32;
+    let cpu_f32 = own_kernels_for(x) && own_kernels_for(w);
     let y = if depthwise && cpu_f32 {
         // Differentiable and fast: candle would run one conv per channel, forward and backward.
         x.contiguous()?.apply_op2(&w.contiguous()?, kernels::DepthwiseOp { g: geom })?

@@ -6,6 +6,7 @@ use candle_onnx::onnx::NodeProto;
 
 use super::*;
 use crate::error::Result;
+use crate::util::device::own_kernels_for;
 
 /// The op types this family evaluates.
 pub const OPS: &[&str] = &[
@@ -46,7 +47,7 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
                 one(kernels::softmax_last(t)?)
             } else if axis + 1 == t.rank() && !t.track_op() {
                 one(candle_nn::ops::softmax_last_dim(&t.contiguous()?)?)
-            } else if axis + 1 == t.rank() && t.device().is_cpu() && t.dtype() == DType::F32 {
+            } else if axis + 1 == t.rank() && own_kernels_for(t) {
                 one(t.contiguous()?.apply_op1(kernels::grad::SoftmaxOp)?)
             } else {
                 one(candle_nn::ops::softmax(t, axis)?)
@@ -65,8 +66,7 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
                 return one(kernels::layer_norm(t, inner, scale, opt_input(ins, 2), eps as f32)?);
             }
             let x2 = t.contiguous()?.reshape(((t.elem_count() / inner.max(1)), inner))?;
-            let f32_cpu = |v: &Tensor| v.device().is_cpu() && v.dtype() == DType::F32;
-            if !stats && f32_cpu(t) && f32_cpu(scale) && opt_input(ins, 2).is_none_or(f32_cpu) {
+            if !stats && own_kernels_for(t) && own_kernels_for(scale) && opt_input(ins, 2).is_none_or(own_kernels_for) {
                 // Training on the CPU: one op forward, one fused pass backward.
                 let bias = match opt_input(ins, 2) {
                     Some(b) => b.flatten_all()?,

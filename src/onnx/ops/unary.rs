@@ -1,10 +1,11 @@
 //! ONNX ops, family: unary maths and activations (our kernels when no gradient is tracked), Clip.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_onnx::onnx::NodeProto;
 
 use super::*;
 use crate::error::Result;
+use crate::util::device::own_kernels_for;
 
 /// The op types this family evaluates.
 pub const OPS: &[&str] = &[
@@ -91,7 +92,7 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
                 let (lo, hi) = (lo.unwrap_or(f64::NEG_INFINITY) as f32, hi.unwrap_or(f64::INFINITY) as f32);
                 return one(kernels::unary(kernels::Unary::Clip(lo, hi), t)?);
             }
-            if t.device().is_cpu() && t.dtype() == DType::F32 {
+            if own_kernels_for(t) {
                 let (lo, hi) = (lo.unwrap_or(f64::NEG_INFINITY) as f32, hi.unwrap_or(f64::INFINITY) as f32);
                 return one(t.contiguous()?.apply_op1(kernels::ClampOp { lo, hi })?);
             }

@@ -6,6 +6,12 @@ pub fn cmd_doctor() -> Result<()> {
     println!("automm {}", env!("CARGO_PKG_VERSION"));
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("threads: {threads} available; rayon pool {}", rayon::current_num_threads());
+    let isa = automm::onnx::kernels::Isa::detect(false);
+    if automm::util::device::candle_ops_only() {
+        println!("CPU kernels: off (AUTOMM_KERNELS=candle: candle's ops only, the path a GPU takes)");
+    } else {
+        println!("CPU kernels: ours, {isa:?} tiles (AUTOMM_KERNELS=candle turns them off)");
+    }
     match automm::deploy::engine::ort::locate() {
         Ok(loc) => {
             println!("ONNX Runtime: {} (found via {})", loc.path.display(), loc.source);

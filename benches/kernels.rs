@@ -1,13 +1,15 @@
 //! Our kernels per instruction set on the same inputs, in one run (criterion): the packed sgemm's AVX2
 //! and AVX-512 tiles on Swin-Tiny's linear-layer shapes at batch 8 (rows = tokens x images), against the
 //! `gemm` crate (candle's matmul) as the baseline; the channel-blocked 1x1 conv's scalar, AVX2 and
-//! AVX-512 tiles on EfficientNet-Lite0's 1x1 shapes at batch 1 and 8.
+//! AVX-512 tiles on EfficientNet-Lite0's 1x1 shapes at batch 1 and 8; dense and grouped convolutions
+//! (ResNet, DenseNet, RegNetY shapes at batch 8) as im2col + the `gemm` crate in NCHW against the
+//! channel-blocked direct conv per ISA.
 //!
 //!   cargo bench --bench kernels
 
 use automm::onnx::kernels::nchwc;
 use automm::onnx::kernels::sgemm::{best_isa, matmul_packed_on, PackedB};
-use automm::onnx::kernels::Isa;
+use automm::onnx::kernels::{conv_grouped, ConvGeom, Isa};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -78,5 +80,54 @@ fn pointwise(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, pointwise);
+/// (c, m, h=w, k, stride, groups) at batch 8: ResNet's stem and 3x3 convs per stage, DenseNet's
+/// bottleneck 1x1 and growth 3x3, a RegNetY grouped 3x3 (group width 16).
+const CONV_SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
+    (3, 64, 224, 7, 2, 1),
+    (64, 64, 56, 3, 1, 1),
+    (128, 128, 28, 3, 1, 1),
+    (256, 256, 14, 3, 1, 1),
+    (512, 512, 7, 3, 1, 1),
+    (256, 128, 28, 1, 1, 1),
+    (128, 32, 28, 3, 1, 1),
+    (144, 144, 28, 3, 1, 9),
+];
+
+fn convs(c: &mut Criterion) {
+    let best = Isa::detect(false);
+    let mut group = c.benchmark_group("conv");
+    group.sample_size(10);
+    let n = 8;
+    for &(ch, m, hw, k, s, groups) in CONV_SHAPES {
+        let p = k / 2;
+        let g = ConvGeom { k: (k, k), s: (s, s), d: (1, 1), pads: [p; 4] };
+        let x: Vec<f32> = (0..n * ch * hw * hw).map(|i| ((i * 7919 % 101) as f32 - 50.0) / 50.0).collect();
+        let w: Vec<f32> = (0..m * ch / groups * k * k).map(|i| ((i * 31 % 97) as f32 - 48.0) / 48.0).collect();
+        let x = Tensor::from_vec(x, (n, ch, hw, hw), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(w, (m, ch / groups, k, k), &Device::Cpu).unwrap();
+        let b = Tensor::zeros(m, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let (oh, ow) = g.out_size(hw, hw);
+        let shape = format!("c{ch}_m{m}_{hw}px_k{k}s{s}g{groups}");
+        group.throughput(Throughput::Elements((2 * n * oh * ow * m * ch / groups * k * k) as u64));
+        // NCHW: im2col + the `gemm` crate (what these convs ran on before the blocked kernel).
+        group.bench_with_input(BenchmarkId::new("GemmCrate", &shape), &(), |bch, _| {
+            bch.iter(|| conv_grouped(&x, &w, Some(&b), g, groups, Some((0.0, f32::MAX))).unwrap())
+        });
+        // The channel-blocked direct conv (input already blocked, weights packed once, as in a plan).
+        if groups == 1 && ch % nchwc::LANES == 0 {
+            let xb = nchwc::block(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), n, ch, hw * hw);
+            let wp = nchwc::pack_dense_blocked(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), m, ch, (k, k));
+            let bias = vec![0f32; m];
+            let act = nchwc::Act { lo: 0.0, hi: f32::MAX };
+            for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best) {
+                group.bench_with_input(BenchmarkId::new(format!("Blocked{isa:?}"), &shape), &(), |bch, _| {
+                    bch.iter(|| nchwc::dense_blocked(&xb, (n, ch, hw, hw), &wp, &bias, m, g, act, isa))
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, pointwise, convs);
 criterion_main!(benches);

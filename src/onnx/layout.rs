@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor};
 use candle_onnx::onnx::NodeProto;
 
 use super::fuse::Fused;
-use super::kernels::{self, nchwc};
+use super::kernels::{self, nchwc, Isa};
 use super::ops::{self, conv};
 use super::ops::{node_err, Attrs};
 use crate::error::Result;
@@ -44,23 +44,18 @@ fn step_output(node: &NodeProto, fused: Option<&Fused>) -> Option<String> {
     }
 }
 
-/// Whether a Conv node, by its static weight and attributes, has a blocked kernel: a 1x1 stride-1
-/// unpadded conv or a depthwise conv, with input and output channels in whole blocks.
+/// Whether a Conv node, by its static weight and attributes, has a blocked kernel: a dense (group 1) conv
+/// of any geometry ([`nchwc::dense_blocked`]; 1x1 stride-1 unpadded ones on [`nchwc::pointwise`]) or a
+/// depthwise conv, with input and output channels in whole blocks.
 fn native(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
     let Some(w) = node.input.get(1).and_then(|n| statics.get(n)) else { return false };
     if node.op_type != "Conv" || w.rank() != 4 || w.dtype() != DType::F32 {
         return false;
     }
-    let (m, cg, kh, kw) = (w.dims()[0], w.dims()[1], w.dims()[2], w.dims()[3]);
-    let at = Attrs(node);
-    let group = at.int("group", 1).max(1) as usize;
-    let ones = |v: Option<Vec<i64>>| v.is_none_or(|v| v.iter().all(|&x| x == 1));
-    let pointwise = (kh, kw) == (1, 1)
-        && group == 1
-        && ones(at.ints("strides"))
-        && at.ints("pads").is_none_or(|p| p.iter().all(|&x| x == 0));
+    let (m, cg, kh) = (w.dims()[0], w.dims()[1], w.dims()[2]);
+    let group = Attrs(node).int("group", 1).max(1) as usize;
     let depthwise = cg == 1 && group == m && kh <= 16;
-    (pointwise || depthwise) && m.is_multiple_of(LANES) && (cg * group).is_multiple_of(LANES)
+    (group == 1 || depthwise) && m.is_multiple_of(LANES) && (cg * group).is_multiple_of(LANES)
 }
 
 /// Chooses the blocked steps among `steps` (in order). A native conv is blocked; another conv with whole
@@ -232,6 +227,15 @@ impl Blocked {
         let nact = act.map(|(lo, hi)| nchwc::Act { lo, hi }).unwrap_or(nchwc::Act::NONE);
         let (n, h, wd) = (x_dims[0], x_dims[2], x_dims[3]);
         let (oh, ow) = g.out_size(h, wd);
+        if fast && group == 1 && !pointwise && c.is_multiple_of(LANES) && m.is_multiple_of(LANES) {
+            // A dense conv on whole channel blocks: the blocked direct kernel.
+            let xb = if x_blocked { x } else { to_blocked(&x)? };
+            let packed = self.packed_weights(i, node, &w, statics, |ws| nchwc::pack_dense_blocked(ws, m, c, g.k))?;
+            let y = kernels::with_data(&xb, |xs| {
+                nchwc::dense_blocked(xs, (n, c, h, wd), &packed, &bias, m, g, nact, Isa::detect(false))
+            })?;
+            return Ok((out, kernels::tensor(y, &[n, m / LANES, oh, ow, LANES])?));
+        }
         if fast && group == 1 && !pointwise && m.is_multiple_of(LANES) && g.k.0 <= 16 {
             // A dense conv (a stem) reads NCHW and writes blocked directly.
             let x = if x_blocked { from_blocked(&x)? } else { x };

@@ -89,13 +89,17 @@ pub fn pack_depthwise(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
     block(w, 1, c, taps)
 }
 
-/// One 1x1-conv tile: `R` pixels x `OB` output channel blocks, summed over every input channel. The
-/// tile starts at an even output block (a panel boundary of [`pack_pointwise`]).
+/// One tile: `R` pixels x `OB` output channel blocks, summed over every input block. The tile starts at
+/// an even output block (a panel boundary of [`pack_pointwise`]). A 1x1 conv's input blocks are its
+/// channel blocks; a KxK conv's are every (channel block, tap) pair, each an offset into the (padded)
+/// input, so one tile serves both.
 #[derive(Clone, Copy)]
 struct PwTile {
-    /// Input at (block 0, first pixel); blocks `x_stride` apart.
+    /// Input at the tile's first pixel; input block `b` starts `x_offs[b]` floats further.
     x: *const f32,
-    x_stride: usize,
+    x_offs: *const usize,
+    /// Floats from one pixel of the tile to the next (8, or 8 x the stride).
+    px: usize,
     cblocks: usize,
     /// Packed weights at the tile's first panel (input channel k of block o in it at `o * 8 + k * 16`);
     /// panels `w_panel` apart.
@@ -130,7 +134,7 @@ mod avx2 {
             row.iter_mut().for_each(|a| *a = b);
         }
         for cb in 0..t.cblocks {
-            let xp = t.x.add(cb * t.x_stride);
+            let xp = t.x.add(*t.x_offs.add(cb));
             let wp = t.w.add(cb * LANES * PAIR);
             for k in 0..LANES {
                 let mut wv = [_mm256_setzero_ps(); OB];
@@ -138,7 +142,7 @@ mod avx2 {
                     *v = _mm256_loadu_ps(wp.add(o * LANES + k * PAIR));
                 }
                 for r in 0..R {
-                    let xv = _mm256_broadcast_ss(&*xp.add(r * LANES + k));
+                    let xv = _mm256_broadcast_ss(&*xp.add(r * t.px + k));
                     for o in 0..OB {
                         acc[o][r] = _mm256_fmadd_ps(wv[o], xv, acc[o][r]);
                     }
@@ -244,7 +248,7 @@ mod avx512 {
             row.iter_mut().for_each(|a| *a = b);
         }
         for cb in 0..t.cblocks {
-            let xp = t.x.add(cb * t.x_stride);
+            let xp = t.x.add(*t.x_offs.add(cb));
             let wp = t.w.add(cb * LANES * PAIR);
             for k in 0..LANES {
                 let mut wv = [_mm512_setzero_ps(); P];
@@ -252,7 +256,7 @@ mod avx512 {
                     *v = _mm512_loadu_ps(wp.add(p * t.w_panel + k * PAIR));
                 }
                 for r in 0..R {
-                    let xv = _mm512_set1_ps(*xp.add(r * LANES + k));
+                    let xv = _mm512_set1_ps(*xp.add(r * t.px + k));
                     for p in 0..P {
                         acc[p][r] = _mm512_fmadd_ps(wv[p], xv, acc[p][r]);
                     }
@@ -281,7 +285,7 @@ unsafe fn pw_tile_scalar(t: PwTile, r_n: usize, ob_n: usize) {
             }
             for cb in 0..t.cblocks {
                 for k in 0..LANES {
-                    let xv = *t.x.add(cb * t.x_stride + r * LANES + k);
+                    let xv = *t.x.add(*t.x_offs.add(cb) + r * t.px + k);
                     let wp = t.w.add(o * LANES + (cb * LANES + k) * PAIR);
                     for (l, a) in acc.iter_mut().enumerate() {
                         *a += *wp.add(l) * xv;
@@ -443,6 +447,7 @@ pub fn pointwise_with(
     } else {
         (chunk, chunks)
     };
+    let offs: Vec<usize> = (0..cb).map(|b| b * hw * LANES).collect();
     build(n * m * hw, |out| {
         (0..n * chunks * groups).into_par_iter().for_each(|task| {
             let (img, rest) = (task / (chunks * groups), task % (chunks * groups));
@@ -461,7 +466,8 @@ pub fn pointwise_with(
                     unsafe {
                         let t = PwTile {
                             x: xi.add(p * LANES),
-                            x_stride: hw * LANES,
+                            x_offs: offs.as_ptr(),
+                            px: LANES,
                             cblocks: cb,
                             w: w.as_ptr().add(ob / 2 * c * PAIR),
                             w_panel: c * PAIR,
@@ -474,6 +480,118 @@ pub fn pointwise_with(
                         pw_run(t, r, obn, isa);
                     }
                     p += r;
+                }
+            }
+        });
+    })
+}
+
+/// Dense KxK weights `[m, c, kh, kw]` packed for [`dense_blocked`]: [`pack_pointwise`] of the weights with
+/// their input channels reordered as (channel block, tap row, tap column, lane), the order in which the
+/// tile walks its input blocks.
+pub fn pack_dense_blocked(w: &[f32], m: usize, c: usize, (kh, kw): (usize, usize)) -> Vec<f32> {
+    let taps = kh * kw;
+    assert!(c.is_multiple_of(LANES) && w.len() == m * c * taps);
+    let mut r = vec![0f32; w.len()];
+    for o in 0..m {
+        for ch in 0..c {
+            for t in 0..taps {
+                r[o * c * taps + ((ch / LANES) * taps + t) * LANES + ch % LANES] = w[(o * c + ch) * taps + t];
+            }
+        }
+    }
+    pack_pointwise(&r, m, c * taps)
+}
+
+/// `planes` blocked planes `[h, w, 8]` inside a zero border of `pads` (top, left, bottom, right).
+fn pad_blocked(x: &[f32], planes: usize, (h, w): (usize, usize), pads: [usize; 4]) -> Vec<f32> {
+    let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
+    let mut out = vec![0f32; planes * hp * wp * LANES];
+    out.par_chunks_mut(hp * wp * LANES).zip(x.par_chunks(h * w * LANES)).for_each(|(o, xi)| {
+        for (y, row) in xi.chunks(w * LANES).enumerate() {
+            let start = ((y + pads[0]) * wp + pads[1]) * LANES;
+            o[start..start + w * LANES].copy_from_slice(row);
+        }
+    });
+    out
+}
+
+/// A dense (group 1) convolution of any kernel size, stride, dilation and padding on blocked input `x`
+/// (`[n, c/8, h, w, 8]`) with packed weights `w` ([`pack_dense_blocked`]) and `bias` (`m`), returning
+/// blocked `[n, m/8, oh, ow, 8]`: the 1x1 tiles over (channel block, tap) input blocks read from a
+/// zero-padded copy of the input, a row of output pixels per task. On the tiles of `isa` (capped at what
+/// this CPU runs).
+#[allow(clippy::too_many_arguments)]
+pub fn dense_blocked(
+    x: &[f32],
+    (n, c, h, wd): (usize, usize, usize, usize),
+    w: &[f32],
+    bias: &[f32],
+    m: usize,
+    g: ConvGeom,
+    act: Act,
+    isa: Isa,
+) -> Vec<f32> {
+    let (kh, kw) = g.k;
+    let vc = c * kh * kw;
+    assert!(c.is_multiple_of(LANES) && m.is_multiple_of(LANES) && x.len() == n * c * h * wd);
+    assert!(w.len() == m.div_ceil(PAIR) * vc * PAIR && bias.len() == m);
+    let (oh, ow) = g.out_size(h, wd);
+    if n * m * oh * ow == 0 {
+        return Vec::new();
+    }
+    let isa = isa.min(Isa::detect(false));
+    let (cb, mb) = (c / LANES, m / LANES);
+    let (hp, wp) = (h + g.pads[0] + g.pads[2], wd + g.pads[1] + g.pads[3]);
+    let padded;
+    let xs: &[f32] = if g.pads == [0; 4] {
+        x
+    } else {
+        padded = pad_blocked(x, n * cb, (h, wd), g.pads);
+        &padded
+    };
+    let plane = hp * wp * LANES;
+    let offs: Vec<usize> = (0..cb)
+        .flat_map(|b| (0..kh).flat_map(move |i| (0..kw).map(move |j| (b, i, j))))
+        .map(|(b, i, j)| b * plane + (i * g.d.0 * wp + j * g.d.1) * LANES)
+        .collect();
+    let step = if isa == Isa::Avx512 { PW_BLOCKS_512 } else { PW_BLOCKS };
+    let rows = n * oh;
+    let want = 4 * rayon::current_num_threads();
+    let groups = want.div_ceil(rows).clamp(1, mb.div_ceil(step));
+    let per_group = mb.div_ceil(groups).div_ceil(step) * step;
+    let groups = mb.div_ceil(per_group);
+    build(n * m * oh * ow, |out| {
+        (0..rows * groups).into_par_iter().for_each(|task| {
+            let (row, gi) = (task / groups, task % groups);
+            let (img, oy) = (row / oh, row % oh);
+            let (o0, o1) = (gi * per_group, ((gi + 1) * per_group).min(mb));
+            let xrow = xs[img * cb * plane + oy * g.s.0 * wp * LANES..].as_ptr();
+            for ob in (o0..o1).step_by(step) {
+                let mut ox = 0;
+                while ox < ow {
+                    let r = pixel_tile(ow - ox);
+                    // SAFETY: every tap of pixels ox..ox+r of row oy lies inside the padded image `img`
+                    // (out_size bounds the last window by the padded extent); blocks ob..ob+step of the
+                    // weights, bias and output exist (`ob` even: a panel start); tasks write disjoint
+                    // (image, row, block group) parts of the output and together all of it.
+                    unsafe {
+                        let t = PwTile {
+                            x: xrow.add(ox * g.s.1 * LANES),
+                            x_offs: offs.as_ptr(),
+                            px: g.s.1 * LANES,
+                            cblocks: offs.len(),
+                            w: w.as_ptr().add(ob / 2 * vc * PAIR),
+                            w_panel: vc * PAIR,
+                            bias: bias.as_ptr().add(ob * LANES),
+                            out: out.at(((img * mb + ob) * oh + oy) * ow * LANES + ox * LANES),
+                            out_stride: oh * ow * LANES,
+                            lo: act.lo,
+                            hi: act.hi,
+                        };
+                        pw_run(t, r, step.min(o1 - ob), isa);
+                    }
+                    ox += r;
                 }
             }
         });
@@ -971,6 +1089,45 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn dense_blocked_matches_direct_sums_on_every_isa() {
+        let best = Isa::detect(false);
+        // (c, h, w, m, k, s, d, pads): 3x3 same, strided with asymmetric pads, dilation, 1x7 style via
+        // k=1 rows, odd output blocks (AVX-512: a panel plus an odd block), rows not a multiple of 6.
+        for &(c, h, w, m, k, s, d, pads) in &[
+            (8usize, 9usize, 11usize, 24usize, 3usize, 1usize, 1usize, [1usize; 4]),
+            (16, 13, 10, 40, 3, 2, 1, [0, 1, 1, 1]),
+            (8, 12, 12, 72, 3, 1, 2, [2; 4]),
+            (24, 7, 7, 8, 5, 1, 1, [2; 4]),
+            (8, 5, 23, 16, 1, 2, 1, [0; 4]),
+        ] {
+            let n = 2;
+            let g = ConvGeom { k: (k, k), s: (s, s), d: (d, d), pads };
+            let x = seq(n * c * h * w, 1.0);
+            let kv = seq(m * c * k * k, 0.3);
+            let b = seq(m, 0.2);
+            let want = dense_ref(&x, (n, c, h, w), &kv, &b, m, g);
+            let (oh, ow) = g.out_size(h, w);
+            let packed = pack_dense_blocked(&kv, m, c, (k, k));
+            let xb = block(&x, n, c, h * w);
+            let mut first: Option<Vec<f32>> = None;
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best) {
+                let got = unblock(&dense_blocked(&xb, (n, c, h, w), &packed, &b, m, g, Act::NONE, isa), n, m, oh * ow);
+                assert!(max_diff(&got, &want) < 1e-4, "c {c} h {h} w {w} m {m} k {k} s {s} d {d} {isa:?}");
+                if isa >= Isa::Avx2 {
+                    // The vector tiles sum in the same order: the same bits on every ISA.
+                    match &first {
+                        Some(f) => assert!(f == &got, "{isa:?} differs from AVX2 bit for bit (c {c} k {k} s {s})"),
+                        None => first = Some(got),
+                    }
+                }
+            }
+            let clamped = dense_blocked(&xb, (n, c, h, w), &packed, &b, m, g, Act { lo: 0.0, hi: 0.5 }, best);
+            let want: Vec<f32> = want.iter().map(|v| v.clamp(0.0, 0.5)).collect();
+            assert!(max_diff(&unblock(&clamped, n, m, oh * ow), &want) < 1e-4, "clamped, c {c} k {k}");
+        }
     }
 
     #[test]

@@ -60,14 +60,20 @@ fn native(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
 
 /// Chooses the blocked steps among `steps` (in order). A native conv is blocked; another conv with whole
 /// output blocks is blocked when every reader of its output is a native conv or a global pool (it is
-/// re-laid once); Add/Relu/Clip are blocked when all their data inputs are. Graph outputs stay NCHW.
+/// re-laid once); Add/Relu/Clip are blocked when all their data inputs are, an Add also when one is and
+/// the other has the output's shape in whole channel blocks (a residual branch from an NCHW op: re-laid
+/// once); an inference BatchNormalization when its input is; a channel Concat when one input is and every
+/// input has whole channel blocks (DenseNet). `shapes` holds every value's dims for this input. Graph
+/// outputs stay NCHW.
 pub(crate) fn plan(
     nodes: &[NodeProto],
     steps: &[usize],
     fused: &HashMap<usize, Fused>,
     statics: &HashMap<String, Tensor>,
+    shapes: &HashMap<String, Vec<usize>>,
     outputs: &[String],
 ) -> Blocked {
+    let whole_blocks = |v: &str| shapes.get(v).is_some_and(|d| d.len() == 4 && d[1].is_multiple_of(LANES));
     let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
     for &i in steps {
         for v in &nodes[i].input {
@@ -90,6 +96,15 @@ pub(crate) fn plan(
                 w.is_some_and(|w| w.rank() == 4 && w.dims()[0] % LANES == 0 && w.dtype() == DType::F32)
                     && readers.get(out.as_str()).is_some_and(|r| r.iter().all(|&j| reads_blocked(j)))
             }
+            // One blocked operand, the other NCHW of the output's own shape: it is re-laid.
+            "Add"
+                if fused.get(&i).is_none()
+                    && data_inputs().count() == 2
+                    && data_inputs().any(|v| b.values.contains(v))
+                    && data_inputs().all(|v| whole_blocks(v) && shapes.get(v) == shapes.get(&out)) =>
+            {
+                true
+            }
             // Elementwise: the same op on blocked data. Two blocked operands broadcast in blocked form
             // exactly as in NCHW ([n, c/8, 1, 1, 8] against [n, c/8, h, w, 8] is a per-channel scale).
             "Add" | "Mul" | "Relu" | "Clip" | "Sigmoid" | "HardSigmoid" | "HardSwish" => {
@@ -99,6 +114,20 @@ pub(crate) fn plan(
                     // Clip's bounds must be scalars (they are; blocked data would not broadcast otherwise).
                     && n.input.iter().skip(1).all(|v| v.is_empty() || statics.get(v).is_none_or(|t| t.elem_count() == 1))
                     && (!matches!(n.op_type.as_str(), "Add" | "Mul") || data_inputs().count() == 2)
+            }
+            "BatchNormalization" => {
+                fused.get(&i).is_none()
+                    && n.input.first().is_some_and(|v| b.values.contains(v))
+                    && n.input.iter().skip(1).all(|v| statics.contains_key(v))
+                    && Attrs(n).int("training_mode", 0) == 0
+                    && n.output.iter().skip(1).all(String::is_empty)
+            }
+            "Concat" => {
+                let axis = Attrs(n).int("axis", 0);
+                (axis == 1 || axis == -3)
+                    && data_inputs().count() == n.input.len()
+                    && data_inputs().any(|v| b.values.contains(v))
+                    && data_inputs().all(|v| whole_blocks(v))
             }
             _ => false,
         };
@@ -162,6 +191,31 @@ pub(crate) fn from_blocked(t: &Tensor) -> Result<Tensor> {
     Ok(t.permute((0, 1, 4, 2, 3))?.reshape((n, c, h, w))?)
 }
 
+/// An inference BatchNormalization of blocked `x` (its statistics and affine parameters in `ins` 1..=4),
+/// as one per-channel multiply-add.
+fn batch_norm(node: &NodeProto, x: &Tensor, ins: &[Option<Tensor>]) -> Result<Tensor> {
+    let param = |k: usize| -> Result<Vec<f32>> {
+        let t = ins.get(k).cloned().flatten().ok_or_else(|| node_err(node, format!("input {k} is missing")))?;
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let (scale, bias, mean, var) = (param(1)?, param(2)?, param(3)?, param(4)?);
+    let eps = Attrs(node).float("epsilon", 1e-5);
+    let d = x.dims();
+    let (n, c, hw) = (d[0], d[1] * LANES, d[2] * d[3]);
+    if [&scale, &bias, &mean, &var].iter().any(|v| v.len() != c) {
+        return Err(node_err(node, format!("expected {c} values in each of scale, B, mean and var")));
+    }
+    let a: Vec<f32> = scale.iter().zip(&var).map(|(s, v)| s / (v + eps).sqrt()).collect();
+    let b: Vec<f32> = bias.iter().zip(&mean).zip(&a).map(|((b, m), a)| b - m * a).collect();
+    if kernels::usable(&[x]) {
+        let y = kernels::with_data(x, |xs| nchwc::channel_affine(xs, (n, c, hw), &a, &b))?;
+        return kernels::tensor(y, d);
+    }
+    let shape = [1, d[1], 1, 1, LANES];
+    let (a, b) = (Tensor::from_vec(a, &shape, x.device())?, Tensor::from_vec(b, &shape, x.device())?);
+    Ok(x.broadcast_mul(&a)?.broadcast_add(&b)?)
+}
+
 /// GlobalAveragePool of a blocked value: NCHW `[n, c, 1, 1]`.
 pub(crate) fn global_avg_pool(t: &Tensor) -> Result<Tensor> {
     let d = t.dims();
@@ -194,6 +248,27 @@ impl Blocked {
         if let Some(Fused::Silu { .. }) = fused {
             let x = ins.first().cloned().flatten().ok_or_else(|| node_err(node, "input 0 is missing"))?;
             return Ok((out, ops::unary::silu(&x)?));
+        }
+        let blocked_in = |k: usize| node.input.get(k).is_some_and(|v| self.values.contains(v));
+        let relaid = |k: usize| -> Result<Tensor> {
+            let t = ins.get(k).cloned().flatten().ok_or_else(|| node_err(node, format!("input {k} is missing")))?;
+            if blocked_in(k) {
+                Ok(t)
+            } else {
+                to_blocked(&t)
+            }
+        };
+        match node.op_type.as_str() {
+            "BatchNormalization" => return Ok((out, batch_norm(node, &relaid(0)?, ins)?)),
+            "Concat" => {
+                let parts = (0..node.input.len()).map(relaid).collect::<Result<Vec<_>>>()?;
+                return Ok((out, Tensor::cat(&parts, 1)?));
+            }
+            "Add" if !(blocked_in(0) && blocked_in(1)) => {
+                let y = relaid(0)?.broadcast_add(&relaid(1)?)?;
+                return Ok((out, y));
+            }
+            _ => {}
         }
         if node.op_type != "Conv" {
             // Elementwise on identical layouts: the ordinary op on the blocked tensors.

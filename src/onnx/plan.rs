@@ -63,8 +63,11 @@ impl Graph {
             self.initializers.keys().filter_map(|k| self.init_value(k, track).map(|t| (k.clone(), t))).collect();
         let mut is_static: HashSet<String> =
             self.initializers.keys().filter(|k| !self.trainable.contains(*k)).cloned().collect();
+        // Every value's shape for this input, for the layout decisions that depend on it.
+        let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
         for (n, t) in feeds {
             values.insert(n.to_string(), t.clone());
+            shapes.insert(n.to_string(), t.dims().to_vec());
         }
         let mut steps = Vec::new();
         // Input-dependent values are freed after their last reader, as in planned runs (statics are kept:
@@ -86,6 +89,7 @@ impl Graph {
             }
             for (name, t) in node.output.iter().zip(outs) {
                 if !name.is_empty() {
+                    shapes.insert(name.clone(), t.dims().to_vec());
                     if stat {
                         is_static.insert(name.clone());
                     }
@@ -114,7 +118,7 @@ impl Graph {
         let own_cpu = self.device.is_cpu() && !crate::util::device::candle_ops_only();
         let (steps, fused, blocked) = if own_cpu && !tracked {
             let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset, false);
-            let blocked = layout::plan(&self.nodes, &steps, &fused, &statics, &self.outputs);
+            let blocked = layout::plan(&self.nodes, &steps, &fused, &statics, &shapes, &self.outputs);
             (steps, fused, blocked)
         } else if own_cpu {
             let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset, true);

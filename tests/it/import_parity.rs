@@ -242,6 +242,66 @@ fn mixed_blocked_and_nchw_readers_match_the_unplanned_run() {
     assert!(max_abs_diff(&planned, &first) <= 1e-5, "{}", max_abs_diff(&planned, &first));
 }
 
+/// DenseNet- and ResNet-style joins on blocked data: a channel Concat of an NCHW graph input and a
+/// blocked conv output (the input re-laid), an inference BatchNormalization with non-identity statistics
+/// (a per-channel multiply-add on blocked data), Relu, a strided dense conv, a residual Add of a blocked
+/// value and an NCHW one of the same shape (re-laid), and a Concat with a negative axis. The planned run
+/// must equal the unplanned one, and every one of those steps must run blocked.
+#[test]
+fn blocked_concat_batch_norm_and_mixed_add_match_the_unplanned_run() {
+    use automm::onnx::tensor::f32_to_proto;
+    use candle_onnx::onnx::AttributeProto;
+    let dev = Device::Cpu;
+    let seq =
+        |n: usize, s: f32, o: f32| (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * s + o).collect::<Vec<_>>();
+    let ints =
+        |name: &str, v: &[i64]| AttributeProto { name: name.into(), ints: v.to_vec(), r#type: 7, ..Default::default() };
+    let int = |name: &str, v: i64| AttributeProto { name: name.into(), i: v, r#type: 2, ..Default::default() };
+    let mut grow = node("Conv", "grow", &["x", "w1"], &["g"]);
+    grow.attribute.push(ints("pads", &[1, 1, 1, 1]));
+    let mut cat = node("Concat", "cat", &["x", "g"], &["c"]);
+    cat.attribute.push(int("axis", 1));
+    let mut down = node("Conv", "down", &["r", "w2", "b2"], &["d"]);
+    down.attribute.extend([ints("pads", &[1, 0, 1, 2]), ints("strides", &[1, 1])]);
+    let mut cat2 = node("Concat", "cat2", &["s", "d"], &["e"]);
+    cat2.attribute.push(int("axis", -3));
+    let mut m = model(vec![
+        grow,
+        cat,
+        node("BatchNormalization", "bn", &["c", "scale", "bias", "mean", "var"], &["n"]),
+        node("Relu", "relu", &["n"], &["r"]),
+        down,
+        node("Add", "res", &["d", "x"], &["s"]),
+        cat2,
+        node("GlobalAveragePool", "gap", &["e"], &["p"]),
+        node("Flatten", "flat", &["p"], &["y"]),
+    ]);
+    let gr = m.graph.as_mut().unwrap();
+    for (name, dims, s, o) in [
+        ("w1", vec![16, 8, 3, 3], 0.3, 0.0),
+        ("scale", vec![24], 0.5, 1.0),
+        ("bias", vec![24], 0.3, 0.1),
+        ("mean", vec![24], 0.4, 0.0),
+        ("var", vec![24], 0.5, 1.0),
+        ("w2", vec![8, 24, 3, 3], 0.2, 0.0),
+        ("b2", vec![8], 0.1, 0.0),
+    ] {
+        let t = Tensor::from_vec(seq(dims.iter().product(), s, o), dims, &dev).unwrap();
+        gr.initializer.push(f32_to_proto(name, &t).unwrap());
+    }
+    let graph = Graph::from_model(&m, "joins", &dev, None).unwrap();
+    // The down conv's asymmetric pads (left 0, right 2) keep the 6 x 4 shape, so the residual Add fits.
+    let x = Tensor::from_vec(seq(2 * 8 * 6 * 4, 1.0, 0.0), (2, 8, 6, 4), &dev).unwrap();
+    let feeds = [("x", x)];
+    let first = graph.run(&feeds).unwrap().remove(0);
+    let st = graph.plan_stats(&feeds).unwrap();
+    // grow, cat, bn, relu, down, res, cat2 (GlobalAveragePool reads blocked data; Flatten gets NCHW).
+    assert_eq!(st.blocked, 7, "{st:?}");
+    let planned = graph.run(&feeds).unwrap().remove(0);
+    assert_eq!(planned.dims(), &[2, 16]);
+    assert!(max_abs_diff(&planned, &first) <= 1e-5, "{}", max_abs_diff(&planned, &first));
+}
+
 /// The shipped pretrained backbone (`models/pretrained/efficientnet_lite0.onnx`, made without torch by
 /// models/make_efficientnet_lite0.py --features) computes the same pooled feature as the reference
 /// EfficientNet-Lite0 in ../shared, where that exists (a fresh clone has no ../shared: then this only

@@ -598,6 +598,27 @@ pub fn dense_blocked(
     })
 }
 
+/// `x * a[ch] + b[ch]` per channel on blocked `[n, c/8, hw, 8]` data: an inference BatchNormalization
+/// (`a = scale / sqrt(var + eps)`, `b = bias - mean * a`) that keeps its input's layout.
+pub fn channel_affine(x: &[f32], (n, c, hw): (usize, usize, usize), a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert!(c.is_multiple_of(LANES) && x.len() == n * c * hw && a.len() == c && b.len() == c);
+    let plane = hw * LANES;
+    let mut out = vec![0f32; x.len()];
+    if plane == 0 {
+        return out;
+    }
+    out.par_chunks_mut(plane).zip(x.par_chunks(plane)).enumerate().for_each(|(p, (o, xi))| {
+        let cb = p % (c / LANES);
+        let (av, bv) = (&a[cb * LANES..(cb + 1) * LANES], &b[cb * LANES..(cb + 1) * LANES]);
+        for (op, xp) in o.chunks_exact_mut(LANES).zip(xi.chunks_exact(LANES)) {
+            for l in 0..LANES {
+                op[l] = xp[l] * av[l] + bv[l];
+            }
+        }
+    });
+    out
+}
+
 /// One output row of a depthwise plane: the input rows its taps read (tap row index, row start).
 struct DwRow {
     rows: [(usize, *const f32); 16],

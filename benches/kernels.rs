@@ -114,14 +114,19 @@ fn convs(c: &mut Criterion) {
             bch.iter(|| conv_grouped(&x, &w, Some(&b), g, groups, Some((0.0, f32::MAX))).unwrap())
         });
         // The channel-blocked direct conv (input already blocked, weights packed once, as in a plan).
-        if groups == 1 && ch % nchwc::LANES == 0 {
+        if (ch / groups) % nchwc::LANES == 0 && (m / groups) % nchwc::LANES == 0 {
             let xb = nchwc::block(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), n, ch, hw * hw);
-            let wp = nchwc::pack_dense_blocked(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), m, ch, (k, k));
+            let wp = nchwc::pack_dense_blocked(
+                &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                (m, groups),
+                ch / groups,
+                (k, k),
+            );
             let bias = vec![0f32; m];
             let act = nchwc::Act { lo: 0.0, hi: f32::MAX };
             for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best) {
                 group.bench_with_input(BenchmarkId::new(format!("Blocked{isa:?}"), &shape), &(), |bch, _| {
-                    bch.iter(|| nchwc::dense_blocked(&xb, (n, ch, hw, hw), &wp, &bias, m, g, act, isa))
+                    bch.iter(|| nchwc::dense_blocked(&xb, (n, ch, hw, hw), &wp, &bias, (m, groups), g, act, isa))
                 });
             }
         }

@@ -44,9 +44,9 @@ fn step_output(node: &NodeProto, fused: Option<&Fused>) -> Option<String> {
     }
 }
 
-/// Whether a Conv node, by its static weight and attributes, has a blocked kernel: a dense (group 1) conv
-/// of any geometry ([`nchwc::dense_blocked`]; 1x1 stride-1 unpadded ones on [`nchwc::pointwise`]) or a
-/// depthwise conv, with input and output channels in whole blocks.
+/// Whether a Conv node, by its static weight and attributes, has a blocked kernel: a dense or grouped conv
+/// of any geometry whose groups have whole blocks of input and output channels ([`nchwc::dense_blocked`];
+/// 1x1 stride-1 unpadded dense ones on [`nchwc::pointwise`]) or a depthwise conv.
 fn native(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
     let Some(w) = node.input.get(1).and_then(|n| statics.get(n)) else { return false };
     if node.op_type != "Conv" || w.rank() != 4 || w.dtype() != DType::F32 {
@@ -55,7 +55,8 @@ fn native(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
     let (m, cg, kh) = (w.dims()[0], w.dims()[1], w.dims()[2]);
     let group = Attrs(node).int("group", 1).max(1) as usize;
     let depthwise = cg == 1 && group == m && kh <= 16;
-    (group == 1 || depthwise) && m.is_multiple_of(LANES) && (cg * group).is_multiple_of(LANES)
+    let dense = m.is_multiple_of(group) && cg.is_multiple_of(LANES) && (m / group).is_multiple_of(LANES);
+    (dense || depthwise) && m.is_multiple_of(LANES) && (cg * group).is_multiple_of(LANES)
 }
 
 /// Chooses the blocked steps among `steps` (in order). A native conv is blocked; another conv with whole
@@ -302,12 +303,14 @@ impl Blocked {
         let nact = act.map(|(lo, hi)| nchwc::Act { lo, hi }).unwrap_or(nchwc::Act::NONE);
         let (n, h, wd) = (x_dims[0], x_dims[2], x_dims[3]);
         let (oh, ow) = g.out_size(h, wd);
-        if fast && group == 1 && !pointwise && c.is_multiple_of(LANES) && m.is_multiple_of(LANES) {
-            // A dense conv on whole channel blocks: the blocked direct kernel.
+        let (cg, mg) = (c / group.max(1), m / group.max(1));
+        if fast && !pointwise && !depthwise && cg.is_multiple_of(LANES) && mg.is_multiple_of(LANES) {
+            // A dense or grouped conv on whole channel blocks per group: the blocked direct kernel.
             let xb = if x_blocked { x } else { to_blocked(&x)? };
-            let packed = self.packed_weights(i, node, &w, statics, |ws| nchwc::pack_dense_blocked(ws, m, c, g.k))?;
+            let pack = |ws: &[f32]| nchwc::pack_dense_blocked(ws, (m, group), cg, g.k);
+            let packed = self.packed_weights(i, node, &w, statics, pack)?;
             let y = kernels::with_data(&xb, |xs| {
-                nchwc::dense_blocked(xs, (n, c, h, wd), &packed, &bias, m, g, nact, Isa::detect(false))
+                nchwc::dense_blocked(xs, (n, c, h, wd), &packed, &bias, (m, group), g, nact, Isa::detect(false))
             })?;
             return Ok((out, kernels::tensor(y, &[n, m / LANES, oh, ow, LANES])?));
         }

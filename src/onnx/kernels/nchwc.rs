@@ -486,21 +486,21 @@ pub fn pointwise_with(
     })
 }
 
-/// Dense KxK weights `[m, c, kh, kw]` packed for [`dense_blocked`]: [`pack_pointwise`] of the weights with
-/// their input channels reordered as (channel block, tap row, tap column, lane), the order in which the
-/// tile walks its input blocks.
-pub fn pack_dense_blocked(w: &[f32], m: usize, c: usize, (kh, kw): (usize, usize)) -> Vec<f32> {
-    let taps = kh * kw;
-    assert!(c.is_multiple_of(LANES) && w.len() == m * c * taps);
+/// Dense or grouped KxK weights `[m, c/groups, kh, kw]` packed for [`dense_blocked`]: per group,
+/// [`pack_pointwise`] of its weights with their input channels reordered as (channel block, tap row, tap
+/// column, lane), the order in which the tile walks its input blocks.
+pub fn pack_dense_blocked(w: &[f32], (m, groups): (usize, usize), cg: usize, (kh, kw): (usize, usize)) -> Vec<f32> {
+    let (taps, mg) = (kh * kw, m / groups.max(1));
+    assert!(cg.is_multiple_of(LANES) && mg * groups == m && w.len() == m * cg * taps);
     let mut r = vec![0f32; w.len()];
     for o in 0..m {
-        for ch in 0..c {
+        for ch in 0..cg {
             for t in 0..taps {
-                r[o * c * taps + ((ch / LANES) * taps + t) * LANES + ch % LANES] = w[(o * c + ch) * taps + t];
+                r[o * cg * taps + ((ch / LANES) * taps + t) * LANES + ch % LANES] = w[(o * cg + ch) * taps + t];
             }
         }
     }
-    pack_pointwise(&r, m, c * taps)
+    r.chunks(mg * cg * taps).flat_map(|wg| pack_pointwise(wg, mg, cg * taps)).collect()
 }
 
 /// `planes` blocked planes `[h, w, 8]` inside a zero border of `pads` (top, left, bottom, right).
@@ -516,75 +516,83 @@ fn pad_blocked(x: &[f32], planes: usize, (h, w): (usize, usize), pads: [usize; 4
     out
 }
 
-/// A dense (group 1) convolution of any kernel size, stride, dilation and padding on blocked input `x`
-/// (`[n, c/8, h, w, 8]`) with packed weights `w` ([`pack_dense_blocked`]) and `bias` (`m`), returning
-/// blocked `[n, m/8, oh, ow, 8]`: the 1x1 tiles over (channel block, tap) input blocks read from a
-/// zero-padded copy of the input, a row of output pixels per task. On the tiles of `isa` (capped at what
-/// this CPU runs).
+/// A dense or grouped convolution of any kernel size, stride, dilation and padding on blocked input `x`
+/// (`[n, c/8, h, w, 8]`) with packed weights `w` ([`pack_dense_blocked`], one after another per group)
+/// and `bias` (`m`), returning blocked `[n, m/8, oh, ow, 8]`: the 1x1 tiles over (channel block, tap)
+/// input blocks read from a zero-padded copy of the input, a row of output pixels per task. Each group's
+/// input and output channels are whole blocks. On the tiles of `isa` (capped at what this CPU runs).
 #[allow(clippy::too_many_arguments)]
 pub fn dense_blocked(
     x: &[f32],
     (n, c, h, wd): (usize, usize, usize, usize),
     w: &[f32],
     bias: &[f32],
-    m: usize,
+    (m, groups): (usize, usize),
     g: ConvGeom,
     act: Act,
     isa: Isa,
 ) -> Vec<f32> {
     let (kh, kw) = g.k;
-    let vc = c * kh * kw;
-    assert!(c.is_multiple_of(LANES) && m.is_multiple_of(LANES) && x.len() == n * c * h * wd);
-    assert!(w.len() == m.div_ceil(PAIR) * vc * PAIR && bias.len() == m);
+    let (cg, mg) = (c / groups.max(1), m / groups.max(1));
+    let vc = cg * kh * kw;
+    assert!(cg.is_multiple_of(LANES) && mg.is_multiple_of(LANES) && cg * groups == c && mg * groups == m);
+    assert!(x.len() == n * c * h * wd && w.len() == groups * mg.div_ceil(PAIR) * vc * PAIR && bias.len() == m);
     let (oh, ow) = g.out_size(h, wd);
     if n * m * oh * ow == 0 {
         return Vec::new();
     }
     let isa = isa.min(Isa::detect(false));
-    let (cb, mb) = (c / LANES, m / LANES);
+    let (cgb, mgb, mb) = (cg / LANES, mg / LANES, m / LANES);
     let (hp, wp) = (h + g.pads[0] + g.pads[2], wd + g.pads[1] + g.pads[3]);
     let padded;
     let xs: &[f32] = if g.pads == [0; 4] {
         x
     } else {
-        padded = pad_blocked(x, n * cb, (h, wd), g.pads);
+        padded = pad_blocked(x, n * c / LANES, (h, wd), g.pads);
         &padded
     };
     let plane = hp * wp * LANES;
-    let offs: Vec<usize> = (0..cb)
+    let offs: Vec<usize> = (0..cgb)
         .flat_map(|b| (0..kh).flat_map(move |i| (0..kw).map(move |j| (b, i, j))))
         .map(|(b, i, j)| b * plane + (i * g.d.0 * wp + j * g.d.1) * LANES)
         .collect();
+    // AVX-512 tiles for four or more blocks; a group of two blocks has more accumulators on AVX2.
+    let isa = if isa == Isa::Avx512 && mgb <= PW_BLOCKS { Isa::Avx2 } else { isa };
     let step = if isa == Isa::Avx512 { PW_BLOCKS_512 } else { PW_BLOCKS };
     let rows = n * oh;
+    // Tasks: (output row, group, slice of the group's output blocks in whole tiles).
     let want = 4 * rayon::current_num_threads();
-    let groups = want.div_ceil(rows).clamp(1, mb.div_ceil(step));
-    let per_group = mb.div_ceil(groups).div_ceil(step) * step;
-    let groups = mb.div_ceil(per_group);
+    let splits = want.div_ceil(rows * groups).clamp(1, mgb.div_ceil(step));
+    let per_split = mgb.div_ceil(splits).div_ceil(step) * step;
+    let splits = mgb.div_ceil(per_split);
+    let w_group = mg.div_ceil(PAIR) * vc * PAIR;
     build(n * m * oh * ow, |out| {
-        (0..rows * groups).into_par_iter().for_each(|task| {
-            let (row, gi) = (task / groups, task % groups);
+        (0..rows * groups * splits).into_par_iter().for_each(|task| {
+            let (row, unit) = (task / (groups * splits), task % (groups * splits));
+            let (gi, sp) = (unit / splits, unit % splits);
             let (img, oy) = (row / oh, row % oh);
-            let (o0, o1) = (gi * per_group, ((gi + 1) * per_group).min(mb));
-            let xrow = xs[img * cb * plane + oy * g.s.0 * wp * LANES..].as_ptr();
+            let (o0, o1) = (sp * per_split, ((sp + 1) * per_split).min(mgb));
+            let xrow = xs[(img * c / LANES + gi * cgb) * plane + oy * g.s.0 * wp * LANES..].as_ptr();
             for ob in (o0..o1).step_by(step) {
                 let mut ox = 0;
+                let obg = gi * mgb + ob;
                 while ox < ow {
                     let r = pixel_tile(ow - ox);
-                    // SAFETY: every tap of pixels ox..ox+r of row oy lies inside the padded image `img`
-                    // (out_size bounds the last window by the padded extent); blocks ob..ob+step of the
-                    // weights, bias and output exist (`ob` even: a panel start); tasks write disjoint
-                    // (image, row, block group) parts of the output and together all of it.
+                    // SAFETY: every tap of pixels ox..ox+r of row oy lies inside the padded image `img`'s
+                    // blocks of group gi (out_size bounds the last window by the padded extent); blocks
+                    // ob..ob+step of the group's weights, bias and output exist (`ob` even: a panel
+                    // start); tasks write disjoint (image, row, group, block slice) parts of the output
+                    // and together all of it.
                     unsafe {
                         let t = PwTile {
                             x: xrow.add(ox * g.s.1 * LANES),
                             x_offs: offs.as_ptr(),
                             px: g.s.1 * LANES,
                             cblocks: offs.len(),
-                            w: w.as_ptr().add(ob / 2 * vc * PAIR),
+                            w: w.as_ptr().add(gi * w_group + ob / 2 * vc * PAIR),
                             w_panel: vc * PAIR,
-                            bias: bias.as_ptr().add(ob * LANES),
-                            out: out.at(((img * mb + ob) * oh + oy) * ow * LANES + ox * LANES),
+                            bias: bias.as_ptr().add(obg * LANES),
+                            out: out.at(((img * mb + obg) * oh + oy) * ow * LANES + ox * LANES),
                             out_stride: oh * ow * LANES,
                             lo: act.lo,
                             hi: act.hi,
@@ -1131,11 +1139,12 @@ mod tests {
             let b = seq(m, 0.2);
             let want = dense_ref(&x, (n, c, h, w), &kv, &b, m, g);
             let (oh, ow) = g.out_size(h, w);
-            let packed = pack_dense_blocked(&kv, m, c, (k, k));
+            let packed = pack_dense_blocked(&kv, (m, 1), c, (k, k));
             let xb = block(&x, n, c, h * w);
             let mut first: Option<Vec<f32>> = None;
             for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best) {
-                let got = unblock(&dense_blocked(&xb, (n, c, h, w), &packed, &b, m, g, Act::NONE, isa), n, m, oh * ow);
+                let got =
+                    unblock(&dense_blocked(&xb, (n, c, h, w), &packed, &b, (m, 1), g, Act::NONE, isa), n, m, oh * ow);
                 assert!(max_diff(&got, &want) < 1e-4, "c {c} h {h} w {w} m {m} k {k} s {s} d {d} {isa:?}");
                 if isa >= Isa::Avx2 {
                     // The vector tiles sum in the same order: the same bits on every ISA.
@@ -1145,9 +1154,49 @@ mod tests {
                     }
                 }
             }
-            let clamped = dense_blocked(&xb, (n, c, h, w), &packed, &b, m, g, Act { lo: 0.0, hi: 0.5 }, best);
+            let clamped = dense_blocked(&xb, (n, c, h, w), &packed, &b, (m, 1), g, Act { lo: 0.0, hi: 0.5 }, best);
             let want: Vec<f32> = want.iter().map(|v| v.clamp(0.0, 0.5)).collect();
             assert!(max_diff(&unblock(&clamped, n, m, oh * ow), &want) < 1e-4, "clamped, c {c} k {k}");
+        }
+    }
+
+    #[test]
+    fn grouped_blocked_convs_match_per_group_direct_sums() {
+        let best = Isa::detect(false);
+        // (c, m, groups, k, s, pads): RegNet-style groups of 16 channels, groups of one output block
+        // (cg 16, mg 8), a grouped 1x1 conv.
+        for &(c, m, groups, k, s, pads) in &[
+            (32usize, 32usize, 2usize, 3usize, 1usize, [1usize; 4]),
+            (48, 24, 3, 3, 2, [1, 1, 0, 0]),
+            (32, 64, 2, 1, 1, [0; 4]),
+        ] {
+            let (n, h, w) = (2, 7, 9);
+            let g = ConvGeom { k: (k, k), s: (s, s), d: (1, 1), pads };
+            let (cg, mg) = (c / groups, m / groups);
+            let x = seq(n * c * h * w, 1.0);
+            let kv = seq(m * cg * k * k, 0.3);
+            let b = seq(m, 0.2);
+            let (oh, ow) = g.out_size(h, w);
+            // The reference: each group as its own dense conv on its channels.
+            let mut want = vec![0f32; n * m * oh * ow];
+            for gi in 0..groups {
+                let xg: Vec<f32> = (0..n)
+                    .flat_map(|i| x[(i * c + gi * cg) * h * w..(i * c + (gi + 1) * cg) * h * w].to_vec())
+                    .collect();
+                let wg = &kv[gi * mg * cg * k * k..(gi + 1) * mg * cg * k * k];
+                let yg = dense_ref(&xg, (n, cg, h, w), wg, &b[gi * mg..(gi + 1) * mg], mg, g);
+                for i in 0..n {
+                    let dst = (i * m + gi * mg) * oh * ow;
+                    want[dst..dst + mg * oh * ow].copy_from_slice(&yg[i * mg * oh * ow..(i + 1) * mg * oh * ow]);
+                }
+            }
+            let packed = pack_dense_blocked(&kv, (m, groups), cg, (k, k));
+            let xb = block(&x, n, c, h * w);
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best) {
+                let y = dense_blocked(&xb, (n, c, h, w), &packed, &b, (m, groups), g, Act::NONE, isa);
+                let got = unblock(&y, n, m, oh * ow);
+                assert!(max_diff(&got, &want) < 1e-4, "c {c} m {m} groups {groups} k {k} s {s} {isa:?}");
+            }
         }
     }
 

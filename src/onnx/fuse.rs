@@ -1,14 +1,15 @@
 //! Fusions the plan applies to its runtime steps, each replacing several memory passes by one:
 //! a Conv followed by Relu/Clip (clamped as it is written), a MatMul followed by the Add of a constant bias
 //! row (added inside the gemm), and the erf GELU that exporters spell Div(x, sqrt 2) -> Erf -> Add 1 ->
-//! Mul x -> Mul 0.5 (one kernel instead of five), and SiLU spelled Mul(x, Sigmoid(x)).
+//! Mul x -> Mul 0.5 (one kernel instead of five), and SiLU spelled Mul(x, Sigmoid(x)); and, as a rewrite of
+//! the plan's nodes, a zero Pad folded into the Conv that reads it.
 
 use std::collections::{HashMap, HashSet};
 
 use candle_core::Tensor;
 use candle_onnx::onnx::NodeProto;
 
-use super::ops::Attrs;
+use super::ops::{self, Attrs};
 
 /// A step that runs a fused pattern instead of its own node.
 #[derive(Debug, Clone, PartialEq)]
@@ -204,4 +205,78 @@ fn absorb_gelu(
         fused.remove(&j);
         removed.insert(j);
     }
+}
+
+/// The spatial padding `[top, left, bottom, right]` of Pad node `n` when it is a zero constant pad of
+/// only the H and W axes of a 4-D value (TF-style "same" padding, which exporters spell as an explicit
+/// Pad before the Conv), with every operand static.
+fn zero_spatial_pad(n: &NodeProto, statics: &HashMap<String, Tensor>, opset: i64) -> Option<[i64; 4]> {
+    let at = Attrs(n);
+    if at.string("mode").is_some_and(|m| m != "constant") {
+        return None;
+    }
+    let pads = if opset >= 11 {
+        let given = |k: usize| n.input.get(k).is_some_and(|v| !v.is_empty());
+        // A fill value other than zero, or an explicit axes list: left as it is.
+        if given(3) || (given(2) && scalar(statics, &n.input[2]) != Some(0.0)) {
+            return None;
+        }
+        ops::to_i64s(statics.get(n.input.get(1)?)?).ok()?
+    } else {
+        if at.float("value", 0.0) != 0.0 {
+            return None;
+        }
+        at.ints("pads")?
+    };
+    match pads[..] {
+        [0, 0, t, l, 0, 0, b, r] if [t, l, b, r].iter().all(|&p| p >= 0) => Some([t, l, b, r]),
+        _ => None,
+    }
+}
+
+/// Folds each zero spatial Pad whose only reader is a Conv (as its data input, with explicit or no
+/// `pads` and no `auto_pad`) into that Conv's `pads`: the padded copy is never made and the conv keeps
+/// its blocked kernel. Returns the plan's nodes (those Convs rewritten) and the steps left.
+pub(crate) fn fold_pads(
+    nodes: &[NodeProto],
+    steps: &[usize],
+    statics: &HashMap<String, Tensor>,
+    outputs: &[String],
+    opset: i64,
+) -> (Vec<NodeProto>, Vec<usize>) {
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for &i in steps {
+        for v in &nodes[i].input {
+            consumers.entry(v.as_str()).or_default().push(i);
+        }
+    }
+    let g = View { nodes, statics, outputs, consumers };
+    let mut out = nodes.to_vec();
+    let mut removed = HashSet::new();
+    for &i in steps {
+        let n = &nodes[i];
+        if n.op_type != "Pad" {
+            continue;
+        }
+        let (Some(extra), Some(v)) = (zero_spatial_pad(n, statics, opset), n.output.first()) else { continue };
+        let Some(j) = g.single(v) else { continue };
+        let c = &nodes[j];
+        let at = Attrs(c);
+        let notset = at.string("auto_pad").is_none_or(|a| a == "NOTSET");
+        let own = at.ints("pads").unwrap_or_else(|| vec![0; 4]);
+        if c.op_type != "Conv" || c.input.first() != Some(v) || !notset || own.len() != 4 {
+            continue;
+        }
+        let conv = &mut out[j];
+        conv.input[0] = n.input[0].clone();
+        conv.attribute.retain(|a| a.name != "pads");
+        conv.attribute.push(candle_onnx::onnx::AttributeProto {
+            name: "pads".into(),
+            r#type: candle_onnx::onnx::attribute_proto::AttributeType::Ints as i32,
+            ints: own.iter().zip(extra).map(|(a, b)| a + b).collect(),
+            ..Default::default()
+        });
+        removed.insert(i);
+    }
+    (out, steps.iter().copied().filter(|i| !removed.contains(i)).collect())
 }

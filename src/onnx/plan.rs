@@ -39,6 +39,8 @@ pub struct PlanStats {
 
 /// Values computed once for an input shape, and the nodes left to run.
 pub(super) struct Plan {
+    /// The graph's nodes as this plan runs them (a Conv may have absorbed the Pad before it).
+    pub(super) nodes: Vec<NodeProto>,
     pub(super) statics: HashMap<String, Tensor>,
     pub(super) steps: Vec<usize>,
     /// Steps that run a fused pattern (by node index).
@@ -116,24 +118,26 @@ impl Graph {
         // Fused kernels are inference-only, but for GELU (which has a backward pass); nothing fuses off the CPU.
         let tracked = feeds.iter().any(|(_, t)| t.track_op()) || (track && !self.trainable.is_empty());
         let own_cpu = self.device.is_cpu() && !crate::util::device::candle_ops_only();
-        let (steps, fused, blocked) = if own_cpu && !tracked {
-            let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset, false);
-            let blocked = layout::plan(&self.nodes, &steps, &fused, &statics, &shapes, &self.outputs);
-            (steps, fused, blocked)
+        let (nodes, steps, fused, blocked) = if own_cpu && !tracked {
+            let (nodes, steps) = fuse::fold_pads(&self.nodes, &steps, &statics, &self.outputs, self.opset);
+            let (steps, fused) = fuse::fuse(&nodes, &steps, &statics, &self.outputs, self.opset, false);
+            let blocked = layout::plan(&nodes, &steps, &fused, &statics, &shapes, &self.outputs);
+            (nodes, steps, fused, blocked)
         } else if own_cpu {
             let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset, true);
-            (steps, fused, layout::Blocked::default())
+            (self.nodes.clone(), steps, fused, layout::Blocked::default())
         } else {
-            (steps, HashMap::new(), layout::Blocked::default())
+            (self.nodes.clone(), steps, HashMap::new(), layout::Blocked::default())
         };
-        let frees = self.last_uses(&steps, &statics);
-        Ok((outs, Plan { statics, steps, fused, frees, track, blocked, packed_matrices: Mutex::default() }))
+        let frees = self.last_uses(&nodes, &steps, &statics);
+        let packed_matrices = Mutex::default();
+        Ok((outs, Plan { nodes, statics, steps, fused, frees, track, blocked, packed_matrices }))
     }
 
-    fn last_uses(&self, steps: &[usize], statics: &HashMap<String, Tensor>) -> Vec<Vec<String>> {
+    fn last_uses(&self, nodes: &[NodeProto], steps: &[usize], statics: &HashMap<String, Tensor>) -> Vec<Vec<String>> {
         let mut last: HashMap<&str, usize> = HashMap::new();
         for (s, &i) in steps.iter().enumerate() {
-            for n in &self.nodes[i].input {
+            for n in &nodes[i].input {
                 if !n.is_empty() && !statics.contains_key(n) {
                     last.insert(n.as_str(), s);
                 }
@@ -212,7 +216,7 @@ impl Graph {
     ) -> Result<Vec<Tensor>> {
         let mut values: HashMap<String, Tensor> = feeds.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
         for (s, &i) in plan.steps.iter().enumerate() {
-            let node = &self.nodes[i];
+            let node = &plan.nodes[i];
             let mut ins = self.node_inputs(node, |n| {
                 values.get(n).or_else(|| plan.statics.get(n)).cloned().or_else(|| self.init_value(n, plan.track))
             })?;

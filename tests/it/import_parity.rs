@@ -302,6 +302,54 @@ fn blocked_concat_batch_norm_and_mixed_add_match_the_unplanned_run() {
     assert!(max_abs_diff(&planned, &first) <= 1e-5, "{}", max_abs_diff(&planned, &first));
 }
 
+/// TF-style "same" padding spelled as an explicit zero Pad before a strided Conv is folded into the
+/// conv's pads (one step fewer, the conv channel-blocked); a Pad with a non-zero fill value is left
+/// alone. The planned run must equal the unplanned one.
+#[test]
+fn zero_pad_before_a_conv_is_folded_into_its_pads() {
+    use automm::onnx::tensor::f32_to_proto;
+    use candle_onnx::onnx::{AttributeProto, TensorProto};
+    let dev = Device::Cpu;
+    let seq =
+        |n: usize, s: f32, o: f32| (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * s + o).collect::<Vec<_>>();
+    let ints =
+        |name: &str, v: &[i64]| AttributeProto { name: name.into(), ints: v.to_vec(), r#type: 7, ..Default::default() };
+    let mut conv = node("Conv", "conv", &["p", "w1"], &["c"]);
+    conv.attribute.push(ints("strides", &[2, 2]));
+    let mut m = model(vec![
+        node("Pad", "same", &["x", "pads"], &["p"]),
+        conv,
+        node("Relu", "relu", &["c"], &["r"]),
+        node("Pad", "fill", &["r", "pads", "half"], &["q"]),
+        node("Conv", "conv2", &["q", "w2"], &["d"]),
+        node("GlobalAveragePool", "gap", &["d"], &["g"]),
+        node("Flatten", "flat", &["g"], &["y"]),
+    ]);
+    let gr = m.graph.as_mut().unwrap();
+    gr.initializer.push(TensorProto {
+        name: "pads".into(),
+        dims: vec![8],
+        data_type: 7,
+        int64_data: vec![0, 0, 0, 1, 0, 0, 1, 1],
+        ..Default::default()
+    });
+    for (name, dims) in [("w1", vec![16, 8, 3, 3]), ("w2", vec![8, 16, 1, 1]), ("half", vec![])] {
+        let t = Tensor::from_vec(seq(dims.iter().product(), 0.3, 0.05), dims, &dev).unwrap();
+        gr.initializer.push(f32_to_proto(name, &t).unwrap());
+    }
+    let graph = Graph::from_model(&m, "pads", &dev, None).unwrap();
+    let x = Tensor::from_vec(seq(2 * 8 * 7 * 6, 1.0, 0.0), (2, 8, 7, 6), &dev).unwrap();
+    let feeds = [("x", x)];
+    let first = graph.run(&feeds).unwrap().remove(0);
+    let st = graph.plan_stats(&feeds).unwrap();
+    // Pad folded; Conv + Relu fused; the filled Pad, the second conv, the pool and Flatten stay.
+    assert_eq!((st.nodes, st.steps, st.fused), (7, 5, 1), "{st:?}");
+    assert!(st.blocked >= 1, "the strided conv runs blocked: {st:?}");
+    let planned = graph.run(&feeds).unwrap().remove(0);
+    assert_eq!(planned.dims(), &[2, 8]);
+    assert!(max_abs_diff(&planned, &first) <= 1e-5, "{}", max_abs_diff(&planned, &first));
+}
+
 /// The shipped pretrained backbone (`models/pretrained/efficientnet_lite0.onnx`, made without torch by
 /// models/make_efficientnet_lite0.py --features) computes the same pooled feature as the reference
 /// EfficientNet-Lite0 in ../shared, where that exists (a fresh clone has no ../shared: then this only

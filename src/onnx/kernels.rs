@@ -654,6 +654,8 @@ pub enum Unary {
     Square,
     /// x^3 (the tanh GELU's Pow(x, 3))
     Cube,
+    /// x when x >= 0, else alpha * x
+    LeakyRelu(f32),
 }
 
 /// Applies `op` to every element.
@@ -677,6 +679,9 @@ pub fn unary(op: Unary, t: &Tensor) -> Result<Tensor> {
         Unary::Square => par_build(n, 1, |s, o| map_chunk(|v: f32| v * v, o, &x[s..s + o.len()])),
         Unary::Cube => par_build(n, 1, |s, o| map_chunk(|v: f32| v * v * v, o, &x[s..s + o.len()])),
         Unary::Silu => par_build(n, 1, |s, o| map_chunk(|v: f32| v / (1.0 + exp(-v)), o, &x[s..s + o.len()])),
+        Unary::LeakyRelu(a) => {
+            par_build(n, 1, |s, o| map_chunk(|v: f32| if v >= 0.0 { v } else { a * v }, o, &x[s..s + o.len()]))
+        }
     })?;
     tensor(out, t.dims())
 }
@@ -1124,6 +1129,8 @@ mod tests {
             1e-5,
         );
         close(&unary(Unary::Relu, &x).unwrap(), &x.relu().unwrap(), 0.0);
+        let leaky = (x.relu().unwrap() - (x.neg().unwrap().relu().unwrap() * 0.1).unwrap()).unwrap();
+        close(&unary(Unary::LeakyRelu(0.1), &x).unwrap(), &leaky, 1e-7);
         close(&unary(Unary::Clip(0.0, 6.0), &x).unwrap(), &x.clamp(0f32, 6f32).unwrap(), 0.0);
         close(&unary(Unary::Sigmoid, &x).unwrap(), &candle_nn::ops::sigmoid(&x).unwrap(), 1e-6);
         close(&unary(Unary::Erf, &x).unwrap(), &x.erf().unwrap(), 5e-7);

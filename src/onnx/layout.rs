@@ -108,7 +108,7 @@ pub(crate) fn plan(
             }
             // Elementwise: the same op on blocked data. Two blocked operands broadcast in blocked form
             // exactly as in NCHW ([n, c/8, 1, 1, 8] against [n, c/8, h, w, 8] is a per-channel scale).
-            "Add" | "Mul" | "Relu" | "Clip" | "Sigmoid" | "HardSigmoid" | "HardSwish" => {
+            "Add" | "Mul" | "Relu" | "LeakyRelu" | "Clip" | "Sigmoid" | "HardSigmoid" | "HardSwish" => {
                 fused.get(&i).is_none_or(|f| matches!(f, Fused::Silu { .. }))
                     && data_inputs().count() > 0
                     && data_inputs().all(|v| b.values.contains(v))

@@ -75,6 +75,9 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
             let t = x()?;
             one(t.mul(&t.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)?)
         }
+        "LeakyRelu" if kernels::usable(&[x()?]) => {
+            one(kernels::unary(kernels::Unary::LeakyRelu(at.float("alpha", 0.01)), x()?)?)
+        }
         "LeakyRelu" => {
             let (t, a) = (x()?, at.float("alpha", 0.01) as f64);
             one((t.relu()? - (t.neg()?.relu()? * a)?)?)

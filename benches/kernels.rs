@@ -13,8 +13,17 @@ use automm::onnx::kernels::{conv_grouped, ConvGeom, Isa};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-/// (rows, k, n) of Swin-Tiny's qkv, fc2, stage-2 qkv and stage-3 fc1 products at batch 8.
-const SHAPES: &[(usize, usize, usize)] = &[(25088, 96, 288), (25088, 384, 96), (6272, 192, 576), (1568, 384, 1536)];
+/// (rows, k, n) of Swin-Tiny's qkv, fc2, stage-2 qkv and stage-3 fc1 products at batch 8, and LeViT's.
+const SHAPES: &[(usize, usize, usize)] = &[
+    (25088, 96, 288),
+    (25088, 384, 96),
+    (6272, 192, 576),
+    (1568, 384, 1536),
+    // LeViT-128S's linear layers at batch 8 (196, 49 and 16 tokens).
+    (1568, 128, 256),
+    (392, 256, 512),
+    (128, 384, 768),
+];
 
 fn bench(c: &mut Criterion) {
     // As the automm binary does: big outputs are reused, not page-faulted in afresh on every call.

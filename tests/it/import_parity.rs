@@ -85,6 +85,43 @@ fn node(op: &str, name: &str, ins: &[&str], outs: &[&str]) -> NodeProto {
     }
 }
 
+/// `n` deterministic values in `o +- s`.
+fn seq(n: usize, s: f32, o: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * s + o).collect()
+}
+
+/// An INTS attribute.
+fn ints(name: &str, v: &[i64]) -> candle_onnx::onnx::AttributeProto {
+    candle_onnx::onnx::AttributeProto { name: name.into(), ints: v.to_vec(), r#type: 7, ..Default::default() }
+}
+
+/// An INT attribute.
+fn int(name: &str, v: i64) -> candle_onnx::onnx::AttributeProto {
+    candle_onnx::onnx::AttributeProto { name: name.into(), i: v, r#type: 2, ..Default::default() }
+}
+
+/// Float initializers `(name, dims, spread, offset)` of [`seq`] values added to `m`'s graph.
+fn add_initializers(m: &mut ModelProto, inits: &[(&str, Vec<usize>, f32, f32)]) {
+    let gr = m.graph.as_mut().unwrap();
+    for (name, dims, s, o) in inits {
+        let t = Tensor::from_vec(seq(dims.iter().product(), *s, *o), dims.as_slice(), &Device::Cpu).unwrap();
+        gr.initializer.push(automm::onnx::tensor::f32_to_proto(name, &t).unwrap());
+    }
+}
+
+/// Runs `m` on `x` unplanned (plain NCHW ops, the first run), then planned; asserts both give `[2, width]`
+/// within 1e-5 and returns what the plan did.
+fn planned_equals_unplanned(m: &ModelProto, x: Tensor, width: usize) -> automm::onnx::PlanStats {
+    let graph = Graph::from_model(m, "plan", &Device::Cpu, None).unwrap();
+    let feeds = [("x", x)];
+    let first = graph.run(&feeds).unwrap().remove(0);
+    let st = graph.plan_stats(&feeds).unwrap();
+    let planned = graph.run(&feeds).unwrap().remove(0);
+    assert_eq!(planned.dims(), &[2, width]);
+    assert!(max_abs_diff(&planned, &first) <= 1e-5, "{}", max_abs_diff(&planned, &first));
+    st
+}
+
 fn model(nodes: Vec<NodeProto>) -> ModelProto {
     ModelProto {
         opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 17 }],
@@ -195,14 +232,6 @@ fn unfolded_batch_norm_after_conv_matches_the_formula() {
 /// data), Flatten. The planned run must equal the first, unplanned one (plain NCHW ops).
 #[test]
 fn mixed_blocked_and_nchw_readers_match_the_unplanned_run() {
-    use automm::onnx::tensor::f32_to_proto;
-    use candle_onnx::onnx::AttributeProto;
-    let dev = Device::Cpu;
-    let seq =
-        |n: usize, s: f32, o: f32| (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * s + o).collect::<Vec<_>>();
-    let ints =
-        |name: &str, v: &[i64]| AttributeProto { name: name.into(), ints: v.to_vec(), r#type: 7, ..Default::default() };
-    let int = |name: &str, v: i64| AttributeProto { name: name.into(), i: v, r#type: 2, ..Default::default() };
     let mut dense = node("Conv", "dense", &["r", "w2"], &["c"]);
     dense.attribute.push(ints("pads", &[1, 1, 1, 1]));
     let mut dw = node("Conv", "dw", &["s", "w3", "b3"], &["d"]);
@@ -219,27 +248,20 @@ fn mixed_blocked_and_nchw_readers_match_the_unplanned_run() {
         node("GlobalAveragePool", "gap", &["p"], &["g"]),
         node("Flatten", "flat", &["g"], &["y"]),
     ]);
-    let gr = m.graph.as_mut().unwrap();
-    for (name, dims) in [
-        ("w1", vec![16, 8, 1, 1]),
-        ("b1", vec![16]),
-        ("w2", vec![16, 16, 3, 3]),
-        ("w3", vec![16, 1, 3, 3]),
-        ("b3", vec![16]),
-        ("w4", vec![8, 8, 1, 1]),
-    ] {
-        let t = Tensor::from_vec(seq(dims.iter().product(), 0.4, 0.05), dims, &dev).unwrap();
-        gr.initializer.push(f32_to_proto(name, &t).unwrap());
-    }
-    let graph = Graph::from_model(&m, "mixed", &dev, None).unwrap();
-    let x = Tensor::from_vec(seq(2 * 8 * 7 * 6, 1.0, 0.0), (2, 8, 7, 6), &dev).unwrap();
-    let feeds = [("x", x)];
-    let first = graph.run(&feeds).unwrap().remove(0);
-    let st = graph.plan_stats(&feeds).unwrap();
+    add_initializers(
+        &mut m,
+        &[
+            ("w1", vec![16, 8, 1, 1], 0.4, 0.05),
+            ("b1", vec![16], 0.4, 0.05),
+            ("w2", vec![16, 16, 3, 3], 0.4, 0.05),
+            ("w3", vec![16, 1, 3, 3], 0.4, 0.05),
+            ("b3", vec![16], 0.4, 0.05),
+            ("w4", vec![8, 8, 1, 1], 0.4, 0.05),
+        ],
+    );
+    let x = Tensor::from_vec(seq(2 * 8 * 7 * 6, 1.0, 0.0), (2, 8, 7, 6), &Device::Cpu).unwrap();
+    let st = planned_equals_unplanned(&m, x, 8);
     assert_eq!(st.blocked, 5, "{st:?}");
-    let planned = graph.run(&feeds).unwrap().remove(0);
-    assert_eq!(planned.dims(), &[2, 8]);
-    assert!(max_abs_diff(&planned, &first) <= 1e-5, "{}", max_abs_diff(&planned, &first));
 }
 
 /// DenseNet- and ResNet-style joins on blocked data: a channel Concat of an NCHW graph input and a
@@ -249,14 +271,6 @@ fn mixed_blocked_and_nchw_readers_match_the_unplanned_run() {
 /// must equal the unplanned one, and every one of those steps must run blocked.
 #[test]
 fn blocked_concat_batch_norm_and_mixed_add_match_the_unplanned_run() {
-    use automm::onnx::tensor::f32_to_proto;
-    use candle_onnx::onnx::AttributeProto;
-    let dev = Device::Cpu;
-    let seq =
-        |n: usize, s: f32, o: f32| (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * s + o).collect::<Vec<_>>();
-    let ints =
-        |name: &str, v: &[i64]| AttributeProto { name: name.into(), ints: v.to_vec(), r#type: 7, ..Default::default() };
-    let int = |name: &str, v: i64| AttributeProto { name: name.into(), i: v, r#type: 2, ..Default::default() };
     let mut grow = node("Conv", "grow", &["x", "w1"], &["g"]);
     grow.attribute.push(ints("pads", &[1, 1, 1, 1]));
     let mut cat = node("Concat", "cat", &["x", "g"], &["c"]);
@@ -276,30 +290,23 @@ fn blocked_concat_batch_norm_and_mixed_add_match_the_unplanned_run() {
         node("GlobalAveragePool", "gap", &["e"], &["p"]),
         node("Flatten", "flat", &["p"], &["y"]),
     ]);
-    let gr = m.graph.as_mut().unwrap();
-    for (name, dims, s, o) in [
-        ("w1", vec![16, 8, 3, 3], 0.3, 0.0),
-        ("scale", vec![24], 0.5, 1.0),
-        ("bias", vec![24], 0.3, 0.1),
-        ("mean", vec![24], 0.4, 0.0),
-        ("var", vec![24], 0.5, 1.0),
-        ("w2", vec![8, 24, 3, 3], 0.2, 0.0),
-        ("b2", vec![8], 0.1, 0.0),
-    ] {
-        let t = Tensor::from_vec(seq(dims.iter().product(), s, o), dims, &dev).unwrap();
-        gr.initializer.push(f32_to_proto(name, &t).unwrap());
-    }
-    let graph = Graph::from_model(&m, "joins", &dev, None).unwrap();
+    add_initializers(
+        &mut m,
+        &[
+            ("w1", vec![16, 8, 3, 3], 0.3, 0.0),
+            ("scale", vec![24], 0.5, 1.0),
+            ("bias", vec![24], 0.3, 0.1),
+            ("mean", vec![24], 0.4, 0.0),
+            ("var", vec![24], 0.5, 1.0),
+            ("w2", vec![8, 24, 3, 3], 0.2, 0.0),
+            ("b2", vec![8], 0.1, 0.0),
+        ],
+    );
     // The down conv's asymmetric pads (left 0, right 2) keep the 6 x 4 shape, so the residual Add fits.
-    let x = Tensor::from_vec(seq(2 * 8 * 6 * 4, 1.0, 0.0), (2, 8, 6, 4), &dev).unwrap();
-    let feeds = [("x", x)];
-    let first = graph.run(&feeds).unwrap().remove(0);
-    let st = graph.plan_stats(&feeds).unwrap();
+    let x = Tensor::from_vec(seq(2 * 8 * 6 * 4, 1.0, 0.0), (2, 8, 6, 4), &Device::Cpu).unwrap();
+    let st = planned_equals_unplanned(&m, x, 16);
     // grow, cat, bn, relu, down, res, cat2 (GlobalAveragePool reads blocked data; Flatten gets NCHW).
     assert_eq!(st.blocked, 7, "{st:?}");
-    let planned = graph.run(&feeds).unwrap().remove(0);
-    assert_eq!(planned.dims(), &[2, 16]);
-    assert!(max_abs_diff(&planned, &first) <= 1e-5, "{}", max_abs_diff(&planned, &first));
 }
 
 /// TF-style "same" padding spelled as an explicit zero Pad before a strided Conv is folded into the
@@ -307,13 +314,7 @@ fn blocked_concat_batch_norm_and_mixed_add_match_the_unplanned_run() {
 /// alone. The planned run must equal the unplanned one.
 #[test]
 fn zero_pad_before_a_conv_is_folded_into_its_pads() {
-    use automm::onnx::tensor::f32_to_proto;
-    use candle_onnx::onnx::{AttributeProto, TensorProto};
-    let dev = Device::Cpu;
-    let seq =
-        |n: usize, s: f32, o: f32| (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * s + o).collect::<Vec<_>>();
-    let ints =
-        |name: &str, v: &[i64]| AttributeProto { name: name.into(), ints: v.to_vec(), r#type: 7, ..Default::default() };
+    use candle_onnx::onnx::TensorProto;
     let mut conv = node("Conv", "conv", &["p", "w1"], &["c"]);
     conv.attribute.push(ints("strides", &[2, 2]));
     let mut m = model(vec![
@@ -325,29 +326,22 @@ fn zero_pad_before_a_conv_is_folded_into_its_pads() {
         node("GlobalAveragePool", "gap", &["d"], &["g"]),
         node("Flatten", "flat", &["g"], &["y"]),
     ]);
-    let gr = m.graph.as_mut().unwrap();
-    gr.initializer.push(TensorProto {
+    m.graph.as_mut().unwrap().initializer.push(TensorProto {
         name: "pads".into(),
         dims: vec![8],
         data_type: 7,
         int64_data: vec![0, 0, 0, 1, 0, 0, 1, 1],
         ..Default::default()
     });
-    for (name, dims) in [("w1", vec![16, 8, 3, 3]), ("w2", vec![8, 16, 1, 1]), ("half", vec![])] {
-        let t = Tensor::from_vec(seq(dims.iter().product(), 0.3, 0.05), dims, &dev).unwrap();
-        gr.initializer.push(f32_to_proto(name, &t).unwrap());
-    }
-    let graph = Graph::from_model(&m, "pads", &dev, None).unwrap();
-    let x = Tensor::from_vec(seq(2 * 8 * 7 * 6, 1.0, 0.0), (2, 8, 7, 6), &dev).unwrap();
-    let feeds = [("x", x)];
-    let first = graph.run(&feeds).unwrap().remove(0);
-    let st = graph.plan_stats(&feeds).unwrap();
+    add_initializers(
+        &mut m,
+        &[("w1", vec![16, 8, 3, 3], 0.3, 0.05), ("w2", vec![8, 16, 1, 1], 0.3, 0.05), ("half", vec![], 0.3, 0.05)],
+    );
+    let x = Tensor::from_vec(seq(2 * 8 * 7 * 6, 1.0, 0.0), (2, 8, 7, 6), &Device::Cpu).unwrap();
+    let st = planned_equals_unplanned(&m, x, 8);
     // Pad folded; Conv + Relu fused; the filled Pad, the second conv, the pool and Flatten stay.
     assert_eq!((st.nodes, st.steps, st.fused), (7, 5, 1), "{st:?}");
     assert!(st.blocked >= 1, "the strided conv runs blocked: {st:?}");
-    let planned = graph.run(&feeds).unwrap().remove(0);
-    assert_eq!(planned.dims(), &[2, 8]);
-    assert!(max_abs_diff(&planned, &first) <= 1e-5, "{}", max_abs_diff(&planned, &first));
 }
 
 /// The shipped pretrained backbone (`models/pretrained/efficientnet_lite0.onnx`, made without torch by

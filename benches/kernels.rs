@@ -21,8 +21,8 @@ const SHAPES: &[(usize, usize, usize)] = &[
     (1568, 384, 1536),
     // LeViT-128S's linear layers at batch 8 (196, 49 and 16 tokens).
     (1568, 128, 256),
-    (392, 256, 512),
-    (128, 384, 768),
+    (392, 512, 256),
+    (128, 768, 384),
 ];
 
 fn bench(c: &mut Criterion) {

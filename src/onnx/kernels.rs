@@ -1,6 +1,7 @@
 //! CPU f32 kernels for the importer's hot ops: matrix products through the `gemm` crate with our own
 //! batching and strides (no copies of transposed views), broadcasting elementwise arithmetic, erf,
-//! softmax, layer norm and convolution as im2col + gemm, all spread over rayon's threads.
+//! softmax, layer norm and convolution in NCHW as im2col + gemm (the channel-blocked convs are in
+//! [`nchwc`]), all spread over rayon's threads.
 //!
 //! candle-core's CPU kernels are single-threaded outside gemm and run batched matmuls one small gemm at a
 //! time (see FACTS.md: 5-100x behind ONNX Runtime per op). These kernels are used only for inference: when

@@ -198,7 +198,8 @@ impl Graph {
     pub fn profile_mode(&self, feeds: &[(&str, Tensor)], track: bool) -> Result<Vec<OpTime>> {
         let plan = self.plan_mode(feeds, track)?;
         let mut times: HashMap<String, OpTime> = HashMap::new();
-        self.run_plan_timed(&plan, feeds, Some(&mut times))?;
+        // On a rayon worker, as planned runs are (run_plan), so the times are those of a real run.
+        rayon::scope(|_| self.run_plan_timed(&plan, feeds, Some(&mut times)))?;
         let mut v: Vec<OpTime> = times.into_values().collect();
         v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         Ok(v)

@@ -5,8 +5,10 @@
 //! depthwise conv works on short planes that do not vectorise well. With eight channels per pixel both
 //! become register tiles: a 1x1 conv keeps `6 pixels x 16 output channels` in twelve AVX registers and
 //! broadcasts one input value per multiply-add row, a depthwise conv multiplies whole 8-channel pixel
-//! vectors by 8-channel tap vectors with no gather, for any stride. Bias, Relu/Clip and the layout are
-//! handled as the tile is stored, so each activation is written once.
+//! vectors by 8-channel tap vectors with no gather, for any stride. A dense or grouped KxK conv runs on the
+//! 1x1 tiles too, its input blocks being (channel block, tap) pairs at offsets into a zero-padded copy of
+//! the input: no im2col matrix. Bias, Relu/Clip and the layout are handled as the tile is stored, so each
+//! activation is written once.
 //!
 //! The tiles use AVX2+FMA intrinsics when the CPU has them and a scalar loop with the same arithmetic
 //! otherwise; the 1x1 conv also has AVX-512 tiles (`6 pixels x 64 output channels` in 24 zmm registers),

@@ -280,3 +280,75 @@ pub(crate) fn fold_pads(
     }
     (out, steps.iter().copied().filter(|i| !removed.contains(i)).collect())
 }
+
+/// Folds each inference BatchNormalization over the columns of a product by a static matrix (LeViT's
+/// Linear -> BatchNorm1d, exported as MatMul -> Flatten/Reshape -> BatchNormalization on `[rows, n]`) into
+/// that product: the matrix's columns scaled by `scale / sqrt(var + eps)` (a new static per product) and
+/// the BatchNormalization turned into the Add of the folded shift. `shapes` holds every value's dims.
+pub(crate) fn fold_batch_norms(
+    nodes: &mut [NodeProto],
+    steps: &[usize],
+    statics: &mut HashMap<String, Tensor>,
+    shapes: &HashMap<String, Vec<usize>>,
+    outputs: &[String],
+) -> crate::error::Result<()> {
+    let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+    for &i in steps {
+        for v in &nodes[i].input {
+            consumers.entry(v.clone()).or_default().push(i);
+        }
+    }
+    let single = |v: &str| match consumers.get(v).map(Vec::as_slice) {
+        Some([j]) if !outputs.iter().any(|o| o == v) => Some(*j),
+        _ => None,
+    };
+    let mut folds = Vec::new();
+    for &i in steps {
+        let n = &nodes[i];
+        let Some(w) = n.input.get(1).and_then(|w| statics.get(w)) else { continue };
+        if n.op_type != "MatMul" || w.rank() != 2 {
+            continue;
+        }
+        let cols = w.dims()[1];
+        // Through at most one pure reshape, to a BatchNormalization of [rows, cols].
+        let Some(mut j) = single(&n.output[0]) else { continue };
+        if matches!(nodes[j].op_type.as_str(), "Flatten" | "Reshape") {
+            let Some(k) = single(&nodes[j].output[0]) else { continue };
+            j = k;
+        }
+        let bn = &nodes[j];
+        let flat = shapes.get(&bn.input[0]).is_some_and(|d| d.len() == 2 && d[1] == cols);
+        let params_static = bn.input.len() == 5 && bn.input.iter().skip(1).all(|v| statics.contains_key(v));
+        if bn.op_type == "BatchNormalization" && flat && params_static && bn.output.iter().skip(1).all(String::is_empty)
+        {
+            folds.push((i, j));
+        }
+    }
+    for (i, j) in folds {
+        let param = |k: usize| -> crate::error::Result<Vec<f32>> {
+            Ok(statics[&nodes[j].input[k]].to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let (scale, bias, mean, var) = (param(1)?, param(2)?, param(3)?, param(4)?);
+        let w = statics[&nodes[i].input[1]].to_dtype(candle_core::DType::F32)?;
+        let (k, cols) = (w.dims()[0], w.dims()[1]);
+        if [&scale, &bias, &mean, &var].iter().any(|v| v.len() != cols) {
+            continue;
+        }
+        let eps = Attrs(&nodes[j]).float("epsilon", 1e-5);
+        let a: Vec<f32> = scale.iter().zip(&var).map(|(s, v)| s / (v + eps).sqrt()).collect();
+        let b: Vec<f32> = bias.iter().zip(&mean).zip(&a).map(|((b, m), a)| b - m * a).collect();
+        let scaled: Vec<f32> =
+            w.flatten_all()?.to_vec1::<f32>()?.iter().enumerate().map(|(e, v)| v * a[e % cols]).collect();
+        let (wname, bname) =
+            (format!("{}::bn_folded", nodes[i].output[0]), format!("{}::bn_shift", nodes[j].output[0]));
+        statics.insert(wname.clone(), Tensor::from_vec(scaled, (k, cols), w.device())?);
+        statics.insert(bname.clone(), Tensor::from_vec(b, cols, w.device())?);
+        nodes[i].input[1] = wname;
+        let bn = &mut nodes[j];
+        bn.op_type = "Add".into();
+        bn.input = vec![bn.input[0].clone(), bname];
+        bn.attribute.clear();
+        bn.output.truncate(1);
+    }
+    Ok(())
+}

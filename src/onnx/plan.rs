@@ -110,7 +110,7 @@ impl Graph {
         for &i in &steps {
             needed.extend(self.nodes[i].input.iter().map(String::as_str));
         }
-        let statics: HashMap<String, Tensor> = values
+        let mut statics: HashMap<String, Tensor> = values
             .into_iter()
             .filter(|(k, _)| is_static.contains(k) && needed.contains(k.as_str()))
             .map(|(k, t)| t.contiguous().map(|t| (k, t)))
@@ -119,7 +119,8 @@ impl Graph {
         let tracked = feeds.iter().any(|(_, t)| t.track_op()) || (track && !self.trainable.is_empty());
         let own_cpu = self.device.is_cpu() && !crate::util::device::candle_ops_only();
         let (nodes, steps, fused, blocked) = if own_cpu && !tracked {
-            let (nodes, steps) = fuse::fold_pads(&self.nodes, &steps, &statics, &self.outputs, self.opset);
+            let (mut nodes, steps) = fuse::fold_pads(&self.nodes, &steps, &statics, &self.outputs, self.opset);
+            fuse::fold_batch_norms(&mut nodes, &steps, &mut statics, &shapes, &self.outputs)?;
             let (steps, fused) = fuse::fuse(&nodes, &steps, &statics, &self.outputs, self.opset, false);
             let blocked = layout::plan(&nodes, &steps, &fused, &statics, &shapes, &self.outputs);
             (nodes, steps, fused, blocked)

@@ -344,6 +344,51 @@ fn zero_pad_before_a_conv_is_folded_into_its_pads() {
     assert!(st.blocked >= 1, "the strided conv runs blocked: {st:?}");
 }
 
+/// LeViT's Linear -> BatchNorm1d, exported as MatMul by a static matrix -> Flatten -> BatchNormalization on
+/// `[rows, cols]`: the plan folds the normalisation into the matrix (no BatchNormalization step is left,
+/// an Add of the shift runs instead), and the planned run equals the unplanned one.
+#[test]
+fn batch_norm_after_a_product_is_folded_into_its_matrix() {
+    use candle_onnx::onnx::TensorProto;
+    let mut flat = node("Flatten", "flat", &["m"], &["f"]);
+    flat.attribute.push(int("axis", 2));
+    let mut bn = node("BatchNormalization", "bn", &["f", "scale", "bias", "mean", "var"], &["n"]);
+    bn.attribute.push(candle_onnx::onnx::AttributeProto {
+        name: "epsilon".into(),
+        f: 1e-3,
+        r#type: 1,
+        ..Default::default()
+    });
+    let mut m = model(vec![
+        node("MatMul", "mm", &["x", "w"], &["m"]),
+        flat,
+        bn,
+        node("Reshape", "back", &["n", "shape"], &["y"]),
+    ]);
+    m.graph.as_mut().unwrap().initializer.push(TensorProto {
+        name: "shape".into(),
+        dims: vec![2],
+        data_type: 7,
+        int64_data: vec![2, 80],
+        ..Default::default()
+    });
+    add_initializers(
+        &mut m,
+        &[
+            ("w", vec![8, 16], 0.5, 0.0),
+            ("scale", vec![16], 0.5, 1.0),
+            ("bias", vec![16], 0.3, 0.1),
+            ("mean", vec![16], 0.4, 0.2),
+            ("var", vec![16], 0.5, 1.0),
+        ],
+    );
+    let x = Tensor::from_vec(seq(2 * 5 * 8, 1.0, 0.0), (2, 5, 8), &Device::Cpu).unwrap();
+    planned_equals_unplanned(&m, x.clone(), 80);
+    let graph = Graph::from_model(&m, "bn-fold", &Device::Cpu, None).unwrap();
+    let ops: Vec<String> = graph.profile(&[("x", x)]).unwrap().into_iter().map(|t| t.op).collect();
+    assert!(!ops.iter().any(|o| o == "BatchNormalization") && ops.iter().any(|o| o == "Add"), "{ops:?}");
+}
+
 /// The shipped pretrained backbone (`models/pretrained/efficientnet_lite0.onnx`, made without torch by
 /// models/make_efficientnet_lite0.py --features) computes the same pooled feature as the reference
 /// EfficientNet-Lite0 in ../shared, where that exists (a fresh clone has no ../shared: then this only

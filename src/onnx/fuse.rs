@@ -2,7 +2,8 @@
 //! a Conv followed by Relu/Clip (clamped as it is written), a MatMul followed by the Add of a constant bias
 //! row (added inside the gemm), and the erf GELU that exporters spell Div(x, sqrt 2) -> Erf -> Add 1 ->
 //! Mul x -> Mul 0.5 (one kernel instead of five), and SiLU spelled Mul(x, Sigmoid(x)); and, as a rewrite of
-//! the plan's nodes, a zero Pad folded into the Conv that reads it.
+//! the plan's nodes, a zero Pad folded into the Conv that reads it and a BatchNormalization folded into the
+//! product by a static matrix before it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -42,7 +43,23 @@ struct View<'a> {
     consumers: HashMap<&'a str, Vec<usize>>,
 }
 
-impl View<'_> {
+impl<'a> View<'a> {
+    /// The view of `steps` (node indices into `nodes`).
+    fn new(
+        nodes: &'a [NodeProto],
+        steps: &[usize],
+        statics: &'a HashMap<String, Tensor>,
+        outputs: &'a [String],
+    ) -> View<'a> {
+        let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+        for &i in steps {
+            for v in &nodes[i].input {
+                consumers.entry(v.as_str()).or_default().push(i);
+            }
+        }
+        View { nodes, statics, outputs, consumers }
+    }
+
     /// The only node reading `v`, when nothing else (an output included) needs it.
     fn single(&self, v: &str) -> Option<usize> {
         match self.consumers.get(v).map(Vec::as_slice) {
@@ -145,13 +162,7 @@ pub(crate) fn fuse(
     opset: i64,
     training: bool,
 ) -> (Vec<usize>, HashMap<usize, Fused>) {
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for &i in steps {
-        for v in &nodes[i].input {
-            consumers.entry(v.as_str()).or_default().push(i);
-        }
-    }
-    let g = View { nodes, statics, outputs, consumers };
+    let g = View::new(nodes, steps, statics, outputs);
     let mut removed: HashSet<usize> = HashSet::new();
     let mut fused = HashMap::new();
     let mut gelu_chains: HashMap<usize, [usize; 4]> = HashMap::new();
@@ -244,13 +255,7 @@ pub(crate) fn fold_pads(
     outputs: &[String],
     opset: i64,
 ) -> (Vec<NodeProto>, Vec<usize>) {
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for &i in steps {
-        for v in &nodes[i].input {
-            consumers.entry(v.as_str()).or_default().push(i);
-        }
-    }
-    let g = View { nodes, statics, outputs, consumers };
+    let g = View::new(nodes, steps, statics, outputs);
     let mut out = nodes.to_vec();
     let mut removed = HashSet::new();
     for &i in steps {
@@ -292,38 +297,7 @@ pub(crate) fn fold_batch_norms(
     shapes: &HashMap<String, Vec<usize>>,
     outputs: &[String],
 ) -> crate::error::Result<()> {
-    let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
-    for &i in steps {
-        for v in &nodes[i].input {
-            consumers.entry(v.clone()).or_default().push(i);
-        }
-    }
-    let single = |v: &str| match consumers.get(v).map(Vec::as_slice) {
-        Some([j]) if !outputs.iter().any(|o| o == v) => Some(*j),
-        _ => None,
-    };
-    let mut folds = Vec::new();
-    for &i in steps {
-        let n = &nodes[i];
-        let Some(w) = n.input.get(1).and_then(|w| statics.get(w)) else { continue };
-        if n.op_type != "MatMul" || w.rank() != 2 {
-            continue;
-        }
-        let cols = w.dims()[1];
-        // Through at most one pure reshape, to a BatchNormalization of [rows, cols].
-        let Some(mut j) = single(&n.output[0]) else { continue };
-        if matches!(nodes[j].op_type.as_str(), "Flatten" | "Reshape") {
-            let Some(k) = single(&nodes[j].output[0]) else { continue };
-            j = k;
-        }
-        let bn = &nodes[j];
-        let flat = shapes.get(&bn.input[0]).is_some_and(|d| d.len() == 2 && d[1] == cols);
-        let params_static = bn.input.len() == 5 && bn.input.iter().skip(1).all(|v| statics.contains_key(v));
-        if bn.op_type == "BatchNormalization" && flat && params_static && bn.output.iter().skip(1).all(String::is_empty)
-        {
-            folds.push((i, j));
-        }
-    }
+    let folds = batch_norms_after_products(&View::new(nodes, steps, statics, outputs), steps, shapes);
     for (i, j) in folds {
         let param = |k: usize| -> crate::error::Result<Vec<f32>> {
             Ok(statics[&nodes[j].input[k]].to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
@@ -334,9 +308,7 @@ pub(crate) fn fold_batch_norms(
         if [&scale, &bias, &mean, &var].iter().any(|v| v.len() != cols) {
             continue;
         }
-        let eps = Attrs(&nodes[j]).float("epsilon", 1e-5);
-        let a: Vec<f32> = scale.iter().zip(&var).map(|(s, v)| s / (v + eps).sqrt()).collect();
-        let b: Vec<f32> = bias.iter().zip(&mean).zip(&a).map(|((b, m), a)| b - m * a).collect();
+        let (a, b) = ops::norm::batch_norm_affine(&nodes[j], (&scale, &bias, &mean, &var));
         let scaled: Vec<f32> =
             w.flatten_all()?.to_vec1::<f32>()?.iter().enumerate().map(|(e, v)| v * a[e % cols]).collect();
         let (wname, bname) =
@@ -351,4 +323,36 @@ pub(crate) fn fold_batch_norms(
         bn.output.truncate(1);
     }
     Ok(())
+}
+
+/// The (MatMul, BatchNormalization) pairs [`fold_batch_norms`] folds: a product by a static matrix whose
+/// only reader, directly or through one Flatten/Reshape, is an inference BatchNormalization of
+/// `[rows, cols]` with static parameters.
+fn batch_norms_after_products(
+    g: &View<'_>,
+    steps: &[usize],
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Vec<(usize, usize)> {
+    let mut folds = Vec::new();
+    for &i in steps {
+        let n = &g.nodes[i];
+        let Some(w) = n.input.get(1).and_then(|w| g.statics.get(w)) else { continue };
+        if n.op_type != "MatMul" || w.rank() != 2 {
+            continue;
+        }
+        let cols = w.dims()[1];
+        let Some(mut j) = g.single(&n.output[0]) else { continue };
+        if matches!(g.nodes[j].op_type.as_str(), "Flatten" | "Reshape") {
+            let Some(k) = g.single(&g.nodes[j].output[0]) else { continue };
+            j = k;
+        }
+        let bn = &g.nodes[j];
+        let flat = shapes.get(&bn.input[0]).is_some_and(|d| d.len() == 2 && d[1] == cols);
+        let params_static = bn.input.len() == 5 && bn.input.iter().skip(1).all(|v| g.statics.contains_key(v));
+        if bn.op_type == "BatchNormalization" && flat && params_static && bn.output.iter().skip(1).all(String::is_empty)
+        {
+            folds.push((i, j));
+        }
+    }
+    folds
 }

@@ -200,14 +200,12 @@ fn batch_norm(node: &NodeProto, x: &Tensor, ins: &[Option<Tensor>]) -> Result<Te
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     };
     let (scale, bias, mean, var) = (param(1)?, param(2)?, param(3)?, param(4)?);
-    let eps = Attrs(node).float("epsilon", 1e-5);
     let d = x.dims();
     let (n, c, hw) = (d[0], d[1] * LANES, d[2] * d[3]);
     if [&scale, &bias, &mean, &var].iter().any(|v| v.len() != c) {
         return Err(node_err(node, format!("expected {c} values in each of scale, B, mean and var")));
     }
-    let a: Vec<f32> = scale.iter().zip(&var).map(|(s, v)| s / (v + eps).sqrt()).collect();
-    let b: Vec<f32> = bias.iter().zip(&mean).zip(&a).map(|((b, m), a)| b - m * a).collect();
+    let (a, b) = ops::norm::batch_norm_affine(node, (&scale, &bias, &mean, &var));
     if kernels::usable(&[x]) {
         let y = kernels::with_data(x, |xs| nchwc::channel_affine(xs, (n, c, hw), &a, &b))?;
         return kernels::tensor(y, d);

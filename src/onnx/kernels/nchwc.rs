@@ -1125,23 +1125,27 @@ mod tests {
     #[test]
     fn dense_blocked_matches_direct_sums_on_every_isa() {
         let best = Isa::detect(false);
-        // (c, h, w, m, k, s, d, pads): 3x3 same, strided with asymmetric pads, dilation, 1x7 style via
-        // k=1 rows, odd output blocks (AVX-512: a panel plus an odd block), rows not a multiple of 6.
-        for &(c, h, w, m, k, s, d, pads) in &[
-            (8usize, 9usize, 11usize, 24usize, 3usize, 1usize, 1usize, [1usize; 4]),
-            (16, 13, 10, 40, 3, 2, 1, [0, 1, 1, 1]),
-            (8, 12, 12, 72, 3, 1, 2, [2; 4]),
-            (24, 7, 7, 8, 5, 1, 1, [2; 4]),
-            (8, 5, 23, 16, 1, 2, 1, [0; 4]),
+        // (c, h, w, m, (kh, kw), s, d, pads): 3x3 same, strided with asymmetric pads, dilation, 5x5, a
+        // strided 1x1, Inception's 1x7 and 7x1; odd output blocks (AVX-512: a panel plus an odd block), rows
+        // not a multiple of 6.
+        for &(c, h, w, m, (kh, kw), s, d, pads) in &[
+            (8usize, 9usize, 11usize, 24usize, (3usize, 3usize), 1usize, 1usize, [1usize; 4]),
+            (16, 13, 10, 40, (3, 3), 2, 1, [0, 1, 1, 1]),
+            (8, 12, 12, 72, (3, 3), 1, 2, [2; 4]),
+            (24, 7, 7, 8, (5, 5), 1, 1, [2; 4]),
+            (8, 5, 23, 16, (1, 1), 2, 1, [0; 4]),
+            (16, 9, 11, 40, (1, 7), 1, 1, [0, 3, 0, 3]),
+            (16, 11, 9, 40, (7, 1), 1, 1, [3, 0, 3, 0]),
         ] {
             let n = 2;
-            let g = ConvGeom { k: (k, k), s: (s, s), d: (d, d), pads };
+            let k = kh.max(kw);
+            let g = ConvGeom { k: (kh, kw), s: (s, s), d: (d, d), pads };
             let x = seq(n * c * h * w, 1.0);
-            let kv = seq(m * c * k * k, 0.3);
+            let kv = seq(m * c * kh * kw, 0.3);
             let b = seq(m, 0.2);
             let want = dense_ref(&x, (n, c, h, w), &kv, &b, m, g);
             let (oh, ow) = g.out_size(h, w);
-            let packed = pack_dense_blocked(&kv, (m, 1), c, (k, k));
+            let packed = pack_dense_blocked(&kv, (m, 1), c, (kh, kw));
             let xb = block(&x, n, c, h * w);
             let mut first: Option<Vec<f32>> = None;
             for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best) {

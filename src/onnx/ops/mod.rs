@@ -16,7 +16,7 @@ pub(crate) mod conv;
 mod einsum;
 mod layout;
 mod linear;
-mod norm;
+pub(crate) mod norm;
 mod pool;
 mod resize;
 mod shape;

@@ -239,3 +239,15 @@ fn empty_reduction(op: &str, y: &Tensor, axis: usize) -> Result<Tensor> {
         dt => Tensor::full(v, shape, y.device())?.to_dtype(dt)?,
     })
 }
+
+/// An inference BatchNormalization (`node`, for its epsilon) as a per-channel `x * a + b`: `a = scale /
+/// sqrt(var + eps)`, `b = bias - mean * a`, for the kernels that apply it in one pass or fold it away.
+pub(crate) fn batch_norm_affine(
+    node: &NodeProto,
+    (scale, bias, mean, var): (&[f32], &[f32], &[f32], &[f32]),
+) -> (Vec<f32>, Vec<f32>) {
+    let eps = Attrs(node).float("epsilon", 1e-5);
+    let a: Vec<f32> = scale.iter().zip(var).map(|(s, v)| s / (v + eps).sqrt()).collect();
+    let b: Vec<f32> = bias.iter().zip(mean).zip(&a).map(|((b, m), a)| b - m * a).collect();
+    (a, b)
+}

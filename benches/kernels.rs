@@ -132,7 +132,7 @@ fn convs(c: &mut Criterion) {
                 (k, k),
             );
             let bias = vec![0f32; m];
-            let act = nchwc::Act { lo: 0.0, hi: f32::MAX };
+            let act = nchwc::Act::clamp(0.0, f32::MAX);
             for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best) {
                 group.bench_with_input(BenchmarkId::new(format!("Blocked{isa:?}"), &shape), &(), |bch, _| {
                     bch.iter(|| nchwc::dense_blocked(&xb, (n, ch, hw, hw), &wp, &bias, (m, groups), g, act, isa))

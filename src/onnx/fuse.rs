@@ -3,7 +3,8 @@
 //! row (added inside the gemm), and the erf GELU that exporters spell Div(x, sqrt 2) -> Erf -> Add 1 ->
 //! Mul x -> Mul 0.5 (one kernel instead of five), and SiLU spelled Mul(x, Sigmoid(x)); and, as a rewrite of
 //! the plan's nodes, a zero Pad folded into the Conv that reads it and a BatchNormalization folded into the
-//! product by a static matrix before it.
+//! product by a static matrix before it; steps that return their input unchanged (Identity, a Slice or
+//! Reshape to the same shape: GhostNet's `out[:, :oup]` after a Concat) dropped, their readers rewired.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,8 +16,8 @@ use super::ops::{self, Attrs};
 /// A step that runs a fused pattern instead of its own node.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Fused {
-    /// The Conv node, then clamp to [lo, hi]; the result is `out`.
-    ConvAct { lo: f32, hi: f32, out: String },
+    /// The Conv node, then clamp to [lo, hi], then SiLU when `silu`; the result is `out`.
+    ConvAct { lo: f32, hi: f32, silu: bool, out: String },
     /// The MatMul node plus the static row `bias`, then GELU when `gelu`; the result is `out`.
     MatMulBias { bias: String, out: String, gelu: bool },
     /// GELU of `input` (the step's Div node and the four after it); the result is `out`.
@@ -82,8 +83,12 @@ fn other_input(n: &NodeProto, v: &str) -> Option<String> {
     }
 }
 
-/// Conv (output `out`) followed by its only reader Relu/Clip: the reader's index and the fusion.
-fn conv_act(g: &View<'_>, out: &str, opset: i64) -> Option<(usize, Fused)> {
+/// Conv (output `out`) followed by its only reader Relu/Clip, or by SiLU spelled Mul(out, Sigmoid(out)):
+/// the fused readers' indices and the fusion.
+fn conv_act(g: &View<'_>, out: &str, opset: i64) -> Option<(Vec<usize>, Fused)> {
+    if let Some(f) = conv_silu(g, out) {
+        return Some(f);
+    }
     let j = g.single(out)?;
     let c = &g.nodes[j];
     let (lo, hi) = match c.op_type.as_str() {
@@ -102,7 +107,28 @@ fn conv_act(g: &View<'_>, out: &str, opset: i64) -> Option<(usize, Fused)> {
         }
         _ => return None,
     };
-    Some((j, Fused::ConvAct { lo, hi, out: c.output.first()?.clone() }))
+    Some((vec![j], Fused::ConvAct { lo, hi, silu: false, out: c.output.first()?.clone() }))
+}
+
+/// Conv output `out` read by exactly a Sigmoid of it and the Mul of it by that Sigmoid (the Sigmoid's
+/// only reader): both folded into the conv as a SiLU epilogue.
+fn conv_silu(g: &View<'_>, out: &str) -> Option<(Vec<usize>, Fused)> {
+    if g.outputs.iter().any(|o| o == out) {
+        return None;
+    }
+    let readers = g.consumers.get(out)?;
+    let &[a, b] = readers.as_slice() else { return None };
+    let (s, m) = if g.nodes[a].op_type == "Sigmoid" { (a, b) } else { (b, a) };
+    let sig = g.nodes[s].output.first()?;
+    let (sn, mn) = (&g.nodes[s], &g.nodes[m]);
+    let fits = sn.op_type == "Sigmoid"
+        && sn.input.first().map(String::as_str) == Some(out)
+        && g.single(sig) == Some(m)
+        && mn.op_type == "Mul"
+        && other_input(mn, sig).as_deref() == Some(out);
+    fits.then(|| {
+        (vec![s, m], Fused::ConvAct { lo: f32::NEG_INFINITY, hi: f32::INFINITY, silu: true, out: mn.output[0].clone() })
+    })
 }
 
 /// Sigmoid `n` (output `out`) whose only reader multiplies it by the Sigmoid's own input: SiLU.
@@ -171,7 +197,7 @@ pub(crate) fn fuse(
         let Some(out) = n.output.first().filter(|_| !removed.contains(&i)) else { continue };
         let found = match n.op_type.as_str() {
             "Conv" | "MatMul" | "Sigmoid" if training => None,
-            "Conv" => conv_act(&g, out, opset).map(|(j, f)| (vec![j], f)),
+            "Conv" => conv_act(&g, out, opset),
             "MatMul" => matmul_bias(&g, n, out).map(|(j, f)| (vec![j], f)),
             "Sigmoid" => silu(&g, n, out).map(|(j, f)| (vec![j], f)),
             "Div" => gelu(&g, n, out).map(|(chain, f)| {
@@ -284,6 +310,63 @@ pub(crate) fn fold_pads(
         removed.insert(i);
     }
     (out, steps.iter().copied().filter(|i| !removed.contains(i)).collect())
+}
+
+/// Drops the steps whose output is their data input unchanged, rewiring every reader to that input:
+/// Identity, Dropout without a mask output, and Slice/Reshape/Flatten/Squeeze/Unsqueeze whose output has
+/// the input's dims (a Slice only with unit steps, so nothing is reversed). Such a step is a copy in a run
+/// and, between blocked steps, a re-layout too. `shapes` holds every value's dims; graph outputs stay.
+pub(crate) fn drop_identities(
+    nodes: &mut [NodeProto],
+    steps: &[usize],
+    statics: &HashMap<String, Tensor>,
+    shapes: &HashMap<String, Vec<usize>>,
+    outputs: &[String],
+) -> Vec<usize> {
+    let mut alias: HashMap<String, String> = HashMap::new();
+    let mut kept = Vec::with_capacity(steps.len());
+    for &i in steps {
+        for v in nodes[i].input.iter_mut() {
+            if let Some(a) = alias.get(v.as_str()) {
+                *v = a.clone();
+            }
+        }
+        match identity_input(&nodes[i], statics, shapes, outputs) {
+            Some(x) => {
+                alias.insert(nodes[i].output[0].clone(), x);
+            }
+            None => kept.push(i),
+        }
+    }
+    kept
+}
+
+/// The data input of `n` when `n` returns it unchanged (see [`drop_identities`]).
+fn identity_input(
+    n: &NodeProto,
+    statics: &HashMap<String, Tensor>,
+    shapes: &HashMap<String, Vec<usize>>,
+    outputs: &[String],
+) -> Option<String> {
+    let (x, y) = (n.input.first()?, n.output.first()?);
+    if outputs.contains(y) || n.output.iter().skip(1).any(|o| !o.is_empty()) {
+        return None;
+    }
+    let same = shapes.get(x).is_some_and(|d| shapes.get(y) == Some(d));
+    let unit_steps = || match n.input.get(4).filter(|s| !s.is_empty()) {
+        None => true,
+        Some(s) => statics
+            .get(s)
+            .and_then(|t| t.to_dtype(candle_core::DType::I64).ok()?.flatten_all().ok()?.to_vec1::<i64>().ok())
+            .is_some_and(|v| v.iter().all(|&s| s == 1)),
+    };
+    let drop = match n.op_type.as_str() {
+        "Identity" | "Dropout" => true,
+        "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => same,
+        "Slice" => same && unit_steps(),
+        _ => false,
+    };
+    drop.then(|| x.clone())
 }
 
 /// Folds each inference BatchNormalization over the columns of a product by a static matrix (LeViT's

@@ -700,6 +700,19 @@ pub fn gelu_in_place(o: &mut [f32]) {
 }
 
 #[inline(always)]
+fn silu_body(o: &mut [f32]) {
+    o.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v));
+}
+
+simd_dispatch!(silu_slice, <>, (o: &mut [f32]), silu_body(o));
+
+/// SiLU (`x / (1 + e^-x)`, as [`Unary::Silu`]) of every element of `o`, in place, on this thread: the
+/// epilogue of a conv block just computed.
+pub fn silu_in_place(o: &mut [f32]) {
+    silu_slice(o)
+}
+
+#[inline(always)]
 fn map_chunk_body<F: Fn(f32) -> f32 + Copy>(f: F, o: &mut [MaybeUninit<f32>], x: &[f32]) {
     for (d, &v) in o.iter_mut().zip(x) {
         d.write(f(v));

@@ -81,6 +81,11 @@ pub(crate) fn plan(
             readers.entry(v.as_str()).or_default().push(i);
         }
     }
+    // An operand of `out`'s own shape, or `[n, c, 1, 1]` against `[n, c, h, w]` (both 4-D).
+    let fits_output = |v: &str, out: &str| match (shapes.get(v), shapes.get(out)) {
+        (Some(d), Some(o)) => d == o || (d.len() == 4 && o.len() == 4 && d[..2] == o[..2] && d[2..] == [1, 1]),
+        _ => false,
+    };
     let reads_blocked = |j: usize| native(&nodes[j], statics) || spatial_mean(&nodes[j], statics);
     let mut b = Blocked::default();
     for &i in steps {
@@ -97,12 +102,13 @@ pub(crate) fn plan(
                 w.is_some_and(|w| w.rank() == 4 && w.dims()[0] % LANES == 0 && w.dtype() == DType::F32)
                     && readers.get(out.as_str()).is_some_and(|r| r.iter().all(|&j| reads_blocked(j)))
             }
-            // One blocked operand, the other NCHW of the output's own shape: it is re-laid.
-            "Add"
+            // One blocked operand, the other NCHW of the output's own shape or a per-channel `[n, c, 1, 1]`
+            // (a squeeze-excite gate): it is re-laid.
+            "Add" | "Mul"
                 if fused.get(&i).is_none()
                     && data_inputs().count() == 2
                     && data_inputs().any(|v| b.values.contains(v))
-                    && data_inputs().all(|v| whole_blocks(v) && shapes.get(v) == shapes.get(&out)) =>
+                    && data_inputs().all(|v| whole_blocks(v) && fits_output(v, &out)) =>
             {
                 true
             }
@@ -263,9 +269,10 @@ impl Blocked {
                 let parts = (0..node.input.len()).map(relaid).collect::<Result<Vec<_>>>()?;
                 return Ok((out, Tensor::cat(&parts, 1)?));
             }
-            "Add" if !(blocked_in(0) && blocked_in(1)) => {
-                let y = relaid(0)?.broadcast_add(&relaid(1)?)?;
-                return Ok((out, y));
+            "Add" | "Mul" if !(blocked_in(0) && blocked_in(1)) => {
+                let both = [Some(relaid(0)?), Some(relaid(1)?)];
+                let y = ops::eval(node, &both, graph.opset, &graph.device)?.into_iter().next();
+                return Ok((out, y.ok_or_else(|| node_err(node, "no output"))?));
             }
             _ => {}
         }
@@ -278,9 +285,9 @@ impl Blocked {
             |k: usize| ins.get(k).cloned().flatten().ok_or_else(|| node_err(node, format!("input {k} is missing")));
         let (x, w) = (arg(0)?, arg(1)?);
         let b = ins.get(2).cloned().flatten();
-        let act = match fused {
-            Some(Fused::ConvAct { lo, hi, .. }) => Some((*lo, *hi)),
-            _ => None,
+        let (act, silu) = match fused {
+            Some(&Fused::ConvAct { lo, hi, silu, .. }) => (Some((lo, hi)), silu),
+            _ => (None, false),
         };
         let x_blocked = self.values.contains(&node.input[0]);
         let x_dims = if x_blocked {
@@ -298,7 +305,8 @@ impl Blocked {
             Some(b) if fast => b.flatten_all()?.to_vec1::<f32>()?,
             _ => vec![0.0; m],
         };
-        let nact = act.map(|(lo, hi)| nchwc::Act { lo, hi }).unwrap_or(nchwc::Act::NONE);
+        let (lo, hi) = act.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+        let nact = nchwc::Act { lo, hi, silu };
         let (n, h, wd) = (x_dims[0], x_dims[2], x_dims[3]);
         let (oh, ow) = g.out_size(h, wd);
         let (cg, mg) = (c / group.max(1), m / group.max(1));
@@ -323,7 +331,9 @@ impl Blocked {
         }
         if !(fast && (pointwise || depthwise) && c.is_multiple_of(LANES) && m.is_multiple_of(LANES)) {
             let x = if x_blocked { from_blocked(&x)? } else { x };
-            return Ok((out, to_blocked(&conv::conv_act(node, &x, &w, b.as_ref(), act)?)?));
+            let y = conv::conv_act(node, &x, &w, b.as_ref(), act)?;
+            let y = if silu { ops::unary::silu(&y)? } else { y };
+            return Ok((out, to_blocked(&y)?));
         }
         let xb = if x_blocked { x } else { to_blocked(&x)? };
         let packed = self.packed_weights(i, node, &w, statics, |ws| {

@@ -120,6 +120,7 @@ impl Graph {
         let own_cpu = self.device.is_cpu() && !crate::util::device::candle_ops_only();
         let (nodes, steps, fused, blocked) = if own_cpu && !tracked {
             let (mut nodes, steps) = fuse::fold_pads(&self.nodes, &steps, &statics, &self.outputs, self.opset);
+            let steps = fuse::drop_identities(&mut nodes, &steps, &statics, &shapes, &self.outputs);
             fuse::fold_batch_norms(&mut nodes, &steps, &mut statics, &shapes, &self.outputs)?;
             let (steps, fused) = fuse::fuse(&nodes, &steps, &statics, &self.outputs, self.opset, false);
             let blocked = layout::plan(&nodes, &steps, &fused, &statics, &shapes, &self.outputs);
@@ -219,6 +220,7 @@ impl Graph {
         mut times: Option<&mut HashMap<String, OpTime>>,
     ) -> Result<Vec<Tensor>> {
         let mut values: HashMap<String, Tensor> = feeds.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        let detail = times.is_some() && std::env::var_os("AUTOMM_PROFILE_DETAIL").is_some();
         for (s, &i) in plan.steps.iter().enumerate() {
             let node = &plan.nodes[i];
             let mut ins = self.node_inputs(node, |n| {
@@ -259,7 +261,12 @@ impl Graph {
                 }
             };
             if let Some(times) = times.as_deref_mut() {
-                let label = profile_label(node, &ins);
+                let mut label = profile_label(node, &ins);
+                if detail {
+                    // Per input shape and layout: which instance of an op type is slow.
+                    let dims: Vec<_> = ins.iter().flatten().map(|t| t.dims().to_vec()).collect();
+                    label = format!("{label} {dims:?}{}", if blocked_step { " blocked" } else { "" });
+                }
                 let e = times.entry(label.clone()).or_insert_with(|| OpTime { op: label, count: 0, seconds: 0.0 });
                 e.count += 1;
                 e.seconds += t0.elapsed().as_secs_f64();
@@ -300,9 +307,10 @@ impl Graph {
             ins.get(i).cloned().flatten().ok_or_else(|| ops::node_err(node, format!("input {i} is missing")))
         };
         Ok(match f {
-            fuse::Fused::ConvAct { lo, hi, out } => {
+            fuse::Fused::ConvAct { lo, hi, silu, out } => {
                 let b = ins.get(2).cloned().flatten();
-                (out.clone(), ops::conv::conv_act(node, &arg(0)?, &arg(1)?, b.as_ref(), Some((*lo, *hi)))?)
+                let y = ops::conv::conv_act(node, &arg(0)?, &arg(1)?, b.as_ref(), Some((*lo, *hi)))?;
+                (out.clone(), if *silu { ops::unary::silu(&y)? } else { y })
             }
             fuse::Fused::MatMulBias { bias, out, gelu } => {
                 let (a, b) = (arg(0)?, arg(1)?);

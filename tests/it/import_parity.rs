@@ -344,6 +344,62 @@ fn zero_pad_before_a_conv_is_folded_into_its_pads() {
     assert!(st.blocked >= 1, "the strided conv runs blocked: {st:?}");
 }
 
+/// An INT64 initializer `name` holding `v` (1-D).
+fn add_int64s(m: &mut ModelProto, name: &str, v: &[i64]) {
+    m.graph.as_mut().unwrap().initializer.push(candle_onnx::onnx::TensorProto {
+        name: name.into(),
+        dims: vec![v.len() as i64],
+        data_type: 7,
+        int64_data: v.to_vec(),
+        ..Default::default()
+    });
+}
+
+/// An EfficientNet/GhostNet-style block: a conv followed by SiLU spelled Mul(Sigmoid(c), c) (fused into the
+/// conv), a Slice that keeps every channel (GhostNet's `out[:, :oup]`: dropped), and a squeeze-excite gate
+/// (pool, two small NCHW convs, Sigmoid) multiplying the blocked activation (the gate is re-laid, the Mul
+/// runs blocked). The planned run must equal the unplanned one.
+#[test]
+fn conv_silu_identity_slice_and_excite_gate_run_blocked() {
+    let mut conv = node("Conv", "conv", &["x", "w1", "b1"], &["c"]);
+    conv.attribute.push(ints("pads", &[1, 1, 1, 1]));
+    let mut m = model(vec![
+        conv,
+        node("Sigmoid", "sig", &["c"], &["s"]),
+        node("Mul", "silu", &["s", "c"], &["a"]),
+        node("Slice", "keep", &["a", "starts", "ends", "axes"], &["k"]),
+        node("GlobalAveragePool", "squeeze", &["k"], &["p"]),
+        node("Conv", "reduce", &["p", "wr", "br"], &["r"]),
+        node("Relu", "relu", &["r"], &["q"]),
+        node("Conv", "expand", &["q", "we", "be"], &["e"]),
+        node("Sigmoid", "gate", &["e"], &["g"]),
+        node("Mul", "excite", &["k", "g"], &["z"]),
+        node("Conv", "project", &["z", "w2"], &["d"]),
+        node("GlobalAveragePool", "gap", &["d"], &["h"]),
+        node("Flatten", "flat", &["h"], &["y"]),
+    ]);
+    add_int64s(&mut m, "starts", &[0]);
+    add_int64s(&mut m, "ends", &[16]);
+    add_int64s(&mut m, "axes", &[1]);
+    add_initializers(
+        &mut m,
+        &[
+            ("w1", vec![16, 8, 3, 3], 0.3, 0.0),
+            ("b1", vec![16], 0.5, 0.0),
+            ("wr", vec![4, 16, 1, 1], 0.5, 0.0),
+            ("br", vec![4], 0.2, 0.1),
+            ("we", vec![16, 4, 1, 1], 0.5, 0.0),
+            ("be", vec![16], 0.2, 0.0),
+            ("w2", vec![8, 16, 1, 1], 0.3, 0.05),
+        ],
+    );
+    let x = Tensor::from_vec(seq(2 * 8 * 6 * 5, 1.0, 0.0), (2, 8, 6, 5), &Device::Cpu).unwrap();
+    let st = planned_equals_unplanned(&m, x, 8);
+    // Sigmoid + Mul into the conv, reduce + Relu fused, the Slice dropped: 13 nodes, 9 steps; blocked: the
+    // first conv, the gated Mul and the projection (pools read blocked data; the gate path is NCHW).
+    assert_eq!((st.nodes, st.steps, st.blocked), (13, 9, 3), "{st:?}");
+}
+
 /// LeViT's Linear -> BatchNorm1d, exported as MatMul by a static matrix -> Flatten -> BatchNormalization on
 /// `[rows, cols]`: the plan folds the normalisation into the matrix (no BatchNormalization step is left,
 /// an Add of the shift runs instead), and the planned run equals the unplanned one.

@@ -382,18 +382,39 @@ fn pixel_tile(left: usize) -> usize {
     }
 }
 
-/// Bounds applied as outputs are stored (a fused Relu/Clip; (-inf, inf) for none).
+/// The activation applied to outputs as they are computed: bounds applied as they are stored (a fused
+/// Relu/Clip; (-inf, inf) for none), then SiLU when `silu` (a fused Mul(x, Sigmoid(x)), applied to each
+/// task's outputs while they are in cache).
 #[derive(Clone, Copy, Debug)]
 pub struct Act {
     /// Lower bound.
     pub lo: f32,
     /// Upper bound.
     pub hi: f32,
+    /// SiLU after the bounds.
+    pub silu: bool,
 }
 
 impl Act {
-    /// No clamping.
-    pub const NONE: Act = Act { lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+    /// No activation.
+    pub const NONE: Act = Act { lo: f32::NEG_INFINITY, hi: f32::INFINITY, silu: false };
+    /// SiLU alone.
+    pub const SILU: Act = Act { silu: true, ..Act::NONE };
+
+    /// Clamping to [lo, hi].
+    pub fn clamp(lo: f32, hi: f32) -> Act {
+        Act { lo, hi, silu: false }
+    }
+
+    /// The SiLU epilogue on `len` outputs from `p`, when this activation has one.
+    ///
+    /// # Safety
+    /// `p..p + len` must be written outputs that no other thread touches meanwhile.
+    unsafe fn epilogue(self, p: *mut f32, len: usize) {
+        if self.silu {
+            super::silu_in_place(std::slice::from_raw_parts_mut(p, len));
+        }
+    }
 }
 
 /// A 1x1 stride-1 convolution on blocked input `x` (`[n, c/8, hw, 8]`) with packed weights `w`
@@ -482,6 +503,10 @@ pub fn pointwise_with(
                         pw_run(t, r, obn, isa);
                     }
                     p += r;
+                }
+                for b in ob..ob + obn {
+                    // SAFETY: this task's pixels p0..p1 of block b, all written just above.
+                    unsafe { act.epilogue(out.at((img * mb + b) * hw * LANES + p0 * LANES), (p1 - p0) * LANES) };
                 }
             }
         });
@@ -602,6 +627,10 @@ pub fn dense_blocked(
                         pw_run(t, r, step.min(o1 - ob), isa);
                     }
                     ox += r;
+                }
+                for b in obg..obg + step.min(o1 - ob) {
+                    // SAFETY: this task's output row oy of block b, all written just above.
+                    unsafe { act.epilogue(out.at(((img * mb + b) * oh + oy) * ow * LANES), ow * LANES) };
                 }
             }
         });
@@ -743,7 +772,10 @@ pub fn depthwise(
             };
             // SAFETY: every tap read is inside `src` (rows checked above, columns checked on the borders
             // and known inside for first..last); writes are the pixels of this output row.
-            unsafe { dw_row(&d, ow, first, last, simd) };
+            unsafe {
+                dw_row(&d, ow, first, last, simd);
+                act.epilogue(d.out, ow * LANES);
+            }
         }
     });
     // SAFETY: each plane's rows were all written (every output column of every row).
@@ -892,7 +924,12 @@ pub fn dense_to_blocked(
             };
             // SAFETY: tap rows are checked above, tap columns on the borders (CHECK) or known inside
             // (first..last); each task writes its own output row in every block.
-            unsafe { dense_row(&d, ow, first, last, blocks, simd) };
+            unsafe {
+                dense_row(&d, ow, first, last, blocks, simd);
+                for b in 0..blocks {
+                    act.epilogue(d.out.add(b * d.block_stride), ow * LANES);
+                }
+            }
         });
     })
 }
@@ -985,6 +1022,12 @@ mod tests {
         out
     }
 
+    /// `v` after `act` (clamp, then SiLU), as the kernels should store it.
+    fn with_act(v: &[f32], act: Act) -> Vec<f32> {
+        let clamped = v.iter().map(|x| x.max(act.lo).min(act.hi));
+        clamped.map(|x| if act.silu { x / (1.0 + (-x).exp()) } else { x }).collect()
+    }
+
     #[test]
     fn pointwise_matches_direct_sums_on_every_tile_shape() {
         // Output blocks 3, 1, 5, 9 and 17 (AVX-512: whole panels 1..=4 and an odd last block; AVX2: pairs
@@ -1003,9 +1046,11 @@ mod tests {
             for &isa in &isas {
                 let got = pointwise_with(&xb, (n, c, hw), &wp, &b, m, Act::NONE, isa);
                 assert!(max_diff(&unblock(&got, n, m, hw), &want) < 1e-4, "n {n} c {c} m {m} hw {hw} {isa:?}");
-                let relu6 = pointwise_with(&xb, (n, c, hw), &wp, &b, m, Act { lo: 0.0, hi: 6.0 }, isa);
+                let relu6 = pointwise_with(&xb, (n, c, hw), &wp, &b, m, Act::clamp(0.0, 6.0), isa);
                 let clamped: Vec<f32> = want.iter().map(|v| v.clamp(0.0, 6.0)).collect();
                 assert!(max_diff(&unblock(&relu6, n, m, hw), &clamped) < 1e-4, "{isa:?} relu6");
+                let silu = pointwise_with(&xb, (n, c, hw), &wp, &b, m, Act::SILU, isa);
+                assert!(max_diff(&unblock(&silu, n, m, hw), &with_act(&want, Act::SILU)) < 1e-4, "{isa:?} silu");
                 if isa != Isa::Scalar {
                     simd_results.push((isa, got));
                 }
@@ -1067,20 +1112,20 @@ mod tests {
             let b = seq(c, 0.2);
             let want = depthwise_ref(&x, (n, c, h, w), &kw, &b, g);
             let (oh, ow) = g.out_size(h, w);
-            for portable in [false, true] {
+            for (portable, act) in [(false, Act::NONE), (true, Act::NONE), (false, Act::SILU), (true, Act::SILU)] {
                 let got = depthwise(
                     &block(&x, n, c, h * w),
                     (n, c, h, w),
                     &pack_depthwise(&kw, c, k * k),
                     &b,
                     g,
-                    Act::NONE,
+                    act,
                     portable,
                 );
                 let got = unblock(&got, n, c, oh * ow);
                 assert!(
-                    max_diff(&got, &want) < 1e-4,
-                    "h {h} w {w} k {k} s {s} d {d} pads {pads:?} portable {portable}"
+                    max_diff(&got, &with_act(&want, act)) < 1e-4,
+                    "h {h} w {w} k {k} s {s} d {d} pads {pads:?} portable {portable} {act:?}"
                 );
             }
         }
@@ -1160,7 +1205,7 @@ mod tests {
                     }
                 }
             }
-            let clamped = dense_blocked(&xb, (n, c, h, w), &packed, &b, (m, 1), g, Act { lo: 0.0, hi: 0.5 }, best);
+            let clamped = dense_blocked(&xb, (n, c, h, w), &packed, &b, (m, 1), g, Act::clamp(0.0, 0.5), best);
             let want: Vec<f32> = want.iter().map(|v| v.clamp(0.0, 0.5)).collect();
             assert!(max_diff(&unblock(&clamped, n, m, oh * ow), &want) < 1e-4, "clamped, c {c} k {k}");
         }
@@ -1202,6 +1247,9 @@ mod tests {
                 let y = dense_blocked(&xb, (n, c, h, w), &packed, &b, (m, groups), g, Act::NONE, isa);
                 let got = unblock(&y, n, m, oh * ow);
                 assert!(max_diff(&got, &want) < 1e-4, "c {c} m {m} groups {groups} k {k} s {s} {isa:?}");
+                let y = dense_blocked(&xb, (n, c, h, w), &packed, &b, (m, groups), g, Act::SILU, isa);
+                let got = unblock(&y, n, m, oh * ow);
+                assert!(max_diff(&got, &with_act(&want, Act::SILU)) < 1e-4, "silu c {c} m {m} groups {groups} {isa:?}");
             }
         }
     }
@@ -1221,11 +1269,12 @@ mod tests {
             let b = seq(m, 0.2);
             let want = dense_ref(&x, (n, c, h, w), &kv, &b, m, g);
             let (oh, ow) = g.out_size(h, w);
-            for portable in [false, true] {
+            for (portable, act) in [(false, Act::NONE), (true, Act::NONE), (false, Act::SILU)] {
                 let packed = pack_dense(&kv, m, c * k * k);
-                let got = dense_to_blocked(&x, (n, c, h, w), &packed, &b, m, g, Act::NONE, portable);
+                let got = dense_to_blocked(&x, (n, c, h, w), &packed, &b, m, g, act, portable);
                 let got = unblock(&got, n, m, oh * ow);
-                assert!(max_diff(&got, &want) < 1e-4, "c {c} h {h} w {w} k {k} s {s} portable {portable}");
+                let want = with_act(&want, act);
+                assert!(max_diff(&got, &want) < 1e-4, "c {c} h {h} w {w} k {k} s {s} portable {portable} {act:?}");
             }
         }
     }

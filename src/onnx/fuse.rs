@@ -1,7 +1,7 @@
 //! Fusions the plan applies to its runtime steps, each replacing several memory passes by one:
 //! a Conv followed by Relu/Clip (clamped as it is written), a MatMul followed by the Add of a constant bias
 //! row (added inside the gemm), and the erf GELU that exporters spell Div(x, sqrt 2) -> Erf -> Add 1 ->
-//! Mul x -> Mul 0.5 (one kernel instead of five), and SiLU spelled Mul(x, Sigmoid(x)); and, as a rewrite of
+//! Mul x -> Mul 0.5 or Mul 0.5 -> Mul x (one kernel instead of five), and SiLU spelled Mul(x, Sigmoid(x)); and, as a rewrite of
 //! the plan's nodes, a zero Pad folded into the Conv that reads it and a BatchNormalization folded into the
 //! product by a static matrix before it; steps that return their input unchanged (Identity, a Slice or
 //! Reshape to the same shape: GhostNet's `out[:, :oup]` after a Concat) dropped, their readers rewired.
@@ -11,13 +11,14 @@ use std::collections::{HashMap, HashSet};
 use candle_core::Tensor;
 use candle_onnx::onnx::NodeProto;
 
+use super::kernels::nchwc::Epilogue;
 use super::ops::{self, Attrs};
 
 /// A step that runs a fused pattern instead of its own node.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Fused {
-    /// The Conv node, then clamp to [lo, hi], then SiLU when `silu`; the result is `out`.
-    ConvAct { lo: f32, hi: f32, silu: bool, out: String },
+    /// The Conv node, then clamp to [lo, hi], then `epilogue`; the result is `out`.
+    ConvAct { lo: f32, hi: f32, epilogue: Epilogue, out: String },
     /// The MatMul node plus the static row `bias`, then GELU when `gelu`; the result is `out`.
     MatMulBias { bias: String, out: String, gelu: bool },
     /// GELU of `input` (the step's Div node and the four after it); the result is `out`.
@@ -107,7 +108,7 @@ fn conv_act(g: &View<'_>, out: &str, opset: i64) -> Option<(Vec<usize>, Fused)> 
         }
         _ => return None,
     };
-    Some((vec![j], Fused::ConvAct { lo, hi, silu: false, out: c.output.first()?.clone() }))
+    Some((vec![j], Fused::ConvAct { lo, hi, epilogue: Epilogue::None, out: c.output.first()?.clone() }))
 }
 
 /// Conv output `out` read by exactly a Sigmoid of it and the Mul of it by that Sigmoid (the Sigmoid's
@@ -126,9 +127,12 @@ fn conv_silu(g: &View<'_>, out: &str) -> Option<(Vec<usize>, Fused)> {
         && g.single(sig) == Some(m)
         && mn.op_type == "Mul"
         && other_input(mn, sig).as_deref() == Some(out);
-    fits.then(|| {
-        (vec![s, m], Fused::ConvAct { lo: f32::NEG_INFINITY, hi: f32::INFINITY, silu: true, out: mn.output[0].clone() })
-    })
+    fits.then(|| (vec![s, m], conv_epilogue(Epilogue::Silu, &mn.output[0])))
+}
+
+/// A conv with `e` after it; the result is `out`.
+fn conv_epilogue(e: Epilogue, out: &str) -> Fused {
+    Fused::ConvAct { lo: f32::NEG_INFINITY, hi: f32::INFINITY, epilogue: e, out: out.to_string() }
 }
 
 /// Sigmoid `n` (output `out`) whose only reader multiplies it by the Sigmoid's own input: SiLU.
@@ -167,14 +171,14 @@ fn gelu(g: &View<'_>, n: &NodeProto, out: &str) -> Option<([usize; 4], Fused)> {
     if !near(g.scalar(&other_input(&g.nodes[a], &g.nodes[e].output[0])?), 1.0) {
         return None;
     }
+    // Then times x and times 0.5, in either order (TorchScript: x first; dynamo: 0.5 first).
     let m = next(&g.nodes[a].output[0], "Mul")?;
-    if other_input(&g.nodes[m], &g.nodes[a].output[0]).as_ref() != Some(x) {
-        return None;
-    }
+    let first = other_input(&g.nodes[m], &g.nodes[a].output[0])?;
     let h = next(&g.nodes[m].output[0], "Mul")?;
-    let half = other_input(&g.nodes[h], &g.nodes[m].output[0])?;
+    let second = other_input(&g.nodes[h], &g.nodes[m].output[0])?;
+    let half = |v: &str| near(g.scalar(v), 0.5);
     let fused = Fused::Gelu { input: x.clone(), out: g.nodes[h].output[0].clone() };
-    near(g.scalar(&half), 0.5).then_some(([e, a, m, h], fused))
+    ((&first == x && half(&second)) || (half(&first) && &second == x)).then_some(([e, a, m, h], fused))
 }
 
 /// Finds fusable patterns among `steps`. Returns the steps left to run and the fused ones by node index.
@@ -212,7 +216,7 @@ pub(crate) fn fuse(
         }
     }
     if !training {
-        absorb_gelu(&g, &mut fused, &mut removed, &gelu_chains);
+        absorb_gelu(&g, steps, &mut fused, &mut removed, &gelu_chains);
     }
     (steps.iter().copied().filter(|i| !removed.contains(i)).collect(), fused)
 }
@@ -221,24 +225,38 @@ pub(crate) fn fuse(
 /// rows as it is finished, while still in cache).
 fn absorb_gelu(
     g: &View<'_>,
+    steps: &[usize],
     fused: &mut HashMap<usize, Fused>,
     removed: &mut HashSet<usize>,
     gelu_chains: &HashMap<usize, [usize; 4]>,
 ) {
+    // The GELU chain that alone reads `out` (its first step's index and its last node).
+    let chain_after = |out: &str| {
+        let readers = g.consumers.get(out).map(Vec::as_slice).unwrap_or_default();
+        let &j = readers.first()?;
+        let chain = gelu_chains.get(&j)?;
+        let only = !g.outputs.iter().any(|o| o == out) && readers.iter().all(|r| *r == j || chain.contains(r));
+        only.then_some((j, chain[3]))
+    };
     let mut absorbed = Vec::new();
-    for (&i, f) in fused.iter_mut() {
+    for f in fused.values_mut() {
         let Fused::MatMulBias { out, gelu, .. } = f else { continue };
-        let readers = g.consumers.get(out.as_str()).map(Vec::as_slice).unwrap_or_default();
-        let Some(&j) = readers.first() else { continue };
-        let Some(chain) = gelu_chains.get(&j) else { continue };
-        if g.outputs.contains(out) || !readers.iter().all(|r| *r == j || chain.contains(r)) {
+        let Some((j, last)) = chain_after(out) else { continue };
+        *out = g.nodes[last].output[0].clone();
+        *gelu = true;
+        absorbed.push(j);
+    }
+    // A conv whose output only a GELU reads (EfficientFormer's 1x1 MLP): GELU as the conv's epilogue.
+    for &i in steps {
+        let n = &g.nodes[i];
+        if n.op_type != "Conv" || fused.contains_key(&i) || removed.contains(&i) {
             continue;
         }
-        *out = g.nodes[chain[3]].output[0].clone();
-        *gelu = true;
-        absorbed.push((i, j));
+        let Some((j, last)) = n.output.first().and_then(|o| chain_after(o)) else { continue };
+        fused.insert(i, conv_epilogue(Epilogue::Gelu, &g.nodes[last].output[0]));
+        absorbed.push(j);
     }
-    for (_, j) in absorbed {
+    for j in absorbed {
         fused.remove(&j);
         removed.insert(j);
     }

@@ -285,9 +285,9 @@ impl Blocked {
             |k: usize| ins.get(k).cloned().flatten().ok_or_else(|| node_err(node, format!("input {k} is missing")));
         let (x, w) = (arg(0)?, arg(1)?);
         let b = ins.get(2).cloned().flatten();
-        let (act, silu) = match fused {
-            Some(&Fused::ConvAct { lo, hi, silu, .. }) => (Some((lo, hi)), silu),
-            _ => (None, false),
+        let (act, epilogue) = match fused {
+            Some(&Fused::ConvAct { lo, hi, epilogue, .. }) => (Some((lo, hi)), epilogue),
+            _ => (None, nchwc::Epilogue::None),
         };
         let x_blocked = self.values.contains(&node.input[0]);
         let x_dims = if x_blocked {
@@ -306,7 +306,7 @@ impl Blocked {
             _ => vec![0.0; m],
         };
         let (lo, hi) = act.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
-        let nact = nchwc::Act { lo, hi, silu };
+        let nact = nchwc::Act { lo, hi, epilogue };
         let (n, h, wd) = (x_dims[0], x_dims[2], x_dims[3]);
         let (oh, ow) = g.out_size(h, wd);
         let (cg, mg) = (c / group.max(1), m / group.max(1));
@@ -332,8 +332,7 @@ impl Blocked {
         if !(fast && (pointwise || depthwise) && c.is_multiple_of(LANES) && m.is_multiple_of(LANES)) {
             let x = if x_blocked { from_blocked(&x)? } else { x };
             let y = conv::conv_act(node, &x, &w, b.as_ref(), act)?;
-            let y = if silu { ops::unary::silu(&y)? } else { y };
-            return Ok((out, to_blocked(&y)?));
+            return Ok((out, to_blocked(&conv::epilogue(y, epilogue)?)?));
         }
         let xb = if x_blocked { x } else { to_blocked(&x)? };
         let packed = self.packed_weights(i, node, &w, statics, |ws| {

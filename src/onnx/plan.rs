@@ -307,10 +307,10 @@ impl Graph {
             ins.get(i).cloned().flatten().ok_or_else(|| ops::node_err(node, format!("input {i} is missing")))
         };
         Ok(match f {
-            fuse::Fused::ConvAct { lo, hi, silu, out } => {
+            fuse::Fused::ConvAct { lo, hi, epilogue, out } => {
                 let b = ins.get(2).cloned().flatten();
                 let y = ops::conv::conv_act(node, &arg(0)?, &arg(1)?, b.as_ref(), Some((*lo, *hi)))?;
-                (out.clone(), if *silu { ops::unary::silu(&y)? } else { y })
+                (out.clone(), ops::conv::epilogue(y, *epilogue)?)
             }
             fuse::Fused::MatMulBias { bias, out, gelu } => {
                 let (a, b) = (arg(0)?, arg(1)?);
@@ -330,17 +330,7 @@ impl Graph {
                 (out.clone(), y)
             }
             fuse::Fused::Silu { out } => (out.clone(), ops::unary::silu(&arg(0)?)?),
-            fuse::Fused::Gelu { out, .. } => {
-                let x = arg(0)?;
-                let y = if kernels::usable(&[&x]) {
-                    kernels::unary(kernels::Unary::Gelu, &x)?
-                } else if crate::util::device::own_kernels_for(&x) {
-                    x.contiguous()?.apply_op1(kernels::grad::GeluOp)?
-                } else {
-                    x.gelu_erf()?
-                };
-                (out.clone(), y)
-            }
+            fuse::Fused::Gelu { out, .. } => (out.clone(), ops::unary::gelu(&arg(0)?)?),
         })
     }
 

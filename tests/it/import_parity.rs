@@ -400,6 +400,37 @@ fn conv_silu_identity_slice_and_excite_gate_run_blocked() {
     assert_eq!((st.nodes, st.steps, st.blocked), (13, 9, 3), "{st:?}");
 }
 
+/// EfficientFormer's 1x1-conv MLP with GELU spelled as the dynamo exporter does (Div by sqrt 2 -> Erf ->
+/// Add 1 -> Mul 0.5 -> Mul x): the whole chain becomes the first conv's epilogue, and the planned run
+/// equals the unplanned one.
+#[test]
+fn gelu_after_a_conv_becomes_its_epilogue() {
+    let mut m = model(vec![
+        node("Conv", "fc1", &["x", "w1", "b1"], &["h"]),
+        node("Div", "div", &["h", "sqrt2"], &["d"]),
+        node("Erf", "erf", &["d"], &["e"]),
+        node("Add", "add", &["e", "one"], &["a"]),
+        node("Mul", "half", &["half", "a"], &["p"]),
+        node("Mul", "times", &["h", "p"], &["g"]),
+        node("Conv", "fc2", &["g", "w2"], &["c"]),
+        node("GlobalAveragePool", "gap", &["c"], &["q"]),
+        node("Flatten", "flat", &["q"], &["y"]),
+    ]);
+    let gr = m.graph.as_mut().unwrap();
+    for (name, v) in [("sqrt2", std::f32::consts::SQRT_2), ("one", 1.0), ("half", 0.5)] {
+        let t = Tensor::new(v, &Device::Cpu).unwrap();
+        gr.initializer.push(automm::onnx::tensor::f32_to_proto(name, &t).unwrap());
+    }
+    add_initializers(
+        &mut m,
+        &[("w1", vec![16, 8, 1, 1], 0.5, 0.0), ("b1", vec![16], 0.5, 0.0), ("w2", vec![8, 16, 1, 1], 0.3, 0.05)],
+    );
+    let x = Tensor::from_vec(seq(2 * 8 * 5 * 3, 1.5, 0.0), (2, 8, 5, 3), &Device::Cpu).unwrap();
+    let st = planned_equals_unplanned(&m, x, 8);
+    // fc1 + GELU, fc2, the pool, Flatten; both convs blocked.
+    assert_eq!((st.nodes, st.steps, st.fused, st.blocked), (9, 4, 1, 2), "{st:?}");
+}
+
 /// LeViT's Linear -> BatchNorm1d, exported as MatMul by a static matrix -> Flatten -> BatchNormalization on
 /// `[rows, cols]`: the plan folds the normalisation into the matrix (no BatchNormalization step is left,
 /// an Add of the shift runs instead), and the planned run equals the unplanned one.

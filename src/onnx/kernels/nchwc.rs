@@ -382,37 +382,62 @@ fn pixel_tile(left: usize) -> usize {
     }
 }
 
+/// A fused activation a conv runs on each task's outputs right after computing them (while they are in
+/// cache), after the bounds of [`Act`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Epilogue {
+    /// Nothing.
+    #[default]
+    None,
+    /// SiLU, `x / (1 + e^-x)` (a fused Mul(x, Sigmoid(x))).
+    Silu,
+    /// The erf GELU (a fused Div -> Erf -> Add -> Mul -> Mul chain).
+    Gelu,
+}
+
+impl Epilogue {
+    /// Applies it to `o` in place, on this thread.
+    pub fn apply(self, o: &mut [f32]) {
+        match self {
+            Epilogue::None => {}
+            Epilogue::Silu => super::silu_in_place(o),
+            Epilogue::Gelu => super::gelu_in_place(o),
+        }
+    }
+}
+
 /// The activation applied to outputs as they are computed: bounds applied as they are stored (a fused
-/// Relu/Clip; (-inf, inf) for none), then SiLU when `silu` (a fused Mul(x, Sigmoid(x)), applied to each
-/// task's outputs while they are in cache).
+/// Relu/Clip; (-inf, inf) for none), then the epilogue.
 #[derive(Clone, Copy, Debug)]
 pub struct Act {
     /// Lower bound.
     pub lo: f32,
     /// Upper bound.
     pub hi: f32,
-    /// SiLU after the bounds.
-    pub silu: bool,
+    /// What runs after the bounds.
+    pub epilogue: Epilogue,
 }
 
 impl Act {
     /// No activation.
-    pub const NONE: Act = Act { lo: f32::NEG_INFINITY, hi: f32::INFINITY, silu: false };
+    pub const NONE: Act = Act { lo: f32::NEG_INFINITY, hi: f32::INFINITY, epilogue: Epilogue::None };
     /// SiLU alone.
-    pub const SILU: Act = Act { silu: true, ..Act::NONE };
+    pub const SILU: Act = Act { epilogue: Epilogue::Silu, ..Act::NONE };
+    /// GELU alone.
+    pub const GELU: Act = Act { epilogue: Epilogue::Gelu, ..Act::NONE };
 
     /// Clamping to [lo, hi].
     pub fn clamp(lo: f32, hi: f32) -> Act {
-        Act { lo, hi, silu: false }
+        Act { lo, hi, epilogue: Epilogue::None }
     }
 
-    /// The SiLU epilogue on `len` outputs from `p`, when this activation has one.
+    /// The epilogue on `len` outputs from `p`.
     ///
     /// # Safety
     /// `p..p + len` must be written outputs that no other thread touches meanwhile.
     unsafe fn epilogue(self, p: *mut f32, len: usize) {
-        if self.silu {
-            super::silu_in_place(std::slice::from_raw_parts_mut(p, len));
+        if self.epilogue != Epilogue::None {
+            self.epilogue.apply(std::slice::from_raw_parts_mut(p, len));
         }
     }
 }
@@ -1025,7 +1050,31 @@ mod tests {
     /// `v` after `act` (clamp, then SiLU), as the kernels should store it.
     fn with_act(v: &[f32], act: Act) -> Vec<f32> {
         let clamped = v.iter().map(|x| x.max(act.lo).min(act.hi));
-        clamped.map(|x| if act.silu { x / (1.0 + (-x).exp()) } else { x }).collect()
+        let erf = |x: f64| {
+            // Abramowitz-Stegun 7.1.26 is too coarse; integrate instead (Simpson, 2000 steps).
+            let (n, h) = (2000, x / 2000.0);
+            let f = |t: f64| (-t * t).exp();
+            let s: f64 = (0..=n)
+                .map(|i| {
+                    f(i as f64 * h)
+                        * if i == 0 || i == n {
+                            1.0
+                        } else if i % 2 == 1 {
+                            4.0
+                        } else {
+                            2.0
+                        }
+                })
+                .sum();
+            s * h / 3.0 * 2.0 / std::f64::consts::PI.sqrt()
+        };
+        clamped
+            .map(|x| match act.epilogue {
+                Epilogue::None => x,
+                Epilogue::Silu => x / (1.0 + (-x).exp()),
+                Epilogue::Gelu => (x as f64 * 0.5 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2))) as f32,
+            })
+            .collect()
     }
 
     #[test]
@@ -1049,8 +1098,10 @@ mod tests {
                 let relu6 = pointwise_with(&xb, (n, c, hw), &wp, &b, m, Act::clamp(0.0, 6.0), isa);
                 let clamped: Vec<f32> = want.iter().map(|v| v.clamp(0.0, 6.0)).collect();
                 assert!(max_diff(&unblock(&relu6, n, m, hw), &clamped) < 1e-4, "{isa:?} relu6");
-                let silu = pointwise_with(&xb, (n, c, hw), &wp, &b, m, Act::SILU, isa);
-                assert!(max_diff(&unblock(&silu, n, m, hw), &with_act(&want, Act::SILU)) < 1e-4, "{isa:?} silu");
+                for act in [Act::SILU, Act::GELU] {
+                    let y = pointwise_with(&xb, (n, c, hw), &wp, &b, m, act, isa);
+                    assert!(max_diff(&unblock(&y, n, m, hw), &with_act(&want, act)) < 1e-4, "{isa:?} {act:?}");
+                }
                 if isa != Isa::Scalar {
                     simd_results.push((isa, got));
                 }
@@ -1269,7 +1320,7 @@ mod tests {
             let b = seq(m, 0.2);
             let want = dense_ref(&x, (n, c, h, w), &kv, &b, m, g);
             let (oh, ow) = g.out_size(h, w);
-            for (portable, act) in [(false, Act::NONE), (true, Act::NONE), (false, Act::SILU)] {
+            for (portable, act) in [(false, Act::NONE), (true, Act::NONE), (false, Act::SILU), (true, Act::GELU)] {
                 let packed = pack_dense(&kv, m, c * k * k);
                 let got = dense_to_blocked(&x, (n, c, h, w), &packed, &b, m, g, act, portable);
                 let got = unblock(&got, n, m, oh * ow);

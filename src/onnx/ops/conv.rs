@@ -65,6 +65,15 @@ pub fn geometry(node: &NodeProto, x: &[usize], w: &[usize]) -> Result<(kernels::
     Ok((kernels::ConvGeom { k: (kh, kw), s: (sh, sw), d: (dh, dw), pads: [p(0), p(1), p(2), p(3)] }, group))
 }
 
+/// `y` after a fused conv epilogue (the paths without a blocked kernel).
+pub(crate) fn epilogue(y: Tensor, e: kernels::nchwc::Epilogue) -> Result<Tensor> {
+    match e {
+        kernels::nchwc::Epilogue::None => Ok(y),
+        kernels::nchwc::Epilogue::Silu => super::unary::silu(&y),
+        kernels::nchwc::Epilogue::Gelu => super::unary::gelu(&y),
+    }
+}
+
 /// ONNX Conv followed by a clamp to `act` = (lo, hi) (a fused Relu/Clip; only on the fast CPU path, where
 /// the plan fuses it).
 pub fn conv_act(

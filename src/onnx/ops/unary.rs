@@ -112,6 +112,18 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
     }
 }
 
+/// The erf GELU (a fused chain): our kernel when no gradient is tracked, our differentiable op on the
+/// CPU, candle's elsewhere.
+pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(if kernels::usable(&[x]) {
+        kernels::unary(kernels::Unary::Gelu, x)?
+    } else if crate::util::device::own_kernels_for(x) {
+        x.contiguous()?.apply_op1(kernels::grad::GeluOp)?
+    } else {
+        x.gelu_erf()?
+    })
+}
+
 /// SiLU, x * sigmoid(x): our kernel when no gradient is tracked (a fused Sigmoid + Mul).
 pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
     if kernels::usable(&[x]) {

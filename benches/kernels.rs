@@ -89,10 +89,13 @@ fn pointwise(c: &mut Criterion) {
     group.finish();
 }
 
-/// (c, m, h=w, k, stride, groups) at batch 8: ResNet's stem and 3x3 convs per stage, DenseNet's
-/// bottleneck 1x1 and growth 3x3, a RegNetY grouped 3x3 (group width 16).
+/// (c, m, h=w, k, stride, groups) at batch 8: ResNet's, EfficientNet's and MobileNetV3's stems,
+/// ResNet's 3x3 convs per stage, DenseNet's bottleneck 1x1 and growth 3x3, a RegNetY grouped 3x3 (group
+/// width 16).
 const CONV_SHAPES: &[(usize, usize, usize, usize, usize, usize)] = &[
     (3, 64, 224, 7, 2, 1),
+    (3, 32, 224, 3, 2, 1),
+    (3, 16, 224, 3, 2, 1),
     (64, 64, 56, 3, 1, 1),
     (128, 128, 28, 3, 1, 1),
     (256, 256, 14, 3, 1, 1),
@@ -122,6 +125,16 @@ fn convs(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("GemmCrate", &shape), &(), |bch, _| {
             bch.iter(|| conv_grouped(&x, &w, Some(&b), g, groups, Some((0.0, f32::MAX))).unwrap())
         });
+        // A stem: NCHW input of a few channels straight into blocked output.
+        if groups == 1 && ch % nchwc::LANES != 0 {
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let wp = nchwc::pack_dense(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), m, ch * k * k);
+            let bias = vec![0f32; m];
+            let act = nchwc::Act::clamp(0.0, f32::MAX);
+            group.bench_with_input(BenchmarkId::new("StemToBlocked", &shape), &(), |bch, _| {
+                bch.iter(|| nchwc::dense_to_blocked(&xs, (n, ch, hw, hw), &wp, &bias, m, g, act, false))
+            });
+        }
         // The channel-blocked direct conv (input already blocked, weights packed once, as in a plan).
         if (ch / groups) % nchwc::LANES == 0 && (m / groups) % nchwc::LANES == 0 {
             let xb = nchwc::block(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), n, ch, hw * hw);

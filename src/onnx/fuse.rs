@@ -84,7 +84,7 @@ fn other_input(n: &NodeProto, v: &str) -> Option<String> {
     }
 }
 
-/// Conv (output `out`) followed by its only reader Relu/Clip, or by SiLU spelled Mul(out, Sigmoid(out)):
+/// Conv (output `out`) followed by its only reader Relu/Clip/HardSwish, or by SiLU spelled Mul(out, Sigmoid(out)):
 /// the fused readers' indices and the fusion.
 fn conv_act(g: &View<'_>, out: &str, opset: i64) -> Option<(Vec<usize>, Fused)> {
     if let Some(f) = conv_silu(g, out) {
@@ -93,6 +93,7 @@ fn conv_act(g: &View<'_>, out: &str, opset: i64) -> Option<(Vec<usize>, Fused)> 
     let j = g.single(out)?;
     let c = &g.nodes[j];
     let (lo, hi) = match c.op_type.as_str() {
+        "HardSwish" => return Some((vec![j], conv_epilogue(Epilogue::HardSwish, c.output.first()?))),
         "Relu" => (0.0, f32::INFINITY),
         "Clip" if opset >= 11 => {
             let bound = |k: usize| c.input.get(k).filter(|s| !s.is_empty()).map(|s| g.scalar(s));

@@ -186,6 +186,44 @@ pub(crate) fn tensor(v: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, dims, &candle_core::Device::Cpu)?)
 }
 
+/// `ts` joined along `axis` in parallel (candle's cat copies on one thread), or None when they are not
+/// all CPU f32 tensors without gradients of one rank that agree off `axis`. Each of the `outer` slabs
+/// (the product of the dims before `axis`) of the output is every input's slab in turn.
+pub fn concat(ts: &[&Tensor], axis: usize) -> Result<Option<Tensor>> {
+    let Some(first) = ts.first() else { return Ok(None) };
+    let d0 = first.dims();
+    let agree = |t: &&Tensor| {
+        let d = t.dims();
+        d.len() == d0.len() && d.iter().zip(d0).enumerate().all(|(k, (a, b))| k == axis || a == b)
+    };
+    if axis >= d0.len() || !usable(ts) || !ts.iter().all(agree) {
+        return Ok(None);
+    }
+    let outer: usize = d0[..axis].iter().product();
+    let slabs: Vec<usize> = ts.iter().map(|t| t.dims()[axis..].iter().product()).collect();
+    let row: usize = slabs.iter().sum();
+    let starts: Vec<usize> = slabs.iter().scan(0, |s, &n| Some(std::mem::replace(s, *s + n))).collect();
+    let parts: Vec<Tensor> = ts.iter().map(|t| contiguous(t)).collect::<Result<_>>()?;
+    let datas: Vec<_> = parts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut views: Vec<&[f32]> = Vec::with_capacity(ts.len());
+    for (storage, layout) in &datas {
+        let Storage::Cpu(CpuStorage::F32(v)) = &**storage else { return Ok(None) };
+        let (a, b) = layout.contiguous_offsets().unwrap_or((0, v.len()));
+        views.push(&v[a..b]);
+    }
+    let out = build(outer * row, |out| {
+        (0..outer * ts.len()).into_par_iter().for_each(|task| {
+            let (o, i) = (task / ts.len(), task % ts.len());
+            let src = &views[i][o * slabs[i]..(o + 1) * slabs[i]];
+            // SAFETY: tasks write disjoint slabs (o, i) of the output, together all of it.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.at(o * row + starts[i]), slabs[i]) };
+        });
+    });
+    let mut dims = d0.to_vec();
+    dims[axis] = ts.iter().map(|t| t.dims()[axis]).sum();
+    Ok(Some(tensor(out, &dims)?))
+}
+
 /// Batched matrix product with NumPy broadcasting over leading dims, reading strided views in place.
 /// Returns None for shapes it does not handle (rank < 2), leaving them to candle.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
@@ -710,6 +748,18 @@ simd_dispatch!(silu_slice, <>, (o: &mut [f32]), silu_body(o));
 /// epilogue of a conv block just computed.
 pub fn silu_in_place(o: &mut [f32]) {
     silu_slice(o)
+}
+
+#[inline(always)]
+fn hard_swish_body(o: &mut [f32]) {
+    o.iter_mut().for_each(|v| *v *= (*v / 6.0 + 0.5).clamp(0.0, 1.0));
+}
+
+simd_dispatch!(hard_swish_slice, <>, (o: &mut [f32]), hard_swish_body(o));
+
+/// HardSwish (as [`Unary::HardSwish`]) of every element of `o`, in place, on this thread: a conv epilogue.
+pub fn hard_swish_in_place(o: &mut [f32]) {
+    hard_swish_slice(o)
 }
 
 #[inline(always)]

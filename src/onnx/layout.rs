@@ -60,8 +60,8 @@ fn native(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
 }
 
 /// Chooses the blocked steps among `steps` (in order). A native conv is blocked; another conv with whole
-/// output blocks is blocked when every reader of its output is a native conv or a global pool (it is
-/// re-laid once); Add/Relu/Clip are blocked when all their data inputs are, an Add also when one is and
+/// output blocks (a stem) is blocked when every reader of its output is a native conv, a global pool or
+/// an op that runs blocked on blocked inputs (it is written blocked); Add/Relu/Clip are blocked when all their data inputs are, an Add also when one is and
 /// the other has the output's shape in whole channel blocks (a residual branch from an NCHW op: re-laid
 /// once); an inference BatchNormalization when its input is; a channel Concat when one input is and every
 /// input has whole channel blocks (DenseNet). `shapes` holds every value's dims for this input. Graph
@@ -86,7 +86,26 @@ pub(crate) fn plan(
         (Some(d), Some(o)) => d == o || (d.len() == 4 && o.len() == 4 && d[..2] == o[..2] && d[2..] == [1, 1]),
         _ => false,
     };
-    let reads_blocked = |j: usize| native(&nodes[j], statics) || spatial_mean(&nodes[j], statics);
+    // Readers that take blocked data as it is: blocked convs, spatial means, and the ops that run blocked
+    // when their inputs are (elementwise ops, BatchNormalization, Concat; a stem's residual Add).
+    let reads_blocked = |j: usize| {
+        let blockable = [
+            "Add",
+            "Mul",
+            "Relu",
+            "LeakyRelu",
+            "Clip",
+            "Sigmoid",
+            "HardSigmoid",
+            "HardSwish",
+            "MaxPool",
+            "AveragePool",
+        ];
+        native(&nodes[j], statics)
+            || spatial_mean(&nodes[j], statics)
+            || blockable.contains(&nodes[j].op_type.as_str())
+            || matches!(nodes[j].op_type.as_str(), "BatchNormalization" | "Concat")
+    };
     let mut b = Blocked::default();
     for &i in steps {
         let n = &nodes[i];
@@ -121,6 +140,11 @@ pub(crate) fn plan(
                     // Clip's bounds must be scalars (they are; blocked data would not broadcast otherwise).
                     && n.input.iter().skip(1).all(|v| v.is_empty() || statics.get(v).is_none_or(|t| t.elem_count() == 1))
                     && (!matches!(n.op_type.as_str(), "Add" | "Mul") || data_inputs().count() == 2)
+            }
+            "MaxPool" | "AveragePool" => {
+                n.input.first().is_some_and(|v| b.values.contains(v))
+                    && shapes.get(&n.input[0]).is_some_and(|d| d.len() == 4)
+                    && n.output.iter().skip(1).all(String::is_empty)
             }
             "BatchNormalization" => {
                 fused.get(&i).is_none()
@@ -265,8 +289,12 @@ impl Blocked {
         };
         match node.op_type.as_str() {
             "BatchNormalization" => return Ok((out, batch_norm(node, &relaid(0)?, ins)?)),
+            "MaxPool" | "AveragePool" => return Ok((out, ops::pool::pool_blocked(node, &relaid(0)?)?)),
             "Concat" => {
                 let parts = (0..node.input.len()).map(relaid).collect::<Result<Vec<_>>>()?;
+                if let Some(y) = kernels::concat(&parts.iter().collect::<Vec<_>>(), 1)? {
+                    return Ok((out, y));
+                }
                 return Ok((out, Tensor::cat(&parts, 1)?));
             }
             "Add" | "Mul" if !(blocked_in(0) && blocked_in(1)) => {

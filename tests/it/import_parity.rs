@@ -396,8 +396,9 @@ fn conv_silu_identity_slice_and_excite_gate_run_blocked() {
     let x = Tensor::from_vec(seq(2 * 8 * 6 * 5, 1.0, 0.0), (2, 8, 6, 5), &Device::Cpu).unwrap();
     let st = planned_equals_unplanned(&m, x, 8);
     // Sigmoid + Mul into the conv, reduce + Relu fused, the Slice dropped: 13 nodes, 9 steps; blocked: the
-    // first conv, the gated Mul and the projection (pools read blocked data; the gate path is NCHW).
-    assert_eq!((st.nodes, st.steps, st.blocked), (13, 9, 3), "{st:?}");
+    // first conv, the expand conv (written blocked: its reader, the gate's Sigmoid, runs blocked), the
+    // Sigmoid, the gated Mul and the projection (pools read blocked data; reduce has 4 channels: NCHW).
+    assert_eq!((st.nodes, st.steps, st.blocked), (13, 9, 5), "{st:?}");
 }
 
 /// EfficientFormer's 1x1-conv MLP with GELU spelled as the dynamo exporter does (Div by sqrt 2 -> Erf ->

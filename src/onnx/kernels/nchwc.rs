@@ -393,6 +393,8 @@ pub enum Epilogue {
     Silu,
     /// The erf GELU (a fused Div -> Erf -> Add -> Mul -> Mul chain).
     Gelu,
+    /// HardSwish, `x * clamp(x / 6 + 1/2, 0, 1)` (MobileNetV3, LeViT).
+    HardSwish,
 }
 
 impl Epilogue {
@@ -402,6 +404,7 @@ impl Epilogue {
             Epilogue::None => {}
             Epilogue::Silu => super::silu_in_place(o),
             Epilogue::Gelu => super::gelu_in_place(o),
+            Epilogue::HardSwish => super::hard_swish_in_place(o),
         }
     }
 }
@@ -1073,6 +1076,7 @@ mod tests {
                 Epilogue::None => x,
                 Epilogue::Silu => x / (1.0 + (-x).exp()),
                 Epilogue::Gelu => (x as f64 * 0.5 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2))) as f32,
+                Epilogue::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
             })
             .collect()
     }
@@ -1320,7 +1324,10 @@ mod tests {
             let b = seq(m, 0.2);
             let want = dense_ref(&x, (n, c, h, w), &kv, &b, m, g);
             let (oh, ow) = g.out_size(h, w);
-            for (portable, act) in [(false, Act::NONE), (true, Act::NONE), (false, Act::SILU), (true, Act::GELU)] {
+            let hard_swish = Act { epilogue: Epilogue::HardSwish, ..Act::NONE };
+            for (portable, act) in
+                [(false, Act::NONE), (true, Act::NONE), (false, Act::SILU), (true, Act::GELU), (false, hard_swish)]
+            {
                 let packed = pack_dense(&kv, m, c * k * k);
                 let got = dense_to_blocked(&x, (n, c, h, w), &packed, &b, m, g, act, portable);
                 let got = unblock(&got, n, m, oh * ow);

@@ -69,6 +69,55 @@ fn fold_axis(src: &[f32], len: usize, a: PoolAxis, dst: &mut [f32], f: impl Fn(f
     }
 }
 
+/// The reciprocal divisor of every output cell of an average over `ih` x `iw` inputs (see [`pool2d`]).
+fn divisors(h: PoolAxis, w: PoolAxis, (ih, iw): (usize, usize), include_pad: bool) -> Vec<f32> {
+    let (rows, cols) = (counts(h, ih), counts(w, iw));
+    let count = |r: (usize, usize), q: (usize, usize)| if include_pad { r.1 * q.1 } else { r.0 * q.0 };
+    rows.iter().flat_map(|&r| cols.iter().map(move |&q| 1.0 / count(r, q).max(1) as f32)).collect()
+}
+
+/// [`pool2d`] on channel-blocked `x` (`[N, C/8, H, W, 8]`, see `nchwc`), returning blocked
+/// `[N, C/8, oh, ow, 8]`: each output pixel's 8 lanes folded over the window's pixels inside the input.
+pub fn pool2d_blocked(x: &Tensor, h: PoolAxis, w: PoolAxis, max: bool, include_pad: bool) -> Result<Tensor> {
+    const LANES: usize = super::nchwc::LANES;
+    let d = x.dims();
+    if d.len() != 5 || d[4] != LANES {
+        return Err(candle_core::Error::Msg(format!("expected blocked [n, c/8, h, w, 8], found {d:?}")).into());
+    }
+    let (planes, ih, iw) = (d[0] * d[1], d[2], d[3]);
+    let recip = (!max).then(|| divisors(h, w, (ih, iw), include_pad));
+    let plane_out = h.out * w.out * LANES;
+    let taps = |a: PoolAxis, o: usize, len: usize| {
+        (0..a.k)
+            .map(move |i| (o * a.s + i * a.d) as isize - a.before as isize)
+            .filter(move |&p| p >= 0 && (p as usize) < len)
+    };
+    let out = with_data(x, |xs| {
+        par_build(planes * plane_out, plane_out, |start, o| {
+            for (p, op) in o.chunks_mut(plane_out).enumerate() {
+                let src = &xs[(start / plane_out + p) * ih * iw * LANES..][..ih * iw * LANES];
+                for (cell, dst) in op.chunks_mut(LANES).enumerate() {
+                    let (r, q) = (cell / w.out, cell % w.out);
+                    let mut acc = [if max { f32::NEG_INFINITY } else { 0.0 }; LANES];
+                    for y in taps(h, r, ih) {
+                        for xq in taps(w, q, iw) {
+                            let px = &src[(y as usize * iw + xq as usize) * LANES..][..LANES];
+                            for (a, &v) in acc.iter_mut().zip(px) {
+                                *a = if max { a.max(v) } else { *a + v };
+                            }
+                        }
+                    }
+                    let k = recip.as_ref().map_or(1.0, |rc| rc[cell]);
+                    for (dv, a) in dst.iter_mut().zip(acc) {
+                        dv.write(if max { a } else { a * k });
+                    }
+                }
+            }
+        })
+    })?;
+    tensor(out, &[d[0], d[1], h.out, w.out, LANES])
+}
+
 /// MaxPool (`max`) or AveragePool of `x` [N, C, H, W] with windows `h` x `w`; an average divides by the
 /// input cells of the window, or by its cells in input and padding when `include_pad`. Separable: each
 /// input row is reduced across W, then the reduced rows across H, both as contiguous loops per tap.
@@ -76,11 +125,7 @@ pub fn pool2d(x: &Tensor, h: PoolAxis, w: PoolAxis, max: bool, include_pad: bool
     let (n, c, ih, iw) = x.dims4()?;
     let (plane_in, plane_out) = (ih * iw, h.out * w.out);
     // The reciprocal divisor of every output cell of an average.
-    let recip: Option<Vec<f32>> = (!max).then(|| {
-        let (rows, cols) = (counts(h, ih), counts(w, iw));
-        let count = |r: (usize, usize), q: (usize, usize)| if include_pad { r.1 * q.1 } else { r.0 * q.0 };
-        rows.iter().flat_map(|&r| cols.iter().map(move |&q| 1.0 / count(r, q).max(1) as f32)).collect()
-    });
+    let recip: Option<Vec<f32>> = (!max).then(|| divisors(h, w, (ih, iw), include_pad));
     let out = with_data(x, |xs| {
         par_build(n * c * plane_out, plane_out, |start, o| {
             // Scratch reused by every plane of this chunk: W-reduced rows, one output row.
@@ -132,6 +177,45 @@ fn pool_plane(
         match recip {
             Some(rc) => dst.iter_mut().zip(acc.iter()).zip(&rc[r * ow..]).for_each(|((d, &a), &k)| _ = d.write(a * k)),
             None => dst.iter_mut().zip(acc.iter()).for_each(|(d, &a)| _ = d.write(a)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::nchwc::{block, unblock};
+    use super::*;
+
+    #[test]
+    fn blocked_pooling_equals_nchw_pooling() {
+        let (n, c, ih, iw) = (2usize, 16usize, 7usize, 9usize);
+        let xs: Vec<f32> = (0..n * c * ih * iw).map(|i| ((i * 7919 % 101) as f32 - 50.0) / 25.0).collect();
+        let x = Tensor::from_vec(xs.clone(), (n, c, ih, iw), &candle_core::Device::Cpu).unwrap();
+        let xb = Tensor::from_vec(block(&xs, n, c, ih * iw), (n, c / 8, ih, iw, 8), &candle_core::Device::Cpu).unwrap();
+        let axis = |k: usize, s: usize, d: usize, before: usize, after: usize, len: usize, ceil: bool| {
+            let span = (k - 1) * d + 1;
+            let room = len + before + after - span;
+            let out = if ceil { room.div_ceil(s) + 1 } else { room / s + 1 };
+            PoolAxis { k, s, d, before, after, out }
+        };
+        // Stem max pool (3x3 s2 pad 1), DenseNet's 2x2 s2 average, PoolFormer's 3x3 s1 pad 1 average, a
+        // dilated window, a ceil_mode extension past the padding.
+        let cases = [
+            (axis(3, 2, 1, 1, 1, ih, false), axis(3, 2, 1, 1, 1, iw, false)),
+            (axis(2, 2, 1, 0, 0, ih, false), axis(2, 2, 1, 0, 0, iw, false)),
+            (axis(3, 1, 1, 1, 1, ih, false), axis(3, 1, 1, 1, 1, iw, false)),
+            (axis(3, 1, 2, 0, 0, ih, false), axis(2, 2, 2, 1, 0, iw, false)),
+            (axis(2, 2, 1, 0, 0, ih, true), axis(3, 2, 1, 0, 0, iw, true)),
+        ];
+        for (h, w) in cases {
+            for (max, include) in [(true, false), (false, false), (false, true)] {
+                let want = pool2d(&x, h, w, max, include).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = pool2d_blocked(&xb, h, w, max, include).unwrap();
+                assert_eq!(got.dims(), &[n, c / 8, h.out, w.out, 8]);
+                let got = unblock(&got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), n, c, h.out * w.out);
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff <= 1e-6, "{h:?} {w:?} max {max} include_pad {include}: {diff}");
+            }
         }
     }
 }

@@ -17,7 +17,7 @@ mod einsum;
 mod layout;
 mod linear;
 pub(crate) mod norm;
-mod pool;
+pub(crate) mod pool;
 mod resize;
 mod shape;
 pub(crate) mod unary;

@@ -106,6 +106,19 @@ fn geometry(node: &NodeProto, dims: &[usize]) -> Result<Vec<Axis>> {
         .collect()
 }
 
+/// MaxPool / AveragePool (2-D, no Indices output) of channel-blocked `x` (`[N, C/8, H, W, 8]`) in
+/// inference, returning blocked data.
+pub(crate) fn pool_blocked(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
+    let d = x.dims();
+    if d.len() != 5 || node.output.get(1).is_some_and(|o| !o.is_empty()) {
+        return Err(node_err(node, format!("no blocked pooling for input {d:?}")));
+    }
+    let axes = geometry(node, &d[2..4])?;
+    let k = |a: Axis| kernels::pool::PoolAxis { k: a.k, s: a.s, d: a.d, before: a.before, after: a.after, out: a.out };
+    let include = Attrs(node).int("count_include_pad", 0) == 1;
+    kernels::pool::pool2d_blocked(x, k(axes[0]), k(axes[1]), node.op_type == "MaxPool", include)
+}
+
 /// MaxPool / AveragePool on `[N, C, L]` or `[N, C, H, W]`.
 fn pool(node: &NodeProto, x: &Tensor) -> Result<Tensor> {
     let max = node.op_type == "MaxPool";

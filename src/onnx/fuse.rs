@@ -391,7 +391,8 @@ fn identity_input(
 /// Folds each inference BatchNormalization over the columns of a product by a static matrix (LeViT's
 /// Linear -> BatchNorm1d, exported as MatMul -> Flatten/Reshape -> BatchNormalization on `[rows, n]`) into
 /// that product: the matrix's columns scaled by `scale / sqrt(var + eps)` (a new static per product) and
-/// the BatchNormalization turned into the Add of the folded shift. `shapes` holds every value's dims.
+/// the BatchNormalization turned into the Add of the folded shift, moved before the Flatten/Reshape so that
+/// it fuses into the product as its bias row. `shapes` holds every value's dims.
 pub(crate) fn fold_batch_norms(
     nodes: &mut [NodeProto],
     steps: &[usize],
@@ -400,7 +401,7 @@ pub(crate) fn fold_batch_norms(
     outputs: &[String],
 ) -> crate::error::Result<()> {
     let folds = batch_norms_after_products(&View::new(nodes, steps, statics, outputs), steps, shapes);
-    for (i, j) in folds {
+    for (i, flat, j) in folds {
         let param = |k: usize| -> crate::error::Result<Vec<f32>> {
             Ok(statics[&nodes[j].input[k]].to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
         };
@@ -423,18 +424,29 @@ pub(crate) fn fold_batch_norms(
         bn.input = vec![bn.input[0].clone(), bname];
         bn.attribute.clear();
         bn.output.truncate(1);
+        if let Some(f) = flat {
+            // MatMul -> Flatten -> Add(shift) becomes MatMul -> Add(shift) -> Flatten (the shift is per
+            // column, the last dim on both sides), so the Add fuses into the product as its bias row. The
+            // two nodes trade places: the Add must run first.
+            let shifted = format!("{}::shifted", nodes[i].output[0]);
+            let (mut add, mut reshape) = (nodes[j].clone(), nodes[f].clone());
+            add.input[0] = nodes[i].output[0].clone();
+            reshape.output[0] = std::mem::replace(&mut add.output[0], shifted.clone());
+            reshape.input[0] = shifted;
+            (nodes[f], nodes[j]) = (add, reshape);
+        }
     }
     Ok(())
 }
 
-/// The (MatMul, BatchNormalization) pairs [`fold_batch_norms`] folds: a product by a static matrix whose
-/// only reader, directly or through one Flatten/Reshape, is an inference BatchNormalization of
-/// `[rows, cols]` with static parameters.
+/// The (MatMul, Flatten/Reshape between if any, BatchNormalization) triples [`fold_batch_norms`] folds: a
+/// product by a static matrix whose only reader, directly or through one Flatten/Reshape, is an inference
+/// BatchNormalization of `[rows, cols]` with static parameters.
 fn batch_norms_after_products(
     g: &View<'_>,
     steps: &[usize],
     shapes: &HashMap<String, Vec<usize>>,
-) -> Vec<(usize, usize)> {
+) -> Vec<(usize, Option<usize>, usize)> {
     let mut folds = Vec::new();
     for &i in steps {
         let n = &g.nodes[i];
@@ -444,8 +456,12 @@ fn batch_norms_after_products(
         }
         let cols = w.dims()[1];
         let Some(mut j) = g.single(&n.output[0]) else { continue };
+        let mut between = None;
         if matches!(g.nodes[j].op_type.as_str(), "Flatten" | "Reshape") {
             let Some(k) = g.single(&g.nodes[j].output[0]) else { continue };
+            // The reshape must keep the last dim (the columns the shift is added to).
+            let keeps = shapes.get(&n.output[0]).and_then(|d| d.last()) == Some(&cols);
+            between = keeps.then_some(j);
             j = k;
         }
         let bn = &g.nodes[j];
@@ -453,7 +469,7 @@ fn batch_norms_after_products(
         let params_static = bn.input.len() == 5 && bn.input.iter().skip(1).all(|v| g.statics.contains_key(v));
         if bn.op_type == "BatchNormalization" && flat && params_static && bn.output.iter().skip(1).all(String::is_empty)
         {
-            folds.push((i, j));
+            folds.push((i, between, j));
         }
     }
     folds

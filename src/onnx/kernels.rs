@@ -96,6 +96,10 @@ impl Isa {
 /// unmaps them on free, so each op pays a page fault per 4 KiB touched. On this project's VM that made an
 /// elementwise Add over [25088, 384] 4x slower (27 ms vs 7 ms). The cost: the process keeps its peak heap.
 /// The `automm` binary calls this at start; library users may call it once before running graphs.
+///
+/// It also keeps glibc to one arena: plans run on rayon's worker threads, and with per-thread arenas that
+/// made batch-8 ResNet-50/DenseNet/PoolFormer 10-45% slower (measured; the likely cause: a worker's arena
+/// is an mmapped heap of at most 64 MB that cannot keep a run's large tensors for the next run).
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before heavy allocation.
@@ -103,6 +107,7 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         // -1 (SIZE_MAX once glibc widens it) turns trimming off; i32::MAX still trimmed multi-GB peaks.
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

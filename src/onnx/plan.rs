@@ -200,17 +200,20 @@ impl Graph {
     pub fn profile_mode(&self, feeds: &[(&str, Tensor)], track: bool) -> Result<Vec<OpTime>> {
         let plan = self.plan_mode(feeds, track)?;
         let mut times: HashMap<String, OpTime> = HashMap::new();
-        self.run_plan_timed(&plan, feeds, Some(&mut times))?;
+        // On a rayon worker, as planned runs are (run_plan), so the times are those of a real run.
+        rayon::scope(|_| self.run_plan_timed(&plan, feeds, Some(&mut times)))?;
         let mut v: Vec<OpTime> = times.into_values().collect();
         v.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         Ok(v)
     }
 
-    /// Runs `plan` on the calling thread. (Running it on a rayon worker instead, with `rayon::scope`, cut
-    /// EfficientNet-Lite0's batch-1 time by ~12% but made batch-8 ResNet-50, DenseNet-121 and PoolFormer
-    /// 10-45% slower in alternating runs, so it was dropped; see docs/benchmarks.md, session 11.)
+    /// Runs `plan` on one of rayon's worker threads: each parallel kernel then starts where the steps run
+    /// and wakes only the other workers, instead of handing every op from an outside thread to the pool
+    /// and sleeping until it is done (EfficientNet-Lite0 at batch 1: ~20% faster). Its tensors are then
+    /// allocated on a worker thread: [`kernels::keep_freed_memory`] keeps glibc to one arena, without which
+    /// that made batch-8 ResNet-50/DenseNet/PoolFormer 10-45% slower (docs/benchmarks.md, sessions 11-12).
     pub(super) fn run_plan(&self, plan: &Plan, feeds: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
-        self.run_plan_timed(plan, feeds, None)
+        rayon::scope(|_| self.run_plan_timed(plan, feeds, None))
     }
 
     fn run_plan_timed(

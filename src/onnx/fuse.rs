@@ -332,9 +332,11 @@ pub(crate) fn fold_pads(
 }
 
 /// Drops the steps whose output is their data input unchanged, rewiring every reader to that input:
-/// Identity, Dropout without a mask output, and Slice/Reshape/Flatten/Squeeze/Unsqueeze whose output has
-/// the input's dims (a Slice only with unit steps, so nothing is reversed). Such a step is a copy in a run
-/// and, between blocked steps, a re-layout too. `shapes` holds every value's dims; graph outputs stay.
+/// Identity, an inference Dropout whose mask output nothing reads, and Slice/Reshape/Flatten/Squeeze/
+/// Unsqueeze whose output has the input's dims (a Slice only with unit steps, so nothing is reversed). Such
+/// a step costs a copy or a mask in a run and, between blocked steps, a re-layout too; gradients pass
+/// through it unchanged, so training plans drop them as well. `shapes` holds every value's dims; graph
+/// outputs stay.
 pub(crate) fn drop_identities(
     nodes: &mut [NodeProto],
     steps: &[usize],
@@ -342,6 +344,7 @@ pub(crate) fn drop_identities(
     shapes: &HashMap<String, Vec<usize>>,
     outputs: &[String],
 ) -> Vec<usize> {
+    let read: HashSet<String> = steps.iter().flat_map(|&i| nodes[i].input.iter().cloned()).collect();
     let mut alias: HashMap<String, String> = HashMap::new();
     let mut kept = Vec::with_capacity(steps.len());
     for &i in steps {
@@ -350,7 +353,7 @@ pub(crate) fn drop_identities(
                 *v = a.clone();
             }
         }
-        match identity_input(&nodes[i], statics, shapes, outputs) {
+        match identity_input(&nodes[i], statics, shapes, outputs, &read) {
             Some(x) => {
                 alias.insert(nodes[i].output[0].clone(), x);
             }
@@ -360,15 +363,18 @@ pub(crate) fn drop_identities(
     kept
 }
 
-/// The data input of `n` when `n` returns it unchanged (see [`drop_identities`]).
+/// The data input of `n` when `n` returns it unchanged (see [`drop_identities`]); `read` holds every value
+/// a step reads.
 fn identity_input(
     n: &NodeProto,
     statics: &HashMap<String, Tensor>,
     shapes: &HashMap<String, Vec<usize>>,
     outputs: &[String],
+    read: &HashSet<String>,
 ) -> Option<String> {
     let (x, y) = (n.input.first()?, n.output.first()?);
-    if outputs.contains(y) || n.output.iter().skip(1).any(|o| !o.is_empty()) {
+    let used = |o: &String| !o.is_empty() && (read.contains(o) || outputs.contains(o));
+    if outputs.contains(y) || n.output.iter().skip(1).any(used) {
         return None;
     }
     let same = shapes.get(x).is_some_and(|d| shapes.get(y) == Some(d));

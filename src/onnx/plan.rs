@@ -126,8 +126,10 @@ impl Graph {
             let blocked = layout::plan(&nodes, &steps, &fused, &statics, &shapes, &self.outputs);
             (nodes, steps, fused, blocked)
         } else if own_cpu {
-            let (steps, fused) = fuse::fuse(&self.nodes, &steps, &statics, &self.outputs, self.opset, true);
-            (self.nodes.clone(), steps, fused, layout::Blocked::default())
+            let mut nodes = self.nodes.clone();
+            let steps = fuse::drop_identities(&mut nodes, &steps, &statics, &shapes, &self.outputs);
+            let (steps, fused) = fuse::fuse(&nodes, &steps, &statics, &self.outputs, self.opset, true);
+            (nodes, steps, fused, layout::Blocked::default())
         } else {
             (self.nodes.clone(), steps, HashMap::new(), layout::Blocked::default())
         };

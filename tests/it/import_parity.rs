@@ -356,7 +356,8 @@ fn add_int64s(m: &mut ModelProto, name: &str, v: &[i64]) {
 }
 
 /// An EfficientNet/GhostNet-style block: a conv followed by SiLU spelled Mul(Sigmoid(c), c) (fused into the
-/// conv), a Slice that keeps every channel (GhostNet's `out[:, :oup]`: dropped), and a squeeze-excite gate
+/// conv), a Slice that keeps every channel (GhostNet's `out[:, :oup]`: dropped), a Dropout of ratio 0 with
+/// an unread mask (dropped), and a squeeze-excite gate
 /// (pool, two small NCHW convs, Sigmoid) multiplying the blocked activation (the gate is re-laid, the Mul
 /// runs blocked). The planned run must equal the unplanned one.
 #[test]
@@ -373,7 +374,9 @@ fn conv_silu_identity_slice_and_excite_gate_run_blocked() {
         node("Relu", "relu", &["r"], &["q"]),
         node("Conv", "expand", &["q", "we", "be"], &["e"]),
         node("Sigmoid", "gate", &["e"], &["g"]),
-        node("Mul", "excite", &["k", "g"], &["z"]),
+        node("Mul", "excite", &["k", "g"], &["z0"]),
+        // A TorchScript training-mode export's Dropout: ratio 0, its mask output declared but never read.
+        node("Dropout", "drop", &["z0", "ratio", "training"], &["z", "mask"]),
         node("Conv", "project", &["z", "w2"], &["d"]),
         node("GlobalAveragePool", "gap", &["d"], &["h"]),
         node("Flatten", "flat", &["h"], &["y"]),
@@ -381,6 +384,15 @@ fn conv_silu_identity_slice_and_excite_gate_run_blocked() {
     add_int64s(&mut m, "starts", &[0]);
     add_int64s(&mut m, "ends", &[16]);
     add_int64s(&mut m, "axes", &[1]);
+    let gr = m.graph.as_mut().unwrap();
+    gr.initializer
+        .push(automm::onnx::tensor::f32_to_proto("ratio", &Tensor::new(0f32, &Device::Cpu).unwrap()).unwrap());
+    gr.initializer.push(candle_onnx::onnx::TensorProto {
+        name: "training".into(),
+        data_type: 9,
+        int32_data: vec![1],
+        ..Default::default()
+    });
     add_initializers(
         &mut m,
         &[
@@ -395,10 +407,11 @@ fn conv_silu_identity_slice_and_excite_gate_run_blocked() {
     );
     let x = Tensor::from_vec(seq(2 * 8 * 6 * 5, 1.0, 0.0), (2, 8, 6, 5), &Device::Cpu).unwrap();
     let st = planned_equals_unplanned(&m, x, 8);
-    // Sigmoid + Mul into the conv, reduce + Relu fused, the Slice dropped: 13 nodes, 9 steps; blocked: the
-    // first conv, the expand conv (written blocked: its reader, the gate's Sigmoid, runs blocked), the
-    // Sigmoid, the gated Mul and the projection (pools read blocked data; reduce has 4 channels: NCHW).
-    assert_eq!((st.nodes, st.steps, st.blocked), (13, 9, 5), "{st:?}");
+    // Sigmoid + Mul into the conv, reduce + Relu fused, the Slice and Dropout dropped: 14 nodes, 9 steps;
+    // blocked: the first conv, the expand conv (written blocked: its reader, the gate's Sigmoid, runs
+    // blocked), the Sigmoid, the gated Mul and the projection (pools read blocked data; reduce has 4
+    // channels: NCHW).
+    assert_eq!((st.nodes, st.steps, st.blocked), (14, 9, 5), "{st:?}");
 }
 
 /// EfficientFormer's 1x1-conv MLP with GELU spelled as the dynamo exporter does (Div by sqrt 2 -> Erf ->

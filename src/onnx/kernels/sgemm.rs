@@ -5,8 +5,9 @@
 //! crate reaches 50-110 GFLOP/s on Swin's linear shapes; the AVX2 tiles reach about 170
 //! (`docs/benchmarks.md`).
 //!
-//! Blocking: each task owns a run of output rows; for each slice of `k` (at most [`KC`]) and each panel, the
-//! panel's `KC x 16` weights stay in L1 while the task's rows stream past them from L2.
+//! Blocking: each task owns a run of output rows; for each slice of `k` (at most [`KC`], [`KC_512`] for the
+//! AVX-512 tiles) and each panel, the panel's slice of weights stays in L1 while the task's rows stream past
+//! them from L2.
 
 use rayon::prelude::*;
 
@@ -19,6 +20,10 @@ const NR: usize = 16;
 const MR: usize = 6;
 /// Inner-dimension slice: a panel slice is `KC * 16` floats (16 KiB).
 const KC: usize = 384;
+/// The slice for AVX-512 tiles, which read three panels at once (`3 * KC_512 * 16` floats, 36 KiB, stay in
+/// L1): 384 spilled to L2 where k >= 384 (Swin's 25088x384x96 product 144-159 -> 176-178 GFLOP/s; 128
+/// was no better than 192, docs/benchmarks.md).
+const KC_512: usize = 192;
 /// Rows per parallel task (a multiple of MR).
 const MC: usize = 72;
 
@@ -135,7 +140,8 @@ unsafe fn rows_task(
     let (k, n) = (b.k, b.n);
     let mut k0 = 0;
     while k0 < k {
-        let kn = KC.min(k - k0);
+        let kc = if isa == Isa::Avx512 { KC_512 } else { KC };
+        let kn = kc.min(k - k0);
         pack_rows(a, nrows, k, k0, kn, packed);
         let mut p = p0;
         while p < p1 {

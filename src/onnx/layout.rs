@@ -1,11 +1,11 @@
 //! Channel-blocked activations in CPU inference plans: which steps keep their output as NCHWc
 //! (`[n, c/8, h, w, 8]`, see `kernels::nchwc`), and how those steps run.
 //!
-//! A chain of 1x1 and depthwise convolutions (MobileNet/EfficientNet blocks) stays blocked from the first
-//! conv to the global pool, with residual Adds and Relu/Clip running on the blocked data as they are
-//! (elementwise, same layout on both sides). Any other reader of a blocked value gets it back as NCHW, so
-//! a plan is correct whatever the graph; blocking only changes speed. Plans that track gradients never
-//! block (the blocked kernels have no backward pass).
+//! A chain of convolutions stays blocked from the stem to the global pool, with what joins them running on
+//! the blocked data as it is: residual Adds, elementwise activations, squeeze-excite gates, inference
+//! BatchNormalization, channel Concats and Max/AveragePool. Any other reader of a blocked value gets it
+//! back as NCHW, so a plan is correct whatever the graph; blocking only changes speed. Plans that track
+//! gradients never block (the blocked kernels have no backward pass).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -86,26 +86,7 @@ pub(crate) fn plan(
         (Some(d), Some(o)) => d == o || (d.len() == 4 && o.len() == 4 && d[..2] == o[..2] && d[2..] == [1, 1]),
         _ => false,
     };
-    // Readers that take blocked data as it is: blocked convs, spatial means, and the ops that run blocked
-    // when their inputs are (elementwise ops, BatchNormalization, Concat; a stem's residual Add).
-    let reads_blocked = |j: usize| {
-        let blockable = [
-            "Add",
-            "Mul",
-            "Relu",
-            "LeakyRelu",
-            "Clip",
-            "Sigmoid",
-            "HardSigmoid",
-            "HardSwish",
-            "MaxPool",
-            "AveragePool",
-        ];
-        native(&nodes[j], statics)
-            || spatial_mean(&nodes[j], statics)
-            || blockable.contains(&nodes[j].op_type.as_str())
-            || matches!(nodes[j].op_type.as_str(), "BatchNormalization" | "Concat")
-    };
+    let reads_blocked = |j: usize| takes_blocked(&nodes[j], statics);
     let mut b = Blocked::default();
     for &i in steps {
         let n = &nodes[i];
@@ -173,6 +154,26 @@ pub(crate) fn plan(
         }
     }
     b
+}
+
+/// Whether `node` takes blocked data as it is: a blocked conv, a spatial mean, or an op that runs blocked when
+/// its inputs are (elementwise ops, pools, BatchNormalization, Concat; a stem's residual Add).
+fn takes_blocked(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
+    const BLOCKABLE: [&str; 12] = [
+        "Add",
+        "Mul",
+        "Relu",
+        "LeakyRelu",
+        "Clip",
+        "Sigmoid",
+        "HardSigmoid",
+        "HardSwish",
+        "MaxPool",
+        "AveragePool",
+        "BatchNormalization",
+        "Concat",
+    ];
+    native(node, statics) || spatial_mean(node, statics) || BLOCKABLE.contains(&node.op_type.as_str())
 }
 
 /// Whether `node` is a mean over the spatial axes of an NCHW value: GlobalAveragePool, or ReduceMean over
@@ -309,6 +310,19 @@ impl Blocked {
             let y = ops::eval(node, ins, graph.opset, &graph.device)?.into_iter().next();
             return Ok((out, y.ok_or_else(|| node_err(node, "no output"))?));
         }
+        self.conv(i, node, fused, ins, statics, out)
+    }
+
+    /// Blocked conv step `i` (see [`Blocked::run`]), its result named `out`.
+    fn conv(
+        &self,
+        i: usize,
+        node: &NodeProto,
+        fused: Option<&Fused>,
+        ins: &[Option<Tensor>],
+        statics: &HashMap<String, Tensor>,
+        out: String,
+    ) -> Result<(String, Tensor)> {
         let arg =
             |k: usize| ins.get(k).cloned().flatten().ok_or_else(|| node_err(node, format!("input {k} is missing")));
         let (x, w) = (arg(0)?, arg(1)?);

@@ -8,7 +8,8 @@
 //! vectors by 8-channel tap vectors with no gather, for any stride. A dense or grouped KxK conv runs on the
 //! 1x1 tiles too, its input blocks being (channel block, tap) pairs at offsets into a zero-padded copy of
 //! the input: no im2col matrix. Bias, Relu/Clip and the layout are handled as the tile is stored, so each
-//! activation is written once.
+//! activation is written once; a fused SiLU/GELU/HardSwish ([`Epilogue`]) runs on each task's outputs
+//! right after they are computed, while they are in cache.
 //!
 //! The tiles use AVX2+FMA intrinsics when the CPU has them and a scalar loop with the same arithmetic
 //! otherwise; the 1x1 conv also has AVX-512 tiles (`6 pixels x 64 output channels` in 24 zmm registers),

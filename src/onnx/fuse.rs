@@ -1,10 +1,11 @@
 //! Fusions the plan applies to its runtime steps, each replacing several memory passes by one:
-//! a Conv followed by Relu/Clip (clamped as it is written), a MatMul followed by the Add of a constant bias
-//! row (added inside the gemm), and the erf GELU that exporters spell Div(x, sqrt 2) -> Erf -> Add 1 ->
-//! Mul x -> Mul 0.5 or Mul 0.5 -> Mul x (one kernel instead of five), and SiLU spelled Mul(x, Sigmoid(x)); and, as a rewrite of
-//! the plan's nodes, a zero Pad folded into the Conv that reads it and a BatchNormalization folded into the
-//! product by a static matrix before it; steps that return their input unchanged (Identity, a Slice or
-//! Reshape to the same shape: GhostNet's `out[:, :oup]` after a Concat) dropped, their readers rewired.
+//! a Conv followed by Relu/Clip (clamped as it is written) or by SiLU/GELU/HardSwish (its epilogue), a
+//! MatMul followed by the Add of a constant bias row (added inside the gemm), the erf GELU that exporters
+//! spell Div(x, sqrt 2) -> Erf -> Add 1 -> Mul x -> Mul 0.5 or Mul 0.5 -> Mul x (one kernel instead of
+//! five), and SiLU spelled Mul(x, Sigmoid(x)). And, as rewrites of the plan's nodes: a zero Pad folded into
+//! the Conv that reads it, a BatchNormalization folded into the product by a static matrix before it, and
+//! steps that return their input unchanged (Identity, a Slice or Reshape to the same shape: GhostNet's
+//! `out[:, :oup]` after a Concat) dropped, their readers rewired.
 
 use std::collections::{HashMap, HashSet};
 
@@ -84,8 +85,8 @@ fn other_input(n: &NodeProto, v: &str) -> Option<String> {
     }
 }
 
-/// Conv (output `out`) followed by its only reader Relu/Clip/HardSwish, or by SiLU spelled Mul(out, Sigmoid(out)):
-/// the fused readers' indices and the fusion.
+/// Conv (output `out`) followed by its only reader Relu/Clip/HardSwish, or by SiLU spelled
+/// Mul(out, Sigmoid(out)): the fused readers' indices and the fusion.
 fn conv_act(g: &View<'_>, out: &str, opset: i64) -> Option<(Vec<usize>, Fused)> {
     if let Some(f) = conv_silu(g, out) {
         return Some(f);
@@ -118,17 +119,15 @@ fn conv_silu(g: &View<'_>, out: &str) -> Option<(Vec<usize>, Fused)> {
     if g.outputs.iter().any(|o| o == out) {
         return None;
     }
-    let readers = g.consumers.get(out)?;
-    let &[a, b] = readers.as_slice() else { return None };
-    let (s, m) = if g.nodes[a].op_type == "Sigmoid" { (a, b) } else { (b, a) };
-    let sig = g.nodes[s].output.first()?;
-    let (sn, mn) = (&g.nodes[s], &g.nodes[m]);
-    let fits = sn.op_type == "Sigmoid"
-        && sn.input.first().map(String::as_str) == Some(out)
-        && g.single(sig) == Some(m)
-        && mn.op_type == "Mul"
-        && other_input(mn, sig).as_deref() == Some(out);
-    fits.then(|| (vec![s, m], conv_epilogue(Epilogue::Silu, &mn.output[0])))
+    let &[a, b] = g.consumers.get(out)?.as_slice() else { return None };
+    let s = if g.nodes[a].op_type == "Sigmoid" { a } else { b };
+    let sn = &g.nodes[s];
+    if sn.op_type != "Sigmoid" {
+        return None;
+    }
+    // The Sigmoid's only reader multiplies it by `out` (the Sigmoid's input), and is the conv's other reader.
+    let (m, Fused::Silu { out: y }) = silu(g, sn, sn.output.first()?)? else { return None };
+    [a, b].contains(&m).then(|| (vec![s, m], conv_epilogue(Epilogue::Silu, &y)))
 }
 
 /// A conv with `e` after it; the result is `out`.
@@ -465,12 +464,11 @@ fn batch_norms_after_products(
         let mut between = None;
         if matches!(g.nodes[j].op_type.as_str(), "Flatten" | "Reshape") {
             let Some(k) = g.single(&g.nodes[j].output[0]) else { continue };
-            // The reshape must keep the last dim (the columns the shift is added to).
-            let keeps = shapes.get(&n.output[0]).and_then(|d| d.last()) == Some(&cols);
-            between = keeps.then_some(j);
+            between = Some(j);
             j = k;
         }
         let bn = &g.nodes[j];
+        // `[rows, cols]`: the product's columns stay the last dim through any reshape between.
         let flat = shapes.get(&bn.input[0]).is_some_and(|d| d.len() == 2 && d[1] == cols);
         let params_static = bn.input.len() == 5 && bn.input.iter().skip(1).all(|v| g.statics.contains_key(v));
         if bn.op_type == "BatchNormalization" && flat && params_static && bn.output.iter().skip(1).all(String::is_empty)

@@ -60,11 +60,11 @@ fn native(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
 }
 
 /// Chooses the blocked steps among `steps` (in order). A native conv is blocked; another conv with whole
-/// output blocks (a stem) is blocked when every reader of its output is a native conv, a global pool or
-/// an op that runs blocked on blocked inputs (it is written blocked); Add/Relu/Clip are blocked when all their data inputs are, an Add also when one is and
-/// the other has the output's shape in whole channel blocks (a residual branch from an NCHW op: re-laid
-/// once); an inference BatchNormalization when its input is; a channel Concat when one input is and every
-/// input has whole channel blocks (DenseNet). `shapes` holds every value's dims for this input. Graph
+/// output blocks (a stem) is blocked when every reader of its output takes blocked data ([`takes_blocked`]:
+/// it is then written blocked); elementwise ops are blocked when all their data inputs are, an Add or Mul
+/// also when one is and the other has the output's shape or is a per-channel `[n, c, 1, 1]` gate, in whole
+/// channel blocks (re-laid once); pools and an inference BatchNormalization when their input is; a channel
+/// Concat when one input is and every input has whole channel blocks (DenseNet). `shapes` holds every value's dims for this input. Graph
 /// outputs stay NCHW.
 pub(crate) fn plan(
     nodes: &[NodeProto],
@@ -114,7 +114,7 @@ pub(crate) fn plan(
             }
             // Elementwise: the same op on blocked data. Two blocked operands broadcast in blocked form
             // exactly as in NCHW ([n, c/8, 1, 1, 8] against [n, c/8, h, w, 8] is a per-channel scale).
-            "Add" | "Mul" | "Relu" | "LeakyRelu" | "Clip" | "Sigmoid" | "HardSigmoid" | "HardSwish" => {
+            op if ELEMENTWISE.contains(&op) => {
                 fused.get(&i).is_none_or(|f| matches!(f, Fused::Silu { .. }))
                     && data_inputs().count() > 0
                     && data_inputs().all(|v| b.values.contains(v))
@@ -156,25 +156,18 @@ pub(crate) fn plan(
     b
 }
 
-/// Whether `node` takes blocked data as it is: a blocked conv, a spatial mean, or an op that runs blocked when
-/// its inputs are (elementwise ops, pools, BatchNormalization, Concat; a stem's residual Add).
+/// Whether `node` takes blocked data as it is: a blocked conv, a spatial mean, or an op that runs blocked
+/// when its inputs are (elementwise ops, pools, BatchNormalization, Concat; a stem's residual Add).
 fn takes_blocked(node: &NodeProto, statics: &HashMap<String, Tensor>) -> bool {
-    const BLOCKABLE: [&str; 12] = [
-        "Add",
-        "Mul",
-        "Relu",
-        "LeakyRelu",
-        "Clip",
-        "Sigmoid",
-        "HardSigmoid",
-        "HardSwish",
-        "MaxPool",
-        "AveragePool",
-        "BatchNormalization",
-        "Concat",
-    ];
-    native(node, statics) || spatial_mean(node, statics) || BLOCKABLE.contains(&node.op_type.as_str())
+    let op = node.op_type.as_str();
+    native(node, statics)
+        || spatial_mean(node, statics)
+        || ELEMENTWISE.contains(&op)
+        || matches!(op, "MaxPool" | "AveragePool" | "BatchNormalization" | "Concat")
 }
+
+/// The elementwise ops that run on blocked data as they are (same layout on every operand).
+const ELEMENTWISE: [&str; 8] = ["Add", "Mul", "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish"];
 
 /// Whether `node` is a mean over the spatial axes of an NCHW value: GlobalAveragePool, or ReduceMean over
 /// axes {2, 3} (attribute or static input) keeping dims, as timm's squeeze-excite blocks export it. Both

@@ -327,12 +327,7 @@ impl Graph {
                     Some(y) => y,
                     None => ops::matmul(&a, &b)?.broadcast_add(bias)?,
                 };
-                let y = match (*gelu, kernels::usable(&[&y])) {
-                    (true, true) => kernels::unary(kernels::Unary::Gelu, &y)?,
-                    (true, false) => y.gelu_erf()?,
-                    (false, _) => y,
-                };
-                (out.clone(), y)
+                (out.clone(), if *gelu { ops::unary::gelu(&y)? } else { y })
             }
             fuse::Fused::Silu { out } => (out.clone(), ops::unary::silu(&arg(0)?)?),
             fuse::Fused::Gelu { out, .. } => (out.clone(), ops::unary::gelu(&arg(0)?)?),

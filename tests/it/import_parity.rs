@@ -100,6 +100,11 @@ fn int(name: &str, v: i64) -> candle_onnx::onnx::AttributeProto {
     candle_onnx::onnx::AttributeProto { name: name.into(), i: v, r#type: 2, ..Default::default() }
 }
 
+/// A FLOAT attribute.
+fn float(name: &str, v: f32) -> candle_onnx::onnx::AttributeProto {
+    candle_onnx::onnx::AttributeProto { name: name.into(), f: v, r#type: 1, ..Default::default() }
+}
+
 /// Float initializers `(name, dims, spread, offset)` of [`seq`] values added to `m`'s graph.
 fn add_initializers(m: &mut ModelProto, inits: &[(&str, Vec<usize>, f32, f32)]) {
     let gr = m.graph.as_mut().unwrap();
@@ -188,19 +193,9 @@ fn unfolded_batch_norm_after_conv_matches_the_formula() {
     let mean = Tensor::from_vec(seq(4, 0.2, 0.0), 4, &dev).unwrap();
     let var = Tensor::from_vec(seq(4, 0.4, 1.0), 4, &dev).unwrap();
     let mut conv = node("Conv", "conv", &["x", "w"], &["c"]);
-    conv.attribute.push(candle_onnx::onnx::AttributeProto {
-        name: "pads".into(),
-        ints: vec![1, 1, 1, 1],
-        r#type: 7,
-        ..Default::default()
-    });
+    conv.attribute.push(ints("pads", &[1, 1, 1, 1]));
     let mut bn = node("BatchNormalization", "bn", &["c", "scale", "bias", "mean", "var"], &["b"]);
-    bn.attribute.push(candle_onnx::onnx::AttributeProto {
-        name: "epsilon".into(),
-        f: 1e-3,
-        r#type: 1,
-        ..Default::default()
-    });
+    bn.attribute.push(float("epsilon", 1e-3));
     let relu = node("Relu", "relu", &["b"], &["y"]);
     let mut m = model(vec![conv, bn, relu]);
     let g = m.graph.as_mut().unwrap();
@@ -454,12 +449,7 @@ fn batch_norm_after_a_product_is_folded_into_its_matrix() {
     let mut flat = node("Flatten", "flat", &["m"], &["f"]);
     flat.attribute.push(int("axis", 2));
     let mut bn = node("BatchNormalization", "bn", &["f", "scale", "bias", "mean", "var"], &["n"]);
-    bn.attribute.push(candle_onnx::onnx::AttributeProto {
-        name: "epsilon".into(),
-        f: 1e-3,
-        r#type: 1,
-        ..Default::default()
-    });
+    bn.attribute.push(float("epsilon", 1e-3));
     let mut m = model(vec![
         node("MatMul", "mm", &["x", "w"], &["m"]),
         flat,

@@ -1051,7 +1051,8 @@ mod tests {
         out
     }
 
-    /// `v` after `act` (clamp, then SiLU), as the kernels should store it.
+    /// `v` after `act` (clamp, then the epilogue, GELU by a numerically integrated erf), as the kernels
+    /// should store it.
     fn with_act(v: &[f32], act: Act) -> Vec<f32> {
         let clamped = v.iter().map(|x| x.max(act.lo).min(act.hi));
         let erf = |x: f64| {

@@ -71,8 +71,7 @@ pub(crate) fn epilogue(y: Tensor, e: kernels::nchwc::Epilogue) -> Result<Tensor>
         kernels::nchwc::Epilogue::None => Ok(y),
         kernels::nchwc::Epilogue::Silu => super::unary::silu(&y),
         kernels::nchwc::Epilogue::Gelu => super::unary::gelu(&y),
-        kernels::nchwc::Epilogue::HardSwish if kernels::usable(&[&y]) => kernels::unary(kernels::Unary::HardSwish, &y),
-        kernels::nchwc::Epilogue::HardSwish => Ok(y.mul(&y.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)?),
+        kernels::nchwc::Epilogue::HardSwish => super::unary::hard_swish(&y),
     }
 }
 

@@ -66,15 +66,11 @@ pub fn eval(node: &NodeProto, ins: &[Option<Tensor>], opset: i64, _device: &Devi
             let (a, b) = (at.float("alpha", 0.2), at.float("beta", 0.5));
             one(kernels::unary(kernels::Unary::HardSigmoid(a, b), x()?)?)
         }
-        "HardSwish" if kernels::usable(&[x()?]) => one(kernels::unary(kernels::Unary::HardSwish, x()?)?),
         "HardSigmoid" => {
             let (a, b) = (at.float("alpha", 0.2) as f64, at.float("beta", 0.5) as f64);
             one(x()?.affine(a, b)?.clamp(0f32, 1f32)?)
         }
-        "HardSwish" => {
-            let t = x()?;
-            one(t.mul(&t.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)?)
-        }
+        "HardSwish" => one(hard_swish(x()?)?),
         "LeakyRelu" if kernels::usable(&[x()?]) => {
             one(kernels::unary(kernels::Unary::LeakyRelu(at.float("alpha", 0.01)), x()?)?)
         }
@@ -122,6 +118,14 @@ pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
     } else {
         x.gelu_erf()?
     })
+}
+
+/// HardSwish, x * clamp(x / 6 + 1/2, 0, 1): our kernel when no gradient is tracked.
+pub(crate) fn hard_swish(x: &Tensor) -> Result<Tensor> {
+    if kernels::usable(&[x]) {
+        return kernels::unary(kernels::Unary::HardSwish, x);
+    }
+    Ok(x.mul(&x.affine(1.0 / 6.0, 0.5)?.clamp(0f32, 1f32)?)?)
 }
 
 /// SiLU, x * sigmoid(x): our kernel when no gradient is tracked (a fused Sigmoid + Mul).
